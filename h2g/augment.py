@@ -1,0 +1,202 @@
+"""Online augmentation (Section 3.4 of the paper), seeded per call.
+
+* :func:`classifier_augmenter`: patch classifier training: horizontal / vertical flip,
+  90-degree rotations, HSV shift in [-20, 20], multiplicative brightness in [0.8, 1.2],
+  each with probability 0.5.
+* :func:`refinement_augmenter`: refinement network training: flips, 90-degree
+  rotations, zoom in [0.8, 1.2] and Macenko stain augmentation (sigma1 = sigma2 = 0.1),
+  each with probability 0.5, moving image, heatmap and mask together.
+
+Both return a function of ``(..., seed)`` whose result depends on the inputs and the
+seed only: not on earlier calls, call order or the calling thread.  Each thread keeps
+its own albumentations pipeline (so calls from several reader threads never share
+state) and every call resets that pipeline's random state from the seed.
+
+Seeding albumentations 2.x: ``Compose(seed=s)`` / ``Compose.set_random_seed(s)`` give
+every transform its *own* generator seeded with the same ``s``, so all the "apply with
+probability p" coin flips of one call come out identical (every transform applied or
+none).  Here the pipeline gets one shared numpy and one shared Python generator through
+``Compose.set_random_state``, so the transforms draw from one stream, independently.
+
+TensorFlow-free (numpy, albumentations / OpenCV).
+"""
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from h2g.stain import stain_augment
+
+
+@dataclass(frozen=True)
+class ClassifierAugmentConfig:
+    """Patch classifier augmentation; defaults are the paper's (Section 3.4).
+
+    HSV shifts are in OpenCV's 8-bit HSV units (albumentations ``HueSaturationValue``
+    on ``uint8``): hue 0..179 (2 degrees a unit), saturation and value 0..255.
+    Brightness multiplies every pixel of a patch by one factor (albumentations
+    ``MultiplicativeNoise`` with ``per_channel=False, elementwise=False``), clipped to
+    0..255.
+    """
+
+    p_hflip: float = 0.5
+    p_vflip: float = 0.5
+    p_rot90: float = 0.5
+    p_hsv: float = 0.5
+    hue_shift: float = 20.0
+    sat_shift: float = 20.0
+    val_shift: float = 20.0
+    p_brightness: float = 0.5
+    brightness: tuple[float, float] = (0.8, 1.2)
+
+
+@dataclass(frozen=True)
+class RefinementAugmentConfig:
+    """Refinement network augmentation; defaults are the paper's (Section 3.4).
+
+    Zoom scales about the image centre by a factor in ``zoom`` (image and heatmap
+    bilinear, mask nearest); zooming out fills the border with white glass in the image
+    and zero in the heatmap and mask.  Stain augmentation (image only) is
+    :func:`h2g.stain.stain_augment` with ``stain_sigma1`` / ``stain_sigma2``.
+    """
+
+    p_hflip: float = 0.5
+    p_vflip: float = 0.5
+    p_rot90: float = 0.5
+    p_zoom: float = 0.5
+    zoom: tuple[float, float] = (0.8, 1.2)
+    p_stain: float = 0.5
+    stain_sigma1: float = 0.1
+    stain_sigma2: float = 0.1
+
+
+ClassifierAugmenter = Callable[[np.ndarray, int], np.ndarray]
+RefinementAugmenter = Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
+
+
+def classifier_pipeline(config: ClassifierAugmentConfig) -> A.Compose:
+    """The albumentations pipeline of :func:`classifier_augmenter` (unseeded)."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=config.p_hflip),
+            A.VerticalFlip(p=config.p_vflip),
+            A.RandomRotate90(p=config.p_rot90),
+            A.HueSaturationValue(
+                hue_shift_limit=config.hue_shift,
+                sat_shift_limit=config.sat_shift,
+                val_shift_limit=config.val_shift,
+                p=config.p_hsv,
+            ),
+            A.MultiplicativeNoise(
+                multiplier=config.brightness, per_channel=False, elementwise=False, p=config.p_brightness
+            ),
+        ]
+    )
+
+
+def refinement_pipeline(config: RefinementAugmentConfig) -> A.Compose:
+    """The geometric albumentations pipeline of :func:`refinement_augmenter` (unseeded).
+
+    It expects ``image`` = the RGB image in [0, 1] with the heatmap as a fourth
+    channel (float32) and ``mask`` = the target as ``uint8``."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=config.p_hflip),
+            A.VerticalFlip(p=config.p_vflip),
+            A.RandomRotate90(p=config.p_rot90),
+            A.Affine(
+                scale=config.zoom,
+                keep_ratio=True,
+                interpolation=cv2.INTER_LINEAR,
+                mask_interpolation=cv2.INTER_NEAREST,
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=(1.0, 1.0, 1.0, 0.0),
+                fill_mask=0,
+                p=config.p_zoom,
+            ),
+        ]
+    )
+
+
+class _ThreadPipelines:
+    """One pipeline per thread, reseeded before every call."""
+
+    def __init__(self, build: Callable[[], A.Compose]):
+        self._build = build
+        self._local = threading.local()
+
+    def seeded(self, seed: int) -> A.Compose:
+        pipeline = getattr(self._local, "pipeline", None)
+        if pipeline is None:
+            pipeline = self._local.pipeline = self._build()
+        seed = int(seed)
+        pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
+        return pipeline
+
+
+def classifier_augmenter(config: ClassifierAugmentConfig | None = None) -> ClassifierAugmenter:
+    """``augment(patch, seed) -> patch``: a ``(h, w, 3) uint8`` RGB patch, augmented as
+    the config says, as a new ``uint8`` array of the same shape.  The same
+    ``(patch, seed)`` always gives the same result, from any thread."""
+    config = config or ClassifierAugmentConfig()
+    pipelines = _ThreadPipelines(lambda: classifier_pipeline(config))
+
+    def augment(patch: np.ndarray, seed: int) -> np.ndarray:
+        patch = np.asarray(patch)
+        if patch.ndim != 3 or patch.shape[2] != 3 or patch.dtype != np.uint8:
+            raise ValueError(f"expected a (h, w, 3) uint8 patch, got shape {patch.shape} dtype {patch.dtype}")
+        out = pipelines.seeded(seed)(image=patch)["image"]
+        return np.ascontiguousarray(out)
+
+    return augment
+
+
+def refinement_augmenter(config: RefinementAugmentConfig | None = None) -> RefinementAugmenter:
+    """``augment(image, heatmap, mask, seed) -> (image, heatmap, mask)``.
+
+    ``image``: ``(h, w, 3)`` RGB, ``uint8`` or float in [0, 1]; ``heatmap``: ``(h, w)``
+    or ``(h, w, 1)`` float tumour probabilities; ``mask``: ``(h, w)`` target (bool,
+    integer or float 0/1).  Each output keeps its input's shape convention and dtype.
+    Stain augmentation changes the image only; the geometric transforms move all three
+    identically.  Deterministic per ``seed``, from any thread.
+    """
+    config = config or RefinementAugmentConfig()
+    pipelines = _ThreadPipelines(lambda: refinement_pipeline(config))
+
+    def augment(image: np.ndarray, heatmap: np.ndarray, mask: np.ndarray, seed: int):
+        image, heatmap, mask = np.asarray(image), np.asarray(heatmap), np.asarray(mask)
+        _check_refinement_inputs(image, heatmap, mask)
+        stain_seed, geometry_seed = np.random.SeedSequence(seed).generate_state(2)
+        stain_rng = np.random.default_rng(stain_seed)
+        if stain_rng.random() < config.p_stain:
+            image = stain_augment(image, stain_rng, config.stain_sigma1, config.stain_sigma2)
+        rgb = image.astype(np.float32) / 255.0 if image.dtype == np.uint8 else image.astype(np.float32)
+        stacked = np.concatenate([rgb, heatmap.reshape(*heatmap.shape[:2], 1).astype(np.float32)], axis=2)
+        out = pipelines.seeded(int(geometry_seed))(image=stacked, mask=mask.astype(np.uint8))
+        new_rgb, new_heat = out["image"][..., :3], out["image"][..., 3]
+        if image.dtype == np.uint8:
+            new_image = np.rint(np.clip(new_rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
+        else:
+            new_image = np.ascontiguousarray(new_rgb, dtype=image.dtype)
+        new_heat = np.ascontiguousarray(new_heat.reshape(*new_heat.shape[:2], *heatmap.shape[2:]), dtype=heatmap.dtype)
+        return new_image, new_heat, np.ascontiguousarray(out["mask"].astype(mask.dtype))
+
+    return augment
+
+
+def _check_refinement_inputs(image: np.ndarray, heatmap: np.ndarray, mask: np.ndarray) -> None:
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an (h, w, 3) image, got shape {image.shape}")
+    if image.dtype != np.uint8 and not np.issubdtype(image.dtype, np.floating):
+        raise ValueError(f"expected a uint8 or floating-point image, got dtype {image.dtype}")
+    size = image.shape[:2]
+    if heatmap.shape not in (size, (*size, 1)):
+        raise ValueError(f"heatmap shape {heatmap.shape} does not match image size {size}")
+    if mask.shape != size:
+        raise ValueError(f"mask shape {mask.shape} does not match image size {size}")

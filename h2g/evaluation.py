@@ -1,0 +1,377 @@
+"""Evaluation as in Section 3.3 of the paper: per-slide pixel-wise recall, precision and
+Dice of binary segmentations, their macro mean and sample standard deviation over the
+test slides, Dice per histological grade, pairwise Tukey HSD on Dice between designs,
+the paper's Table 1 / Table 2 layouts as Markdown and CSV, and figures.
+
+A per-slide result ("row") is a dict with the keys ``design``, ``slide_id``, ``grade``,
+``recall``, ``precision`` and ``dice``.
+
+TensorFlow-free: numpy, scipy and matplotlib (Agg, through ``matplotlib.figure.Figure``,
+never pyplot's global state).
+"""
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+from scipy import stats
+
+from h2g.errors import ConfigError
+
+METRICS = ("recall", "precision", "dice")
+ROW_KEYS = ("design", "slide_id", "grade", *METRICS)
+
+
+# ---------------------------------------------------------------- per-slide metrics
+def binarise(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Tumour where ``prob > threshold`` (strictly: with a two-class softmax this is the
+    arg-max, and a tie at exactly 0.5 is non-tumour).  NaN probabilities raise
+    ``ValueError`` rather than silently becoming non-tumour."""
+    prob = np.asarray(prob)
+    if np.issubdtype(prob.dtype, np.floating) and np.isnan(prob).any():
+        raise ValueError("probability map contains NaN")
+    return prob > threshold
+
+
+def segmentation_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Pixel-wise ``recall``, ``precision`` and ``dice`` of a binary prediction.
+
+    ``pred`` and ``truth`` are boolean (or 0/1) arrays of one shape.  With TP, FP, FN
+    the pixel counts, recall = TP / (TP + FN), precision = TP / (TP + FP) and
+    Dice = 2 TP / (2 TP + FP + FN).  The 0 / 0 cases are defined, never NaN:
+
+    * recall with an empty ground truth is 1: there was nothing to find, so nothing
+      was missed; false positives are charged to precision and Dice instead;
+    * precision with an empty prediction is 1 when the ground truth is empty too
+      (a correct "no tumour") and 0 otherwise: an empty prediction on a slide with
+      tumour finds nothing, and scoring it as perfectly precise would let a model that
+      predicts nothing look good in the slide-averaged precision;
+    * Dice with both empty is 1 (perfect agreement).
+
+    So: both empty -> 1, 1, 1; truth empty, prediction not -> recall 1, precision 0,
+    Dice 0; prediction empty, truth not -> 0, 0, 0.
+    """
+    pred, truth = _binary(pred, "pred"), _binary(truth, "truth")
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {truth.shape}")
+    tp = int(np.count_nonzero(pred & truth))
+    fp = int(np.count_nonzero(pred & ~truth))
+    fn = int(np.count_nonzero(~pred & truth))
+    recall = tp / (tp + fn) if tp + fn else 1.0
+    precision = tp / (tp + fp) if tp + fp else (1.0 if fn == 0 else 0.0)
+    dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
+    return {"recall": recall, "precision": precision, "dice": dice}
+
+
+def _binary(array: np.ndarray, name: str) -> np.ndarray:
+    array = np.asarray(array)
+    if array.dtype == bool:
+        return array
+    if not np.isin(array, (0, 1)).all():
+        raise ValueError(f"{name} must be binary (bool or 0/1); threshold probabilities with binarise() first")
+    return array.astype(bool)
+
+
+# ---------------------------------------------------------------- summaries
+@dataclass(frozen=True)
+class MeanSD:
+    """Macro mean and sample standard deviation (ddof = 1; 0 for a single slide)."""
+
+    mean: float
+    sd: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> "MeanSD":
+        values = np.asarray(list(values), dtype=float)
+        if values.size == 0:
+            raise ValueError("no values to summarise")
+        sd = float(np.std(values, ddof=1)) if values.size > 1 else 0.0
+        return cls(float(np.mean(values)), sd, int(values.size))
+
+    def __str__(self) -> str:
+        return f"{self.mean:.3f} ± {self.sd:.3f}"
+
+
+@dataclass(frozen=True)
+class DesignSummary:
+    """One design's slide-level summary."""
+
+    design: str
+    n: int
+    recall: MeanSD
+    precision: MeanSD
+    dice: MeanSD
+    dice_by_grade: dict[str, MeanSD]  # grade (as a string) -> Dice over that grade's slides
+
+
+def summarise(per_slide: Sequence[dict]) -> dict[str, DesignSummary]:
+    """Per design (in order of first appearance): mean and sd of each metric over its
+    slides, and Dice per histological grade (grades sorted numerically)."""
+    rows = _check_rows(per_slide)
+    out = {}
+    for design in dict.fromkeys(r["design"] for r in rows):
+        mine = [r for r in rows if r["design"] == design]
+        grades = sorted({_grade(r) for r in mine}, key=_grade_order)
+        out[design] = DesignSummary(
+            design=design,
+            n=len(mine),
+            recall=MeanSD.of(r["recall"] for r in mine),
+            precision=MeanSD.of(r["precision"] for r in mine),
+            dice=MeanSD.of(r["dice"] for r in mine),
+            dice_by_grade={g: MeanSD.of(r["dice"] for r in mine if _grade(r) == g) for g in grades},
+        )
+    return out
+
+
+def metrics_summary(per_slide: Sequence[dict], design: str) -> dict:
+    """The evaluation part of a design's ``metrics.json``: ``design``,
+    ``n_test_slides``, mean and sd of recall, precision and Dice, and
+    ``dice_by_grade`` (grade -> mean Dice) with ``dice_by_grade_sd`` and
+    ``n_by_grade``.  :class:`ConfigError` when the design has no per-slide results."""
+    summary = summarise([r for r in per_slide if r.get("design") == design]).get(design)
+    if summary is None:
+        raise ConfigError(f"no per-slide results for design {design!r} (no annotated test slides?)")
+    out: dict = {"design": design, "n_test_slides": summary.n}
+    for metric in METRICS:
+        value = getattr(summary, metric)
+        out[f"{metric}_mean"], out[f"{metric}_sd"] = value.mean, value.sd
+    out["dice_by_grade"] = {g: v.mean for g, v in summary.dice_by_grade.items()}
+    out["dice_by_grade_sd"] = {g: v.sd for g, v in summary.dice_by_grade.items()}
+    out["n_by_grade"] = {g: v.n for g, v in summary.dice_by_grade.items()}
+    return out
+
+
+# ---------------------------------------------------------------- Tukey HSD
+@dataclass(frozen=True)
+class TukeyResult:
+    """Pairwise Tukey HSD p-values on Dice.  ``pvalues[i][j]`` compares ``designs[i]``
+    with ``designs[j]``; ``None`` where a test is not possible (see ``note``)."""
+
+    designs: tuple[str, ...]
+    pvalues: tuple[tuple[float | None, ...], ...]
+    note: str
+
+    def p(self, a: str, b: str) -> float | None:
+        return self.pvalues[self.designs.index(a)][self.designs.index(b)]
+
+
+def tukey(per_slide: Sequence[dict], designs: Sequence[str]) -> TukeyResult:
+    """Tukey's HSD (``scipy.stats.tukey_hsd``) on per-slide Dice between ``designs``.
+
+    A design with fewer than 2 slides has no within-design variance to test against:
+    its row and column are ``None`` ("n/a" in the tables), and with fewer than two
+    testable designs every entry is ``None``; ``note`` says why.  When every testable
+    design's Dice values are constant (zero pooled variance) scipy's statistic is
+    0 / 0 for equal means: such a pair gets p = 1 (no evidence of a difference) and a
+    pair with different means p = 0.
+    """
+    rows = _check_rows(per_slide)
+    designs = tuple(designs)
+    scores = {d: np.array([r["dice"] for r in rows if r["design"] == d], dtype=float) for d in designs}
+    testable = [d for d in designs if len(scores[d]) >= 2]
+    notes = [f"{d}: {len(scores[d])} slide(s), needs at least 2" for d in designs if d not in testable]
+    matrix: list[list[float | None]] = [[None] * len(designs) for _ in designs]
+    if len(testable) >= 2:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            p = stats.tukey_hsd(*(scores[d] for d in testable)).pvalue
+        p = np.where(np.isnan(p), 1.0, p)
+        for i, a in enumerate(testable):
+            for j, b in enumerate(testable):
+                matrix[designs.index(a)][designs.index(b)] = float(p[i, j])
+    elif designs:
+        notes.append("fewer than two designs with at least 2 slides: no pairwise test")
+    return TukeyResult(designs, tuple(tuple(r) for r in matrix), "; ".join(notes))
+
+
+# ---------------------------------------------------------------- tables
+def write_tables(
+    out_dir: str | Path,
+    per_slide: Sequence[dict],
+    designs: Sequence[str],
+    resolution: int = 1024,
+    tukey_designs: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Write the evaluation tables of ``designs`` (in that order) to ``out_dir``.
+
+    ``tables.md``: Table 1 (Design | Recall | Precision | DSC, mean ± sd), Table 2
+    (DSC per grade), the Tukey HSD p-value matrix between ``tukey_designs`` (default:
+    all of ``designs``; the paper tests its deep-learning designs only) and the
+    evaluation resolution.  CSV: ``table1.csv``, ``table2.csv`` (numbers at full
+    precision), ``tukey.csv`` (empty cells where not testable) and ``per_slide.csv``.
+    Returns the written paths by name.  :class:`ConfigError` if a design has no rows.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    wanted = set(designs)
+    rows = [r for r in _check_rows(per_slide) if r["design"] in wanted]
+    summary = summarise(rows)
+    missing = [d for d in designs if d not in summary]
+    if missing:
+        raise ConfigError(f"no per-slide results for design(s) {', '.join(missing)}")
+    summaries = [summary[d] for d in designs]
+    grades = sorted({g for s in summaries for g in s.dice_by_grade}, key=_grade_order)
+    tk = tukey(rows, tukey_designs if tukey_designs is not None else designs)
+
+    paths = {name: out_dir / f"{name}.{ext}" for name, ext in
+             (("tables", "md"), ("table1", "csv"), ("table2", "csv"), ("tukey", "csv"), ("per_slide", "csv"))}
+    paths["tables"].write_text(_markdown(summaries, grades, tk, resolution), encoding="utf-8")
+    _write_csv(paths["table1"], ["design", "n_slides"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "sd")],
+               [[s.design, s.n] + [v for m in METRICS for v in (getattr(s, m).mean, getattr(s, m).sd)] for s in summaries])
+    _write_csv(paths["table2"], ["design"] + [f"grade_{g}_{s}" for g in grades for s in ("mean", "sd", "n")],
+               [[s.design] + [v for g in grades for v in _grade_cells(s, g)] for s in summaries])
+    _write_csv(paths["tukey"], ["design", *tk.designs],
+               [[a, *("" if p is None else p for p in row)] for a, row in zip(tk.designs, tk.pvalues)])
+    _write_csv(paths["per_slide"], list(ROW_KEYS),
+               [[r[k] for k in ROW_KEYS] for d in designs for r in rows if r["design"] == d])
+    return paths
+
+
+def _markdown(summaries: list[DesignSummary], grades: list[str], tk: TukeyResult, resolution: int) -> str:
+    n_slides = sorted({s.n for s in summaries})
+    lines = [
+        "# Test set segmentation performance",
+        "",
+        f"Pixel-wise metrics of binary segmentations (threshold 0.5) at {resolution}x{resolution} pixels "
+        f"per slide, macro mean ± sample standard deviation over test slides (n = {', '.join(map(str, n_slides))}).",
+        "",
+        "## Table 1",
+        "",
+        _md_table(["Design", "Recall", "Precision", "DSC"],
+                  [[s.design, str(s.recall), str(s.precision), str(s.dice)] for s in summaries]),
+        "",
+        "DSC: Dice similarity coefficient. Mean ± standard deviation over slides.",
+        "",
+        "## Table 2: DSC per histological grade",
+        "",
+        _md_table(["Design"] + [f"Grade {g} (n = {_grade_n(summaries, g)})" for g in grades],
+                  [[s.design] + [str(s.dice_by_grade[g]) if g in s.dice_by_grade else "n/a" for g in grades]
+                   for s in summaries]),
+        "",
+        "n: test slides of that grade (several numbers when designs differ); n/a: no slide of that grade.",
+        "",
+        "## Tukey HSD p-values (DSC)",
+        "",
+        _md_table(["Design", *tk.designs],
+                  [[a, *(_format_p(p) for p in row)] for a, row in zip(tk.designs, tk.pvalues)]),
+        "",
+    ]
+    if tk.note:
+        lines += [f"n/a: {tk.note}.", ""]
+    return "\n".join(lines)
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def _format_p(p: float | None) -> str:
+    if p is None:
+        return "n/a"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _grade_cells(summary: DesignSummary, grade: str) -> tuple:
+    value = summary.dice_by_grade.get(grade)
+    return ("", "", 0) if value is None else (value.mean, value.sd, value.n)
+
+
+def _grade_n(summaries: list[DesignSummary], grade: str) -> str:
+    counts = sorted({s.dice_by_grade[grade].n for s in summaries if grade in s.dice_by_grade})
+    return "/".join(map(str, counts))
+
+
+def _write_csv(path: Path, header: list[str], body: list[list]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(body)
+
+
+# ---------------------------------------------------------------- figures
+def figure_grid(path: str | Path, rows: Sequence[tuple]) -> Path:
+    """PNG grid, one row per slide: image, ground truth, heatmap, prediction.
+
+    ``rows``: ``(title, image, truth, heatmap, prediction)`` with ``image`` RGB
+    (``uint8`` or float in [0, 1]), ``truth`` / ``prediction`` boolean masks and
+    ``heatmap`` a float probability map or ``None`` (designs without one)."""
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise ValueError("figure_grid needs at least one row")
+    columns = ("image", "ground truth", "heatmap", "prediction")
+    fig = Figure(figsize=(3 * len(columns), 3 * len(rows)), dpi=100)
+    axes = fig.subplots(len(rows), len(columns), squeeze=False)
+    for r, (title, image, truth, heatmap, prediction) in enumerate(rows):
+        panels = (image, truth, heatmap, prediction)
+        for c, (name, panel) in enumerate(zip(columns, panels)):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name)
+            if panel is None:
+                ax.text(0.5, 0.5, "no heatmap", ha="center", va="center", transform=ax.transAxes)
+            elif c == 0:
+                ax.imshow(panel)
+            elif c == 2:
+                ax.imshow(panel, cmap="inferno", vmin=0.0, vmax=1.0)
+            else:
+                ax.imshow(np.asarray(panel, dtype=float), cmap="gray", vmin=0.0, vmax=1.0)
+        axes[r, 0].set_ylabel(str(title))
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return Path(path)
+
+
+def dice_boxplot(path: str | Path, per_slide: Sequence[dict], designs: Sequence[str] | None = None) -> Path:
+    """PNG box plot of per-slide Dice for each design (default: every design in the
+    rows, in order of first appearance), with the individual slides as points."""
+    from matplotlib.figure import Figure
+
+    rows = _check_rows(per_slide)
+    designs = list(designs) if designs is not None else list(dict.fromkeys(r["design"] for r in rows))
+    scores = [[r["dice"] for r in rows if r["design"] == d] for d in designs]
+    empty = [d for d, s in zip(designs, scores) if not s]
+    if not designs or empty:
+        raise ConfigError(f"no per-slide results for design(s) {', '.join(empty) or '(none given)'}")
+    fig = Figure(figsize=(max(4.0, 1.2 * len(designs)), 4.5), dpi=100)
+    ax = fig.subplots()
+    ax.boxplot(scores, showfliers=False)
+    jitter = np.random.default_rng(0)
+    for i, s in enumerate(scores, start=1):
+        ax.scatter(i + jitter.uniform(-0.15, 0.15, len(s)), s, s=12, alpha=0.7, color="tab:blue")
+    ax.set_xticks(range(1, len(designs) + 1), designs, rotation=30, ha="right")
+    ax.set_ylabel("Dice (per test slide)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return Path(path)
+
+
+# ---------------------------------------------------------------- helpers
+def _check_rows(per_slide: Sequence[dict]) -> list[dict]:
+    rows = list(per_slide)
+    for i, row in enumerate(rows):
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise ValueError(f"per-slide row {i} lacks {', '.join(missing)}")
+        bad = [m for m in METRICS if not (isinstance(row[m], (int, float, np.number)) and math.isfinite(row[m]))]
+        if bad:
+            raise ValueError(f"per-slide row {i} ({row['design']}, {row['slide_id']}): non-finite {', '.join(bad)}")
+    return rows
+
+
+def _grade(row: dict) -> str:
+    return str(row["grade"])
+
+
+def _grade_order(grade: str):
+    return (0, int(grade), "") if grade.lstrip("-").isdigit() else (1, 0, grade)

@@ -1,0 +1,278 @@
+"""h2g.wsi: scale maths, reading at a magnification, errors, the handle cache."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import openslide
+import pytest
+import tifffile
+from PIL import Image
+
+from h2g.errors import SlideError
+from h2g.pyramid import write_pyramid
+from h2g.wsi import Slide, open_slide, power_from_mpp
+from synthetic import cell_colour, decode_cell, make_slide, slide_image
+
+SIZE = (4096, 3072)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("wsi")
+
+
+@pytest.fixture(scope="module")
+def noise(folder):
+    """Lossless 40x noise slide with levels 1, 4, 16 (level 1 is 10x exactly)."""
+    return make_slide(folder / "noise.tiff", SIZE, mpp=0.25, pattern="noise", compression="zlib")
+
+
+def block_mean(image, factor):
+    h, w = image.shape[0] // factor, image.shape[1] // factor
+    return image[:h * factor, :w * factor].reshape(h, factor, w, factor, 3).mean(axis=(1, 3))
+
+
+def test_scale_maths(noise):
+    with Slide(noise) as slide:
+        assert slide.format == "generic-tiff"
+        assert slide.dimensions == SIZE and slide.level_count == 3
+        assert slide.level_downsamples == (1.0, 4.0, 16.0)
+        assert slide.level_dimensions == ((4096, 3072), (1024, 768), (256, 192))
+        assert slide.mpp == pytest.approx(0.25) and slide.objective_power == 40
+        assert [slide.downsample_for(m) for m in (40, 20, 10, 5, 1.25)] == [1, 2, 4, 8, 32]
+        assert [slide.best_level_for(d) for d in (1, 2, 4, 3.9999999, 8, 16, 32)] == [0, 0, 1, 1, 1, 2, 2]
+
+
+@pytest.mark.parametrize("mpp, power", [(0.25, 40), (0.2467, 40), (0.2428, 40), (0.499, 20),
+                                        (0.5, 20), (1.0, 10), (0.3, 33.33)])
+def test_power_from_mpp(mpp, power):
+    assert power_from_mpp(mpp) == power
+
+
+def test_read_region_at_10x_is_level_1(noise):
+    with Slide(noise) as slide, openslide.OpenSlide(str(noise)) as osr:
+        for x, y in [(0, 0), (1000, 2000), (3000, 17)]:
+            expected = np.asarray(osr.read_region((x, y), 1, (256, 256)))[..., :3]
+            np.testing.assert_array_equal(slide.read_region((x, y), (256, 256), 10), expected)
+
+
+def test_read_region_resizes_the_finer_level(noise):
+    """5x comes from level 1 (10x) halved with an area filter: within 1 of the 2x2 means."""
+    with Slide(noise) as slide, openslide.OpenSlide(str(noise)) as osr:
+        got = slide.read_region((512, 256), (200, 100), 5)
+        level1 = np.asarray(osr.read_region((512, 256), 1, (400, 200)))[..., :3].astype(float)
+    assert got.shape == (100, 200, 3) and got.dtype == np.uint8
+    assert np.abs(got - block_mean(level1, 2)).max() <= 1.0  # PIL box filter: fixed-point rounding
+
+
+def test_pyramid_without_a_10x_level(folder):
+    """Levels 1, 2, 8: 10x is level 1 halved, and matches 4x4 means of the level-0 image."""
+    path = make_slide(folder / "no10x.tiff", SIZE, pattern="noise", downsamples=(1, 2, 8),
+                      compression="zlib", seed=3)
+    image = slide_image(SIZE, "noise", seed=3).astype(float)
+    with Slide(path) as slide:
+        assert slide.best_level_for(slide.downsample_for(10)) == 1
+        got = slide.read_region((1024, 2048), (256, 256), 10)
+    expected = block_mean(image[2048:3072, 1024:2048], 4)
+    assert np.abs(got - expected).max() <= 1.0
+
+
+def test_checker_cells_land_where_they_should(folder):
+    """Each 256 px patch at 10x of a JPEG checker slide is the cell at its grid position."""
+    path = make_slide(folder / "checker.tiff", SIZE, pattern="checker")
+    slide = open_slide(path)
+    for row in range(3):
+        for col in range(4):
+            patch = slide.read_region((col * 1024, row * 1024), (256, 256), 10)
+            assert decode_cell(patch) == (row, col)
+            assert np.abs(patch[8:-8, 8:-8].astype(int) - cell_colour(row, col)).max() <= 3
+
+
+def test_regions_partly_outside_are_white(noise):
+    with Slide(noise) as slide, openslide.OpenSlide(str(noise)) as osr:
+        corner = slide.read_region((3840, 2816), (256, 256), 10)
+        inside = np.asarray(osr.read_region((3840, 2816), 1, (64, 64)))[..., :3]
+        np.testing.assert_array_equal(corner[:64, :64], inside)
+        assert (corner[64:] == 255).all() and (corner[:, 64:] == 255).all()
+        before = slide.read_region((-512, -512), (256, 256), 10)
+        assert (before[:128] == 255).all() and (before[:, :128] == 255).all()
+        np.testing.assert_array_equal(before[128:, 128:],
+                                      np.asarray(osr.read_region((0, 0), 1, (128, 128)))[..., :3])
+
+
+def test_transparent_pixels_become_white(folder):
+    """Straight alpha is composited over white: alpha 0 -> white, 128 -> halfway."""
+    rgba = np.zeros((512, 512, 4), np.uint8)
+    rgba[..., :3] = (100, 50, 0)
+    rgba[:, :256, 3] = 255
+    rgba[:, 256:384, 3] = 0
+    rgba[:, 384:, 3] = 128
+    path = folder / "alpha.tiff"
+    tifffile.imwrite(path, rgba, tile=(256, 256), photometric="rgb", extrasamples=["unassalpha"],
+                     resolution=(40000.0, 40000.0), resolutionunit="CENTIMETER", metadata=None)
+    with Slide(path) as slide:
+        image = slide.read_level(0)
+    assert (image[:, :256] == (100, 50, 0)).all()
+    assert (image[:, 256:384] == 255).all()
+    expected = np.rint(np.array([100, 50, 0]) * 128 / 255 + 255 * (1 - 128 / 255))
+    assert np.abs(image[:, 384:].astype(int) - expected).max() <= 1
+
+
+def test_whole_slide_reads(noise):
+    with Slide(noise) as slide:
+        assert slide.read_level(2).shape == (192, 256, 3)
+        low = slide.read_magnification(1.25)
+        assert low.shape == (96, 128, 3)
+        assert np.abs(low - block_mean(slide.read_level(2).astype(float), 2)).max() <= 1.0  # PIL box filter: fixed-point rounding
+        with pytest.raises(SlideError, match="level 5 does not exist"):
+            slide.read_level(5)
+
+
+def test_region_errors(noise):
+    with Slide(noise) as slide:
+        with pytest.raises(SlideError, match="outside the slide") as err:
+            slide.read_region((4096, 0), (256, 256), 10)
+        assert str(noise) in str(err.value)
+        with pytest.raises(SlideError, match="outside the slide"):
+            slide.read_region((-1024, 100), (256, 256), 10)
+        with pytest.raises(SlideError, match="80x is above the scan's 40x"):
+            slide.read_region((0, 0), (256, 256), 80)
+        with pytest.raises(SlideError, match="above the scan"):
+            slide.read_magnification(41)
+
+
+def test_mpp_override_wins(noise):
+    with Slide(noise, mpp=0.5) as slide:
+        assert slide.mpp == 0.5 and slide.objective_power == 20 and slide.downsample_for(10) == 2
+    with pytest.raises(SlideError, match="positive number"):
+        Slide(noise, mpp=-1)
+
+
+def test_slide_without_scale_needs_an_override(folder):
+    path = make_slide(folder / "noscale.tiff", (1024, 1024), mpp=None, downsamples=(1, 4))
+    with Slide(path) as slide:
+        assert slide.dimensions == (1024, 1024) and not slide.has_scale
+        assert slide.read_level(1).shape == (256, 256, 3)
+        for need in (lambda: slide.mpp, lambda: slide.objective_power,
+                     lambda: slide.read_region((0, 0), (64, 64), 10)):
+            with pytest.raises(SlideError, match="`mpp` column or the `--mpp` argument") as err:
+                need()
+            assert str(path) in str(err.value)
+    with Slide(path, mpp=1.0) as slide:
+        assert slide.objective_power == 10 and slide.read_region((0, 0), (64, 64), 10).shape == (64, 64, 3)
+
+
+def test_bad_files(folder):
+    text = folder / "notes.txt"
+    text.write_text("not a slide")
+    png = folder / "picture.png"
+    Image.new("RGB", (64, 64), "red").save(png)
+    stripped = folder / "stripped.tif"
+    Image.new("RGB", (64, 64), "red").save(stripped)
+    fake_svs = folder / "fake.svs"
+    fake_svs.write_bytes(b"garbage" * 100)
+    empty = folder / "empty.svs"
+    empty.write_bytes(b"")
+    cases = [
+        (folder / "missing.svs", "file not found"),
+        (folder, "is a directory"),
+        (text, "not a slide"),
+        (png, "not a slide: a plain PNG image"),
+        (stripped, "not tiled"),
+        (fake_svs, "corrupt slide"),
+        (empty, "empty"),
+    ]
+    for path, problem in cases:
+        with pytest.raises(SlideError, match=problem) as err:
+            Slide(path)
+        assert err.value.path == str(path)
+
+
+def test_unsupported_compression(folder):
+    path = write_pyramid(folder / "lzma.tiff", np.zeros((512, 512, 3), np.uint8),
+                         compression="lzma", downsamples=[1])
+    with pytest.raises(SlideError, match="compression") as err:
+        Slide(path)
+    assert str(path) in str(err.value)
+
+
+def test_undecodable_tiles_fail_and_leave_the_cache(folder):
+    path = make_slide(folder / "badtile.tiff", (1024, 1024), downsamples=(1, 4))
+    with tifffile.TiffFile(path) as tif:
+        offset, count = tif.pages[0].dataoffsets[0], tif.pages[0].databytecounts[0]
+    data = bytearray(path.read_bytes())
+    data[offset:offset + count] = bytes(count)
+    path.write_bytes(bytes(data))
+    slide = open_slide(path)
+    with pytest.raises(SlideError, match="cannot decode image data") as err:
+        slide.read_region((0, 0), (64, 64), 40)
+    assert str(path) in str(err.value)
+    assert open_slide(path) is not slide
+
+
+def test_open_slide_cache(folder, noise, monkeypatch):
+    monkeypatch.chdir(folder)
+    shared = open_slide(noise)
+    assert open_slide("noise.tiff") is shared
+    assert open_slide(noise, mpp=0.5) is not shared
+    assert open_slide(noise, mpp=0.5).objective_power == 20
+    path = make_slide(folder / "rewritten.tiff", (1024, 1024), downsamples=(1,))
+    first = open_slide(path)
+    make_slide(path, (2048, 1024), downsamples=(1,))
+    assert open_slide(path) is not first and open_slide(path).dimensions == (2048, 1024)
+    with open_slide(path) as closing:
+        pass
+    assert open_slide(path) is not closing
+    closing.close()  # closing twice is harmless; reading a closed slide is an error
+    with pytest.raises(SlideError, match="closed"):
+        closing.read_level(0)
+
+
+def test_threads_share_a_handle(noise):
+    slide = open_slide(noise)
+    spots = [((x * 97) % 3800, (x * 61) % 2800) for x in range(24)]
+    expected = [slide.read_region(s, (128, 128), 10) for s in spots]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda s: open_slide(noise).read_region(s, (128, 128), 10), spots))
+    for a, b in zip(got, expected):
+        np.testing.assert_array_equal(a, b)
+
+
+# -- real slides ------------------------------------------------------------------------
+
+@pytest.mark.realdata
+def test_real_aperio_jpeg(real_data):
+    path = real_data / "slides" / "cmu_small_region.svs"
+    with Slide(path) as slide, openslide.OpenSlide(str(path)) as osr:
+        assert slide.format == "aperio" and slide.dimensions == (2220, 2967)
+        assert slide.objective_power == 20 and slide.mpp == pytest.approx(0.499)
+        assert slide.level_count == 1 and slide.downsample_for(10) == 2
+        got = slide.read_region((600, 800), (256, 256), 10)
+        full = np.asarray(osr.read_region((600, 800), 0, (512, 512)))[..., :3]
+    expected = np.asarray(Image.fromarray(full).resize((256, 256), Image.BOX))
+    np.testing.assert_array_equal(got, expected)
+    assert np.abs(got - block_mean(full.astype(float), 2)).max() <= 1.0  # PIL box filter: fixed-point rounding
+
+
+@pytest.mark.realdata
+def test_real_aperio_jpeg2000_without_scale(real_data):
+    path = real_data / "slides" / "tcga-cr-7395-01a-01-ts1.svs"
+    with Slide(path) as slide:
+        assert slide.format == "aperio" and slide.dimensions == (4443, 3567)
+        assert slide.level_count == 2 and slide.level_downsamples[1] == pytest.approx(2.0005, abs=1e-4)
+        assert slide.read_level(1).shape == (1783, 2221, 3)
+        with pytest.raises(SlideError, match="--mpp"):
+            slide.downsample_for(10)
+    with Slide(path, mpp=0.25) as slide:
+        assert slide.objective_power == 40 and slide.best_level_for(4) == 1
+        patch = slide.read_region((2000, 1500), (256, 256), 10)
+        assert patch.shape == (256, 256, 3) and patch.std() > 5  # real tissue, not blank
+
+
+@pytest.mark.realdata
+def test_real_corrupt_file(real_data):
+    path = real_data / "slides" / "broken.svs"
+    with pytest.raises(SlideError, match="corrupt") as err:
+        Slide(path)
+    assert str(path) in str(err.value)

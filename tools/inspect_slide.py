@@ -1,0 +1,121 @@
+#!/usr/bin/env python
+"""Inspect a whole-slide image: pyramid, scale, tissue and (with a mask) patch labels.
+
+    python tools/inspect_slide.py SLIDE [--annotation MASK] [--mpp X] [--png OUT.png] [--json]
+
+``--json`` prints one JSON object: ``path``, ``format``, ``dimensions`` (level 0 [w, h]),
+``level_count``, ``level_dimensions``, ``level_downsamples``, ``mpp``,
+``objective_power``, ``tissue_fraction`` (of the 1.25x plane), ``tissue_patches`` (256 x
+256 patches at 10x kept for their tissue) and, with ``--annotation``, ``patches`` =
+{``tumour``, ``non_tumour``, ``discarded``, ``background``}.  Without ``--json`` the same
+facts are printed as a readable summary.  ``--png`` writes the 1.25x thumbnail with the
+tissue mask tinted and the kept patches outlined by label.  Bad input: exit code 2 and a
+one-line message on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from h2g.cli import run_cli
+from h2g.errors import H2GError
+from h2g.patches import PatchGrid, build_patch_grid, load_annotation
+from h2g.tissue import TissueMask, detect_tissue
+from h2g.wsi import Slide
+
+TISSUE_TINT = (0, 160, 255)
+LABEL_COLOURS = {1: (220, 0, 0), 0: (0, 170, 0), -1: (255, 140, 0)}  # tumour, non-tumour, unlabelled
+MIN_PNG_SIDE = 1024  # small thumbnails are enlarged (nearest neighbour) to at least this
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("slide", type=Path, help="whole-slide image (any format OpenSlide reads)")
+    parser.add_argument("--annotation", type=Path, help="tumour mask (PNG or TIFF) at --annotation-downsample")
+    parser.add_argument("--annotation-downsample", type=float, default=4.0,
+                        help="level-0 pixels per mask pixel (default 4)")
+    parser.add_argument("--mpp", type=float, help="microns per level-0 pixel (overrides the metadata)")
+    parser.add_argument("--png", type=Path, help="write the annotated thumbnail here")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser.parse_args(argv)
+
+
+def inspect(slide: Slide, tissue: TissueMask, grid: PatchGrid, annotated: bool) -> dict:
+    """The facts the tool reports about ``slide``."""
+    report = {
+        "path": str(slide.path),
+        "format": slide.format,
+        "dimensions": list(slide.dimensions),
+        "level_count": slide.level_count,
+        "level_dimensions": [list(d) for d in slide.level_dimensions],
+        "level_downsamples": list(slide.level_downsamples),
+        "mpp": slide.mpp,
+        "objective_power": slide.objective_power,
+        "tissue_fraction": tissue.fraction,
+        "tissue_patches": int(np.prod(grid.grid_shape)) - grid.counts["background"],
+    }
+    if annotated:
+        report["patches"] = {k: grid.counts[k] for k in ("tumour", "non_tumour", "discarded", "background")}
+    return report
+
+
+def overview(slide: Slide, tissue: TissueMask, grid: PatchGrid) -> Image.Image:
+    """The tissue-plane thumbnail, tissue tinted, kept patches outlined by label."""
+    image = slide.read_magnification(1.25).astype(np.float32)  # same size as the mask
+    image[tissue.mask] = 0.6 * image[tissue.mask] + 0.4 * np.array(TISSUE_TINT, np.float32)
+    thumb = Image.fromarray(np.clip(image, 0, 255).astype(np.uint8))
+    zoom = max(1, math.ceil(MIN_PNG_SIDE / max(thumb.size)))
+    thumb = thumb.resize((thumb.width * zoom, thumb.height * zoom), Image.NEAREST)
+    scale = zoom / tissue.downsample
+    draw = ImageDraw.Draw(thumb)
+    for (x, y), label in zip(grid.coords, grid.labels):
+        box = (x * scale, y * scale, (x + grid.step) * scale - 1, (y + grid.step) * scale - 1)
+        draw.rectangle(box, outline=LABEL_COLOURS[int(label)], width=max(1, zoom))
+    return thumb
+
+
+def summary(report: dict) -> str:
+    """A readable multi-line version of ``report``."""
+    w, h = report["dimensions"]
+    levels = ", ".join(f"{d:g}" for d in report["level_downsamples"])
+    lines = [
+        f"slide:           {report['path']}",
+        f"format:          {report['format']}",
+        f"dimensions:      {w} x {h} px (level 0)",
+        f"levels:          {report['level_count']} (downsamples {levels})",
+        f"scale:           {report['mpp']:.4g} um/px, {report['objective_power']:g}x objective",
+        f"tissue:          {100 * report['tissue_fraction']:.1f}% of the 1.25x plane",
+        f"tissue patches:  {report['tissue_patches']} (256 px at 10x)",
+    ]
+    if "patches" in report:
+        p = report["patches"]
+        lines.append(f"labelled:        {p['tumour']} tumour, {p['non_tumour']} non-tumour, "
+                     f"{p['discarded']} discarded")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with Slide(args.slide, mpp=args.mpp) as slide:
+        tissue = detect_tissue(slide)
+        annotation = (load_annotation(args.annotation, slide, args.annotation_downsample)
+                      if args.annotation else None)
+        grid = build_patch_grid(slide, tissue, annotation)
+        report = inspect(slide, tissue, grid, annotated=annotation is not None)
+        if args.png:
+            try:
+                overview(slide, tissue, grid).save(args.png)
+            except (OSError, ValueError) as exc:
+                raise H2GError(f"{args.png}: cannot write the PNG: {exc}") from None
+    print(json.dumps(report) if args.json else summary(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
