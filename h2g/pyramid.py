@@ -8,11 +8,13 @@ resolution stored in pixels per centimetre so that OpenSlide reports microns per
 Two entry points:
 - :func:`write_pyramid` for an image held in memory (test slides, masks);
 - :func:`write_pyramid_tiles` for images too large to hold: the caller gives a function
-  that renders any level-0 region, and levels are written tile by tile, each from the
-  previous level's tiles, so memory stays bounded by a few tile rows.
+  that renders any level-0 region; level 0 is written tile row by tile row and each
+  further level is reduced from the previous one (kept in a temporary file), so memory
+  stays bounded by a few tile rows.
 """
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,7 +29,8 @@ def _resolution(mpp: float, downsample: float):
     return (ppcm, ppcm), "CENTIMETER"
 
 
-def _default_downsamples(width: int, height: int, min_side: int = 512) -> list[int]:
+def default_downsamples(width: int, height: int, min_side: int = 512) -> list[int]:
+    """Level downsamples 1, 4, 16, ... while the level's long side stays >= ``min_side``."""
     downsamples = [1]
     while max(width, height) // (downsamples[-1] * 4) >= min_side:
         downsamples.append(downsamples[-1] * 4)
@@ -76,7 +79,7 @@ def write_pyramid(
     if image.dtype == bool:
         image = image.astype(np.uint8) * 255
     h, w = image.shape[:2]
-    downsamples = list(downsamples or _default_downsamples(w, h))
+    downsamples = list(downsamples or default_downsamples(w, h))
     with tifffile.TiffWriter(path, bigtiff=image.nbytes > 2**31) as tif:
         for ds in downsamples:
             level = image if ds == 1 else _shrink(image, ds)
@@ -88,6 +91,40 @@ def write_pyramid(
     return path
 
 
+def _reduce(strip: np.ndarray, factor: int, fill: int) -> np.ndarray:
+    """``strip`` reduced ``factor`` times: box average for RGB, centre sample for masks.
+    Ragged edges are padded with ``fill`` first, so sizes round up like the levels'."""
+    h, w = strip.shape[:2]
+    pad = ((0, -h % factor), (0, -w % factor)) + ((0, 0),) * (strip.ndim - 2)
+    if any(p[1] for p in pad):
+        strip = np.pad(strip, pad, constant_values=fill)
+    if strip.ndim == 2:
+        return strip[factor // 2 :: factor, factor // 2 :: factor]
+    size = (strip.shape[1] // factor, strip.shape[0] // factor)
+    return np.asarray(Image.fromarray(strip).resize(size, Image.BOX))
+
+
+class _LevelFile:
+    """A pyramid level kept in a raw scratch file: rows are appended in order, then read
+    back strip by strip (plain file I/O, so the level never sits in process memory)."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...]):
+        self.shape = shape
+        self.row_bytes = int(np.prod(shape[1:]))
+        self.handle = open(path, "w+b")
+
+    def append(self, rows: np.ndarray) -> None:
+        self.handle.write(np.ascontiguousarray(rows, np.uint8).tobytes())
+
+    def read(self, y: int, rows: int) -> np.ndarray:
+        self.handle.seek(y * self.row_bytes)
+        data = self.handle.read(rows * self.row_bytes)
+        return np.frombuffer(data, np.uint8).reshape((rows,) + self.shape[1:])
+
+    def close(self) -> None:
+        self.handle.close()
+
+
 def write_pyramid_tiles(
     path,
     size: tuple[int, int],
@@ -97,50 +134,93 @@ def write_pyramid_tiles(
     downsamples: Sequence[int] | None = None,
     tile: int = 256,
     quality: int = 90,
+    channels: int = 3,
+    block: int = 4096,
     progress: Callable[[int], None] | None = None,
 ) -> Path:
-    """Write a large RGB pyramid without holding it in memory.
+    """Write a large pyramid without holding it in memory.
 
-    ``render(x, y, w, h)`` returns the level-0 RGB region ``(h, w, 3)`` uint8.  Level 0 is
-    written tile by tile from ``render``; every further level is rendered from level-0
-    regions of ``tile * downsample`` pixels reduced by box filtering, one tile at a time,
-    so peak memory is about one level-0 region of the coarsest tile.  ``progress`` is
-    called with the number of tiles written after each tile.
+    ``render(x, y, w, h)`` returns the level-0 region: ``(h, w, 3)`` uint8 RGB, or
+    ``(h, w)`` uint8 when ``channels`` is 1 (masks: lossless zlib instead of JPEG).
+    Level 0 is rendered one tile row at a time, in blocks of at most ``block`` columns.
+    Each further level is reduced from the previous one (box filter for RGB, centre
+    sample for masks) while that one is written, and kept in a temporary raw file beside
+    ``path`` until its own turn, so memory stays at a few tile rows whatever the size.
+    ``downsamples`` (default: powers of 4 down to ~512 px) must start at 1, each an
+    integer multiple of the one before, the ratio dividing ``tile``.  Edge tiles are
+    padded with white (RGB) or 0 (masks).  ``progress`` is called with the number of
+    tiles written after each tile row.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     width, height = size
-    downsamples = list(downsamples or _default_downsamples(width, height))
+    downsamples = [int(d) for d in (downsamples or default_downsamples(width, height))]
+    ratios = [b // a for a, b in zip(downsamples, downsamples[1:])]
+    if downsamples[0] != 1 or any(a * r != b or tile % r for a, b, r in
+                                  zip(downsamples, downsamples[1:], ratios)):
+        raise ValueError(f"downsamples {downsamples} must start at 1, each an integer "
+                         f"multiple of the previous, the ratio dividing tile={tile}")
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, not {channels}")
+    fill = 255 if channels == 3 else 0
+    depth = (channels,) if channels == 3 else ()
+    block = max(tile, block - block % tile)
 
-    def tiles_for(ds: int):
-        lw, lh = -(-width // ds), -(-height // ds)
-        for ty in range(0, lh, tile):
-            for tx in range(0, lw, tile):
-                x0, y0 = tx * ds, ty * ds
-                rw, rh = min(tile * ds, width - x0), min(tile * ds, height - y0)
-                region = render(x0, y0, rw, rh)
-                out = region if ds == 1 else _shrink(region, ds)
-                padded = np.full((tile, tile, 3), 255, np.uint8)
-                padded[: out.shape[0], : out.shape[1]] = out[:tile, :tile]
-                if progress is not None:
-                    progress(1)
-                yield padded
+    def level_shape(ds: int) -> tuple[int, ...]:
+        return (-(-height // ds), -(-width // ds)) + depth
 
-    with tifffile.TiffWriter(path, bigtiff=True) as tif:
-        for ds in downsamples:
-            lw, lh = -(-width // ds), -(-height // ds)
-            res, unit = _resolution(mpp, ds)
-            tif.write(
-                tiles_for(ds),
-                shape=(lh, lw, 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                compression="jpeg",
-                compressionargs={"level": quality},
-                photometric="rgb",
-                resolution=res,
-                resolutionunit=unit,
-                metadata=None,
-                subfiletype=0 if ds == 1 else 1,  # OpenSlide wants reduced levels marked
-            )
+    def level0_strip(y: int, rows: int) -> np.ndarray:
+        strip = np.empty((rows, width) + depth, np.uint8)
+        for x in range(0, width, block):
+            strip[:, x : x + block] = render(x, y, min(block, width - x), rows)
+        return strip
+
+    def tiles(k: int, source, store):
+        lh, lw = level_shape(downsamples[k])[:2]
+        for y in range(0, lh, tile):
+            rows = min(tile, lh - y)
+            strip = part = None  # let the previous strip go before making the next
+            strip = np.ascontiguousarray(source(y, rows), dtype=np.uint8)
+            if store is not None:
+                store.append(_reduce(strip, ratios[k], fill))
+            for x in range(0, lw, tile):
+                part = strip[:, x : x + tile]
+                if part.shape[:2] != (tile, tile):  # edge tile: pad
+                    part = np.pad(part, ((0, tile - rows), (0, tile - part.shape[1]))
+                                  + ((0, 0),) * len(depth), constant_values=fill)
+                yield part
+            if progress is not None:
+                progress(-(-lw // tile))
+
+    if channels == 3:
+        codec = dict(compression="jpeg", compressionargs={"level": quality}, photometric="rgb")
+    else:
+        codec = dict(compression="zlib", photometric="minisblack")
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".pyramid-") as scratch, \
+            tifffile.TiffWriter(path, bigtiff=True) as tif:
+        source, stores = level0_strip, []
+        try:
+            for k, ds in enumerate(downsamples):
+                store = None
+                if k + 1 < len(downsamples):
+                    store = _LevelFile(Path(scratch) / f"level{k + 1}.raw",
+                                       level_shape(downsamples[k + 1]))
+                    stores.append(store)
+                res, unit = _resolution(mpp, ds)
+                tif.write(
+                    tiles(k, source, store),
+                    shape=level_shape(ds),
+                    dtype=np.uint8,
+                    tile=(tile, tile),
+                    resolution=res,
+                    resolutionunit=unit,
+                    metadata=None,
+                    subfiletype=0 if ds == 1 else 1,  # OpenSlide wants reduced levels marked
+                    **codec,
+                )
+                if store is not None:
+                    source = store.read
+        finally:
+            for store in stores:
+                store.close()
     return path

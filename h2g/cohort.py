@@ -1,0 +1,780 @@
+"""The embedded synthetic cohort: H&E-like breast tissue slides with tumour masks.
+
+:func:`make_cohort` writes, deterministically from a seed, pyramidal tiled JPEG TIFF
+slides (0.25 um/px at level 0, OpenSlide "generic-tiff"), lossless tumour masks at
+downsample 4 and a manifest (see :mod:`h2g.manifest`) with grades 1-3 and a
+train/val/test split::
+
+    <out>/data_manifest.csv
+    <out>/cohort/slides/<id>.tiff
+    <out>/cohort/masks/<id>_mask.tiff
+
+How a slide is drawn:
+
+- *layout*, on a coarse grid: smooth random fields give tissue islands on glass, one or a
+  few large smooth tumour regions inside the tissue (the annotation), and fat lobules;
+- *structure*, at 1 um/px (level-0 / 4), for each region of level 0 being written: wavy
+  collagen stroma, fat cells, normal acini, grade-dependent tumour (tubules for grade 1,
+  nests for grade 2, solid sheets for grade 3) and, inside the annotated region, patches of
+  inflamed stroma that look like stroma at patch scale, so that a patch classifier alone
+  is imperfect and the whole-slide context matters;
+- *nuclei*, at level 0: per-type nucleus sprites on a jittered grid, their type and
+  density taken from the structure.
+
+Everything is a pure function of the position and the slide's seed, so the slide is
+rendered tile row by tile row (:func:`h2g.pyramid.write_pyramid_tiles`) with bounded
+memory at any size, and the same seed gives byte-identical files.
+"""
+from __future__ import annotations
+
+import functools
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+from tqdm import tqdm
+
+from h2g.errors import ConfigError
+from h2g.manifest import DEFAULT_MANIFEST, load_manifest
+from h2g.pyramid import default_downsamples, write_pyramid_tiles
+
+MPP = 0.25                # microns per level-0 pixel
+MASK_DOWNSAMPLE = 4       # level-0 px per mask px
+STRUCTURE = 4             # level-0 px per structure px (1 um)
+CELL = 40                 # level-0 px between nucleus grid points (10 um)
+CANVAS = 2 * CELL         # a nucleus sprite's canvas; same-parity cells tile it exactly
+COARSE_CELLS = 128        # the layout grid has about this many cells on the long side
+
+MANIFEST_NAME = "data_manifest.csv"
+MANIFEST_HEADER = ("slide_id", "slide_path", "annotation_path", "grade", "split")
+
+
+def um(microns: float) -> float:
+    """Microns as level-0 pixels."""
+    return microns / MPP
+
+
+# ---------------------------------------------------------------- position hashing, noise
+
+def _mix(h: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser (a bijective scramble of 64-bit integers)."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+def hash01(key: int, ix, iy) -> np.ndarray:
+    """A uniform number in [0, 1) per integer position ``(ix, iy)`` (broadcast), fixed by
+    ``key``: the same position always gets the same number, whatever is asked with it."""
+    ix = np.asarray(ix, np.int64).astype(np.uint64)
+    iy = np.asarray(iy, np.int64).astype(np.uint64)
+    h = _mix(ix * np.uint64(0x9E3779B97F4A7C15) + np.uint64(key % 2**64))
+    h = _mix(h ^ (iy * np.uint64(0xC2B2AE3D27D4EB4F)))
+    return (h >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A grid of ``shape`` (rows, cols) pixels of ``step`` level-0 px, the first covering
+    ``[x0, x0 + step) x [y0, y0 + step)``."""
+
+    x0: float
+    y0: float
+    shape: tuple[int, int]
+    step: float
+
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """Level-0 (x, y) of the pixel centres as a row (1, cols) and a column (rows, 1)."""
+        rows, cols = self.shape
+        xs = self.x0 + (np.arange(cols, dtype=np.float32) + 0.5) * self.step
+        ys = self.y0 + (np.arange(rows, dtype=np.float32) + 0.5) * self.step
+        return xs[None, :], ys[:, None]
+
+    def resample(self, values: np.ndarray, spacing: float, origin=(0.0, 0.0),
+                 resample=Image.BICUBIC) -> np.ndarray:
+        """``values`` (one per ``spacing`` level-0 px, pixel ``[0, 0]`` covering
+        ``origin``) interpolated at this grid: a pure function of position."""
+        rows, cols = self.shape
+        ox, oy = origin
+        box = ((self.x0 - ox) / spacing, (self.y0 - oy) / spacing,
+               (self.x0 + cols * self.step - ox) / spacing,
+               (self.y0 + rows * self.step - oy) / spacing)
+        image = Image.fromarray(np.ascontiguousarray(values, np.float32), "F")
+        return np.asarray(image.resize((cols, rows), resample, box=box))
+
+    def noise(self, key: int, spacing: float) -> np.ndarray:
+        """Smooth value noise (lattice ``spacing`` level-0 px, values about 0..1)."""
+        rows, cols = self.shape
+        i0 = int(np.floor(self.x0 / spacing)) - 2
+        i1 = int(np.ceil((self.x0 + cols * self.step) / spacing)) + 2
+        j0 = int(np.floor(self.y0 / spacing)) - 2
+        j1 = int(np.ceil((self.y0 + rows * self.step) / spacing)) + 2
+        lattice = hash01(key, np.arange(i0, i1)[None, :], np.arange(j0, j1)[:, None])
+        return self.resample(lattice, spacing, (i0 * spacing, j0 * spacing))
+
+    def worley(self, key: int, cell: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Cellular noise over a jittered grid of ``cell`` level-0 px: the distances to the
+        nearest and second-nearest feature points and a uniform number of the nearest
+        point's cell."""
+        xs, ys = self.centres()
+        cx = np.floor(xs[0] / cell).astype(np.int64)
+        cy = np.floor(ys[:, 0] / cell).astype(np.int64)
+        gx = np.arange(cx[0] - 1, cx[-1] + 2)[None, :]
+        gy = np.arange(cy[0] - 1, cy[-1] + 2)[:, None]
+        fx = ((gx + 0.1 + 0.8 * hash01(key, gx, gy)) * cell).astype(np.float32)
+        fy = ((gy + 0.1 + 0.8 * hash01(key + 1, gx, gy)) * cell).astype(np.float32)
+        ident = hash01(key + 2, gx, gy)
+        f1 = np.full(self.shape, np.inf, np.float32)
+        f2 = f1.copy()
+        nearest = np.zeros(self.shape, np.float32)
+        d, dy2, closer = np.empty_like(f1), np.empty_like(f1), np.empty(self.shape, bool)
+        for oy in (-1, 0, 1):
+            rows = cy - gy[0, 0] + oy
+            fx_rows, fy_rows, id_rows = fx[rows], fy[rows], ident[rows]
+            for ox in (-1, 0, 1):
+                cols = cx - gx[0, 0] + ox
+                np.subtract(xs, np.take(fx_rows, cols, axis=1), out=d)
+                np.square(d, out=d)
+                np.subtract(ys, np.take(fy_rows, cols, axis=1), out=dy2)
+                np.square(dy2, out=dy2)
+                d += dy2
+                np.less(d, f1, out=closer)
+                np.copyto(nearest, np.take(id_rows, cols, axis=1), where=closer)
+                np.minimum(f2, np.maximum(f1, d, out=dy2), out=f2)
+                np.minimum(f1, d, out=f1)
+        return np.sqrt(f1), np.sqrt(f2), nearest
+
+
+def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
+    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _fraction(u: np.ndarray, salt: float) -> np.ndarray:
+    """Another uniform number derived from the uniform ``u`` (for several per cell)."""
+    return (u * salt) % 1.0
+
+
+# --------------------------------------------------------------------------- layout
+
+def _smooth_field(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
+    return (field - field.mean()) / field.std()
+
+
+def _as_distance(field: np.ndarray, spacing: float) -> np.ndarray:
+    """``field`` rescaled so that near its zero level it reads as a signed distance in
+    level-0 px (divided by its median gradient there)."""
+    gy, gx = np.gradient(field, spacing)
+    slope = np.hypot(gx, gy)
+    near = np.abs(field) < np.quantile(np.abs(field), 0.1)
+    return (field / np.median(slope[near])).astype(np.float32)
+
+
+@dataclass
+class SlideLayout:
+    """Where tissue, tumour and fat are, as fields on a coarse grid (``spacing`` level-0
+    px per cell, cell ``[0, 0]`` at ``origin``) that read as signed distances in level-0
+    px: tissue where ``tissue > 0``, tumour (the annotation) where ``tumour > 0``, fat
+    where ``fat > 0`` (outside tumour)."""
+
+    size: tuple[int, int]
+    grade: int
+    spacing: float
+    origin: tuple[float, float]
+    tissue: np.ndarray
+    tumour: np.ndarray
+    fat: np.ndarray
+
+    TUMOUR_MARGIN_UM = 60.0  # the tumour keeps this far inside the tissue's edge
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, size: tuple[int, int], grade: int,
+             attempts: int = 100) -> "SlideLayout":
+        """A random layout with tissue on ~35-55% of the slide, tumour on ~20-40% of the
+        tissue, and at least one clearly tumour and one clearly non-tumour 10x patch."""
+        width, height = size
+        longest = max(size)
+        spacing = max(16.0, longest / COARSE_CELLS)
+        pad = int(np.ceil(2 * CANVAS / spacing)) + 2  # cells beyond the edges, for margins
+        shape = (int(np.ceil(height / spacing)) + 2 * pad, int(np.ceil(width / spacing)) + 2 * pad)
+        origin = (-pad * spacing, -pad * spacing)
+        xs = origin[0] + (np.arange(shape[1]) + 0.5) * spacing
+        ys = origin[1] + (np.arange(shape[0]) + 0.5) * spacing
+        inside = np.logical_and.outer((ys > 0) & (ys < height), (xs > 0) & (xs < width))
+        radius = np.hypot.outer((2 * ys / height - 1), (2 * xs / width - 1))  # 1: edge middles
+        border = 12.0 * np.clip(radius - 0.55, 0.0, None) ** 2  # keeps tissue off the edges
+        margin = um(cls.TUMOUR_MARGIN_UM)
+        for _ in range(attempts):
+            t = _smooth_field(rng, shape, longest / 7 / spacing) - border
+            t = _as_distance(t - np.quantile(t[inside], 1 - rng.uniform(0.35, 0.55)), spacing)
+            u = _smooth_field(rng, shape, longest / 9 / spacing)
+            f = _smooth_field(rng, shape, longest / 12 / spacing)
+            tissue = inside & (t > 0)
+            interior = inside & (t > margin)
+            wanted = int(rng.uniform(0.2, 0.4) * tissue.sum())
+            if wanted < 1 or interior.sum() <= wanted:
+                continue
+            threshold = np.sort(u[interior])[-wanted]
+            tumour = np.minimum(_as_distance(u - threshold, spacing), t - margin)
+            normal = tissue & (tumour <= 0)
+            f = _as_distance(f - np.quantile(f[normal], 1 - rng.uniform(0.15, 0.4)), spacing)
+            layout = cls(size, grade, spacing, origin, t, tumour, f)
+            if layout.has_both_classes():
+                return layout
+        raise RuntimeError(f"no usable layout for a {width}x{height} slide in {attempts} tries")
+
+    def has_both_classes(self, patch: int = 1024, minimum: int = 1) -> bool:
+        """Whether at least ``minimum`` patches of ``patch`` level-0 px (256 px at 10x) are
+        clearly tumour (tissue and tumour > 50%) and as many clearly non-tumour (> 50%
+        stroma-like tissue, i.e. not fat, which tissue detectors may miss, and no tumour
+        within 50 um)."""
+        width, height = self.size
+        grid = Grid(0, 0, (height // patch * 16, width // patch * 16), patch // 16)
+        if min(grid.shape) == 0:
+            return False
+
+        def per_patch(mask):
+            rows, cols = mask.shape
+            return mask.reshape(rows // 16, 16, cols // 16, 16).mean(axis=(1, 3))
+
+        def sample(field):
+            return grid.resample(field, self.spacing, self.origin)
+
+        tissue, tumour, fat = sample(self.tissue) > 0, sample(self.tumour), sample(self.fat) > 0
+        clear_tumour = (per_patch(tissue) > 0.5) & (per_patch(tumour > 0) > 0.5)
+        clear_normal = (per_patch(tissue & ~fat) > 0.5) & (per_patch(tumour > -um(50)) == 0)
+        return clear_tumour.sum() >= minimum and clear_normal.sum() >= minimum
+
+
+# ---------------------------------------------------------------------- nucleus sprites
+
+NONE, LYMPHOCYTE, SPINDLE, ADIPOCYTE, NORMAL, GRADE1, GRADE2, GRADE3 = range(8)
+VARIANTS = 32           # sprites per nucleus type (per orientation for spindles)
+ORIENTATIONS = 8        # spindle orientation bins over 180 degrees
+
+# type: (half length px, aspect (min, max), stain (min, max), wobble, chromatin, rim,
+#        nucleolus probability)
+_NUCLEI = {
+    LYMPHOCYTE: ((11, 14), (0.85, 1.0), (0.82, 0.95), 0.04, 0.10, 0.0, 0.0),
+    SPINDLE: ((17, 26), (0.2, 0.3), (0.62, 0.8), 0.03, 0.12, 0.0, 0.0),
+    ADIPOCYTE: ((12, 18), (0.2, 0.3), (0.6, 0.75), 0.03, 0.10, 0.0, 0.0),
+    NORMAL: ((12, 15), (0.75, 0.95), (0.58, 0.7), 0.03, 0.15, 0.0, 0.1),
+    GRADE1: ((13, 17), (0.75, 0.95), (0.58, 0.72), 0.04, 0.18, 0.1, 0.3),
+    GRADE2: ((16, 23), (0.7, 0.95), (0.52, 0.82), 0.08, 0.28, 0.25, 0.6),
+    GRADE3: ((19, 27), (0.6, 0.95), (0.42, 0.95), 0.09, 0.38, 0.4, 0.9),
+}
+
+
+@functools.lru_cache(maxsize=2)
+def sprite_bank(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Nucleus sprites ``(K, CANVAS, CANVAS)`` uint8 (haematoxylin, 255 = darkest) and
+    the index of each type's first sprite, shared by a cohort's slides.  Sprite 0 is
+    blank; each type has ``VARIANTS`` sprites (spindles: per orientation bin), randomly
+    shaped, textured and placed within ``CELL / 4`` of the canvas centre (less for the
+    largest nuclei, which must fit in the canvas)."""
+    rng = np.random.default_rng([seed, 0x5B417E])
+    kinds, angles = [], []
+    base = np.zeros(len(_NUCLEI) + 1, np.int64)
+    count = 1
+    for kind in _NUCLEI:
+        base[kind] = count
+        n = VARIANTS * (ORIENTATIONS if kind == SPINDLE else 1)
+        kinds += [kind] * n
+        if kind == SPINDLE:
+            angles.append(np.repeat(np.arange(ORIENTATIONS) * np.pi / ORIENTATIONS, VARIANTS)
+                          + rng.normal(0, 0.08, n))
+        else:
+            angles.append(rng.uniform(0, np.pi, n))
+        count += n
+    kinds = np.array(kinds)
+    angle = np.concatenate(angles).astype(np.float32)[:, None, None]
+    table = np.array([(*_NUCLEI[k][0], *_NUCLEI[k][1], *_NUCLEI[k][2], *_NUCLEI[k][3:])
+                      for k in kinds], np.float32)
+    n = len(kinds)
+
+    def draw(lo, hi, size=None):
+        return rng.uniform(lo, hi, size).astype(np.float32)[..., None, None]
+
+    half = draw(table[:, 0], table[:, 1])
+    minor = half * draw(table[:, 2], table[:, 3])
+    stain = draw(table[:, 4], table[:, 5])
+    wobble, chromatin, rim, nucleolus = (table[:, i, None, None] for i in range(6, 10))
+    reach = half * (1 + 3 * wobble)  # the nucleus stays inside its canvas
+    centre = CANVAS / 2 + draw(-1, 1, (2, n)) * np.clip(CANVAS / 2 - 1 - reach, 0, CELL / 4)
+    yy, xx = (np.mgrid[0:CANVAS, 0:CANVAS] + 0.5).astype(np.float32)
+    dx, dy = xx - centre[0], yy - centre[1]
+    cos, sin = np.cos(angle), np.sin(angle)
+    u = (dx * cos + dy * sin) / half
+    v = (dy * cos - dx * sin) / minor
+    phi = np.arctan2(v, u)
+    edge = 1.0 + sum(wobble * draw(0.3, 1.0, (n,)) * np.cos(k * phi + draw(0, 2 * np.pi, (n,)))
+                     for k in (2, 3, 4))
+    t = np.hypot(u, v) / edge
+    alpha = np.clip((1.0 - t) * minor + 0.5, 0.0, 1.0)
+    texture = ndimage.gaussian_filter(rng.standard_normal((n, CANVAS, CANVAS), np.float32),
+                                      (0, 1.3, 1.3))
+    texture /= texture.std(axis=(1, 2), keepdims=True)
+    value = stain * (1 + chromatin * texture) * (1 - rim * (1 - np.clip(t, 0, 1) ** 4))
+    dot = draw(-0.35, 0.35, (2, n))
+    has_dot = rng.random((n, 1, 1)) < nucleolus
+    value += has_dot * 0.35 * np.exp(-((u - dot[0]) ** 2 * half ** 2
+                                       + (v - dot[1]) ** 2 * minor ** 2) / (2 * 2.2 ** 2))
+    sprites = np.clip(alpha * value * 255, 0, 248).astype(np.uint8)  # + grain <= 255
+    return np.concatenate([np.zeros((1, CANVAS, CANVAS), np.uint8), sprites]), base
+
+
+# ------------------------------------------------------------------------- structure
+
+@dataclass
+class Structure:
+    """A region at 1 um/px: stain amounts (0..1) of haematoxylin ``h`` and eosin ``e``,
+    and, for nuclei, the type, its density ``p_type`` (probability per nucleus grid
+    point), the density of lymphocytes ``p_lymph`` and the spindle orientation bin."""
+
+    h: np.ndarray
+    e: np.ndarray
+    kind: np.ndarray
+    p_type: np.ndarray
+    p_lymph: np.ndarray
+    orientation: np.ndarray
+
+
+# one hash key per random field of a slide
+_KEYS = ("rough", "fat_rough", "fat", "fibre_a", "fibre_b", "fibre_mix", "fibre_gap",
+         "fibre_density", "lymph", "lobule", "acini", "tumour_stroma", "tumour_stroma_fine",
+         "glands", "stain", "nuclei", "variant")
+
+
+class SlideRenderer:
+    """Renders any level-0 region of a slide (and of its mask) from its layout; every
+    pixel depends only on its position, the layout and ``key``."""
+
+    def __init__(self, layout: SlideLayout, key: tuple[int, int]):
+        """``key`` = (cohort seed, slide index); the seed alone picks the sprite bank."""
+        self.layout = layout
+        seeds = np.random.SeedSequence([*key, 0xC0FFEE])
+        state = seeds.generate_state(len(_KEYS), np.uint64)
+        self.keys = {name: int(k) for name, k in zip(_KEYS, state)}
+        rng = np.random.default_rng(seeds.spawn(1)[0])
+        self.bank, self.bank_base = sprite_bank(key[0])
+        angle = rng.uniform(0, np.pi)
+        self.fibre_angles = (angle, angle + np.pi / 2 + rng.uniform(-0.5, 0.5))
+        # fine grain added to the stain amounts: 0..6 haematoxylin, 0..4 eosin
+        self.grain = np.stack([rng.integers(0, top, (256, 256), dtype=np.uint8) for top in (7, 5)])
+        self.lut = stain_lut()
+
+    # -- structure at 1 um/px
+    def tumour(self, grid: Grid) -> np.ndarray:
+        """The annotation on ``grid``: True where the layout's tumour field is > 0."""
+        layout = self.layout
+        return grid.resample(layout.tumour, layout.spacing, layout.origin) > 0
+
+    def structure(self, grid: Grid) -> Structure:
+        """Stains and nucleus types on ``grid`` (normally 1 um/px)."""
+        layout, keys = self.layout, self.keys
+        shape = grid.shape
+        st = Structure(*(np.zeros(shape, np.float32) for _ in range(2)),
+                       np.zeros(shape, np.uint8), np.zeros(shape, np.float32),
+                       np.zeros(shape, np.float32), np.zeros(shape, np.uint8))
+        tissue = (grid.resample(layout.tissue, layout.spacing, layout.origin)
+                  + um(24) * (grid.noise(keys["rough"], um(45)) - 0.5)) > 0
+        if not tissue.any():
+            return st
+        tumour = self.tumour(grid)
+        self._stroma(grid, st)
+        fat = self._fat(grid, tumour, st)
+        self._acini(grid, ~tumour & (fat < 0.5), st)
+        if tumour.any():
+            self._tumour(grid, tumour, st)
+        variation = 0.9 + 0.2 * grid.noise(keys["stain"], um(400))
+        st.e *= variation
+        st.h *= variation
+        glass = ~tissue
+        for values in (st.h, st.e, st.kind, st.p_type, st.p_lymph):
+            values[glass] = 0
+        return st
+
+    def _stroma(self, grid: Grid, st: Structure) -> None:
+        """Collagen: pink with thin, wavy, broken pale clefts running in two directions
+        mixed by a slow field; sparse spindle nuclei along the fibres and patches of
+        inflammation (lymphocytes)."""
+        keys = self.keys
+        xs, ys = grid.centres()
+        k = 2 * np.pi / um(14)
+        mix = _smoothstep(0.35, 0.65, grid.noise(keys["fibre_mix"], um(220)))
+        clefts, directions = [], []
+        for angle, name in zip(self.fibre_angles, ("fibre_a", "fibre_b")):
+            phase = (k * (xs * np.cos(angle) + ys * np.sin(angle))
+                     + 10.0 * grid.noise(keys[name], um(70)))
+            clefts.append(_smoothstep(0.75, 0.97, np.sin(phase)))
+            directions.append(int(round(((angle + np.pi / 2) % np.pi) / np.pi * ORIENTATIONS))
+                              % ORIENTATIONS)
+        cleft = mix * clefts[0] + (1 - mix) * clefts[1]
+        cleft *= _smoothstep(0.3, 0.7, grid.noise(keys["fibre_gap"], um(25)))
+        density = 0.85 + 0.3 * grid.noise(keys["fibre_density"], um(35))
+        st.e[:] = 0.42 * density * (1 - 0.6 * cleft)
+        st.h[:] = 0.04
+        st.kind[:] = SPINDLE
+        st.p_type[:] = 0.08
+        st.orientation[:] = np.where(mix > 0.5, directions[0], directions[1])
+        inflamed = _smoothstep(0.62, 0.8, grid.noise(keys["lymph"], um(110)))
+        st.p_lymph[:] = 0.01 + 0.5 * inflamed
+
+    def _fat(self, grid: Grid, tumour: np.ndarray, st: Structure) -> np.ndarray:
+        """Adipocytes (large empty cells with thin membranes) where the fat field is > 0
+        outside tumour; returns the fat weight."""
+        layout = self.layout
+        field = (grid.resample(layout.fat, layout.spacing, layout.origin)
+                 + um(30) * (grid.noise(self.keys["fat_rough"], um(80)) - 0.5))
+        weight = _smoothstep(-um(2), um(2), field) * ~tumour
+        if not weight.any():
+            return weight
+        f1, f2, _ = grid.worley(self.keys["fat"], um(70))
+        membrane = 1.0 - _smoothstep(um(0.8), um(2.2), f2 - f1)
+        st.e[:] = st.e * (1 - weight) + weight * (0.01 + 0.45 * membrane)
+        st.h[:] = st.h * (1 - weight) + weight * 0.03 * membrane
+        is_fat = weight > 0.5
+        st.kind[is_fat] = ADIPOCYTE
+        st.p_type[is_fat] = 0.5 * membrane[is_fat]
+        st.p_lymph[is_fat] = 0.0
+        return weight
+
+    def _acini(self, grid: Grid, where: np.ndarray, st: Structure) -> None:
+        """Normal lobules: clusters of small acini (lumen, epithelial ring) in stroma."""
+        lobule = grid.noise(self.keys["lobule"], um(300))
+        present_p = np.clip((lobule - 0.6) * 6, 0, 0.95) * where
+        if not present_p.any():
+            return
+        f1, f2, ident = grid.worley(self.keys["acini"], um(55))
+        present = (_fraction(ident, 7919.0) < present_p) & (f2 - f1 > um(2))
+        lumen_r = um(2.5 + 4 * ident)
+        ring = present & (f1 > lumen_r) & (f1 < lumen_r + um(11 + 5 * _fraction(ident, 104.7)))
+        lumen = present & (f1 <= lumen_r)
+        st.e[ring], st.h[ring], st.kind[ring], st.p_type[ring] = 0.30, 0.17, NORMAL, 0.95
+        st.p_lymph[ring | lumen] = 0.0
+        st.e[lumen], st.h[lumen], st.p_type[lumen] = 0.04, 0.0, 0.0
+
+    def _tumour(self, grid: Grid, tumour: np.ndarray, st: Structure) -> None:
+        """Grade-dependent carcinoma inside the annotation, with islands of inflamed
+        stroma that look like the stroma outside."""
+        keys, grade = self.keys, self.layout.grade
+        q = (0.65 * grid.noise(keys["tumour_stroma"], um(170))
+             + 0.35 * grid.noise(keys["tumour_stroma_fine"], um(60)))
+        st.p_lymph[tumour] = np.maximum(st.p_lymph[tumour],
+                                        0.03 + 0.45 * _smoothstep(0.55, 0.75, q[tumour]))
+        if grade == 1:    # tubules: a ring of epithelium round a lumen in every cell
+            f1, f2, ident = grid.worley(keys["glands"], um(45))
+            lumen_r = um(3 + 6 * ident)
+            outer = lumen_r + um(12 + 5 * _fraction(ident, 104.7))
+            epithelium = (f1 > lumen_r) & (f1 < outer) & (f2 - f1 > um(2.5))
+            lumen = f1 <= lumen_r
+            colour, density = (0.30, 0.20), 0.85
+        elif grade == 2:  # nests, some with a small lumen
+            f1, f2, ident = grid.worley(keys["glands"], um(60))
+            lumen = (_fraction(ident, 7919.0) < 0.35) & (f1 < um(2 + 3 * ident))
+            epithelium = (f1 < um(20 + 12 * ident)) & (f2 - f1 > um(2.5)) & ~lumen
+            colour, density = (0.29, 0.22), 0.85
+        else:             # solid sheets split by thin fibrous septa
+            f1, f2, _ = grid.worley(keys["glands"], um(140))
+            epithelium = f2 - f1 > um(3)
+            lumen = np.zeros_like(epithelium)
+            colour, density = (0.27, 0.24), 0.72
+        carcinoma = tumour & (q <= 0.6)
+        epithelium &= carcinoma
+        lumen &= carcinoma
+        st.e[epithelium], st.h[epithelium] = colour
+        st.kind[epithelium] = GRADE1 + grade - 1
+        st.p_type[epithelium] = density
+        st.p_lymph[epithelium] = 0.02
+        st.e[lumen], st.h[lumen], st.p_type[lumen], st.p_lymph[lumen] = 0.04, 0.0, 0.0, 0.0
+
+    # -- level 0
+    def render(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """The level-0 RGB region ``(h, w, 3)`` at ``(x, y)``."""
+        sx0, sy0 = x // STRUCTURE - 3, y // STRUCTURE - 3  # room for the blur and bilinear
+        cols = -(-(x + w) // STRUCTURE) + 3 - sx0
+        rows = -(-(y + h) // STRUCTURE) + 3 - sy0
+        grid = Grid(sx0 * STRUCTURE, sy0 * STRUCTURE, (rows, cols), STRUCTURE)
+        st = self.structure(grid)
+        box = ((x - grid.x0) / STRUCTURE, (y - grid.y0) / STRUCTURE,
+               (x + w - grid.x0) / STRUCTURE, (y + h - grid.y0) / STRUCTURE)
+
+        def upsample(values):  # soften 1-um steps, then to level 0
+            values = ndimage.gaussian_filter(values, 0.8, truncate=2.5)
+            image = Image.fromarray(np.clip(values * 255, 0, 255).astype(np.uint8))
+            return np.asarray(image.resize((w, h), Image.BILINEAR, box=box)).copy()
+
+        haem, eosin = upsample(st.h), upsample(st.e)
+        np.maximum(haem, self._nuclei(x, y, w, h), out=haem)
+        haem += self._grain(0, x, y, w, h)
+        eosin += self._grain(1, x, y, w, h)
+        return stain_rgb(haem, eosin, self.lut)
+
+    def render_mask(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """The mask region ``(h, w)`` (255 = tumour) at mask pixel ``(x, y)``."""
+        grid = Grid(x * MASK_DOWNSAMPLE, y * MASK_DOWNSAMPLE, (h, w), MASK_DOWNSAMPLE)
+        return self.tumour(grid).astype(np.uint8) * 255
+
+    def _grain(self, channel: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Fine stain grain (0..6 haematoxylin, 0..4 eosin), periodic over 256 px."""
+        tile = self.grain[channel]
+        size = tile.shape[0]
+        top, left = y % size, x % size
+        reps = (-(-(top + h) // size), -(-(left + w) // size))
+        return np.tile(tile, reps)[top:top + h, left:left + w]
+
+    def _nuclei(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Haematoxylin of nuclei over the level-0 region: a sprite per nucleus grid
+        point (type and density read from the structure at the point), drawn in four
+        passes (grid-point parities) whose canvases tile exactly."""
+        spans = {}  # parity -> first grid point, count of same-parity points (x and y)
+        for parity in (0, 1):
+            shift = parity * CELL - CELL // 2
+            spans[parity] = [(2 * ((lo - shift) // CANVAS) + parity,
+                              -(-(lo + n - shift) // CANVAS) - (lo - shift) // CANVAS)
+                             for lo, n in ((x, w), (y, h))]
+        ix0 = min(spans[p][0][0] for p in (0, 1))
+        iy0 = min(spans[p][1][0] for p in (0, 1))
+        ix1 = max(spans[p][0][0] + 2 * spans[p][0][1] for p in (0, 1))
+        iy1 = max(spans[p][1][0] + 2 * spans[p][1][1] for p in (0, 1))
+        points = Grid(ix0 * CELL, iy0 * CELL, (iy1 - iy0, ix1 - ix0), CELL)
+        index = self._sprite_index(self.structure(points), ix0, iy0)
+        out = np.zeros((h, w), np.uint8)
+        for py in (0, 1):
+            (first_y, count_y) = spans[py][1]
+            for px in (0, 1):
+                (first_x, count_x) = spans[px][0]
+                cells = index[first_y - iy0::2][:count_y, first_x - ix0::2][:, :count_x]
+                layer = self.bank[cells].transpose(0, 2, 1, 3).reshape(
+                    count_y * CANVAS, count_x * CANVAS)
+                left = x - (first_x * CELL - CELL // 2)
+                top = y - (first_y * CELL - CELL // 2)
+                np.maximum(out, layer[top:top + h, left:left + w], out=out)
+        return out
+
+    def _sprite_index(self, st: Structure, ix0: int, iy0: int) -> np.ndarray:
+        """Bank index of the nucleus at each grid point (``st`` is the structure at the
+        points, the first being ``(ix0, iy0)``): its type and density from the
+        structure, a position hash deciding presence and variant."""
+        rows, cols = st.kind.shape
+        ix = np.arange(ix0, ix0 + cols)[None, :]
+        iy = np.arange(iy0, iy0 + rows)[:, None]
+        draw = hash01(self.keys["nuclei"], ix, iy)
+        kind = np.where(draw < st.p_type, st.kind,
+                        np.where(draw < st.p_type + st.p_lymph, LYMPHOCYTE, NONE))
+        variant = (hash01(self.keys["variant"], ix, iy) * VARIANTS).astype(np.int64)
+        variant += (kind == SPINDLE) * st.orientation.astype(np.int64) * VARIANTS
+        return np.where(kind == NONE, 0, self.bank_base[kind] + variant)
+
+
+# ------------------------------------------------------------------------- colours
+
+BACKGROUND = np.array([245.0, 245.0, 247.0])   # glass
+HAEMATOXYLIN = np.array([0.55, 0.78, 0.30])     # optical density per unit stain
+EOSIN = np.array([0.10, 0.85, 0.36])
+MAX_OD = (2.1, 1.3)                              # OD of stain amount 1 (H, E)
+
+
+def stain_lut() -> np.ndarray:
+    """RGB (65536, 3) uint8 of each ``haematoxylin << 8 | eosin`` pair of 0..255 stain
+    amounts, by Beer-Lambert absorption of the two stains over the glass colour."""
+    amount = np.arange(256) / 255.0
+    hv = HAEMATOXYLIN / np.linalg.norm(HAEMATOXYLIN) * MAX_OD[0]
+    ev = EOSIN / np.linalg.norm(EOSIN) * MAX_OD[1]
+    od = amount[:, None, None] * hv + amount[None, :, None] * ev
+    return np.round(BACKGROUND * np.exp(-od)).astype(np.uint8).reshape(-1, 3)
+
+
+def stain_rgb(haematoxylin: np.ndarray, eosin: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """RGB ``(h, w, 3)`` uint8 of per-pixel stain amounts (uint8 ``(h, w)`` each)."""
+    index = haematoxylin.astype(np.uint16)
+    index <<= 8
+    index |= eosin
+    return np.take(lut, index, axis=0)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A cohort's shape: one grade and split per slide, and the range of level-0 sides."""
+
+    name: str
+    prefix: str
+    grades: tuple[int, ...]
+    splits: tuple[str, ...]
+    sides: tuple[int, int]
+
+
+def _balanced(per_split: dict[str, int]) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Grades cycling 1, 2, 3 within each split; ``per_split`` counts slides per grade."""
+    grades, splits = [], []
+    for split, per_grade in per_split.items():
+        for _ in range(per_grade):
+            for grade in (1, 2, 3):
+                grades.append(grade)
+                splits.append(split)
+    return tuple(grades), tuple(splits)
+
+
+PRESETS = {
+    "tiny": Preset("tiny", "t", (1, 2, 3, 1, 2, 3),
+                   ("train", "train", "train", "val", "test", "test"), (4096, 4608)),
+    "smoke": Preset("smoke", "s", *_balanced({"train": 4, "val": 2, "test": 2}), (4096, 9216)),
+    "full": Preset("full", "f", (2,), ("test",), (96_000, 104_000)),
+}
+
+
+@dataclass(frozen=True)
+class SlideSpec:
+    """One slide of a cohort: its manifest row and the seed material of its pixels."""
+
+    slide_id: str
+    grade: int
+    split: str
+    index: int
+
+    @property
+    def slide_path(self) -> str:
+        return f"cohort/slides/{self.slide_id}.tiff"
+
+    @property
+    def annotation_path(self) -> str:
+        return f"cohort/masks/{self.slide_id}_mask.tiff"
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name`` (ConfigError naming the choices otherwise)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown cohort preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def cohort_specs(preset_name: str) -> list[SlideSpec]:
+    """The slides of a preset, in manifest order."""
+    p = get_preset(preset_name)
+    width = max(2, len(str(len(p.grades))))
+    return [SlideSpec(f"{p.prefix}{i + 1:0{width}d}", g, s, i)
+            for i, (g, s) in enumerate(zip(p.grades, p.splits))]
+
+
+def manifest_text(preset_name: str) -> str:
+    """The manifest :func:`make_cohort` writes for a preset (it does not depend on the
+    seed: the seed only changes pixels)."""
+    lines = [",".join(MANIFEST_HEADER)]
+    for spec in cohort_specs(preset_name):
+        lines.append(f"{spec.slide_id},{spec.slide_path},{spec.annotation_path},"
+                     f"{spec.grade},{spec.split}")
+    return "\n".join(lines) + "\n"
+
+
+def _slide_stream(preset_name: str, spec: SlideSpec, seed: int):
+    """A slide's random stream and its level-0 size (the stream's first draw)."""
+    low, high = get_preset(preset_name).sides
+    rng = np.random.default_rng([seed, spec.index, 0x5EED])
+    width, height = (int(v) for v in rng.integers(low, high + 1, size=2))
+    return rng, (width, height)
+
+
+def slide_size(preset_name: str, spec: SlideSpec, seed: int) -> tuple[int, int]:
+    """The level-0 (width, height) of one slide."""
+    return _slide_stream(preset_name, spec, seed)[1]
+
+
+def slide_layout(preset_name: str, spec: SlideSpec, seed: int) -> SlideLayout:
+    """The layout (size, tissue, tumour, fat) of one slide, from ``seed`` and its index."""
+    rng, size = _slide_stream(preset_name, spec, seed)
+    return SlideLayout.draw(rng, size, spec.grade)
+
+
+def _replace_atomically(target: Path, write) -> None:
+    """``write(tmp)`` then move ``tmp`` over ``target`` (readers never see half a file,
+    and concurrent writers of the same deterministic file do not clash)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_slide(out_dir: Path, preset_name: str, spec: SlideSpec, seed: int,
+                progress=None) -> tuple[int, int]:
+    """Render one slide and its mask under ``out_dir``; returns the level-0 size."""
+    layout = slide_layout(preset_name, spec, seed)
+    renderer = SlideRenderer(layout, key=(seed, spec.index))
+    _replace_atomically(out_dir / spec.slide_path, lambda tmp: write_pyramid_tiles(
+        tmp, layout.size, renderer.render, mpp=MPP, progress=progress))
+    mask_size = tuple(-(-side // MASK_DOWNSAMPLE) for side in layout.size)
+    _replace_atomically(out_dir / spec.annotation_path, lambda tmp: write_pyramid_tiles(
+        tmp, mask_size, renderer.render_mask, mpp=MPP * MASK_DOWNSAMPLE, channels=1))
+    return layout.size
+
+
+def _tile_count(size: tuple[int, int], tile: int = 256) -> int:
+    """Tiles in the pyramid :func:`write_slide` writes for a slide of ``size``."""
+    width, height = size
+    return sum(-(-width // (ds * tile)) * -(-height // (ds * tile))
+               for ds in default_downsamples(width, height))
+
+
+def make_cohort(out_dir, preset: str = "smoke", seed: int = 0, progress: bool = True,
+                only_missing: bool = False, workers: int | None = None) -> Path:
+    """Write the cohort of ``preset`` (``tiny``, ``smoke`` or ``full``) under ``out_dir``
+    from ``seed`` and return its manifest's path.
+
+    With ``only_missing``, slides whose slide and mask files both exist are kept.
+    Slides are written by ``workers`` processes (default: up to 2, one per CPU); the
+    files do not depend on it."""
+    out_dir = Path(out_dir)
+    specs = cohort_specs(preset)
+    if only_missing:
+        specs = [s for s in specs if not ((out_dir / s.slide_path).is_file()
+                                          and (out_dir / s.annotation_path).is_file())]
+    tiles = {s.slide_id: _tile_count(slide_size(preset, s, seed)) for s in specs}
+    workers = min(len(specs), workers or min(2, os.cpu_count() or 1))
+    with tqdm(total=sum(tiles.values()), unit="tile", desc=f"cohort {preset}",
+              disable=not progress) as bar:
+        if workers <= 1:
+            for spec in specs:
+                write_slide(out_dir, preset, spec, seed, progress=bar.update)
+        else:  # spawn: safe even when the caller has TensorFlow's threads running
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                jobs = {pool.submit(write_slide, out_dir, preset, spec, seed): spec
+                        for spec in specs}
+                for job in as_completed(jobs):
+                    job.result()
+                    bar.update(tiles[jobs[job].slide_id])
+    manifest = out_dir / MANIFEST_NAME
+    text = manifest_text(preset)
+    if not manifest.is_file() or manifest.read_text() != text:
+        _replace_atomically(manifest, lambda tmp: tmp.write_text(text))
+    return manifest
+
+
+def ensure_cohort(manifest_path=DEFAULT_MANIFEST, seed: int = 0) -> Path:
+    """Return ``manifest_path`` once every file it names exists.
+
+    A manifest that is exactly a preset's (:func:`manifest_text`) gets its missing
+    slides generated into its folder from ``seed``; any other manifest with missing
+    files raises the :class:`~h2g.errors.ManifestError` of :func:`load_manifest`."""
+    manifest_path = Path(manifest_path)
+    manifest = load_manifest(manifest_path, check_files=False)
+    files = [p for r in manifest for p in (r.slide_path, r.annotation_path) if p is not None]
+    if all(p.is_file() for p in files):
+        return manifest_path
+    text = manifest_path.read_text()
+    for name in PRESETS:
+        if text == manifest_text(name):
+            make_cohort(manifest_path.parent, name, seed, progress=True, only_missing=True)
+            return manifest_path
+    load_manifest(manifest_path)  # raises a ManifestError naming every missing file
+    return manifest_path

@@ -1,0 +1,164 @@
+"""Configuration in one place: the `paper` preset (the paper's hyperparameters) and the
+`smoke` preset (the whole pipeline in minutes on a 2-core CPU), plus the run-folder
+layout.
+
+A :class:`Config` is a tree of frozen dataclasses; ``config.to_dict()`` is what a run
+writes to ``config.json`` and what stage cache keys are hashed from.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from h2g.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    """Tissue detection and patch grids (paper Section 2.2)."""
+
+    magnification: float = 10.0  # the paper's "x100"
+    patch_size: int = 256
+    tissue_threshold: float = 0.25  # keep a patch with > 25 % tissue
+    tumour_threshold: float = 0.25  # > 25 % tumour -> tumour; 0 % -> non-tumour
+    tissue_magnification: float = 1.25
+    saturation_threshold: int = 20
+    annotation_downsample: float = 4.0
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """Hierarchical sampler (Section 2.3): uniform at each stage."""
+
+    stages: tuple[str, ...] = ("grade", "slide", "class", "patch")
+    readers: int = 8  # parallel patch readers (the paper used eight workers)
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Patch-classifier training (Section 3.4)."""
+
+    alpha: float = 1.0  # MobileNetV2 width multiplier
+    inception_width: float = 1.0  # InceptionV3 width (1.0 = keras.applications' model)
+    weights: str | None = "imagenet"  # the paper fine-tunes ImageNet backbones
+    batch_size: int = 64
+    train_batches: int = 500
+    val_batches: int = 200
+    epochs: int = 100
+    learning_rate: float = 1e-4
+    accumulation_steps: int = 1
+    patience: int | None = None
+    augment: bool = True
+    # BatchNorm momentum of the backbone; None keeps keras.applications' 0.999, right for
+    # fine-tuning ImageNet weights over 50k steps.  A backbone trained from scratch for a
+    # few hundred steps needs a faster one, or its inference-mode statistics stay at their
+    # initial values and every patch gets the same prediction.
+    bn_momentum: float | None = None
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """k-means cluster guiding (Section 2.3): VGG16 -> z-score -> PCA 95 % -> k-means."""
+
+    n_batches: int = 100
+    batch_size: int = 32
+    n_clusters: int = 10
+    variance: float = 0.95
+    weights: str | None = "imagenet"
+    feature_size: int = 256  # patches are resized to this before VGG16
+
+
+@dataclass(frozen=True)
+class HeatmapConfig:
+    batch_size: int = 64
+    readers: int = 4
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """Refinement networks (Section 3.4)."""
+
+    size: int = 1024
+    width: float = 1.0  # filter multiplier of the refinement nets
+    batch_size: int = 4
+    accumulation_steps: int = 6
+    learning_rate: float = 1e-3
+    epochs: int = 1000
+    patience: int = 100
+    augment: bool = True
+    loss: str = "dice"  # "dice" or "crossentropy"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    threshold: float = 0.5
+    figure_slides: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    preset: str = "paper"
+    seed: int = 0
+    patches: PatchConfig = field(default_factory=PatchConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    heatmap: HeatmapConfig = field(default_factory=HeatmapConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+def _smoke() -> Config:
+    """Tiny models and few batches: every design end to end in minutes on 2 CPU cores."""
+    return Config(
+        preset="smoke",
+        sampler=SamplerConfig(readers=2),
+        classifier=ClassifierConfig(
+            alpha=0.35, inception_width=0.25, weights=None, batch_size=32,
+            train_batches=40, val_batches=8, epochs=4,
+            learning_rate=1e-3, bn_momentum=0.9,
+        ),
+        cluster=ClusterConfig(n_batches=8, batch_size=32, weights=None, feature_size=64),
+        heatmap=HeatmapConfig(batch_size=64, readers=2),
+        refine=RefineConfig(
+            size=512, width=0.5, batch_size=4, accumulation_steps=1,
+            epochs=40, patience=15,
+        ),
+    )
+
+
+PRESETS = {"paper": Config, "smoke": _smoke}
+
+
+def load_config(preset: str = "smoke", seed: int = 0) -> Config:
+    """The named preset with the given seed; :class:`ConfigError` for an unknown name."""
+    try:
+        factory = PRESETS[preset]
+    except KeyError:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}") from None
+    return factory().replace(seed=seed)
+
+
+def stable_hash(*parts: Any, length: int = 12) -> str:
+    """A short, stable hash of JSON-serialisable parts (cache keys of stage outputs)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+def file_hash(path: Path, length: int = 12) -> str:
+    """Hash of a file's bytes (identifies a trained model or a manifest)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]

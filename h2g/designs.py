@@ -1,0 +1,60 @@
+"""The registry of the paper's ablation designs (Section 3.2): one entry per design,
+saying which stages it needs, which models and which loss.  ``h2g.pipeline`` runs them;
+``experiments/run.py`` is a thin command line over both.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from h2g.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Design:
+    name: str  # command-line name
+    label: str  # the paper's name
+    numeral: str  # the paper's roman numeral
+    kind: str  # "otsu" | "lowres" | "patchwise" | "refined"
+    classifier: str | None = None  # h2g.models name of the patch classifier
+    cluster_guided: bool = False  # CWCE loss with the frozen k-means cluster model
+    refiner: str | None = None  # h2g.models name of the refinement / low-resolution net
+
+    @property
+    def deep_learning(self) -> bool:
+        return self.kind != "otsu"
+
+    @property
+    def needs_heatmaps(self) -> bool:
+        return self.classifier is not None
+
+
+_DESIGNS = (
+    Design("otsu", "Otsu", "I", "otsu"),
+    Design("unet_lr", "UNet-LR", "II", "lowres", refiner="unet_lr"),
+    Design("inc_pw", "Inc-PW", "III", "patchwise", classifier="inceptionv3"),
+    Design("mob_pw", "Mob-PW", "IV", "patchwise", classifier="mobilenetv2"),
+    Design("mob_km_pw", "Mob-KM-PW", "V", "patchwise", classifier="mobilenetv2", cluster_guided=True),
+    Design("mob_pw_unet", "Mob-PW-UNet", "VI", "refined", classifier="mobilenetv2", refiner="unet"),
+    Design("mob_pw_agunet", "Mob-PW-AGUNet", "VII", "refined", classifier="mobilenetv2", refiner="agunet"),
+    Design("mob_pw_dagunet", "Mob-PW-DAGUNet", "VIII", "refined", classifier="mobilenetv2", refiner="dagunet"),
+    Design("mob_pw_doubleunet", "Mob-PW-DoubleUNet", "IX", "refined", classifier="mobilenetv2", refiner="doubleunet"),
+)
+
+DESIGNS: dict[str, Design] = {d.name: d for d in _DESIGNS}
+
+
+def get_design(name: str) -> Design:
+    try:
+        return DESIGNS[name]
+    except KeyError:
+        raise ConfigError(f"unknown design {name!r}; choose from {', '.join(DESIGNS)} or 'all'") from None
+
+
+def resolve(names: str | list[str]) -> list[Design]:
+    """Design names (or 'all') -> designs in the paper's order."""
+    if isinstance(names, str):
+        names = [names]
+    if "all" in names:
+        return list(_DESIGNS)
+    wanted = {get_design(n).name for n in names}
+    return [d for d in _DESIGNS if d.name in wanted]

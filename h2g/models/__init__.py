@@ -1,0 +1,99 @@
+"""Every architecture of the paper as a Keras 3 functional-model builder.
+
+``build(name, **kw)`` looks ``name`` up in :data:`ARCHITECTURES`:
+
+=============  ===========================================  ===========================
+name           builder (keyword arguments)                   model
+=============  ===========================================  ===========================
+mobilenetv2    n_classes, input_size=256, alpha, weights     ``image`` -> ``classification``
+inceptionv3    n_classes, input_size=256, width, weights     ``image`` -> ``classification``
+unet           n_classes, input_size=1024, width             ``image``, ``heatmap`` -> ``segmentation``
+unet_lr        n_classes, input_size=1024, width             ``image`` -> ``segmentation``
+agunet         ... , deep_supervision                        ``image``, ``heatmap`` -> ``segmentation``
+dagunet        ... , deep_supervision                        ``image``, ``heatmap`` -> ``segmentation``
+doubleunet     ... , aspp_filters, deep_supervision          ``image``, ``heatmap`` -> ``segmentation``
+=============  ===========================================  ===========================
+
+Classifiers map (B, S, S, 3) float32 in [0, 1] to (B, n_classes) softmax; refinement
+nets map ``image`` (B, S, S, 3) and ``heatmap`` (B, S, S, 1) to (B, S, S, n_classes)
+softmax.  Built with ``deep_supervision=True``, a model has further outputs (named in
+the builder's docstring) for training; :func:`inference_model` keeps ``segmentation``
+only.  Builders use Keras' global random state: call ``keras.utils.set_random_seed``
+first for reproducible initial weights.  Importing this package builds nothing.
+"""
+from __future__ import annotations
+
+import inspect
+
+import keras
+
+from h2g.errors import ConfigError
+from h2g.models.agunet import build_agunet
+from h2g.models.classifiers import build_inceptionv3, build_mobilenetv2
+from h2g.models.dagunet import build_dagunet
+from h2g.models.doubleunet import build_doubleunet
+from h2g.models.unet import build_unet, build_unet_lr
+
+ARCHITECTURES = {
+    "mobilenetv2": build_mobilenetv2,
+    "inceptionv3": build_inceptionv3,
+    "unet": build_unet,
+    "unet_lr": build_unet_lr,
+    "agunet": build_agunet,
+    "dagunet": build_dagunet,
+    "doubleunet": build_doubleunet,
+}
+
+# Section 3.2's parameter counts.  The paper gives none for UNet-LR (design II), the
+# U-Net on the image alone; it has 72 weights fewer than "unet".
+PAPER_PARAMS = {
+    "mobilenetv2": 2_390_000,
+    "inceptionv3": 22_000_000,
+    "unet": 11_580_000,
+    "agunet": 7_680_000,
+    "dagunet": 9_990_000,
+    "doubleunet": 16_040_000,
+}
+
+CLASSIFIERS = ("mobilenetv2", "inceptionv3")
+INFERENCE_OUTPUT = "segmentation"
+
+
+def build(name: str, **kw) -> keras.Model:
+    """Build architecture ``name`` with the builder's keyword arguments ``kw``.
+    An unknown name or argument is a :class:`ConfigError`."""
+    try:
+        builder = ARCHITECTURES[name]
+    except KeyError:
+        raise ConfigError(f"unknown architecture {name!r}; choose one of {', '.join(ARCHITECTURES)}") from None
+    accepted = inspect.signature(builder).parameters
+    unknown = sorted(set(kw) - set(accepted))
+    if unknown:
+        raise ConfigError(f"{name} takes no argument(s) {', '.join(unknown)}; it takes {', '.join(accepted)}")
+    return builder(**kw)
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The single-output model of a refinement net built with deep supervision: same
+    layers and weights, output ``segmentation`` only.  A single-output model is
+    returned unchanged."""
+    if len(model.outputs) == 1:
+        return model
+    try:
+        output = model.get_layer(INFERENCE_OUTPUT).output
+    except ValueError:
+        raise ConfigError(f"model {model.name!r} has several outputs and none is called {INFERENCE_OUTPUT!r}") from None
+    return keras.Model(model.inputs, output, name=model.name)
+
+
+def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
+    """Set the moving-average momentum of every BatchNormalization layer in ``model``
+    (nested models included); returns how many were changed.  Call before compiling."""
+    changed = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            changed += set_batchnorm_momentum(layer, momentum)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(momentum)
+            changed += 1
+    return changed

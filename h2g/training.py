@@ -1,0 +1,273 @@
+"""One generic training loop (``keras.Model.fit``) for patch classifiers and refinement
+networks (paper Section 3.4): Adam, gradient accumulation, best-on-validation and
+resumable checkpoints, CSV log, training curves, early stopping, determinism.
+
+Run folder (``run_dir``)::
+
+    best.keras     the model at its best monitored epoch (saved whole, optimizer included)
+    last.keras     the model after the last completed epoch, optimizer state included
+    last_rng.npz   the states of the model's random-number generators (Dropout, ...);
+                   Keras does not store them in .keras files
+    state.json     {"epoch", "best_value", "best_epoch", "wait", "stopped"}; written last
+    log.csv        one row per epoch (Keras' CSVLogger)
+    curves.png     training and validation curves, redrawn every epoch
+
+Data: ``train_data(start_batch)`` returns an infinite ``tf.data.Dataset`` whose first
+element is global micro-batch number ``start_batch``; epoch ``e`` (0-based) consumes
+micro-batches ``e * steps_per_epoch ...``, so a resumed run asks for
+``train_data(e * steps_per_epoch)`` and sees the same batches an uninterrupted run sees.
+``val_data`` is a finite dataset yielding the same batches every time.
+
+Gradient accumulation uses Keras 3's ``gradient_accumulation_steps`` of the optimizer:
+the gradients of N consecutive micro-batches are summed and the update uses their
+average, so for a loss that is a mean over samples, N micro-batches of B samples make
+the same update as one batch of N*B samples (tested for SGD and Adam).  Adam's step
+count (bias correction) counts updates, not micro-batches; ``steps_per_epoch`` counts
+micro-batches, and an accumulation window may span an epoch boundary (the accumulators
+are part of the optimizer state in ``last.keras``).  BatchNormalization is NOT
+accumulated: each micro-batch is normalised with its own statistics (B samples, not
+N*B) and the moving mean/variance update after every micro-batch.  CWCE is a per-batch
+loss: under accumulation the update averages the CWCE of each micro-batch.
+
+Determinism: ``fit`` calls ``keras.utils.set_random_seed(seed)`` and (with
+``deterministic=True``) ``tf.config.experimental.enable_op_determinism()``.  Model
+weights are initialised by the caller: seed before building the model.  Under op
+determinism tf.data runs ``map`` functions holding stateful ops serially and drops
+prefetching: readers written with ``tf.numpy_function`` should pass ``stateful=False``
+(true of readers that depend only on their inputs) to stay parallel.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from h2g.errors import ConfigError, ModelError
+from h2g.losses import unwrap_classifier
+
+BEST, LAST, RNG, STATE, LOG, CURVES = (
+    "best.keras", "last.keras", "last_rng.npz", "state.json", "log.csv", "curves.png")
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` leaves behind.  Epochs are 1-based; ``history`` holds every
+    completed epoch of the run (including those before a resume), from ``log.csv``."""
+
+    run_dir: Path
+    history: dict[str, list[float]]
+    epochs_completed: int
+    best_epoch: int | None
+    best_value: float | None
+    stopped_early: bool
+
+    @property
+    def best_model_path(self) -> Path:
+        return self.run_dir / BEST
+
+    @property
+    def last_model_path(self) -> Path:
+        return self.run_dir / LAST
+
+
+def _fresh_state() -> dict:
+    return {"epoch": 0, "best_value": None, "best_epoch": None, "wait": 0, "stopped": False}
+
+
+def _rng_variables(model: keras.Model) -> list:
+    """The model's variables that are not weights: the SeedGenerator states."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]
+
+
+def _save_atomic(path: Path, write: Callable[[Path], None]) -> None:
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def read_log(path: str | os.PathLike) -> dict[str, list[float]]:
+    """``log.csv`` as ``{column: values}`` (the ``epoch`` column as 1-based ints).
+    Columns CSVLogger fills with "NA" only (``val_*`` without validation) are dropped."""
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    columns = [c for c in (rows[0].keys() if rows else ()) if any(r[c] != "NA" for r in rows)]
+    history = {c: [float("nan") if r[c] == "NA" else float(r[c]) for r in rows] for c in columns}
+    if "epoch" in history:
+        history["epoch"] = [int(e) + 1 for e in history["epoch"]]
+    return history
+
+
+def plot_curves(history: dict[str, list[float]], path: str | os.PathLike) -> None:
+    """One panel per quantity (``loss``, each metric), training and validation together;
+    ``history`` as from :func:`read_log` or ``keras.callbacks.History.history``."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state
+
+    names = [k for k in history if k not in ("epoch", "learning_rate") and not k.startswith("val_")]
+    epochs = history.get("epoch") or range(1, len(history["loss"]) + 1)
+    fig = Figure(figsize=(4.5 * len(names), 3.5), layout="constrained")
+    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names):
+        ax.plot(epochs, history[name], marker=".", label="train")
+        if f"val_{name}" in history:
+            ax.plot(epochs, history[f"val_{name}"], marker=".", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.legend()
+    fig.savefig(path, dpi=100)
+
+
+class _Checkpointer(keras.callbacks.Callback):
+    """Per epoch: best model on ``monitor``, last checkpoint + RNG states + state.json,
+    early stopping after ``patience`` epochs without improvement, curves.  (Keras'
+    ModelCheckpoint/EarlyStopping reset their state at the start of every ``fit``, so
+    they cannot continue a resumed run.)"""
+
+    def __init__(self, run_dir: Path, state: dict, monitor: str, mode: str, patience: int | None):
+        super().__init__()
+        self.run_dir, self.state = run_dir, state
+        self.monitor, self.mode, self.patience = monitor, mode, patience
+
+    def _improved(self, value: float) -> bool:
+        best = self.state["best_value"]
+        if math.isnan(value):
+            return False
+        return best is None or (value < best if self.mode == "min" else value > best)
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.monitor not in logs:
+            raise ConfigError(f"{self.run_dir}: monitor {self.monitor!r} is not among the "
+                              f"logged quantities {sorted(logs)}")
+        value = float(logs[self.monitor])
+        state = self.state
+        state["epoch"] = epoch + 1
+        if self._improved(value):
+            state.update(best_value=value, best_epoch=epoch + 1, wait=0)
+            _save_atomic(self.run_dir / BEST, self.model.save)
+        else:
+            state["wait"] += 1
+        if self.patience is not None and state["wait"] >= self.patience:
+            state["stopped"] = True
+            self.model.stop_training = True
+        _save_atomic(self.run_dir / LAST, self.model.save)
+        rng = [v.numpy() for v in _rng_variables(self.model)]
+        _save_atomic(self.run_dir / RNG, lambda p: np.savez(p, *rng))
+        _save_atomic(self.run_dir / STATE, lambda p: p.write_text(json.dumps(state, indent=2)))
+        plot_curves(read_log(self.run_dir / LOG), self.run_dir / CURVES)
+
+
+def _restore(model: keras.Model, run_dir: Path) -> dict:
+    """Load weights, optimizer state and RNG states of ``last.keras`` into ``model``
+    (compiled); truncate ``log.csv`` to the checkpoint's epoch; return the state."""
+    state = json.loads((run_dir / STATE).read_text())
+    model.optimizer.build(model.trainable_variables)
+    try:
+        model.load_weights(run_dir / LAST)
+    except ValueError as exc:
+        raise ModelError(f"{run_dir / LAST}: cannot resume this model from it: {exc}") from None
+    rng_vars = _rng_variables(model)
+    with np.load(run_dir / RNG) as data:
+        values = [data[f"arr_{i}"] for i in range(len(data.files))]
+    if len(values) != len(rng_vars):
+        raise ModelError(f"{run_dir / RNG}: {len(values)} random-generator states for a "
+                         f"model with {len(rng_vars)}; is this the same model?")
+    for variable, value in zip(rng_vars, values):
+        variable.assign(value)
+    log = run_dir / LOG
+    if log.is_file():
+        lines = log.read_text().splitlines(keepends=True)
+        log.write_text("".join(lines[: 1 + state["epoch"]]))
+    return state
+
+
+def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
+        val_data: tf.data.Dataset | None, *, loss, run_dir: str | os.PathLike, epochs: int,
+        steps_per_epoch: int, learning_rate: float, accumulation_steps: int = 1,
+        monitor: str = "val_loss", mode: str = "min", patience: int | None = None,
+        resume: bool = False, seed: int = 0, metrics=None, verbose="auto",
+        restore_best: bool = True, deterministic: bool = True) -> FitResult:
+    """Train ``model`` with Adam(``learning_rate``) on ``loss`` for ``epochs`` epochs of
+    ``steps_per_epoch`` micro-batches, accumulating gradients over ``accumulation_steps``
+    micro-batches; see the module docstring for the run folder and data contract.
+
+    ``monitor``/``mode`` choose the best epoch (and early stopping with ``patience``
+    epochs without improvement).  ``resume=True`` continues from ``last.keras`` when the
+    run folder has one (the same model must be passed, built the same way) and gives the
+    same weights as an uninterrupted run; a finished run is not trained further.  With
+    ``restore_best`` the model ends with the weights of ``best.keras``.  ``verbose`` is
+    passed to Keras (its progress bar).  ``deterministic=False`` skips
+    ``enable_op_determinism`` (some GPU kernels have no deterministic version).
+    """
+    if epochs < 1 or steps_per_epoch < 1 or accumulation_steps < 1:
+        raise ConfigError(f"epochs ({epochs}), steps_per_epoch ({steps_per_epoch}) and "
+                          f"accumulation_steps ({accumulation_steps}) must be >= 1")
+    if mode not in ("min", "max"):
+        raise ConfigError(f"mode must be 'min' or 'max', not {mode!r}")
+    if val_data is None and monitor.startswith("val_"):
+        raise ConfigError(f"monitor {monitor!r} needs validation data")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+    optimizer = keras.optimizers.Adam(
+        learning_rate=learning_rate,
+        gradient_accumulation_steps=accumulation_steps if accumulation_steps > 1 else None)
+    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+
+    if resume and (run_dir / STATE).is_file():
+        state = _restore(model, run_dir)
+    else:  # a fresh run: no stale checkpoint of an earlier run may be resumed later
+        for name in (STATE, LAST, RNG, BEST, LOG, CURVES):
+            (run_dir / name).unlink(missing_ok=True)
+        state = _fresh_state()
+    start = state["epoch"]
+    if start < epochs and not state["stopped"]:
+        callbacks = [keras.callbacks.CSVLogger(str(run_dir / LOG), append=start > 0),
+                     _Checkpointer(run_dir, state, monitor, mode, patience)]
+        model.fit(train_data(start * steps_per_epoch), validation_data=val_data,
+                  epochs=epochs, initial_epoch=start, steps_per_epoch=steps_per_epoch,
+                  callbacks=callbacks, verbose=verbose, shuffle=False)
+    if restore_best and (run_dir / BEST).is_file():
+        model.load_weights(run_dir / BEST)
+    return FitResult(run_dir=run_dir, history=read_log(run_dir / LOG),
+                     epochs_completed=state["epoch"], best_epoch=state["best_epoch"],
+                     best_value=state["best_value"], stopped_early=state["stopped"])
+
+
+def evaluate_classifier(model: keras.Model, val_data: tf.data.Dataset) -> dict[str, float]:
+    """Patch-level metrics of a classifier (or the classifier inside a
+    :class:`h2g.losses.ClusterGuided`) over ``val_data`` yielding ``(patches, one-hot
+    labels)``: mean categorical cross-entropy ``loss``, ``accuracy``, and tumour (class
+    1) ``recall``/``precision`` of the arg-max prediction, plus ``n_patches``."""
+    from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support
+
+    classifier = unwrap_classifier(model)
+    labels, probs = [], []
+    for batch in val_data:
+        x, y = batch[0], batch[1]
+        probs.append(np.asarray(classifier.predict_on_batch(x), dtype=np.float64))
+        labels.append(np.argmax(np.asarray(y), axis=-1))
+    if not probs:
+        raise ConfigError("evaluate_classifier got an empty validation dataset")
+    p, t = np.concatenate(probs), np.concatenate(labels)
+    p = p / p.sum(axis=1, keepdims=True)  # float32 softmax rows sum to 1 only to ~1e-7
+    predicted = np.argmax(p, axis=-1)
+    precision, recall, _, _ = precision_recall_fscore_support(t, predicted, labels=[1],
+                                                              zero_division=0)
+    return {
+        "loss": float(log_loss(t, p, labels=list(range(p.shape[1])))),
+        "accuracy": float(accuracy_score(t, predicted)),
+        "recall": float(recall[0]),
+        "precision": float(precision[0]),
+        "n_patches": int(len(t)),
+    }

@@ -1,0 +1,56 @@
+#!/usr/bin/env python
+"""Generate the embedded synthetic cohort (slides, tumour masks, manifest).
+
+    python tools/make_cohort.py                       # smoke preset into the repository
+    python tools/make_cohort.py --preset full         # one ~100k x 100k slide, cohort/full/
+    python tools/make_cohort.py --preset tiny --out /tmp/tiny --seed 3
+
+The same seed gives the same files.  See :mod:`h2g.cohort` for what the slides contain.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from h2g.cli import run_cli
+from h2g.cohort import PRESETS, make_cohort
+from h2g.errors import ConfigError
+from h2g.manifest import DEFAULT_MANIFEST
+
+
+def default_out(preset: str) -> Path:
+    """The smoke cohort lives beside the committed manifest; the others in cohort/<preset>
+    (ignored by git), so that they never overwrite data_manifest.csv."""
+    root = DEFAULT_MANIFEST.parent
+    return root if preset == "smoke" else root / "cohort" / preset
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="smoke", choices=sorted(PRESETS),
+                        help="cohort size (default: smoke, 24 slides)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for data_manifest.csv and cohort/ (default: the "
+                             "repository for smoke, cohort/<preset> otherwise)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    out = args.out if args.out is not None else default_out(args.preset)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
+    start = time.perf_counter()
+    manifest = make_cohort(out, args.preset, args.seed, progress=not args.quiet)
+    print(f"wrote {manifest} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
