@@ -674,11 +674,18 @@ def manifest_text(preset_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Sides are multiples of 16, so pyramid levels are exactly 1/4 and 1/16 of level 0 and a
+# 10x patch sits on the tile grid of level 1 (a downsample of 3.9992 instead of 4 makes
+# every patch read decode four JPEG tiles instead of one).
+SIDE_MULTIPLE = 16
+
+
 def _slide_stream(preset_name: str, spec: SlideSpec, seed: int):
-    """A slide's random stream and its level-0 size (the stream's first draw)."""
+    """A slide's random stream and its level-0 size (the stream's first draw, rounded
+    down to a multiple of :data:`SIDE_MULTIPLE`)."""
     low, high = get_preset(preset_name).sides
     rng = np.random.default_rng([seed, spec.index, 0x5EED])
-    width, height = (int(v) for v in rng.integers(low, high + 1, size=2))
+    width, height = (int(v) // SIDE_MULTIPLE * SIDE_MULTIPLE for v in rng.integers(low, high + 1, size=2))
     return rng, (width, height)
 
 

@@ -91,6 +91,9 @@ class RefineConfig:
     patience: int = 100
     augment: bool = True
     loss: str = "dice"  # "dice" or "crossentropy"
+    # micro-batches per epoch; None = one pass over the training slides (the paper's)
+    steps_per_epoch: int | None = None
+    bn_momentum: float | None = None  # see ClassifierConfig.bn_momentum
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ def _smoke() -> Config:
         heatmap=HeatmapConfig(batch_size=64, readers=2),
         refine=RefineConfig(
             size=512, width=0.5, batch_size=4, accumulation_steps=1,
-            epochs=40, patience=15,
+            epochs=30, patience=15, steps_per_epoch=6, bn_momentum=0.9,
         ),
     )
 

@@ -188,6 +188,22 @@ def _restore(model: keras.Model, run_dir: Path) -> dict:
     return state
 
 
+def dynamic_batch(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """``dataset`` with the batch dimension of every element made unknown.
+
+    Readers that set a static batch size (``set_shape`` after ``tf.numpy_function``) make
+    TensorFlow pick CPU kernels whose results depend on thread timing, even under
+    ``enable_op_determinism``: the same seed and the same batches then gave different
+    MobileNetV2 weights from run to run.  With the batch dimension unknown, training is
+    bit-for-bit repeatable."""
+    def relax(tensor):
+        if tensor.shape.rank:
+            return tf.compat.v1.placeholder_with_default(tensor, [None, *tensor.shape[1:]])
+        return tensor
+
+    return dataset.map(lambda *parts: tf.nest.map_structure(relax, parts if len(parts) > 1 else parts[0]))
+
+
 def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
         val_data: tf.data.Dataset | None, *, loss, run_dir: str | os.PathLike, epochs: int,
         steps_per_epoch: int, learning_rate: float, accumulation_steps: int = 1,
@@ -234,7 +250,8 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
     if start < epochs and not state["stopped"]:
         callbacks = [keras.callbacks.CSVLogger(str(run_dir / LOG), append=start > 0),
                      _Checkpointer(run_dir, state, monitor, mode, patience)]
-        model.fit(train_data(start * steps_per_epoch), validation_data=val_data,
+        model.fit(dynamic_batch(train_data(start * steps_per_epoch)),
+                  validation_data=None if val_data is None else dynamic_batch(val_data),
                   epochs=epochs, initial_epoch=start, steps_per_epoch=steps_per_epoch,
                   callbacks=callbacks, verbose=verbose, shuffle=False)
     if restore_best and (run_dir / BEST).is_file():

@@ -19,3 +19,26 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip(f"real data folder {REAL_DATA} is absent (set H2G_REAL_DATA)")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_cohort(tmp_path_factory) -> Path:
+    """The `tiny` synthetic cohort (6 slides: 3 train, 1 val, 2 test); its manifest path."""
+    from h2g.cohort import make_cohort
+
+    return make_cohort(tmp_path_factory.mktemp("tiny_cohort"), "tiny", seed=0, progress=False)
+
+
+def tiny_config(seed: int = 0):
+    """The smoke preset shrunk further so a whole design runs in seconds in tests."""
+    import dataclasses
+
+    from h2g.config import load_config
+
+    c = load_config("smoke", seed=seed)
+    return c.replace(
+        classifier=dataclasses.replace(c.classifier, batch_size=16, train_batches=6, val_batches=2, epochs=2),
+        cluster=dataclasses.replace(c.cluster, n_batches=2, batch_size=16, n_clusters=3),
+        refine=dataclasses.replace(c.refine, size=256, width=0.25, batch_size=2, epochs=2, patience=2),
+        eval=dataclasses.replace(c.eval, figure_slides=2),
+    )

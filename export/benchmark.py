@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Time the H2G-Net pipeline on a slide with exported models (the paper's Table 3).
+
+    python export/benchmark.py --slide S --patch-model M --refine-model R --engine openvino \\
+        --device CPU --repeats 10 --json [OUT.json] [--threads N] [--precision f32|bf16|f16] \\
+        [--markdown OUT.md] [--peer fast]
+
+One warm-up, then ``--repeats`` runs of the whole pipeline; per stage (tissue detection,
+patch reading, patch inference, stitching, refinement) and in total, mean and sd in
+seconds; patches/s; in the same run the read-only and inference-only times and
+``pipeline_efficiency`` = (read-only s + inference-only s) / pipeline s; peak resident
+memory; engine, version, device, threads and precision.  ``--json`` alone prints the JSON
+on stdout.  ``--peer fast`` also times FAST (pyfast) on the same slide and models, or says
+how to install it.  Runs without TensorFlow.  Bad input (e.g. GPU requested but absent):
+exit code 2, one line on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from h2g.cli import run_cli
+from h2g.inference import DEVICES, PRECISIONS
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--slide", type=Path, required=True)
+    p.add_argument("--patch-model", type=Path, required=True, help="patch classifier (.onnx or .xml)")
+    p.add_argument("--refine-model", type=Path, required=True, help="refinement network (.onnx or .xml)")
+    p.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino")
+    p.add_argument("--device", choices=DEVICES, default="CPU")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="OpenVINO inference precision (default: the engine's choice, recorded)")
+    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT.json",
+                   help="write the results as JSON (stdout without a path)")
+    p.add_argument("--markdown", type=Path, default=None, metavar="OUT.md", help="write a Table 3 style report")
+    p.add_argument("--peer", choices=("fast",), default=None, help="also time FAST on the same slide")
+    p.add_argument("--mpp", type=float, default=None, help="microns per pixel, for slides without it")
+    p.add_argument("--magnification", type=float, default=10.0)
+    p.add_argument("--patch-size", type=int, default=256)
+    p.add_argument("--size", type=int, default=1024, help="refinement resolution")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--readers", type=int, default=2, help="patch reader threads")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from h2g.deploy import benchmark, benchmark_markdown, fast_peer
+    from h2g.inference import make_backend
+    from h2g.wsi import Slide
+
+    backends = [make_backend(path, engine=args.engine, device=args.device, precision=args.precision,
+                             threads=args.threads) for path in (args.patch_model, args.refine_model)]
+    with Slide(args.slide, mpp=args.mpp) as slide:
+        result = benchmark(slide, *backends, repeats=args.repeats, size=args.size,
+                           magnification=args.magnification, patch_size=args.patch_size,
+                           batch_size=args.batch_size, readers=args.readers)
+        power = slide.objective_power
+    peer = None
+    if args.peer == "fast":
+        with tempfile.TemporaryDirectory() as work:
+            peer = fast_peer(args.slide, args.patch_model, args.refine_model, engine=args.engine,
+                             repeats=args.repeats, work_dir=work, n_patches=result["patches"],
+                             objective_power=power,
+                             magnification=args.magnification, patch_size=args.patch_size)
+        result["peer"] = peer
+        if "skipped" in peer:
+            print(f"peer FAST skipped: {peer['skipped']}", file=sys.stderr)
+            peer = None
+        elif args.precision is not None:
+            print(f"note: FAST's OpenVINO runs at its default precision (bf16 on CPUs that have it); "
+                  f"this run forced {args.precision}: compare with a run without --precision", file=sys.stderr)
+    markdown = benchmark_markdown(result, peer)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown)
+    if args.json == "-":
+        print(json.dumps(result, indent=2))
+    else:
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        print(markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

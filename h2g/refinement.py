@@ -1,0 +1,115 @@
+"""The refinement stage (Section 2.5): per-slide 1024x1024 inputs (low-resolution image +
+patch heatmap) and targets, the tf.data pipeline that feeds them, training and prediction.
+
+The same inputs serve design (II) UNet-LR (image only) and designs (VI-IX) (image +
+heatmap).  Inputs are built by :func:`h2g.inference.refinement_inputs`, the one place that
+defines them for training and for deployment alike.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from h2g.patches import load_annotation
+
+
+@dataclass
+class RefinementSample:
+    """One slide at the refinement resolution."""
+
+    slide_id: str
+    grade: int
+    image: np.ndarray  # (S, S, 3) float32 in [0, 1]
+    heatmap: np.ndarray  # (S, S, 1) float32 in [0, 1]
+    mask: np.ndarray | None  # (S, S) bool tumour ground truth, None without annotation
+
+
+def target_mask(annotation_path: Path, slide, size: int, downsample: float = 4.0) -> np.ndarray:
+    """The tumour annotation resized to ``size x size`` over the slide's full extent (the
+    frame of the low-resolution image): area-averaged, then tumour where >= 0.5."""
+    annotation = load_annotation(annotation_path, slide, downsample=downsample)
+    # crop/pad the mask to exactly the slide's extent at its downsample, so that it is
+    # aligned with the low-resolution image, which spans the slide's level-0 extent
+    width, height = slide.dimensions
+    mw, mh = int(round(width / annotation.downsample)), int(round(height / annotation.downsample))
+    mask = np.zeros((mh, mw), np.float32)
+    src = annotation.mask[:mh, :mw]
+    mask[: src.shape[0], : src.shape[1]] = src
+    resized = Image.fromarray(mask, mode="F").resize((size, size), Image.BOX)
+    return np.asarray(resized) >= 0.5
+
+
+def refinement_dataset(
+    samples: list[RefinementSample],
+    *,
+    batch_size: int,
+    seed: int,
+    with_heatmap: bool = True,
+    augment: Callable | None = None,
+    start_batch: int = 0,
+    training: bool = True,
+    n_outputs: int = 1,
+):
+    """A tf.data pipeline of ``(inputs, one-hot target)`` batches.
+
+    Training: infinite; batch ``b`` holds ``batch_size`` slides drawn without replacement
+    by a generator seeded from ``(seed, b)`` and augmented with per-sample seeds, so it is
+    the same whatever ran before it (resume starts at ``start_batch``).  Validation:
+    every sample once, in order, unaugmented, the same every time it is iterated.
+    A model with ``n_outputs`` (deep supervision) gets the same target for each.
+    """
+    import tensorflow as tf
+
+    images = np.stack([s.image for s in samples]).astype(np.float32)
+    heats = np.stack([s.heatmap for s in samples]).astype(np.float32)
+    masks = np.stack([s.mask for s in samples]).astype(np.float32)
+    size = images.shape[1]
+
+    def pack(image, heat, mask):
+        target = tf.stack([1.0 - mask, mask], axis=-1)
+        inputs = {"image": image, "heatmap": heat} if with_heatmap else image
+        return inputs, target if n_outputs == 1 else (target,) * n_outputs
+
+    if not training:
+        ds = tf.data.Dataset.from_tensor_slices((images, heats, masks))
+        return ds.batch(batch_size).map(pack)
+
+    n = len(samples)
+
+    def draw(batch_index):
+        rng = np.random.default_rng([seed, int(batch_index)])
+        chosen = rng.choice(n, size=batch_size, replace=batch_size > n)
+        out_i, out_h, out_m = [], [], []
+        for pos, k in enumerate(chosen):
+            image, heat, mask = images[k], heats[k, ..., 0], masks[k]
+            if augment is not None:
+                sample_seed = int(rng.integers(2**31 - 1))
+                image, heat, mask = augment(image, heat, mask, sample_seed)
+            out_i.append(np.asarray(image, np.float32))
+            out_h.append(np.asarray(heat, np.float32)[..., None])
+            out_m.append(np.asarray(mask, np.float32))
+        return np.stack(out_i), np.stack(out_h), np.stack(out_m)
+
+    def load(batch_index):
+        image, heat, mask = tf.numpy_function(draw, [batch_index], [tf.float32] * 3, stateful=False)
+        image.set_shape((batch_size, size, size, 3))
+        heat.set_shape((batch_size, size, size, 1))
+        mask.set_shape((batch_size, size, size))
+        return pack(image, heat, mask)
+
+    ds = tf.data.Dataset.range(start_batch, 2**62)
+    return ds.map(load, num_parallel_calls=2, deterministic=True).prefetch(2)
+
+
+def predict(model, samples: list[RefinementSample], with_heatmap: bool = True) -> list[np.ndarray]:
+    """Tumour probability maps ``(S, S)`` of a refinement / low-resolution model with
+    one output (:func:`h2g.models.inference_model`)."""
+    out = []
+    for s in samples:
+        inputs = {"image": s.image[None], "heatmap": s.heatmap[None]} if with_heatmap else s.image[None]
+        out.append(np.asarray(model(inputs, training=False))[0, ..., 1])
+    return out

@@ -1,0 +1,469 @@
+"""Export: Keras -> ONNX / OpenVINO with parity, the TensorFlow-free deployment CLI, the
+GeoJSON outline, the runtime benchmark and the FAST pipeline.
+
+Tiny versions of every architecture are converted after :func:`make_nondegenerate`, so
+that their outputs depend on the input (a randomly initialised network outputs ~0.5
+everywhere, which would make parity trivially true).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from conftest import REAL_DATA, REPO
+from synthetic import make_slide
+from test_inference import CELL, PATCH, colour_model, threshold_refiner
+
+from h2g.cli import run_cli
+from h2g.conversion import convert_model, export_model, parity_inputs, signature, to_onnx, to_openvino
+from h2g.errors import ExportError
+from h2g.inference import KerasBackend, refinement_inputs, slide_heatmap
+from h2g.wsi import Slide
+
+TINY = {
+    "mobilenetv2": dict(input_size=64, alpha=0.35),
+    "inceptionv3": dict(input_size=75, width=0.1),
+    "unet": dict(input_size=256, width=1 / 16),
+    "unet_lr": dict(input_size=256, width=1 / 16),
+    "agunet": dict(input_size=256, width=1 / 16),
+    "dagunet": dict(input_size=256, width=1 / 16),
+    "doubleunet": dict(input_size=256, width=1 / 16, aspp_filters=4),
+}
+REFINE_SIZE = 64
+
+
+def run_script(script: str, *args, block_tensorflow: bool = True, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run ``export/<script>`` in a fresh interpreter; with ``block_tensorflow`` an import
+    of tensorflow or keras fails there, as in a deployment venv without them."""
+    env = dict(os.environ)
+    if block_tensorflow:
+        blocker = tmp_path / "no_tensorflow"
+        blocker.mkdir(exist_ok=True)
+        for name in ("tensorflow", "keras", "tf2onnx"):
+            (blocker / f"{name}.py").write_text(f"raise ImportError('{name} is not installed here')\n")
+        env["PYTHONPATH"] = os.pathsep.join([str(blocker), str(REPO)])
+    return subprocess.run([sys.executable, str(REPO / "export" / script), *map(str, args)],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def keras_args(model, feed: dict):
+    """``feed`` in the structure ``model`` is called with."""
+    if isinstance(model.input, dict):
+        return feed
+    if isinstance(model.input, list):
+        return [feed[t.name] for t in model.inputs] if len(model.inputs) > 1 else [feed["image"]]
+    return feed["image"]
+
+
+def make_nondegenerate(model, feed: dict) -> None:
+    """Give a randomly initialised ``model`` outputs that depend on ``feed`` while keeping
+    it well conditioned: BatchNorm means from ``feed`` (variances from ``feed`` plus 1,
+    so no channel is amplified), then the output layer's kernel scaled up until the
+    tumour probabilities over ``feed`` span at least 0.2."""
+    import keras
+
+    norms = [layer for layer in model._flatten_layers() if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in norms:
+        layer.momentum = 0.0
+    model(keras_args(model, feed), training=True)
+    for layer in norms:
+        layer.momentum = 0.99
+        weights = layer.get_weights()
+        weights[-1] = weights[-1] + 1.0  # moving variance
+        layer.set_weights(weights)
+    last = [layer for layer in model._flatten_layers() if getattr(layer, "kernel", None) is not None][-1]
+    for _ in range(8):
+        probs = np.asarray(model(keras_args(model, feed), training=False))[..., 1]
+        if np.ptp(probs) >= 0.2:
+            return
+        weights = last.get_weights()
+        weights[0] = weights[0] * 4.0
+        last.set_weights(weights)
+
+
+@pytest.fixture(scope="module")
+def parity_slide(tmp_path_factory):
+    """The real CMU slide when present, else a synthetic textured slide."""
+    real = REAL_DATA / "slides" / "cmu_small_region.svs"
+    path = real if real.is_file() else make_slide(tmp_path_factory.mktemp("parity") / "noise.tiff",
+                                                  size=(4096, 3072), pattern="noise")
+    with Slide(path) as slide:
+        yield slide
+
+
+@pytest.fixture(scope="module")
+def checker_path(tmp_path_factory) -> Path:
+    """A 40x checker slide of 4.5 x 3.25 patches (as in test_inference), pixel-exact."""
+    path = tmp_path_factory.mktemp("slides") / "checker.tiff"
+    return make_slide(path, size=(4 * CELL + CELL // 2, 3 * CELL + CELL // 4), pattern="checker",
+                      cell=CELL, compression=None, downsamples=(1, 4))
+
+
+@pytest.fixture(scope="module")
+def deploy_models(tmp_path_factory):
+    """The colour classifier and the threshold refiner as ONNX and OpenVINO IR."""
+    folder = tmp_path_factory.mktemp("deploy_models")
+    files = {}
+    for name, model in (("patch", colour_model()), ("refine", threshold_refiner(REFINE_SIZE))):
+        onnx_path = to_onnx(model, signature(model, name), folder / f"{name}.onnx")
+        files[name] = (model, onnx_path, to_openvino(onnx_path, folder / f"{name}.xml"))
+    return files
+
+
+# ---------------------------------------------------------------------------- conversion
+def _check_onnx_file(path: Path, names: list[str], opset: int) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    assert [i.name for i in model.graph.input] == names
+    for tensor in model.graph.input:  # dynamic batch: no fixed first dimension
+        assert not tensor.type.tensor_type.shape.dim[0].HasField("dim_value")
+    assert any(op.domain in ("", "ai.onnx") and op.version == opset for op in model.opset_import)
+
+
+@pytest.mark.parametrize("name", sorted(TINY))
+def test_every_architecture_converts_with_parity(name, parity_slide, tmp_path):
+    import keras
+
+    from h2g import models
+
+    keras.utils.set_random_seed(0)
+    model = models.build(name, **TINY[name])
+    feed, _ = parity_inputs(signature(model, name), parity_slide)
+    make_nondegenerate(model, feed)
+    entry = export_model(model, tmp_path, name, parity_slide)  # (saving and loading: the CLI tests)
+    parity = entry["parity"]
+    low, high = parity["keras_output_range"]
+    assert high - low > 0.05 and not parity["constant_output"], "degenerate outputs make parity meaningless"
+    assert parity["passed"], parity
+    assert parity["onnxruntime"]["max_abs_diff"] <= 1e-4
+    assert parity["openvino_f32"]["max_abs_diff"] <= 1e-4 and parity["openvino_f32"]["precision"] == "f32"
+    assert parity["openvino_default"]["max_abs_diff"] is not None
+    expected_inputs = ["image", "heatmap"] if name in ("unet", "agunet", "dagunet", "doubleunet") else ["image"]
+    assert list(entry["inputs"]) == expected_inputs
+    _check_onnx_file(Path(entry["onnx"]), expected_inputs, 17)
+    assert Path(entry["openvino"]).is_file() and Path(entry["openvino"]).with_suffix(".bin").is_file()
+
+
+def test_cluster_model_converts_with_identical_ids(parity_slide, tmp_path):
+    import keras
+
+    from h2g.clustering import build_cluster_model, fit_stats
+    from h2g.conversion import parity_patches
+
+    keras.utils.set_random_seed(0)
+    patches = keras.Input((64, 64, 3), name="patches")
+    x = keras.layers.Conv2D(8, 5, strides=4, activation="relu")(patches)
+    extractor = keras.Model(patches, keras.layers.GlobalAveragePooling2D()(x), name="tiny_features")
+    sample = parity_patches(parity_slide, 64)  # the parity inputs: every cluster has one of them
+    stats = fit_stats(extractor.predict(sample, verbose=0), n_clusters=3, seed=0, n_init=2)
+    build_cluster_model(stats, extractor).save(tmp_path / "cluster.keras")
+    entry = convert_model(tmp_path / "cluster.keras", tmp_path, parity_slide)
+    assert entry["kind"] == "cluster" and entry["output"] == "clusters"
+    parity = entry["parity"]
+    assert parity["keras_output_range"][1] > parity["keras_output_range"][0], "a single cluster proves nothing"
+    assert parity["passed"], parity
+    for engine in ("onnxruntime", "openvino_f32"):
+        assert parity[engine]["mismatches"] == 0
+
+
+def test_convert_cli_on_a_run_folder(parity_slide, tmp_path, capsys):
+    from convert import main as convert_main  # export/ is put on sys.path below
+
+    run = tmp_path / "run"
+    (run / "classifier").mkdir(parents=True)
+    colour_model().save(run / "classifier" / "model.keras")
+    threshold_refiner(REFINE_SIZE).save(run / "refiner.keras")
+    out = tmp_path / "exported"
+    argv = [run, "--out", out, "--fp16", "--opset", 13, "--slide", parity_slide.path, "--quiet"]
+    assert run_cli(convert_main, list(map(str, argv))) == 0
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["passed"] and report["opset"] == 13 and len(report["models"]) == 2
+    kinds = {Path(m["keras"]).name: m for m in report["models"]}
+    assert kinds["model.keras"]["kind"] == "classifier" and kinds["refiner.keras"]["kind"] == "refinement"
+    for suffix in (".onnx", ".xml", ".bin", "_fp16.xml", "_fp16.bin"):
+        assert (out / "classifier" / f"model{suffix}").is_file()
+        assert (out / f"refiner{suffix}").is_file()
+    _check_onnx_file(out / "refiner.onnx", ["image", "heatmap"], 13)
+    fp16 = kinds["refiner.keras"]["parity"]["openvino_fp16_ir"]
+    assert fp16["max_abs_diff"] is not None
+    assert "report:" in capsys.readouterr().out
+
+    # a parity failure is loud: exit 2, one line naming the models and the report
+    code = run_cli(convert_main, list(map(str, [run / "refiner.keras", "--slide", parity_slide.path,
+                                                "--tolerance", "-1", "--quiet"])))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: parity check failed") and "refiner.keras" in err
+    assert "\n" not in err
+    assert json.loads((run / "conversion_report.json").read_text())["passed"] is False
+
+
+def test_convert_refuses_bad_inputs(parity_slide, tmp_path, capsys):
+    import keras
+
+    from convert import main as convert_main
+
+    assert run_cli(convert_main, [str(tmp_path / "nothing"), "--slide", str(parity_slide.path)]) == 2
+    assert "no such file or folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert run_cli(convert_main, [str(tmp_path / "empty"), "--slide", str(parity_slide.path)]) == 2
+    assert "no .keras models found" in capsys.readouterr().err
+    img, heat = keras.Input((8, 8, 3), name="img"), keras.Input((8, 8, 1), name="heat")
+    out = keras.layers.Conv2D(2, 1, activation="softmax")(keras.layers.Concatenate()([img, heat]))
+    keras.Model([img, heat], out).save(tmp_path / "badnames.keras")
+    with pytest.raises(ExportError, match="wrong input names"):
+        convert_model(tmp_path / "badnames.keras", tmp_path, parity_slide)
+    (tmp_path / "corrupt.keras").write_bytes(b"not a zip")
+    assert run_cli(convert_main, [str(tmp_path / "corrupt.keras"), "--slide", str(parity_slide.path)]) == 2
+    assert "cannot load the Keras model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- deployment
+def _valid_ring(ring, width, height) -> bool:
+    pts = np.asarray(ring, float)
+    x, y = pts[:, 0], pts[:, 1]
+    area = 0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(y[:-1], x[1:]))
+    return (len(ring) >= 4 and ring[0] == ring[-1] and area > 0
+            and x.min() >= 0 and y.min() >= 0 and x.max() <= width and y.max() <= height)
+
+
+def _polygons(geojson: dict) -> list:
+    polys = []
+    for feature in geojson["features"]:
+        geometry = feature["geometry"]
+        polys += [geometry["coordinates"]] if geometry["type"] == "Polygon" else geometry["coordinates"]
+    return polys
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "openvino"])
+def test_segment_slide_runs_without_tensorflow_and_matches_keras(engine, checker_path, deploy_models, tmp_path):
+    patch_model, patch_onnx, patch_xml = deploy_models["patch"]
+    refine_onnx, refine_xml = deploy_models["refine"][1:]
+    models = (patch_onnx, refine_onnx) if engine == "onnxruntime" else (patch_xml, refine_xml)
+    out = tmp_path / "out"
+    extra = ["--precision", "f32"] if engine == "openvino" else []
+    done = run_script("segment_slide.py", checker_path, "--patch-model", models[0], "--refine-model", models[1],
+                      "--engine", engine, "--device", "CPU", "--out", out, "--patch-size", PATCH,
+                      "--size", REFINE_SIZE, "--batch-size", 4, "--quiet", *extra, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    probe = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True,
+                           env={**os.environ, "PYTHONPATH": str(tmp_path / "no_tensorflow")})
+    assert "tensorflow is not installed here" in probe.stderr
+
+    with Slide(checker_path) as slide:
+        expected = slide_heatmap(slide, KerasBackend(patch_model), patch_size=PATCH, progress=False)
+        _, heat = refinement_inputs(slide, expected, size=REFINE_SIZE)
+        width, height = slide.dimensions
+        mpp = slide.mpp
+    np.testing.assert_allclose(np.load(out / "heatmap.npy"), expected.probs, atol=1e-4)
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["patch_backend"]["engine"] == engine and summary["patches"] == expected.n_patches
+    mask = np.asarray(Image.open(out / "segmentation.png")) > 127
+    assert mask.shape == (REFINE_SIZE, REFINE_SIZE)
+    np.testing.assert_array_equal(mask, heat[..., 0] > 0.5)  # the threshold refiner's segmentation
+    assert 0 < mask.mean() < 1
+
+    geojson = json.loads((out / "tumour.geojson").read_text())
+    assert geojson["type"] == "FeatureCollection" and len(geojson["features"]) == 1
+    feature = geojson["features"][0]
+    assert feature["properties"]["classification"]["name"] == "Tumor"
+    assert feature["geometry"]["type"] in ("Polygon", "MultiPolygon")
+    polygons = _polygons(geojson)
+    assert polygons and all(_valid_ring(r, width, height) for p in polygons for r in p)
+
+    for name in ("heatmap.tiff", "segmentation.tiff"):
+        with Slide(out / name) as overlay:  # OpenSlide opens it; aspect ratio of the slide
+            w, h = overlay.dimensions
+            assert max(w, h) == REFINE_SIZE and abs(w / h - width / height) < 0.02
+            assert overlay.mpp == pytest.approx(mpp * width / w, rel=0.01)
+
+
+def test_segment_slide_reports_bad_input_in_one_line(checker_path, deploy_models, tmp_path):
+    patch_onnx, patch_xml = deploy_models["patch"][1:]
+    missing = run_script("segment_slide.py", checker_path, "--patch-model", tmp_path / "nope.onnx",
+                         "--refine-model", patch_onnx, "--engine", "onnxruntime", "--out", tmp_path / "o",
+                         tmp_path=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.strip().endswith("nope.onnx: model file not found")
+    swapped = run_script("segment_slide.py", checker_path, "--patch-model", patch_onnx, "--refine-model",
+                         patch_onnx, "--engine", "onnxruntime", "--out", tmp_path / "o", "--patch-size", PATCH,
+                         "--size", PATCH, "--quiet", tmp_path=tmp_path)  # a classifier as the refinement net
+    assert swapped.returncode == 2 and "output of shape (1, 2) is not (1, S, S, classes)" in swapped.stderr
+    assert len(swapped.stderr.strip().splitlines()) == 1
+    wrong_size = run_script("segment_slide.py", checker_path, "--patch-model", patch_onnx, "--refine-model",
+                            deploy_models["refine"][1], "--engine", "onnxruntime", "--out", tmp_path / "o",
+                            "--patch-size", PATCH, "--size", 2 * REFINE_SIZE, "--quiet", tmp_path=tmp_path)
+    assert wrong_size.returncode == 2 and "inference failed" in wrong_size.stderr
+    assert len(wrong_size.stderr.strip().splitlines()) == 1
+    xml_with_ort = run_script("segment_slide.py", checker_path, "--patch-model", patch_xml, "--refine-model",
+                              patch_xml, "--engine", "onnxruntime", "--out", tmp_path / "o", tmp_path=tmp_path)
+    assert xml_with_ort.returncode == 2 and "expected a .onnx model file" in xml_with_ort.stderr
+    gpu = run_script("segment_slide.py", checker_path, "--patch-model", patch_onnx, "--refine-model",
+                     patch_onnx, "--engine", "onnxruntime", "--device", "GPU", "--out", tmp_path / "o",
+                     tmp_path=tmp_path)
+    assert gpu.returncode == 2 and "device GPU requested" in gpu.stderr and "Traceback" not in gpu.stderr
+    ov_gpu = run_script("segment_slide.py", checker_path, "--patch-model", patch_xml, "--refine-model",
+                        patch_xml, "--engine", "openvino", "--device", "GPU", "--out", tmp_path / "o",
+                        tmp_path=tmp_path)  # without TensorFlow: OpenVINO may probe GPUs safely
+    assert ov_gpu.returncode == 2 and "OpenVINO cannot use a GPU" in ov_gpu.stderr
+    assert len(ov_gpu.stderr.strip().splitlines()) == 1
+
+
+def test_geojson_outlines_regions_holes_and_single_pixels():
+    from h2g.deploy import tumour_geojson
+
+    mask = np.zeros((20, 20), bool)
+    mask[2:8, 2:8] = True
+    mask[4:6, 4:6] = False  # a hole
+    mask[15, 15] = True  # a single pixel
+    mask[18, 2:11] = True  # a one-pixel line
+    geojson = json.loads(json.dumps(tumour_geojson(mask, (2000, 4000))))  # 100 x 200 level-0 px per pixel
+    assert geojson["features"][0]["geometry"]["type"] == "MultiPolygon"
+    polygons = _polygons(geojson)
+    assert len(polygons) == 3
+    assert all(_valid_ring(r, 2000, 4000) for p in polygons for r in p)
+    square, pixel, line = sorted(polygons, key=lambda p: np.asarray(p[0])[:, 1].min())  # top to bottom
+    assert sorted(map(tuple, pixel[0][:-1])) == [(1500, 3000), (1500, 3200), (1600, 3000), (1600, 3200)]
+    assert np.asarray(line[0]).min(axis=0).tolist() == [200, 3600]
+    assert np.asarray(line[0]).max(axis=0).tolist() == [1100, 3800]
+    assert len(square) == 2  # exterior + the hole
+    exterior, hole = np.asarray(square[0]), np.asarray(square[1])
+    # the exterior runs through the centres of the square's border pixels
+    assert exterior.min(axis=0).tolist() == [250, 500] and exterior.max(axis=0).tolist() == [750, 1500]
+    assert (hole.min(axis=0) > exterior.min(axis=0)).all() and (hole.max(axis=0) < exterior.max(axis=0)).all()
+    assert tumour_geojson(np.zeros((4, 4), bool), (10, 10)) == {"type": "FeatureCollection", "features": []}
+    single = tumour_geojson(mask[:10, :10], (1000, 1000))
+    assert single["features"][0]["geometry"]["type"] == "Polygon"
+
+
+# ---------------------------------------------------------------------------- benchmark
+BENCH_FIELDS = {
+    "slide", "dimensions", "patches", "grid_shape", "magnification", "patch_size", "batch_size", "readers",
+    "refinement_size", "warmup", "repeats", "engine", "version", "device", "threads", "precision",
+    "patch_backend", "refine_backend", "stages", "patches_per_second", "read_only_s", "inference_only_s",
+    "pipeline_s", "pipeline_efficiency", "refinement_share", "peak_memory_mib", "host", "runs", "peer",
+}
+
+
+def test_benchmark_writes_every_field(checker_path, deploy_models, tmp_path):
+    patch_xml, refine_xml = deploy_models["patch"][2], deploy_models["refine"][2]
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    done = run_script("benchmark.py", "--slide", checker_path, "--patch-model", patch_xml, "--refine-model",
+                      refine_xml, "--engine", "openvino", "--device", "CPU", "--repeats", 1, "--json", out_json,
+                      "--markdown", out_md, "--threads", 1, "--precision", "f32", "--patch-size", PATCH,
+                      "--size", REFINE_SIZE, "--batch-size", 4, "--peer", "fast", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out_json.read_text())
+    assert set(result) == BENCH_FIELDS
+    assert (result["engine"], result["device"], result["threads"], result["precision"]) == ("openvino", "CPU", 1, "f32")
+    assert result["repeats"] == 1 and len(result["runs"]) == 1 and result["patches"] > 0
+    for stage in ("tissue", "reading", "inference", "stitching", "patch_pipeline", "patch_wise", "refinement", "total"):
+        assert set(result["stages"][stage]) == {"mean", "sd"} and result["stages"][stage]["mean"] >= 0
+    stages = result["stages"]
+    assert stages["total"]["mean"] >= stages["patch_pipeline"]["mean"] + stages["refinement"]["mean"]
+    assert result["pipeline_efficiency"] == pytest.approx(
+        (result["read_only_s"] + result["inference_only_s"]) / result["pipeline_s"])
+    assert result["peak_memory_mib"] > 10
+    fast_installed = subprocess.run([sys.executable, "-c", "import fast"], capture_output=True).returncode == 0
+    if not fast_installed:
+        assert "skipped" in result["peer"] and "pip install pyfast" in result["peer"]["skipped"]
+        assert "peer FAST skipped" in done.stderr
+    table = out_md.read_text()
+    assert "| Engine | Device | Precision | Threads | Patch-wise | Refinement | Total |" in table
+    assert "pipeline efficiency" in table and "±" in table
+
+
+def test_benchmark_json_on_stdout_and_gpu_absent(checker_path, deploy_models, tmp_path):
+    patch_onnx, refine_onnx = deploy_models["patch"][1], deploy_models["refine"][1]
+    common = ["--slide", checker_path, "--patch-model", patch_onnx, "--refine-model", refine_onnx,
+              "--engine", "onnxruntime", "--repeats", 1, "--patch-size", PATCH, "--size", REFINE_SIZE]
+    done = run_script("benchmark.py", *common, "--json", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["engine"] == "onnxruntime"
+    gpu = run_script("benchmark.py", *common, "--device", "GPU", tmp_path=tmp_path)
+    assert gpu.returncode == 2 and "device GPU requested" in gpu.stderr and "Traceback" not in gpu.stderr
+
+
+# ---------------------------------------------------------------------------- FAST
+FPL_KEYWORDS = {"PipelineName", "PipelineDescription", "PipelineInputData", "PipelineOutputData",
+                "ProcessObject", "Renderer", "View", "Attribute", "Input"}
+
+
+def parse_fpl(text: str) -> dict:
+    """A minimal reader of FAST's text pipeline syntax: {object id: {"type", "attributes",
+    "inputs"}} plus the pipeline's header lines and attributes; fails on any unknown
+    keyword or on an input from an undefined object or pipeline input."""
+    objects: dict = {}
+    header: dict = {}
+    inputs: set = set()  # pipeline input data, e.g. the slide
+    current = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            current = None if not line else current
+            continue
+        keyword, _, rest = line.partition(" ")
+        assert keyword in FPL_KEYWORDS, f"unknown keyword in {line!r}"
+        if keyword == "ProcessObject":
+            name, kind = rest.split()
+            objects[name] = {"type": kind, "attributes": {}, "inputs": {}}
+            current = name
+        elif keyword == "Attribute":
+            key, _, value = rest.partition(" ")
+            target = objects[current]["attributes"] if current else header.setdefault("Attribute", {})
+            target[key] = value
+        elif keyword == "Input":
+            port, source, *out_port = rest.split()
+            assert source in objects or source in inputs, f"input from undefined object {source!r}"
+            objects[current]["inputs"][int(port)] = (source, int(out_port[0]) if out_port else 0)
+        else:
+            header.setdefault(keyword, []).append(rest)
+            if keyword == "PipelineInputData":
+                inputs.add(rest.split()[0])
+    return {"objects": objects, "header": header}
+
+
+def test_fast_pipeline_names_both_models_and_the_paper_parameters(deploy_models, tmp_path, capsys):
+    from fast_pipeline import main as fpl_main
+
+    patch_onnx, refine_onnx = deploy_models["patch"][1], deploy_models["refine"][1]
+    out = tmp_path / "h2g.fpl"
+    assert run_cli(fpl_main, ["--patch-model", str(patch_onnx), "--refine-model", str(refine_onnx),
+                              "--out", str(out)]) == 0
+    fpl = parse_fpl(out.read_text())
+    objects = fpl["objects"]
+    types = {o["type"] for o in objects.values()}
+    assert {"TissueSegmentation", "PatchGenerator", "NeuralNetwork", "PatchStitcher",
+            "ImagePyramidLevelExtractor", "SegmentationNetwork"} <= types
+    assert fpl["header"]["PipelineInputData"] == ['WSI "Whole-slide image"']
+    assert objects["patch"]["inputs"][0] == ("WSI", 0) and objects["lowRes"]["inputs"][0] == ("WSI", 0)
+    assert objects["tissueSeg"]["attributes"]["color-thresholding"] == "true"  # offline
+    patch = objects["patch"]["attributes"]
+    assert patch["patch-size"] == "256 256" and patch["patch-magnification"] == "10"
+    assert patch["mask-threshold"] == "0.25"
+    assert objects["network"]["attributes"]["model"] == f'"{patch_onnx.resolve()}"'
+    assert float(objects["network"]["attributes"]["scale-factor"]) == pytest.approx(1 / 255)
+    refinement = objects["refinement"]
+    assert refinement["attributes"]["model"] == f'"{refine_onnx.resolve()}"'
+    # input 0 = the low-resolution image in [0, 1], input 1 = the tumour channel of the heatmap
+    assert objects[refinement["inputs"][0][0]]["type"] == "IntensityNormalization"
+    heatmap = objects[refinement["inputs"][1][0]]
+    assert heatmap["type"] == "TensorToImage" and heatmap["attributes"]["channels"] == "1"
+    assert any(o.startswith("segmentation refinement") for o in fpl["header"]["PipelineOutputData"])
+    assert run_cli(fpl_main, ["--patch-model", str(tmp_path / "missing.onnx"), "--refine-model",
+                              str(refine_onnx), "--out", str(out)]) == 2
+    assert "missing.onnx: model file not found" in capsys.readouterr().err
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _export_on_path():
+    """Make the export/ CLIs importable (their `main`s run in-process in some tests)."""
+    sys.path.insert(0, str(REPO / "export"))
+    yield
+    sys.path.remove(str(REPO / "export"))

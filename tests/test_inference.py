@@ -1,0 +1,298 @@
+"""The slide-inference core: backends, patch reading, stitching geometry, refinement inputs.
+
+Expected values are computed independently of the code under test: a "model" whose
+tumour probability is a known function of a patch's mean colour, run over a slide whose
+cells have known colours, gives a heatmap that can be written down cell by cell.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+from synthetic import cell_colour, make_slide
+
+from h2g.errors import ConfigError, ExportError
+from h2g.inference import (
+    Heatmap,
+    KerasBackend,
+    OnnxRuntimeBackend,
+    OpenVINOBackend,
+    PatchReader,
+    heatmap_raster,
+    lowres_level,
+    make_backend,
+    refine,
+    refinement_inputs,
+    slide_heatmap,
+)
+from h2g.tissue import TissueMask, detect_tissue
+from h2g.wsi import Slide
+
+PATCH = 32  # patch size at 10x in these tests: 128 level-0 px on a 40x (0.25 um/px) slide
+CELL = 4 * PATCH  # checker cell = one patch
+W_RGB = (4.0, -2.0, 0.0)  # tumour logit = 4 R - 2 G - 1 (R, G, B mean colour in [0, 1])
+BIAS = -1.0
+
+
+def colour_probability(rgb01) -> np.ndarray:
+    """The colour model's tumour probability for mean colours ``rgb01`` (..., 3)."""
+    logit = np.asarray(rgb01, np.float64) @ np.array(W_RGB) + BIAS
+    return 1.0 / (1.0 + np.exp(-logit))
+
+
+def colour_model(size: int = PATCH):
+    """Keras classifier: mean colour -> softmax([0, 4 R - 2 G - 1])."""
+    import keras
+
+    image = keras.Input((size, size, 3), name="image")
+    mean = keras.layers.GlobalAveragePooling2D()(image)
+    dense = keras.layers.Dense(2, activation="softmax", name="classification")
+    out = dense(mean)
+    dense.set_weights([np.array([[0, W_RGB[0]], [0, W_RGB[1]], [0, W_RGB[2]]], np.float32),
+                       np.array([0, BIAS], np.float32)])
+    return keras.Model(image, out, name="colour_model")
+
+
+def threshold_refiner(size: int):
+    """Keras refinement net: softmax([0, 20 (heatmap - 0.5)]) -> tumour where heat > 0.5."""
+    import keras
+
+    image = keras.Input((size, size, 3), name="image")
+    heat = keras.Input((size, size, 1), name="heatmap")
+    conv = keras.layers.Conv2D(2, 1, activation="softmax", name="segmentation")
+    out = conv(keras.layers.Concatenate()([image, heat]))
+    kernel = np.zeros((1, 1, 4, 2), np.float32)
+    kernel[0, 0, 3, 1] = 20.0
+    conv.set_weights([kernel, np.array([0.0, -10.0], np.float32)])
+    return keras.Model({"image": image, "heatmap": heat}, out, name="threshold_refiner")
+
+
+@pytest.fixture(scope="module")
+def checker(tmp_path_factory) -> Slide:
+    """A 40x checker slide, 4.5 x 3.25 cells (a partial last column and row), pixel-exact."""
+    path = tmp_path_factory.mktemp("slides") / "checker.tiff"
+    make_slide(path, size=(4 * CELL + CELL // 2, 3 * CELL + CELL // 4), pattern="checker",
+               cell=CELL, compression=None, downsamples=(1, 4))
+    with Slide(path) as slide:
+        yield slide
+
+
+def expected_heatmap(slide: Slide, coords: np.ndarray, step: int) -> np.ndarray:
+    """The colour model's heatmap over ``coords``, from the checker's known colours: the
+    patch at cell (r, c) is the cell's colour, mixed with white glass where it runs past
+    the slide's edge."""
+    width, height = slide.dimensions
+    rows, cols = -(-height // step), -(-width // step)
+    heat = np.zeros((rows, cols))
+    for x, y in coords:
+        r, c = y // step, x // step
+        inside = (min(width - x, step) / step) * (min(height - y, step) / step)
+        rgb = inside * np.array(cell_colour(r, c)) / 255.0 + (1 - inside) * 1.0
+        heat[r, c] = colour_probability(rgb)
+    return heat
+
+
+@pytest.fixture(scope="module")
+def colour_files(tmp_path_factory):
+    """The colour model as .keras, ONNX and OpenVINO IR (converted once)."""
+    from h2g.conversion import signature, to_onnx, to_openvino
+
+    folder = tmp_path_factory.mktemp("colour")
+    model = colour_model()
+    onnx_path = to_onnx(model, signature(model, "colour"), folder / "colour.onnx")
+    return model, onnx_path, to_openvino(onnx_path, folder / "colour.xml")
+
+
+# ---------------------------------------------------------------------------- geometry
+@pytest.mark.parametrize("engine", ["keras", "onnxruntime", "openvino"])
+def test_heatmap_cells_land_where_patches_were_read(checker, colour_files, engine):
+    model, onnx_path, xml_path = colour_files
+    backend = {"keras": lambda: KerasBackend(model),
+               "onnxruntime": lambda: OnnxRuntimeBackend(onnx_path),
+               "openvino": lambda: OpenVINOBackend(xml_path, precision="f32")}[engine]()
+    timings: dict = {}
+    heat = slide_heatmap(checker, backend, patch_size=PATCH, batch_size=3, readers=2,
+                         progress=False, timings=timings)
+    from h2g.patches import build_patch_grid
+
+    grid = build_patch_grid(checker, tissue=heat.tissue, patch_size=PATCH)
+    assert heat.step == CELL and heat.grid_shape == (4, 5)
+    assert len(grid.coords) >= 12  # every full cell is tissue
+    np.testing.assert_allclose(heat.probs, expected_heatmap(checker, grid.coords, CELL), atol=1e-5)
+    assert timings["patches"] == heat.n_patches == len(grid.coords)
+    for stage in ("tissue", "reading", "inference", "waiting", "patch_pipeline", "stitching"):
+        assert timings[stage] >= 0
+
+
+def test_cells_outside_the_tissue_mask_stay_zero(checker, colour_files):
+    model = colour_files[0]
+    full = detect_tissue(checker)
+    half = full.mask.copy()
+    half[:, : half.shape[1] // 2] = False  # tissue on the right half only
+    heat = slide_heatmap(checker, KerasBackend(model), tissue=TissueMask(half, full.downsample),
+                         patch_size=PATCH, progress=False)
+    cols = heat.grid_shape[1]
+    left = int(np.floor(half.shape[1] / 2 * full.downsample / CELL))
+    assert np.all(heat.probs[:, :left] == 0)
+    assert np.all(heat.probs[:3, cols - 2] > 0)
+
+
+def test_heatmap_is_the_same_whatever_the_batch_size_and_reader_count(checker, colour_files):
+    backend = OnnxRuntimeBackend(colour_files[1])
+    a = slide_heatmap(checker, backend, patch_size=PATCH, batch_size=1, readers=1, progress=False)
+    b = slide_heatmap(checker, backend, patch_size=PATCH, batch_size=7, readers=3, progress=False)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-5)  # batch size changes summation order only
+
+
+def test_patch_reader_queue_is_bounded_and_covers_every_patch(checker):
+    coords = np.array([[x, y] for y in range(0, 3 * CELL, CELL) for x in range(0, 4 * CELL, CELL)])
+    with PatchReader(checker, coords, magnification=10, patch_size=PATCH, batch_size=5,
+                     readers=2, depth=1) as reader:
+        seen = {}
+        for start, batch in reader:
+            assert reader._queue.qsize() <= 1
+            assert batch.dtype == np.float32 and batch.shape[1:] == (PATCH, PATCH, 3)
+            seen[start] = batch
+    assert sorted(seen) == list(range(0, len(coords), 5))
+    first = seen[0][0]
+    np.testing.assert_allclose(first[0, 0], np.array(cell_colour(0, 0)) / 255.0, atol=1e-6)
+
+
+def test_reader_errors_reach_the_consumer(checker):
+    coords = np.array([[0, 0], [10 ** 7, 10 ** 7]])  # the second lies outside the slide
+    with pytest.raises(Exception, match="outside the slide"):
+        with PatchReader(checker, coords, magnification=10, patch_size=PATCH, batch_size=1) as reader:
+            list(reader)
+
+
+# ---------------------------------------------------------------------------- refinement inputs
+def test_heatmap_raster_places_cells_on_the_level0_extent():
+    # one row of two cells of 1000 px on a 2500 x 1000 slide: the third, partial column
+    # is not covered (0); output pixel centres are at (i + 0.5) * 50 level-0 px
+    heat = Heatmap(probs=np.array([[1.0, 1.0]], np.float32), step=1000)
+    out = heatmap_raster(heat, (2500, 1000), 50)
+    x = (np.arange(50) + 0.5) * 50
+    # linear between the cell centres 1500 (value 1) and 2500 (value 0), flat before
+    expected = np.clip(1.0 - (x - 1500) / 1000, 0, 1)
+    assert out.shape == (50, 50)
+    np.testing.assert_allclose(out, np.broadcast_to(expected, (50, 50)), atol=1e-5)
+
+
+def test_heatmap_raster_keeps_rows_and_columns_apart():
+    probs = np.zeros((2, 2), np.float32)
+    probs[1, 0] = 1.0  # bottom-left cell
+    out = heatmap_raster(Heatmap(probs=probs, step=100), (200, 200), 4)
+    # each output pixel is the centre of one quadrant of its cell: bilinear weights 3/4, 1/4
+    expected = np.array([[0, 0, 0, 0], [0.25, 0.1875, 0.0625, 0], [0.75, 0.5625, 0.1875, 0], [1, 0.75, 0.25, 0]])
+    np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def test_refinement_image_is_the_lowest_level_with_enough_pixels(tmp_path):
+    path = make_slide(tmp_path / "noise.tiff", size=(2048, 2048), pattern="noise",
+                      compression=None, downsamples=(1, 4, 16))
+    with Slide(path) as slide:
+        assert lowres_level(slide, 128) == 2 and lowres_level(slide, 256) == 1
+        assert lowres_level(slide, 4096) == 0
+        for size, level in ((512, 1), (128, 2)):
+            image, heat = refinement_inputs(slide, None, size=size)
+            assert image.shape == (size, size, 3) and image.dtype == np.float32
+            np.testing.assert_allclose(image, slide.read_level(level) / 255.0, atol=1e-6)
+            assert heat.shape == (size, size, 1) and not heat.any()
+        image, _ = refinement_inputs(slide, None, size=256)
+        level1 = slide.read_level(1).astype(np.float32) / 255.0
+        resized = np.stack([np.asarray(Image.fromarray(level1[..., c], "F").resize((256, 256), Image.BILINEAR))
+                            for c in range(3)], -1)
+        np.testing.assert_allclose(image, resized, atol=1e-6)
+
+
+def test_refine_feeds_image_and_heatmap_by_name(checker):
+    size = 64
+    backend = KerasBackend(threshold_refiner(size))
+    image = np.zeros((size, size, 3), np.float32)
+    heat = np.zeros((size, size, 1), np.float32)
+    heat[10:20, 30:40] = 1.0
+    prob = refine(backend, image, heat)
+    assert prob.shape == (size, size)
+    np.testing.assert_array_equal(prob > 0.5, heat[..., 0] > 0.5)
+
+
+# ---------------------------------------------------------------------------- backends
+def test_backends_report_what_they_run_with(colour_files):
+    model, onnx_path, xml_path = colour_files
+    ort = make_backend(onnx_path, threads=1)
+    assert ort.info() | {"model": ""} == {"engine": "onnxruntime", "version": ort.version, "device": "CPU",
+                                          "threads": 1, "precision": "f32", "model": "", "inputs": ["image"]}
+    ov = make_backend(xml_path, precision="f32", threads=1)
+    assert (ov.name, ov.device, ov.precision, ov.threads) == ("openvino", "CPU", "f32", 1)
+    default = OpenVINOBackend(onnx_path)  # OpenVINO reads ONNX too; it picks its precision
+    assert default.precision in ("f32", "bf16", "f16")
+    keras_backend = make_backend(model)
+    assert (keras_backend.name, keras_backend.precision, keras_backend.input_names) == ("keras", "f32", ("image",))
+
+
+def test_backends_agree_on_real_patches(real_data, colour_files):
+    model, onnx_path, xml_path = colour_files
+    paths = sorted((real_data / "camelyon16_patches" / "tumor").glob("*.png"))[:6]
+    batch = np.stack([np.asarray(Image.open(p).convert("RGB").resize((PATCH, PATCH))) for p in paths])
+    batch = batch.astype(np.float32) / 255.0
+    expected = colour_probability(batch.mean(axis=(1, 2)))
+    for backend in (KerasBackend(model), OnnxRuntimeBackend(onnx_path), OpenVINOBackend(xml_path, precision="f32")):
+        np.testing.assert_allclose(backend.predict(batch)[:, 1], expected, atol=1e-5)
+
+
+def test_bad_inputs_give_clear_errors(tmp_path, colour_files, monkeypatch):
+    model, onnx_path, xml_path = colour_files
+    with pytest.raises(ExportError, match="model file not found"):
+        make_backend(tmp_path / "missing.onnx")
+    with pytest.raises(ExportError, match="expected a .onnx"):
+        OnnxRuntimeBackend(xml_path)
+    lone_xml = tmp_path / "lone.xml"
+    lone_xml.write_text(xml_path.read_text())
+    with pytest.raises(ExportError, match="weights file lone.bin is missing"):
+        OpenVINOBackend(lone_xml)
+    with pytest.raises(ConfigError, match="never AUTO"):
+        OpenVINOBackend(xml_path, device="AUTO")
+    with pytest.raises(ConfigError, match="engine must be one of"):
+        make_backend(onnx_path, engine="tensorrt")
+    with pytest.raises(ExportError, match="not a model file"):
+        make_backend(tmp_path / "model.pt")
+    with pytest.raises(ExportError, match="has inputs \\['image'\\], but was given \\['heatmap'\\]"):
+        OnnxRuntimeBackend(onnx_path).predict({"heatmap": np.zeros((1, PATCH, PATCH, 3), np.float32)})
+    corrupt = tmp_path / "corrupt.onnx"
+    corrupt.write_bytes(b"not a model")
+    with pytest.raises(ExportError, match="ONNX Runtime cannot load"):
+        OnnxRuntimeBackend(corrupt)
+    with pytest.raises(ExportError, match="no CUDA or TensorRT execution provider"):
+        OnnxRuntimeBackend(onnx_path, device="GPU")
+
+
+def test_models_with_other_input_names_are_refused(tmp_path, checker, colour_files):
+    from dataclasses import replace
+
+    from h2g.conversion import signature, to_onnx
+
+    model = colour_files[0]
+    foreign = to_onnx(model, replace(signature(model, "m"), names=("pixels",)), tmp_path / "foreign.onnx")
+    backend = OnnxRuntimeBackend(foreign)
+    assert backend.input_names == ("pixels",)
+    with pytest.raises(ExportError, match="wrong input names \\['pixels'\\] for a patch classifier"):
+        slide_heatmap(checker, backend, patch_size=PATCH, progress=False)
+    with pytest.raises(ExportError, match="wrong input names .* for a refinement network"):
+        refine(backend, np.zeros((8, 8, 3), np.float32), np.zeros((8, 8, 1), np.float32))
+
+
+def test_missing_engine_is_a_clear_error(monkeypatch, colour_files):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_engines(name, *args, **kwargs):
+        if name in ("onnxruntime", "openvino"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_engines)
+    with pytest.raises(ExportError, match="engine onnxruntime is not installed"):
+        OnnxRuntimeBackend(colour_files[1])
+    with pytest.raises(ExportError, match="engine openvino is not installed"):
+        OpenVINOBackend(colour_files[2])
