@@ -23,41 +23,27 @@ import tempfile
 from pathlib import Path
 
 from h2g.cli import run_cli
-from h2g.inference import DEVICES, PRECISIONS
+from h2g.deploy import add_pipeline_arguments, pipeline_backends
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--slide", type=Path, required=True)
-    p.add_argument("--patch-model", type=Path, required=True, help="patch classifier (.onnx or .xml)")
-    p.add_argument("--refine-model", type=Path, required=True, help="refinement network (.onnx or .xml)")
-    p.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino")
-    p.add_argument("--device", choices=DEVICES, default="CPU")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="OpenVINO inference precision (default: the engine's choice, recorded)")
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    add_pipeline_arguments(p)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT.json",
                    help="write the results as JSON (stdout without a path)")
     p.add_argument("--markdown", type=Path, default=None, metavar="OUT.md", help="write a Table 3 style report")
     p.add_argument("--peer", choices=("fast",), default=None, help="also time FAST on the same slide")
-    p.add_argument("--mpp", type=float, default=None, help="microns per pixel, for slides without it")
-    p.add_argument("--magnification", type=float, default=10.0)
-    p.add_argument("--patch-size", type=int, default=256)
-    p.add_argument("--size", type=int, default=1024, help="refinement resolution")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--readers", type=int, default=2, help="patch reader threads")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     from h2g.deploy import benchmark, benchmark_markdown, fast_peer
-    from h2g.inference import make_backend
     from h2g.wsi import Slide
 
-    backends = [make_backend(path, engine=args.engine, device=args.device, precision=args.precision,
-                             threads=args.threads) for path in (args.patch_model, args.refine_model)]
+    backends = pipeline_backends(args)
     with Slide(args.slide, mpp=args.mpp) as slide:
         result = benchmark(slide, *backends, repeats=args.repeats, size=args.size,
                            magnification=args.magnification, patch_size=args.patch_size,

@@ -18,26 +18,14 @@ import sys
 from pathlib import Path
 
 from h2g.cli import run_cli
-from h2g.inference import DEVICES, PRECISIONS
+from h2g.deploy import add_pipeline_arguments, pipeline_backends
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("slide", type=Path, help="whole-slide image (any format OpenSlide reads)")
-    p.add_argument("--patch-model", type=Path, required=True, help="patch classifier (.onnx or .xml)")
-    p.add_argument("--refine-model", type=Path, required=True, help="refinement network (.onnx or .xml)")
-    p.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino")
-    p.add_argument("--device", choices=DEVICES, default="CPU")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
-                   help="OpenVINO inference precision (default: the engine's choice, bf16 on CPUs that have it)")
-    p.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    add_pipeline_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--mpp", type=float, default=None, help="microns per pixel, for slides without it")
-    p.add_argument("--magnification", type=float, default=10.0, help="patch magnification (default 10x)")
-    p.add_argument("--patch-size", type=int, default=256)
-    p.add_argument("--size", type=int, default=1024, help="refinement resolution (default 1024)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--readers", type=int, default=2, help="patch reader threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -45,11 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from h2g.deploy import segment, write_outputs
-    from h2g.inference import make_backend
     from h2g.wsi import Slide
 
-    backends = [make_backend(path, engine=args.engine, device=args.device, precision=args.precision,
-                             threads=args.threads) for path in (args.patch_model, args.refine_model)]
+    backends = pipeline_backends(args)
     with Slide(args.slide, mpp=args.mpp) as slide:
         seg = segment(slide, *backends, size=args.size, magnification=args.magnification,
                       patch_size=args.patch_size, batch_size=args.batch_size, readers=args.readers,

@@ -52,6 +52,40 @@ class Segmentation:
     timings: dict = field(default_factory=dict)
 
 
+def add_pipeline_arguments(parser) -> None:
+    """The command-line options that export/segment_slide.py and export/benchmark.py
+    share: the two models, the engine and how the slide is cut into patches."""
+    from h2g.inference import DEVICES, PRECISIONS
+
+    parser.add_argument("--patch-model", type=Path, required=True, help="patch classifier (.onnx or .xml)")
+    parser.add_argument("--refine-model", type=Path, required=True, help="refinement network (.onnx or .xml)")
+    parser.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino")
+    parser.add_argument("--device", choices=DEVICES, default="CPU")
+    parser.add_argument("--precision", choices=PRECISIONS, default=None,
+                        help="OpenVINO inference precision (default: the engine's choice, bf16 on CPUs "
+                             "that have it; always recorded)")
+    parser.add_argument("--threads", type=int, default=None, help="inference threads (default: all cores)")
+    parser.add_argument("--mpp", type=float, default=None, help="microns per pixel, for slides without it")
+    parser.add_argument("--magnification", type=float, default=10.0, help="patch magnification (default 10x)")
+    parser.add_argument("--patch-size", type=int, default=256)
+    parser.add_argument("--size", type=int, default=None,
+                        help="refinement resolution (default: the refinement model's input size, else 1024)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--readers", type=int, default=2, help="patch reader threads")
+
+
+def pipeline_backends(args) -> tuple[Backend, Backend]:
+    """The patch and refinement backends that :func:`add_pipeline_arguments`' options name
+    (fills in ``args.size`` from the refinement model when not given)."""
+    from h2g.inference import make_backend
+
+    backends = tuple(make_backend(path, engine=args.engine, device=args.device, precision=args.precision,
+                                  threads=args.threads) for path in (args.patch_model, args.refine_model))
+    if args.size is None:  # the resolution the refinement model was trained at
+        args.size = backends[1].image_size or 1024
+    return backends
+
+
 def segment(slide, patch_backend: Backend, refine_backend: Backend, *, size: int = 1024,
             magnification: float = 10, patch_size: int = 256, batch_size: int = 32,
             readers: int = 2, threshold: float = 0.5, tissue=None, progress: bool = True) -> Segmentation:

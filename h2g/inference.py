@@ -77,6 +77,7 @@ class _BackendBase:
     threads: int | None = None
     precision = "f32"
     input_names: tuple[str, ...] = ()
+    image_size: int | None = None  # side of the `image` input when the model fixes it
 
     def info(self) -> dict:
         """Engine, version, device, threads and precision actually in use."""
@@ -123,6 +124,13 @@ class _BackendBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r}, device={self.device!r}, precision={self.precision!r})"
+
+
+def _square_side(shape: tuple) -> int | None:
+    """The side of a ``(batch, S, S, channels)`` input whose S is fixed, else None."""
+    if len(shape) == 4 and isinstance(shape[1], int) and shape[1] == shape[2]:
+        return int(shape[1])
+    return None
 
 
 def _summary(exc: Exception) -> str:
@@ -188,6 +196,7 @@ class KerasBackend(_BackendBase):
             self._keras_order = tuple(t.name for t in model.inputs)
         # a single input is the image, whatever its Keras name (as in export)
         self.input_names = self._keras_order if len(self._keras_order) > 1 else ("image",)
+        self.image_size = _square_side(tuple(self.model.inputs[0].shape))
 
     def predict(self, inputs: Inputs) -> np.ndarray:
         feed = self._feed(inputs)
@@ -248,6 +257,7 @@ class OnnxRuntimeBackend(_BackendBase):
         self.device = device
         self.precision = "f32"
         self.input_names = tuple(i.name for i in self.session.get_inputs())
+        self.image_size = _square_side(tuple(self.session.get_inputs()[0].shape))
         self._output = self.session.get_outputs()[0].name
 
     def predict(self, inputs: Inputs) -> np.ndarray:
@@ -307,6 +317,8 @@ class OpenVINOBackend(_BackendBase):
         self.version = ov.get_version()
         self.device = device
         self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)
+        first = self.compiled.inputs[0].get_partial_shape()
+        self.image_size = _square_side(tuple(d.get_length() if d.is_static else None for d in first))
         self._request = self.compiled.create_infer_request()
 
     def predict(self, inputs: Inputs) -> np.ndarray:

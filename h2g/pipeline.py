@@ -81,11 +81,22 @@ class Pipeline:
         self.manifest_path = Path(self.manifest_path)
         self.out = Path(self.out)
         self.manifest = load_manifest(self.manifest_path)
-        self.manifest_key = file_hash(self.manifest_path)
+        self.manifest_key = self._data_key()
         self._samplers: dict[str, object] = {}
         self._samples: dict[tuple, list] = {}
 
     # ------------------------------------------------------------------ helpers
+    def _data_key(self) -> str:
+        """Identifies the data: the manifest's bytes and each slide's and mask's size and
+        modification time (a slide rewritten in place invalidates every cached stage)."""
+        files = []
+        for record in self.manifest:
+            for path in (record.slide_path, record.annotation_path):
+                if path is not None:
+                    stat = Path(path).stat()
+                    files.append((str(path), stat.st_size, stat.st_mtime_ns))
+        return stable_hash(file_hash(self.manifest_path), files)
+
     def records(self, split: str) -> list[SlideRecord]:
         return self.manifest.split(split)
 

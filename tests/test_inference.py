@@ -296,3 +296,21 @@ def test_missing_engine_is_a_clear_error(monkeypatch, colour_files):
         OnnxRuntimeBackend(colour_files[1])
     with pytest.raises(ExportError, match="engine openvino is not installed"):
         OpenVINOBackend(colour_files[2])
+
+
+def test_backends_report_the_fixed_image_size_of_a_model(tmp_path):
+    """segment_slide/benchmark take the refinement resolution from the model itself."""
+    import keras
+
+    from h2g import models
+    from h2g.inference import KerasBackend, OnnxRuntimeBackend
+
+    refiner = models.build("unet", input_size=256, width=0.05)
+    assert KerasBackend(refiner).image_size == 256
+    inputs = keras.Input((None, None, 3), name="image")
+    flexible = keras.Model(inputs, keras.layers.Conv2D(2, 1, activation="softmax")(inputs))
+    assert KerasBackend(flexible).image_size is None
+    from h2g.conversion import signature, to_onnx
+
+    path = to_onnx(refiner, signature(refiner, tmp_path / "r.keras"), tmp_path / "r.onnx")
+    assert OnnxRuntimeBackend(path).image_size == 256
