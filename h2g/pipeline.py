@@ -82,6 +82,7 @@ class Pipeline:
         self.out = Path(self.out)
         self.manifest = load_manifest(self.manifest_path)
         self.manifest_key = self._data_key()
+        self.rows: list[dict] = []  # per-slide test metrics of every design run so far
         self._samplers: dict[str, object] = {}
         self._samples: dict[tuple, list] = {}
 
@@ -369,7 +370,7 @@ class Pipeline:
             for s, p in pairs[: c.eval.figure_slides]
         ]
         evaluation.figure_grid(folder / "examples.png", figure_rows)
-        self._rows = getattr(self, "_rows", []) + rows
+        self.rows.extend(rows)
         return metrics
 
 
@@ -388,7 +389,7 @@ def run_designs(designs: list[Design], manifest_path: Path, out: Path, config: C
     pipe = Pipeline(manifest_path, out, config, resume=resume)
     results = {d.name: pipe.run(d) for d in designs}
     if len(designs) > 1:
-        evaluation.write_tables(Path(out), pipe._rows, [d.label for d in designs], resolution=config.refine.size,
+        evaluation.write_tables(Path(out), pipe.rows, [d.label for d in designs], resolution=config.refine.size,
                                 tukey_designs=[d.label for d in designs if d.deep_learning])
-        evaluation.dice_boxplot(Path(out) / "dice_boxplot.png", pipe._rows)
+        evaluation.dice_boxplot(Path(out) / "dice_boxplot.png", pipe.rows)
     return results
