@@ -27,8 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from h2g.errors import ExportError
-from h2g.inference import (INPUT_NAMES, KerasBackend, OnnxRuntimeBackend, OpenVINOBackend, load_keras_model,
-                           refinement_inputs)
+from h2g.inference import (INPUT_NAMES, KerasBackend, OnnxRuntimeBackend, OpenVINOBackend, call_keras,
+                           keras_inputs, load_keras_model, refinement_inputs)
 
 DEFAULT_OPSET = 17
 TOLERANCE = 1e-4
@@ -82,13 +82,8 @@ class Signature:
 def signature(model, path) -> Signature:
     """Inputs, kind and output name of ``model``; :class:`ExportError` when a
     multi-input model's inputs are not named ``image`` and ``heatmap``."""
-    if isinstance(model.input, dict):
-        structure, keras_order = "dict", tuple(model.input)
-        tensors = dict(model.input)
-    else:
-        structure = "list" if isinstance(model.input, (list, tuple)) else "single"
-        keras_order = tuple(t.name for t in model.inputs)
-        tensors = dict(zip(keras_order, model.inputs))
+    structure, keras_order = keras_inputs(model)
+    tensors = dict(model.input) if structure == "dict" else dict(zip(keras_order, model.inputs))
     if len(keras_order) == 1:  # the image, whatever its Keras name
         names, shapes = ("image",), (tuple(tensors[keras_order[0]].shape),)
     else:
@@ -124,20 +119,7 @@ def to_onnx(model, sig: Signature, path: Path, opset: int = DEFAULT_OPSET) -> Pa
 
     @tf.function(input_signature=specs)
     def serve(*args):
-        feed = dict(zip(sig.names, args))
-        values = [feed[n] for n in sig.keras_order] if len(args) > 1 else list(args)
-        if sig.structure == "dict":
-            x = dict(zip(sig.keras_order, values))
-        elif sig.structure == "list":
-            x = values
-        else:
-            x = values[0]
-        out = model(x, training=False)
-        if isinstance(out, dict):
-            out = next(iter(out.values()))
-        elif isinstance(out, (list, tuple)):
-            out = out[0]
-        return {sig.output: out}
+        return {sig.output: call_keras(model, sig.structure, sig.keras_order, dict(zip(sig.names, args)))}
 
     path.parent.mkdir(parents=True, exist_ok=True)
     try:

@@ -167,6 +167,30 @@ def load_keras_model(path):
         raise ModelError(f"{path}: cannot load the Keras model: {exc}") from None
 
 
+def keras_inputs(model) -> tuple[str, tuple[str, ...]]:
+    """How a Keras model takes its inputs: ``"single"``, ``"list"`` or ``"dict"``, and
+    the input names in the model's own order."""
+    if isinstance(model.input, dict):
+        return "dict", tuple(model.input)
+    structure = "list" if isinstance(model.input, (list, tuple)) else "single"
+    return structure, tuple(t.name for t in model.inputs)
+
+
+def call_keras(model, structure: str, keras_order: tuple[str, ...], by_name: Mapping):
+    """``model``'s first output for inputs given by name (a single-input model takes its
+    one input whatever it is called), packed the way :func:`keras_inputs` says.  Used
+    eagerly by :class:`KerasBackend` and inside the graph that export traces."""
+    values = list(by_name.values()) if len(keras_order) == 1 else [by_name[n] for n in keras_order]
+    if structure == "dict":
+        x = dict(zip(keras_order, values))
+    else:
+        x = values if structure == "list" else values[0]
+    out = model(x, training=False)
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    return out[0] if isinstance(out, (list, tuple)) else out
+
+
 class KerasBackend(_BackendBase):
     """A Keras model (or ``.keras`` file) run by TensorFlow."""
 
@@ -189,30 +213,14 @@ class KerasBackend(_BackendBase):
         self.threads = tf.config.threading.get_intra_op_parallelism_threads() or available_cpus()
         policy = keras.config.dtype_policy().compute_dtype
         self.precision = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(policy, policy)
-        if isinstance(model.input, dict):
-            self._structure, self._keras_order = "dict", tuple(model.input)
-        else:
-            self._structure = "list" if isinstance(model.input, (list, tuple)) else "single"
-            self._keras_order = tuple(t.name for t in model.inputs)
+        self._structure, self._keras_order = keras_inputs(model)
         # a single input is the image, whatever its Keras name (as in export)
         self.input_names = self._keras_order if len(self._keras_order) > 1 else ("image",)
         self.image_size = _square_side(tuple(self.model.inputs[0].shape))
 
     def predict(self, inputs: Inputs) -> np.ndarray:
-        feed = self._feed(inputs)
-        values = [feed[n] for n in self.input_names]  # in the model's own order
-        if self._structure == "dict":
-            x = dict(zip(self._keras_order, values))
-        elif self._structure == "list":
-            x = values
-        else:
-            x = values[0]
-        out = self.model(x, training=False)  # eager: no retracing per batch size
-        if isinstance(out, dict):
-            out = next(iter(out.values()))
-        elif isinstance(out, (list, tuple)):
-            out = out[0]
-        return np.asarray(out)
+        # eager: no retracing per batch size
+        return np.asarray(call_keras(self.model, self._structure, self._keras_order, self._feed(inputs)))
 
 
 class OnnxRuntimeBackend(_BackendBase):
