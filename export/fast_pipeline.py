@@ -9,7 +9,10 @@ The pipeline uses the paper's parameters: tissue segmentation (colour thresholdi
 heatmap, and the refinement network on the heatmap plus the low-resolution image.  Add it
 to FastPathology, which gives it the slide (pipeline input ``WSI``) and shows its outputs
 ``heatmap`` and ``segmentation``; in Python (pyfast):
-``fast.Pipeline("h2g.fpl").parse(inputData={"WSI": pyramid})``.  Bad input: exit code 2.
+``fast.Pipeline("h2g.fpl").parse(inputData={"WSI": pyramid})``.  FAST's OpenVINO engine
+(the default) feeds one patch at a time and cannot compile models with a dynamic batch
+dimension, so for it batch-1 OpenVINO copies of both models (``<name>_batch1.xml/.bin``)
+are written beside ``--out`` and the pipeline names those.  Bad input: exit code 2.
 """
 from __future__ import annotations
 

@@ -453,14 +453,40 @@ def fast_pipeline_text(patch_model, refine_model, *, magnification: float = 10, 
     return "\n\n".join("\n".join(block) for block in blocks) + "\n"
 
 
-def write_fast_pipeline(path, patch_model, refine_model, **kw) -> Path:
-    """Write :func:`fast_pipeline_text` to ``path``; the models must exist."""
+def batch_one_copy(model, out_dir) -> Path:
+    """An OpenVINO IR copy of ``model`` (.onnx or .xml) with its batch dimension fixed
+    to 1, written as ``out_dir/<stem>_batch1.xml/.bin``.  FAST's OpenVINO engine feeds
+    one patch at a time and cannot compile our dynamic-batch exports ("Primitive
+    descriptor was not found for node .../MatMul")."""
+    try:
+        import openvino as ov
+    except ImportError:
+        raise ExportError("FAST's OpenVINO engine needs batch-1 copies of the models, made with "
+                          "openvino (pip install openvino)") from None
+    model = Path(model)
+    try:
+        graph = ov.Core().read_model(str(model))
+        graph.reshape({i.get_any_name(): [1, *[d.get_length() for d in i.get_partial_shape()[1:]]]
+                       for i in graph.inputs})
+    except Exception as exc:  # OpenVINO raises RuntimeError subclasses
+        raise ExportError(f"{model}: cannot make a batch-1 copy for FAST: {str(exc).splitlines()[0]}") from None
+    out = Path(out_dir) / f"{model.stem}_batch1.xml"
+    ov.save_model(graph, str(out), compress_to_fp16=False)
+    return out
+
+
+def write_fast_pipeline(path, patch_model, refine_model, *, engine: str = "openvino", **kw) -> Path:
+    """Write :func:`fast_pipeline_text` to ``path``; the models must exist.  For FAST's
+    OpenVINO engine the pipeline runs batch-1 copies of the models written beside
+    ``path`` (:func:`batch_one_copy`)."""
     for model in (patch_model, refine_model):
         if not Path(model).is_file():
             raise ExportError(f"{model}: model file not found")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(fast_pipeline_text(patch_model, refine_model, **kw))
+    if engine == "openvino":
+        patch_model, refine_model = (batch_one_copy(m, path.parent) for m in (patch_model, refine_model))
+    path.write_text(fast_pipeline_text(patch_model, refine_model, engine=engine, **kw))
     return path
 
 
@@ -468,7 +494,8 @@ def fast_peer(slide_path, patch_model, refine_model, *, engine: str, repeats: in
               n_patches: int, objective_power: float, magnification: float = 10,
               patch_size: int = 256) -> dict:
     """Time FAST (pyfast) on the same slide and models through
-    :func:`fast_pipeline_text`: one warm-up, then ``repeats`` runs of its patch-wise
+    :func:`write_fast_pipeline` (batch-1 copies for FAST's OpenVINO engine, which feeds
+    one patch at a time): one warm-up, then ``repeats`` runs of its patch-wise
     stage (slide import to the finished heatmap).  FAST's refinement stage is not timed:
     in pyfast 4.18 run headless it does not return.  ``objective_power`` is set on the
     slide when FAST finds no magnification in it.  Patches/s uses ``n_patches`` (our

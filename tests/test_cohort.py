@@ -341,3 +341,13 @@ def test_tile_count_matches_the_written_pyramid(tmp_path):
         tiles = sum(len(page.dataoffsets) for page in tif.pages)
     assert cohort._tile_count(size) == tiles
 
+
+
+def test_cli_names_the_slides_of_non_smoke_presets(tiny_cohort, tmp_path, capsys, monkeypatch):
+    tool = _tool()
+    monkeypatch.setattr(tool, "make_cohort", lambda out, preset, seed, progress: tiny_cohort)
+    assert tool.main(["--preset", "tiny", "--out", str(tmp_path), "--quiet"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    records = list(load_manifest(tiny_cohort))
+    assert lines[1:] == [f"{r.slide_id}: {r.slide_path}" for r in records]
+    assert all(r.slide_path.is_file() for r in records)

@@ -447,10 +447,13 @@ def test_fast_pipeline_names_both_models_and_the_paper_parameters(deploy_models,
     patch = objects["patch"]["attributes"]
     assert patch["patch-size"] == "256 256" and patch["patch-magnification"] == "10"
     assert patch["mask-threshold"] == "0.25"
-    assert objects["network"]["attributes"]["model"] == f'"{patch_onnx.resolve()}"'
+    # FAST's OpenVINO engine (the default) runs batch-1 copies written beside the pipeline
+    patch_copy, refine_copy = (tmp_path / f"{m.stem}_batch1.xml" for m in (patch_onnx, refine_onnx))
+    assert objects["network"]["attributes"]["model"] == f'"{patch_copy.resolve()}"'
+    assert objects["network"]["attributes"]["inference-engine"] == "OpenVINO"
     assert float(objects["network"]["attributes"]["scale-factor"]) == pytest.approx(1 / 255)
     refinement = objects["refinement"]
-    assert refinement["attributes"]["model"] == f'"{refine_onnx.resolve()}"'
+    assert refinement["attributes"]["model"] == f'"{refine_copy.resolve()}"'
     # input 0 = the low-resolution image in [0, 1], input 1 = the tumour channel of the heatmap
     assert objects[refinement["inputs"][0][0]]["type"] == "IntensityNormalization"
     heatmap = objects[refinement["inputs"][1][0]]
@@ -459,6 +462,35 @@ def test_fast_pipeline_names_both_models_and_the_paper_parameters(deploy_models,
     assert run_cli(fpl_main, ["--patch-model", str(tmp_path / "missing.onnx"), "--refine-model",
                               str(refine_onnx), "--out", str(out)]) == 2
     assert "missing.onnx: model file not found" in capsys.readouterr().err
+
+
+def test_fast_batch_one_copies_predict_like_the_original(deploy_models, tmp_path):
+    """The copies FAST's OpenVINO engine runs have batch 1 and the original's outputs;
+    FAST's ONNX Runtime engine gets the original files."""
+    import openvino as ov
+
+    from fast_pipeline import main as fpl_main
+    from h2g.deploy import batch_one_copy
+
+    patch_onnx, refine_onnx = deploy_models["patch"][1], deploy_models["refine"][1]
+    copy = batch_one_copy(patch_onnx, tmp_path)
+    core = ov.Core()
+    shapes = [list(i.get_partial_shape().to_shape()) for i in core.read_model(str(copy)).inputs]
+    original = core.read_model(str(patch_onnx)).inputs[0].get_partial_shape()
+    assert shapes == [[1, *[d.get_length() for d in original[1:]]]]
+    x = np.random.default_rng(0).random((1, *shapes[0][1:]), np.float32)
+    f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+    want = core.compile_model(str(patch_onnx), "CPU", f32)(x)[0]
+    np.testing.assert_allclose(core.compile_model(str(copy), "CPU", f32)(x)[0], want, atol=1e-6)
+    out = tmp_path / "ort" / "h2g.fpl"
+    assert run_cli(fpl_main, ["--patch-model", str(patch_onnx), "--refine-model", str(refine_onnx),
+                              "--out", str(out), "--engine", "onnxruntime"]) == 0
+    network = parse_fpl(out.read_text())["objects"]["network"]["attributes"]
+    assert network["model"] == f'"{patch_onnx.resolve()}"' and network["inference-engine"] == "ONNXRuntime"
+    assert not list(out.parent.glob("*_batch1.*"))
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(ExportError, match="junk.onnx: cannot make a batch-1 copy"):
+        batch_one_copy(tmp_path / "junk.onnx", tmp_path)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -317,3 +317,25 @@ def test_model_summary_unknown_name_exits_2(capsys):
     assert run_cli(load_tool().main, ["resnet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "resnet" in err[0]
+
+
+def test_model_summary_saves_seeded_untrained_models(tmp_path, capsys):
+    """--save writes loadable full-size models; the same seed gives the same weights."""
+
+    tool = load_tool()
+    for folder in ("a", "b"):
+        assert tool.main(["--json", "mobilenetv2", "--save", str(tmp_path / folder), "--seed", "3"]) == 0
+        row = json.loads(capsys.readouterr().out)["mobilenetv2"]
+        assert row["saved"] == str(tmp_path / folder / "mobilenetv2.keras")
+    a, b = (keras.saving.load_model(tmp_path / f / "mobilenetv2.keras") for f in ("a", "b"))
+    assert a.count_params() == row["params"] and a.input_shape == (None, 256, 256, 3)
+    assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
+
+
+def test_model_summary_save_onto_a_file_exits_2(tmp_path, capsys):
+    from h2g.cli import run_cli
+
+    target = tmp_path / "file"
+    target.write_text("")
+    assert run_cli(load_tool().main, ["unet", "--save", str(target)]) == 2
+    assert "not a folder" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from pathlib import Path
 from h2g.cli import run_cli
 from h2g.cohort import PRESETS, make_cohort
 from h2g.errors import ConfigError
-from h2g.manifest import DEFAULT_MANIFEST
+from h2g.manifest import DEFAULT_MANIFEST, load_manifest
 
 
 def default_out(preset: str) -> Path:
@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     manifest = make_cohort(out, args.preset, args.seed, progress=not args.quiet)
     print(f"wrote {manifest} in {time.perf_counter() - start:.1f} s")
+    if args.preset != "smoke":  # say where the slides are (paths in the manifest are relative to it)
+        for row in load_manifest(manifest).records:
+            print(f"{row.slide_id}: {row.slide_path}")
     return 0
 
 
