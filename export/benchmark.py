@@ -52,10 +52,9 @@ def main(argv=None) -> int:
     peer = None
     if args.peer == "fast":
         with tempfile.TemporaryDirectory() as work:
-            peer = fast_peer(args.slide, args.patch_model, args.refine_model, engine=args.engine,
-                             repeats=args.repeats, work_dir=work, n_patches=result["patches"],
-                             objective_power=power,
-                             magnification=args.magnification, patch_size=args.patch_size)
+            peer = fast_peer(args.slide, args.patch_model, engine=args.engine, repeats=args.repeats,
+                             work_dir=work, objective_power=power, magnification=args.magnification,
+                             patch_size=args.patch_size)
         result["peer"] = peer
         if "skipped" in peer:
             print(f"peer FAST skipped: {peer['skipped']}", file=sys.stderr)

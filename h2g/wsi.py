@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,9 @@ from h2g.errors import SlideError
 STANDARD_POWERS = (2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0)
 #: Snap tolerance: derived power within this factor of a standard power takes its value.
 SNAP_FACTOR = 1.15
+#: Whole levels taller than BAND_ROWS are read in bands of that many rows by BAND_THREADS threads.
+BAND_ROWS = 1024
+BAND_THREADS = 2
 #: Suffixes of the slide formats OpenSlide reads; an unrecognised file with one of these
 #: is reported as corrupt rather than "not a slide".
 SLIDE_SUFFIXES = frozenset(
@@ -184,12 +188,14 @@ class Slide:
         if self._closed:
             raise SlideError(self.path, "the slide has been closed")
         try:
-            rgba = np.asarray(self._osr.read_region(location, level, size))
+            region = self._osr.read_region(location, level, size)
         except openslide.OpenSlideError as exc:
             forget(self)
             raise SlideError(self.path, f"cannot decode image data (corrupt tiles or an "
                                         f"unsupported compression): {exc}") from None
-        return _to_rgb(rgba)
+        if region.getchannel("A").getextrema()[0] == 255:  # opaque: PIL drops alpha fastest
+            return np.asarray(region.convert("RGB"))
+        return _to_rgb(np.asarray(region))
 
     def read_region(self, location, size, magnification: float) -> np.ndarray:
         """Read ``size`` = (w, h) output pixels at ``magnification`` whose top-left corner is
@@ -211,18 +217,45 @@ class Slide:
         return _resize(self._read((x, y), level, level_size), (w, h))
 
     def read_level(self, level: int) -> np.ndarray:
-        """The whole pyramid level ``level`` as ``(h, w, 3)`` uint8 RGB."""
+        """The whole pyramid level ``level`` as ``(h, w, 3)`` uint8 RGB (large levels are
+        read in bands of :data:`BAND_ROWS` rows by :data:`BAND_THREADS` threads)."""
         if not 0 <= level < self.level_count:
             raise SlideError(self.path, f"level {level} does not exist (the slide has "
                                         f"{self.level_count} levels)")
-        return self._read((0, 0), level, self.level_dimensions[level])
+        return self._read_level_shrunk(level, 1)
+
+    def _read_level_shrunk(self, level: int, factor: int) -> np.ndarray:
+        """Level ``level`` box-filtered by the integer ``factor`` (its sides must be
+        multiples of it), read and shrunk band by band in threads when it is large."""
+        width, height = self.level_dimensions[level]
+        downsample = self.level_downsamples[level]
+        out_size = (width // factor, height // factor)
+        if height <= BAND_ROWS or downsample != int(downsample):  # bands must start on exact rows
+            return _resize(self._read((0, 0), level, (width, height)), out_size)
+        rows_per_band = BAND_ROWS - BAND_ROWS % factor  # whole output rows per band
+        out = np.empty((out_size[1], out_size[0], 3), np.uint8)
+
+        def band(top: int) -> None:  # OpenSlide is thread-safe and releases the GIL
+            rows = min(rows_per_band, height - top)
+            plane = self._read((0, top * int(downsample)), level, (width, rows))
+            out[top // factor:(top + rows) // factor] = _resize(plane, (out_size[0], rows // factor))
+
+        with ThreadPoolExecutor(BAND_THREADS) as pool:
+            list(pool.map(band, range(0, height, rows_per_band)))
+        return out
 
     def read_magnification(self, magnification: float) -> np.ndarray:
         """The whole slide at ``magnification``: the nearest finer level resized to
-        ``round(level-0 size / downsample)`` (at least 1 px a side)."""
+        ``round(level-0 size / downsample)`` (at least 1 px a side).  When that is an
+        exact integer shrink of the level, bands are read and shrunk in threads."""
         downsample = self.downsample_for(magnification)
         size = tuple(max(1, round(d / downsample)) for d in self.dimensions)
-        return _resize(self.read_level(self.best_level_for(downsample)), size)
+        level = self.best_level_for(downsample)
+        width, height = self.level_dimensions[level]
+        factor = width // size[0]
+        if factor >= 1 and (width, height) == (size[0] * factor, size[1] * factor):
+            return self._read_level_shrunk(level, factor)  # box filter = exact block means
+        return _resize(self.read_level(level), size)
 
     # -- lifetime ----------------------------------------------------------------------
     def close(self) -> None:

@@ -348,6 +348,7 @@ BENCH_FIELDS = {
     "refinement_size", "warmup", "repeats", "engine", "version", "device", "threads", "precision",
     "patch_backend", "refine_backend", "stages", "patches_per_second", "read_only_s", "inference_only_s",
     "pipeline_s", "pipeline_efficiency", "refinement_share", "peak_memory_mib", "host", "runs", "peer",
+    "patch_wise_patches_per_second",
 }
 
 
@@ -374,6 +375,12 @@ def test_benchmark_writes_every_field(checker_path, deploy_models, tmp_path):
     if not fast_installed:
         assert "skipped" in result["peer"] and "pip install pyfast" in result["peer"]["skipped"]
         assert "peer FAST skipped" in done.stderr
+    elif "skipped" not in result["peer"]:  # FAST ran: its own patch count and timings
+        peer = result["peer"]
+        assert peer["patches"] > 0 and len(peer["runs"]) == 1 and peer["patches_per_second"]["mean"] > 0
+        assert "ours is" in out_md.read_text()
+    pw = result["patch_wise_patches_per_second"]["mean"]
+    assert pw == pytest.approx(result["patches"] / result["runs"][0]["patch_wise"])
     table = out_md.read_text()
     assert "| Engine | Device | Precision | Threads | Patch-wise | Refinement | Total |" in table
     assert "pipeline efficiency" in table and "±" in table

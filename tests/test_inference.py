@@ -104,12 +104,14 @@ def colour_files(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------- geometry
-@pytest.mark.parametrize("engine", ["keras", "onnxruntime", "openvino"])
+@pytest.mark.parametrize("engine", ["keras", "onnxruntime", "openvino", "openvino-throughput"])
 def test_heatmap_cells_land_where_patches_were_read(checker, colour_files, engine):
     model, onnx_path, xml_path = colour_files
     backend = {"keras": lambda: KerasBackend(model),
                "onnxruntime": lambda: OnnxRuntimeBackend(onnx_path),
-               "openvino": lambda: OpenVINOBackend(xml_path, precision="f32")}[engine]()
+               "openvino": lambda: OpenVINOBackend(xml_path, precision="f32"),
+               "openvino-throughput": lambda: OpenVINOBackend(xml_path, precision="f32", threads=2,
+                                                              hint="throughput")}[engine]()
     timings: dict = {}
     heat = slide_heatmap(checker, backend, patch_size=PATCH, batch_size=3, readers=2,
                          progress=False, timings=timings)
@@ -221,13 +223,38 @@ def test_backends_report_what_they_run_with(colour_files):
     model, onnx_path, xml_path = colour_files
     ort = make_backend(onnx_path, threads=1)
     assert ort.info() | {"model": ""} == {"engine": "onnxruntime", "version": ort.version, "device": "CPU",
-                                          "threads": 1, "precision": "f32", "model": "", "inputs": ["image"]}
+                                          "threads": 1, "precision": "f32", "model": "", "inputs": ["image"],
+                                          "hint": "latency", "streams": 1, "sub_batch": None}
     ov = make_backend(xml_path, precision="f32", threads=1)
     assert (ov.name, ov.device, ov.precision, ov.threads) == ("openvino", "CPU", "f32", 1)
     default = OpenVINOBackend(onnx_path)  # OpenVINO reads ONNX too; it picks its precision
     assert default.precision in ("f32", "bf16", "f16")
     keras_backend = make_backend(model)
     assert (keras_backend.name, keras_backend.precision, keras_backend.input_names) == ("keras", "f32", ("image",))
+
+
+@pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+def test_throughput_hint_splits_batches_over_streams_in_order(colour_files, engine):
+    """Sub-batches run concurrently on the streams; every row comes back in its place."""
+    path = colour_files[2] if engine == "openvino" else colour_files[1]
+    precision = "f32" if engine == "openvino" else None
+    backend = make_backend(path, engine=engine, precision=precision, threads=2, hint="throughput")
+    info = backend.info()
+    assert (info["hint"], info["streams"], info["sub_batch"]) == ("throughput", 2, 1)  # 11 sub-batches of 1
+    rng = np.random.default_rng(1)
+    means = rng.random((11, 3), np.float32)  # one flat colour per patch: 11 different answers
+    batch = np.broadcast_to(means[:, None, None, :], (11, PATCH, PATCH, 3)).copy()
+    for n in (11, 1):
+        np.testing.assert_allclose(backend.predict(batch[:n])[:, 1], colour_probability(means[:n]), atol=1e-5)
+    cls = OpenVINOBackend if engine == "openvino" else OnnxRuntimeBackend
+    fives = cls(path, threads=2, precision=precision, hint="throughput", sub_batch=5)
+    np.testing.assert_allclose(fives.predict(batch)[:, 1], colour_probability(means), atol=1e-5)
+    latency = make_backend(path, engine=engine, threads=2)
+    assert (latency.info()["hint"], latency.streams, latency.info()["sub_batch"]) == ("latency", 1, None)
+    with pytest.raises(ConfigError, match="hint must be one of latency, throughput"):
+        make_backend(path, engine=engine, hint="fast")
+    with pytest.raises(ConfigError, match="sub_batch must be >= 1"):
+        cls(path, hint="throughput", sub_batch=0)
 
 
 def test_backends_agree_on_real_patches(real_data, colour_files):

@@ -129,6 +129,25 @@ def test_whole_slide_reads(noise):
             slide.read_level(5)
 
 
+def test_large_levels_are_read_in_bands_with_the_same_pixels(noise, monkeypatch):
+    """Bands (here 7 rows, not a tile multiple) give exactly the one-call read, on level 0
+    and on a reduced level (band tops in level-0 pixels = rows x downsample)."""
+    import openslide
+
+    from h2g import wsi
+
+    osr = openslide.OpenSlide(str(noise))
+    with Slide(noise) as slide:
+        one_call = slide.read_magnification(1.25)  # level 2 (192 rows) shrunk by 2, in one read
+        monkeypatch.setattr(wsi, "BAND_ROWS", 7)  # 6-row bands when shrinking by 2
+        for level in (0, 1):
+            whole = np.asarray(osr.read_region((0, 0), level, osr.level_dimensions[level]))[..., :3]
+            np.testing.assert_array_equal(slide.read_level(level), whole)
+        np.testing.assert_array_equal(slide.read_magnification(1.25), one_call)
+        np.testing.assert_array_equal(slide.read_magnification(2.5), slide.read_level(2))  # exact level
+    osr.close()
+
+
 def test_region_errors(noise):
     with Slide(noise) as slide:
         with pytest.raises(SlideError, match="outside the slide") as err:
