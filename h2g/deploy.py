@@ -356,12 +356,11 @@ def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats
 
 def _engine_setup(info: dict) -> str:
     """``"openvino throughput hint, 2 streams, 2 threads, bf16"`` from a backend's info."""
-    parts = [info["engine"]]
-    if "hint" in info:
-        parts[0] += f" {info['hint']} hint, {info['streams']} stream{'s' * (info['streams'] != 1)}"
-        if info.get("sub_batch"):
-            parts[0] += f", sub-batches of {info['sub_batch']}"
-    parts += [f"{info['threads']} threads" if info.get("threads") else None, info["precision"]]
+    parts = [f"{info['engine']} {info['hint']} hint",
+             f"{info['streams']} stream{'s' * (info['streams'] != 1)}",
+             f"sub-batches of {info['sub_batch']}" if info["sub_batch"] else None,
+             f"{info['threads']} threads" if info["threads"] else None,
+             info["precision"]]
     return ", ".join(p for p in parts if p)
 
 

@@ -295,13 +295,11 @@ class OnnxRuntimeBackend(_BackendBase):
 
     def predict(self, inputs: Inputs) -> np.ndarray:
         feed = self._feed(inputs)
-        n = len(next(iter(feed.values())))
         try:
-            if self._pool is None or n < 2:
+            if self._pool is None or _rows(feed) < 2:
                 return self._run(feed)
-            chunks = [{k: v[start:start + self.sub_batch] for k, v in feed.items()}
-                      for start in range(0, n, self.sub_batch)]
-            return np.concatenate(list(self._pool.map(self._run, chunks)))
+            parts = (part for _, part in _sub_feeds(feed, self.sub_batch))
+            return np.concatenate(list(self._pool.map(self._run, parts)))
         except Exception as exc:  # onnxruntime's own error types (shape, type mismatch)
             raise self._failed(feed, exc) from None
 
@@ -386,19 +384,29 @@ class OpenVINOBackend(_BackendBase):
 
     def predict(self, inputs: Inputs) -> np.ndarray:
         feed = self._feed(inputs)
-        n = len(next(iter(feed.values())))
         try:
-            if self._queue is None or n < 2:
+            if self._queue is None or _rows(feed) < 2:
                 self._request.infer(feed)
                 return self._request.get_output_tensor(0).data.copy()
-            chunk = self.sub_batch or -(-n // max(1, self.streams))
             self._parts = {}
-            for start in range(0, n, chunk):
-                self._queue.start_async({k: v[start:start + chunk] for k, v in feed.items()}, start)
+            for start, part in _sub_feeds(feed, self.sub_batch or -(-_rows(feed) // max(1, self.streams))):
+                self._queue.start_async(part, start)
             self._queue.wait_all()
         except Exception as exc:  # OpenVINO's RuntimeError subclasses
             raise self._failed(feed, exc) from None
         return np.concatenate([self._parts[k] for k in sorted(self._parts)])
+
+
+def _rows(feed: dict[str, np.ndarray]) -> int:
+    """The batch size of a feed."""
+    return len(next(iter(feed.values())))
+
+
+def _sub_feeds(feed: dict[str, np.ndarray], size: int) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """``(start, rows start:start + size of every input)`` over a feed, in order: the
+    sub-batches of the throughput hint."""
+    for start in range(0, _rows(feed), size):
+        yield start, {name: value[start:start + size] for name, value in feed.items()}
 
 
 def _check_concurrency(hint: str, sub_batch: int | None) -> None:

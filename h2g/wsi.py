@@ -253,7 +253,7 @@ class Slide:
         level = self.best_level_for(downsample)
         width, height = self.level_dimensions[level]
         factor = width // size[0]
-        if factor >= 1 and (width, height) == (size[0] * factor, size[1] * factor):
+        if (width, height) == (size[0] * factor, size[1] * factor):
             return self._read_level_shrunk(level, factor)  # box filter = exact block means
         return _resize(self.read_level(level), size)
 
