@@ -11,15 +11,14 @@ before any work starts.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-from h2g.cli import run_cli
-from h2g.config import PRESETS, load_config
-from h2g.designs import DESIGNS, resolve
-from h2g.manifest import DEFAULT_MANIFEST
+from h2g.core.cli import run_cli
+from h2g.core.config import PRESETS, load_config
+from h2g.systems.h2g.designs import DESIGNS, resolve
+from h2g.io.manifest import DEFAULT_MANIFEST
 
 
 def parse_args(argv):
@@ -37,14 +36,14 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from h2g.manifest import load_manifest
+    from h2g.io.manifest import load_manifest
 
     if args.manifest.resolve() == DEFAULT_MANIFEST.resolve():
-        from h2g.cohort import ensure_cohort
+        from h2g.data.cohort import ensure_cohort
 
         ensure_cohort(args.manifest, seed=0)
     load_manifest(args.manifest)  # every bad row, before any work starts
-    from h2g.pipeline import run_designs
+    from h2g.systems.h2g.pipeline import run_designs
 
     config = load_config(args.preset, seed=args.seed)
     results = run_designs(resolve(args.design), args.manifest, args.out, config, resume=args.resume)

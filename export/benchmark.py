@@ -22,8 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from h2g.cli import run_cli
-from h2g.deploy import add_pipeline_arguments, pipeline_backends
+from h2g.core.cli import run_cli
+from h2g.export.deploy import add_pipeline_arguments, pipeline_backends
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,8 +40,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from h2g.deploy import benchmark, benchmark_markdown, fast_peer
-    from h2g.wsi import Slide
+    from h2g.export.benchmark import benchmark, benchmark_markdown
+    from h2g.export.fast import fast_peer
+    from h2g.io.slide import Slide
 
     backends = pipeline_backends(args)
     with Slide(args.slide, mpp=args.mpp) as slide:

@@ -18,11 +18,11 @@ import json
 import sys
 from pathlib import Path
 
-from h2g.cli import run_cli
+from h2g.core.cli import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from h2g.conversion import DEFAULT_OPSET, TOLERANCE
+    from h2g.export.conversion import DEFAULT_OPSET, TOLERANCE
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", type=Path, help="run folders and/or .keras files")
@@ -38,8 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from h2g.conversion import convert, default_parity_slide
-    from h2g.wsi import Slide
+    from h2g.export.conversion import convert, default_parity_slide
+    from h2g.io.slide import Slide
 
     with Slide(args.slide or default_parity_slide(), mpp=args.mpp) as slide:
         report = convert(args.paths, slide, args.out, opset=args.opset, fp16=args.fp16,

@@ -20,11 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from h2g.cli import run_cli
+from h2g.core.cli import run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from h2g.deploy import FAST_ENGINES
+    from h2g.export.fast import FAST_ENGINES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--patch-model", type=Path, required=True, help="patch classifier (.onnx or .xml)")
@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from h2g.deploy import write_fast_pipeline
+    from h2g.export.fast import write_fast_pipeline
 
     path = write_fast_pipeline(args.out, args.patch_model, args.refine_model, engine=args.engine,
                                magnification=args.magnification, patch_size=args.patch_size,

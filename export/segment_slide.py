@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from h2g.cli import run_cli
-from h2g.deploy import add_pipeline_arguments, pipeline_backends
+from h2g.core.cli import run_cli
+from h2g.export.deploy import add_pipeline_arguments, pipeline_backends
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -32,8 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from h2g.deploy import segment, write_outputs
-    from h2g.wsi import Slide
+    from h2g.export.deploy import segment, write_outputs
+    from h2g.io.slide import Slide
 
     backends = pipeline_backends(args)
     with Slide(args.slide, mpp=args.mpp) as slide:

@@ -5,13 +5,4 @@ Importing the package is cheap and TensorFlow-free; the modules that need Tensor
 """
 __version__ = "0.1.0"
 
-from h2g.errors import (  # noqa: F401
-    AnnotationError,
-    ConfigError,
-    ExportError,
-    H2GError,
-    ManifestError,
-    ModelError,
-    SamplerError,
-    SlideError,
-)
+from h2g.core.errors import AnnotationError, ConfigError, ExportError, H2GError, ManifestError, ModelError, SamplerError, SlideError

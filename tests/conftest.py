@@ -24,7 +24,7 @@ def real_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory) -> Path:
     """The `tiny` synthetic cohort (6 slides: 3 train, 1 val, 2 test); its manifest path."""
-    from h2g.cohort import make_cohort
+    from h2g.data.cohort import make_cohort
 
     return make_cohort(tmp_path_factory.mktemp("tiny_cohort"), "tiny", seed=0, progress=False)
 
@@ -33,7 +33,7 @@ def tiny_config(seed: int = 0):
     """The smoke preset shrunk further so a whole design runs in seconds in tests."""
     import dataclasses
 
-    from h2g.config import load_config
+    from h2g.core.config import load_config
 
     c = load_config("smoke", seed=seed)
     return c.replace(

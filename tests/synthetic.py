@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from h2g.pyramid import write_pyramid
+from h2g.io.pyramid import write_pyramid
 
 GLASS_RGB = (255, 255, 255)
 TISSUE_RGB = (200, 80, 150)

@@ -13,11 +13,9 @@ from sklearn.preprocessing import StandardScaler
 import keras
 import tensorflow as tf
 
-from h2g import clustering
-from h2g.clustering import (ClusterStats, NearestCentroid, PCAProject, Standardize,
-                            build_cluster_model, cluster_layers, fit_clusterer, fit_stats,
-                            n_clusters_of, vgg16_extractor)
-from h2g.errors import ModelError
+from h2g.training import clustering
+from h2g.training.clustering import ClusterStats, NearestCentroid, PCAProject, Standardize, build_cluster_model, cluster_layers, fit_clusterer, fit_stats, n_clusters_of, vgg16_extractor
+from h2g.core.errors import ModelError
 
 
 @pytest.fixture(scope="module")
@@ -190,8 +188,8 @@ def load_camelyon(folder):
 
 
 def test_real_camelyon_patches_through_cluster_model_and_classifier(real_data):
-    from h2g.losses import CWCELoss, cluster_guided
-    from h2g.training import evaluate_classifier
+    from h2g.training.losses import CWCELoss, cluster_guided
+    from h2g.training.fit import evaluate_classifier
 
     folder = real_data / "camelyon16_patches"
     tumour, normal = load_camelyon(folder / "tumor"), load_camelyon(folder / "normal")

@@ -9,8 +9,8 @@ from PIL import Image
 from scipy import stats
 from sklearn.metrics import f1_score, precision_score, recall_score
 
-from h2g import evaluation as ev
-from h2g.errors import ConfigError
+from h2g.evaluation import figures, metrics, tables
+from h2g.core.errors import ConfigError
 
 
 # ---------------------------------------------------------------- per-slide metrics
@@ -20,7 +20,7 @@ def test_metrics_hand_computed():
     pred = np.zeros((4, 4), bool)
     pred[0, :3] = True  # 3 found
     pred[3, :2] = True  # 2 false positives
-    m = ev.segmentation_metrics(pred, truth)  # TP 3, FP 2, FN 1
+    m = metrics.segmentation_metrics(pred, truth)  # TP 3, FP 2, FN 1
     assert m["recall"] == pytest.approx(3 / 4)
     assert m["precision"] == pytest.approx(3 / 5)
     assert m["dice"] == pytest.approx(6 / 9)
@@ -30,7 +30,7 @@ def test_metrics_match_sklearn_on_random_masks():
     rng = np.random.default_rng(0)
     for _ in range(5):
         truth, pred = rng.random((32, 32)) < 0.3, rng.random((32, 32)) < 0.4
-        m = ev.segmentation_metrics(pred.astype(np.uint8), truth)
+        m = metrics.segmentation_metrics(pred.astype(np.uint8), truth)
         assert m["recall"] == pytest.approx(recall_score(truth.ravel(), pred.ravel()))
         assert m["precision"] == pytest.approx(precision_score(truth.ravel(), pred.ravel()))
         assert m["dice"] == pytest.approx(f1_score(truth.ravel(), pred.ravel()))
@@ -48,22 +48,22 @@ def test_metrics_empty_cases(pred_any, truth_any, expected):
     pred, truth = np.zeros((5, 5), bool), np.zeros((5, 5), bool)
     pred[1, 1] = pred_any
     truth[3, 3] = truth_any
-    m = ev.segmentation_metrics(pred, truth)
+    m = metrics.segmentation_metrics(pred, truth)
     assert (m["recall"], m["precision"], m["dice"]) == expected
 
 
 def test_metrics_reject_probabilities_and_shape_mismatch():
     with pytest.raises(ValueError, match="binarise"):
-        ev.segmentation_metrics(np.full((2, 2), 0.7), np.ones((2, 2), bool))
+        metrics.segmentation_metrics(np.full((2, 2), 0.7), np.ones((2, 2), bool))
     with pytest.raises(ValueError, match="shape"):
-        ev.segmentation_metrics(np.ones((2, 2), bool), np.ones((2, 3), bool))
+        metrics.segmentation_metrics(np.ones((2, 2), bool), np.ones((2, 3), bool))
 
 
 def test_binarise_is_strict_and_rejects_nan():
-    np.testing.assert_array_equal(ev.binarise(np.array([0.2, 0.5, 0.5001, 1.0])), [False, False, True, True])
-    np.testing.assert_array_equal(ev.binarise(np.array([0.2, 0.7]), threshold=0.1), [True, True])
+    np.testing.assert_array_equal(metrics.binarise(np.array([0.2, 0.5, 0.5001, 1.0])), [False, False, True, True])
+    np.testing.assert_array_equal(metrics.binarise(np.array([0.2, 0.7]), threshold=0.1), [True, True])
     with pytest.raises(ValueError, match="NaN"):
-        ev.binarise(np.array([0.2, np.nan]))
+        metrics.binarise(np.array([0.2, np.nan]))
 
 
 # ---------------------------------------------------------------- summaries
@@ -81,7 +81,7 @@ ROWS = [
 
 
 def test_summarise_macro_mean_and_sample_sd_by_hand():
-    s = ev.summarise(ROWS)
+    s = tables.summarise(ROWS)
     assert list(s) == ["A", "B"]
     a = s["A"]
     assert a.n == 3
@@ -90,29 +90,29 @@ def test_summarise_macro_mean_and_sample_sd_by_hand():
     assert a.dice.sd == pytest.approx(np.sqrt(0.046666667 / 2), rel=1e-6)
     assert a.recall.mean == pytest.approx(0.8) and a.recall.sd == pytest.approx(np.sqrt(0.14 / 2))  # 0.1^2 + 0.3^2 + 0.2^2
     assert a.precision.mean == pytest.approx(0.8) and a.precision.sd == pytest.approx(0.1)
-    assert a.dice_by_grade["1"] == ev.MeanSD(0.8, 0.0, 1)
+    assert a.dice_by_grade["1"] == tables.MeanSD(0.8, 0.0, 1)
     assert a.dice_by_grade["2"].mean == pytest.approx(0.75)
     assert a.dice_by_grade["2"].sd == pytest.approx(np.sqrt(2 * 0.15**2))
-    assert s["B"].dice == ev.MeanSD(0.5, 0.0, 1) and list(s["B"].dice_by_grade) == ["1"]
+    assert s["B"].dice == tables.MeanSD(0.5, 0.0, 1) and list(s["B"].dice_by_grade) == ["1"]
     assert str(a.dice) == "0.767 ± 0.153"
 
 
 def test_metrics_summary_keys_and_values():
-    m = ev.metrics_summary(ROWS, "A")
+    m = tables.metrics_summary(ROWS, "A")
     assert m["design"] == "A" and m["n_test_slides"] == 3
     assert m["recall_mean"] == pytest.approx(0.8) and m["precision_sd"] == pytest.approx(0.1)
     assert m["dice_mean"] == pytest.approx(2.3 / 3) and m["dice_sd"] == pytest.approx(0.152753, rel=1e-5)
     assert m["dice_by_grade"] == {"1": pytest.approx(0.8), "2": pytest.approx(0.75)}
     assert m["n_by_grade"] == {"1": 1, "2": 2}
     with pytest.raises(ConfigError, match="no per-slide results for design 'C'"):
-        ev.metrics_summary(ROWS, "C")
+        tables.metrics_summary(ROWS, "C")
 
 
 def test_rows_with_missing_keys_or_nan_are_rejected():
     with pytest.raises(ValueError, match="lacks grade"):
-        ev.summarise([{"design": "A", "slide_id": "s", "recall": 1, "precision": 1, "dice": 1}])
+        tables.summarise([{"design": "A", "slide_id": "s", "recall": 1, "precision": 1, "dice": 1}])
     with pytest.raises(ValueError, match="non-finite dice"):
-        ev.summarise([row("A", "s", 1, float("nan"), recall=1.0, precision=1.0)])
+        tables.summarise([row("A", "s", 1, float("nan"), recall=1.0, precision=1.0)])
 
 
 # ---------------------------------------------------------------- Tukey HSD
@@ -125,7 +125,7 @@ def scored_rows(n=8, seed=0):
 
 def test_tukey_matches_scipy_directly():
     rows = scored_rows()
-    result = ev.tukey(rows, ["X", "Y", "Z"])
+    result = tables.tukey(rows, ["X", "Y", "Z"])
     groups = [[r["dice"] for r in rows if r["design"] == d] for d in "XYZ"]
     expected = stats.tukey_hsd(*groups).pvalue
     np.testing.assert_allclose(np.array(result.pvalues, dtype=float), expected)
@@ -135,24 +135,24 @@ def test_tukey_matches_scipy_directly():
 def test_tukey_with_two_designs_equals_the_pooled_t_test():
     """For two groups the studentized range test reduces to Student's t-test."""
     rows = [r for r in scored_rows(6, seed=1) if r["design"] in "XY"]
-    result = ev.tukey(rows, ["X", "Y"])
+    result = tables.tukey(rows, ["X", "Y"])
     groups = [[r["dice"] for r in rows if r["design"] == d] for d in "XY"]
     assert result.p("X", "Y") == pytest.approx(stats.ttest_ind(*groups).pvalue, rel=1e-4)
 
 
 def test_tukey_untestable_designs_are_none_not_nan():
     rows = scored_rows(4) + [row("W", "s0", 1, 0.9)]
-    result = ev.tukey(rows, ["X", "W", "Y"])
+    result = tables.tukey(rows, ["X", "W", "Y"])
     assert result.p("X", "W") is None and result.p("W", "W") is None
     assert result.p("X", "Y") is not None
     assert "W: 1 slide(s)" in result.note
-    single = ev.tukey(rows, ["X"])
+    single = tables.tukey(rows, ["X"])
     assert single.pvalues == ((None,),) and "fewer than two designs" in single.note
 
 
 def test_tukey_zero_variance_gives_one_for_equal_and_zero_for_different_means():
     rows = [row(d, f"s{i}", 1, v) for d, v in (("P", 1.0), ("Q", 1.0), ("R", 0.5)) for i in range(3)]
-    result = ev.tukey(rows, ["P", "Q", "R"])
+    result = tables.tukey(rows, ["P", "Q", "R"])
     assert result.p("P", "Q") == 1.0 and result.p("P", "R") == 0.0
     assert not np.isnan(np.array(result.pvalues, dtype=float)).any()
 
@@ -165,13 +165,13 @@ def read_csv(path):
 
 def test_write_tables_layout(tmp_path):
     rows = ROWS + [row("A", "s4", 3, 0.7), row("B", "s2", 2, 0.4), row("C", "s9", 1, 0.1)]
-    paths = ev.write_tables(tmp_path, rows, ["A", "B"], resolution=1024)
+    paths = tables.write_tables(tmp_path, rows, ["A", "B"], resolution=1024)
     assert set(paths) == {"tables", "table1", "table2", "tukey", "per_slide"}
     md = paths["tables"].read_text(encoding="utf-8")
     assert "1024x1024" in md
     assert "| Design | Recall | Precision | DSC |" in md
-    a_dice = ev.MeanSD.of([0.8, 0.6, 0.9, 0.7])
-    assert f"| A | {ev.MeanSD.of([0.9, 0.5, 1.0, 0.7])} | {ev.MeanSD.of([0.7, 0.9, 0.8, 0.7])} | {a_dice} |" in md
+    a_dice = tables.MeanSD.of([0.8, 0.6, 0.9, 0.7])
+    assert f"| A | {tables.MeanSD.of([0.9, 0.5, 1.0, 0.7])} | {tables.MeanSD.of([0.7, 0.9, 0.8, 0.7])} | {a_dice} |" in md
     assert "| Design | Grade 1 (n = 1) | Grade 2 (n = 1/2) | Grade 3 (n = 1) |" in md
     assert "| B | 0.500 ± 0.000 | 0.400 ± 0.000 | n/a |" in md  # B has no grade-3 slide
 
@@ -192,15 +192,15 @@ def test_write_tables_layout(tmp_path):
 
 
 def test_write_tables_single_design_and_tukey_subset(tmp_path):
-    paths = ev.write_tables(tmp_path, ROWS, ["A"], resolution=512)
+    paths = tables.write_tables(tmp_path, ROWS, ["A"], resolution=512)
     md = paths["tables"].read_text(encoding="utf-8")
     assert "512x512" in md and "n/a: fewer than two designs" in md
     assert read_csv(paths["tukey"]) == [{"design": "A", "A": ""}]
     rows = scored_rows(4)
-    paths = ev.write_tables(tmp_path / "sub", rows, ["X", "Y", "Z"], tukey_designs=["Y", "Z"])
+    paths = tables.write_tables(tmp_path / "sub", rows, ["X", "Y", "Z"], tukey_designs=["Y", "Z"])
     assert [r["design"] for r in read_csv(paths["tukey"])] == ["Y", "Z"]
     with pytest.raises(ConfigError, match="Q"):
-        ev.write_tables(tmp_path, ROWS, ["A", "Q"])
+        tables.write_tables(tmp_path, ROWS, ["A", "Q"])
 
 
 # ---------------------------------------------------------------- figures
@@ -212,7 +212,7 @@ def test_figure_grid_writes_one_row_per_slide(tmp_path):
     truth[8:24, 8:24] = True
     heat = np.linspace(0, 1, size * size, dtype=np.float32).reshape(size, size)
     rows = [("slide-a", red, truth, heat, truth), ("slide-b", red / 255.0, truth, None, ~truth)]
-    path = ev.figure_grid(tmp_path / "grid.png", rows)
+    path = figures.figure_grid(tmp_path / "grid.png", rows)
     with Image.open(path) as im:
         assert im.format == "PNG"
         width, height = im.size
@@ -221,12 +221,12 @@ def test_figure_grid_writes_one_row_per_slide(tmp_path):
     left = pixels[:, : width // 4]
     assert ((left[..., 0] > 240) & (left[..., 1] < 15) & (left[..., 2] < 15)).sum() > 1000  # the red image
     with pytest.raises(ValueError):
-        ev.figure_grid(tmp_path / "none.png", [])
+        figures.figure_grid(tmp_path / "none.png", [])
 
 
 def test_dice_boxplot(tmp_path):
-    path = ev.dice_boxplot(tmp_path / "box.png", scored_rows(5))
+    path = figures.dice_boxplot(tmp_path / "box.png", scored_rows(5))
     with Image.open(path) as im:
         assert im.format == "PNG" and im.size[0] >= 400
     with pytest.raises(ConfigError, match="Q"):
-        ev.dice_boxplot(tmp_path / "bad.png", scored_rows(5), designs=["X", "Q"])
+        figures.dice_boxplot(tmp_path / "bad.png", scored_rows(5), designs=["X", "Q"])

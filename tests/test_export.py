@@ -20,11 +20,13 @@ from conftest import REAL_DATA, REPO
 from synthetic import make_slide
 from test_inference import CELL, PATCH, colour_model, threshold_refiner
 
-from h2g.cli import run_cli
-from h2g.conversion import convert_model, export_model, parity_inputs, signature, to_onnx, to_openvino
-from h2g.errors import ExportError
-from h2g.inference import KerasBackend, refinement_inputs, slide_heatmap
-from h2g.wsi import Slide
+from h2g.core.cli import run_cli
+from h2g.export.conversion import convert_model, export_model, parity_inputs, signature, to_onnx, to_openvino
+from h2g.core.errors import ExportError
+from h2g.inference.backends import KerasBackend
+from h2g.inference.lowres import refinement_inputs
+from h2g.inference.heatmap import slide_heatmap
+from h2g.io.slide import Slide
 
 TINY = {
     "mobilenetv2": dict(input_size=64, alpha=0.35),
@@ -154,8 +156,8 @@ def test_every_architecture_converts_with_parity(name, parity_slide, tmp_path):
 def test_cluster_model_converts_with_identical_ids(parity_slide, tmp_path):
     import keras
 
-    from h2g.clustering import build_cluster_model, fit_stats
-    from h2g.conversion import parity_patches
+    from h2g.training.clustering import build_cluster_model, fit_stats
+    from h2g.export.conversion import parity_patches
 
     keras.utils.set_random_seed(0)
     patches = keras.Input((64, 64, 3), name="patches")
@@ -316,7 +318,7 @@ def test_segment_slide_reports_bad_input_in_one_line(checker_path, deploy_models
 
 
 def test_geojson_outlines_regions_holes_and_single_pixels():
-    from h2g.deploy import tumour_geojson
+    from h2g.io.geojson import tumour_geojson
 
     mask = np.zeros((20, 20), bool)
     mask[2:8, 2:8] = True
@@ -477,7 +479,7 @@ def test_fast_batch_one_copies_predict_like_the_original(deploy_models, tmp_path
     import openvino as ov
 
     from fast_pipeline import main as fpl_main
-    from h2g.deploy import batch_one_copy
+    from h2g.export.fast import batch_one_copy
 
     patch_onnx, refine_onnx = deploy_models["patch"][1], deploy_models["refine"][1]
     copy = batch_one_copy(patch_onnx, tmp_path)

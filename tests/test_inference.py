@@ -11,22 +11,12 @@ import pytest
 from PIL import Image
 from synthetic import cell_colour, make_slide
 
-from h2g.errors import ConfigError, ExportError
-from h2g.inference import (
-    Heatmap,
-    KerasBackend,
-    OnnxRuntimeBackend,
-    OpenVINOBackend,
-    PatchReader,
-    heatmap_raster,
-    lowres_level,
-    make_backend,
-    refine,
-    refinement_inputs,
-    slide_heatmap,
-)
-from h2g.tissue import TissueMask, detect_tissue
-from h2g.wsi import Slide
+from h2g.core.errors import ConfigError, ExportError
+from h2g.inference.heatmap import Heatmap, PatchReader, slide_heatmap
+from h2g.inference.backends import KerasBackend, OnnxRuntimeBackend, OpenVINOBackend, make_backend
+from h2g.inference.lowres import heatmap_raster, lowres_level, refine, refinement_inputs
+from h2g.tiling.tissue import TissueMask, detect_tissue
+from h2g.io.slide import Slide
 
 PATCH = 32  # patch size at 10x in these tests: 128 level-0 px on a 40x (0.25 um/px) slide
 CELL = 4 * PATCH  # checker cell = one patch
@@ -95,7 +85,7 @@ def expected_heatmap(slide: Slide, coords: np.ndarray, step: int) -> np.ndarray:
 @pytest.fixture(scope="module")
 def colour_files(tmp_path_factory):
     """The colour model as .keras, ONNX and OpenVINO IR (converted once)."""
-    from h2g.conversion import signature, to_onnx, to_openvino
+    from h2g.export.conversion import signature, to_onnx, to_openvino
 
     folder = tmp_path_factory.mktemp("colour")
     model = colour_model()
@@ -115,7 +105,7 @@ def test_heatmap_cells_land_where_patches_were_read(checker, colour_files, engin
     timings: dict = {}
     heat = slide_heatmap(checker, backend, patch_size=PATCH, batch_size=3, readers=2,
                          progress=False, timings=timings)
-    from h2g.patches import build_patch_grid
+    from h2g.tiling.grid import build_patch_grid
 
     grid = build_patch_grid(checker, tissue=heat.tissue, patch_size=PATCH)
     assert heat.step == CELL and heat.grid_shape == (4, 5)
@@ -296,7 +286,7 @@ def test_bad_inputs_give_clear_errors(tmp_path, colour_files, monkeypatch):
 def test_models_with_other_input_names_are_refused(tmp_path, checker, colour_files):
     from dataclasses import replace
 
-    from h2g.conversion import signature, to_onnx
+    from h2g.export.conversion import signature, to_onnx
 
     model = colour_files[0]
     foreign = to_onnx(model, replace(signature(model, "m"), names=("pixels",)), tmp_path / "foreign.onnx")
@@ -330,14 +320,14 @@ def test_backends_report_the_fixed_image_size_of_a_model(tmp_path):
     import keras
 
     from h2g import models
-    from h2g.inference import KerasBackend, OnnxRuntimeBackend
+    from h2g.inference.backends import KerasBackend, OnnxRuntimeBackend
 
     refiner = models.build("unet", input_size=256, width=0.05)
     assert KerasBackend(refiner).image_size == 256
     inputs = keras.Input((None, None, 3), name="image")
     flexible = keras.Model(inputs, keras.layers.Conv2D(2, 1, activation="softmax")(inputs))
     assert KerasBackend(flexible).image_size is None
-    from h2g.conversion import signature, to_onnx
+    from h2g.export.conversion import signature, to_onnx
 
     path = to_onnx(refiner, signature(refiner, tmp_path / "r.keras"), tmp_path / "r.onnx")
     assert OnnxRuntimeBackend(path).image_size == 256

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from h2g.cli import run_cli
+from h2g.core.cli import run_cli
 from synthetic import make_mask, make_slide
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from h2g.errors import ConfigError, ManifestError
-from h2g.manifest import DEFAULT_MANIFEST, SlideRecord, load_manifest
+from h2g.core.errors import ConfigError, ManifestError
+from h2g.io.manifest import DEFAULT_MANIFEST, SlideRecord, load_manifest
 
 HEADER = "slide_id,slide_path,annotation_path,grade,split,mpp\n"
 

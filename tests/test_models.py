@@ -16,7 +16,7 @@ import pytest
 from scipy.special import softmax
 
 from h2g import models
-from h2g.errors import ConfigError, ModelError
+from h2g.core.errors import ConfigError, ModelError
 from h2g.models.blocks import ChannelAttention, PositionAttention
 
 # Small but non-degenerate: the dual-attention bottleneck of DAGU-Net is 2x2 at 256.
@@ -312,7 +312,7 @@ def test_model_summary_json_and_table(capsys):
 
 
 def test_model_summary_unknown_name_exits_2(capsys):
-    from h2g.cli import run_cli
+    from h2g.core.cli import run_cli
 
     assert run_cli(load_tool().main, ["resnet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -333,7 +333,7 @@ def test_model_summary_saves_seeded_untrained_models(tmp_path, capsys):
 
 
 def test_model_summary_save_onto_a_file_exits_2(tmp_path, capsys):
-    from h2g.cli import run_cli
+    from h2g.core.cli import run_cli
 
     target = tmp_path / "file"
     target.write_text("")

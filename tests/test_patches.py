@@ -6,10 +6,11 @@ import pytest
 import tifffile
 from PIL import Image
 
-from h2g.errors import AnnotationError
-from h2g.patches import Annotation, area_fractions, build_patch_grid, load_annotation
-from h2g.tissue import TissueMask, detect_tissue
-from h2g.wsi import Slide
+from h2g.core.errors import AnnotationError
+from h2g.io.annotation import Annotation, load_annotation
+from h2g.tiling.grid import area_fractions, build_patch_grid
+from h2g.tiling.tissue import TissueMask, detect_tissue
+from h2g.io.slide import Slide
 from synthetic import make_mask, make_slide, mask_image
 
 

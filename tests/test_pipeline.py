@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from conftest import REPO, tiny_config
-from h2g.designs import resolve
-from h2g.pipeline import run_designs
+from h2g.systems.h2g.designs import resolve
+from h2g.systems.h2g.pipeline import run_designs
 
 pytestmark = pytest.mark.slow
 
@@ -97,9 +97,10 @@ def test_two_epochs_on_the_generated_cohort_beat_chance(tiny_cohort, tmp_path):
     small and this briefly trained is at chance there, as it should be.)"""
     import keras
 
-    from h2g import training
-    from h2g.manifest import load_manifest
-    from h2g.sampling import HierarchicalSampler, build_sources, patch_dataset
+    from h2g.training import fit as training
+    from h2g.io.manifest import load_manifest
+    from h2g.data.sampler import HierarchicalSampler, build_sources
+    from h2g.data.dataset import patch_dataset
 
     manifest = load_manifest(tiny_cohort)
     train = HierarchicalSampler(build_sources(manifest.split("train"), progress=False), seed=0)

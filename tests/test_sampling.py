@@ -17,14 +17,9 @@ import openslide
 import pytest
 from scipy.stats import binomtest, chisquare
 
-from h2g.errors import ConfigError, SamplerError
-from h2g.sampling import (
-    TRAIN_STREAM,
-    VALIDATION_STREAM,
-    HierarchicalSampler,
-    SampleSource,
-    patch_dataset,
-)
+from h2g.core.errors import ConfigError, SamplerError
+from h2g.data.sampler import TRAIN_STREAM, VALIDATION_STREAM, HierarchicalSampler, SampleSource
+from h2g.data.dataset import patch_dataset
 
 P_MIN = 1e-3  # chi-square tolerance: a correct sampler fails 1 in 1000 seeds
 
@@ -235,7 +230,7 @@ def test_pipeline_reads_the_drawn_patches(slide_sources):
 
 
 def test_same_batches_whatever_the_readers(slide_sources):
-    from h2g.augment import classifier_augmenter
+    from h2g.data.augment import classifier_augmenter
 
     augment = classifier_augmenter()
     sampler = HierarchicalSampler(slide_sources, seed=2)
@@ -278,8 +273,8 @@ def test_unreadable_slide_fails_loudly_naming_it(tmp_path):
 def test_build_sources_leaves_out_unusable_slides_once(tmp_path, caplog):
     from synthetic import make_mask, make_slide
 
-    from h2g.manifest import SlideRecord
-    from h2g.sampling import build_sources
+    from h2g.io.manifest import SlideRecord
+    from h2g.data.sampler import build_sources
 
     size = (4096, 3072)  # 40x: 4 x 3 patches of 256 px at 10x, 1024 level-0 px a side
     tissue = (0, 0, 4096, 2048)  # the top two patch rows
@@ -291,10 +286,10 @@ def test_build_sources_leaves_out_unusable_slides_once(tmp_path, caplog):
         SlideRecord("unannotated", make_slide(tmp_path / "unannotated.tiff", size, tissue=tissue),
                     None, 3, "train"),
     ]
-    with caplog.at_level(logging.WARNING, logger="h2g.sampling"):
+    with caplog.at_level(logging.WARNING, logger="h2g.data.sampler"):
         sources = build_sources(records, progress=False)
     assert [s.slide_id for s in sources] == ["good"]
-    reports = [r.getMessage() for r in caplog.records if r.name == "h2g.sampling"]
+    reports = [r.getMessage() for r in caplog.records if r.name == "h2g.data.sampler"]
     assert len(reports) == 1
     assert "blank (no tissue patches)" in reports[0] and "unannotated (no annotation)" in reports[0]
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from h2g import stain
+from h2g.data import stain
 
 # Ruifrok & Johnston's H&E optical density vectors, normalised.
 H_TRUE = np.array([0.650, 0.704, 0.286]) / np.linalg.norm([0.650, 0.704, 0.286])

@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from h2g.pyramid import write_pyramid
-from h2g.tissue import TissueMask, close_mask, detect_tissue, otsu_threshold, otsu_tissue, saturation
-from h2g.wsi import Slide
+from h2g.io.pyramid import write_pyramid
+from h2g.tiling.tissue import TissueMask, close_mask, detect_tissue, otsu_threshold, otsu_tissue, saturation
+from h2g.io.slide import Slide
 from synthetic import TISSUE_RGB, make_slide
 
 

@@ -9,9 +9,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from h2g.errors import SlideError
-from h2g.pyramid import write_pyramid
-from h2g.wsi import Slide, open_slide, power_from_mpp
+from h2g.core.errors import SlideError
+from h2g.io.pyramid import write_pyramid
+from h2g.io.slide import Slide, open_slide, power_from_mpp
 from synthetic import cell_colour, decode_cell, make_slide, slide_image
 
 SIZE = (4096, 3072)
@@ -134,7 +134,7 @@ def test_large_levels_are_read_in_bands_with_the_same_pixels(noise, monkeypatch)
     and on a reduced level (band tops in level-0 pixels = rows x downsample)."""
     import openslide
 
-    from h2g import wsi
+    from h2g.io import slide as wsi
 
     osr = openslide.OpenSlide(str(noise))
     with Slide(noise) as slide:

@@ -27,14 +27,14 @@ import sys
 import time
 from pathlib import Path
 
-from h2g.cli import run_cli
-from h2g.errors import ConfigError
+from h2g.core.cli import run_cli
+from h2g.core.errors import ConfigError
 
 WARMUP = 3  # pipeline batches not timed: start-up, and the batches in flight at first
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from h2g.manifest import DEFAULT_MANIFEST
+    from h2g.io.manifest import DEFAULT_MANIFEST
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
@@ -53,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def time_sequential(sampler, first: int, batches: int, batch_size: int) -> float:
     """Patches per second of a plain loop over batches ``first .. first + batches - 1``."""
-    from h2g.sampling import read_patch
+    from h2g.data.readers import read_patch
 
     start = time.perf_counter()
     for b in range(first, first + batches):
@@ -68,8 +68,8 @@ def time_pipeline(sampler, first: int, batches: int, batch_size: int, readers: i
     batches ``first .. first + WARMUP + batches - 1`` it yields, the first ``WARMUP`` (which
     start TensorFlow and the readers, and overlap in flight) are not timed; the rate is
     ``batches`` batches over the time from the last warm-up batch to the last batch."""
-    from h2g.augment import classifier_augmenter
-    from h2g.sampling import patch_dataset
+    from h2g.data.augment import classifier_augmenter
+    from h2g.data.dataset import patch_dataset
 
     dataset = patch_dataset(sampler, batch_size=batch_size, augment=classifier_augmenter(),
                             start_batch=first, n_batches=WARMUP + batches, readers=readers)
@@ -82,8 +82,9 @@ def main(argv=None) -> int:
     if min(args.batches, args.batch_size, args.repeats) < 1:
         raise ConfigError("--batches, --batch-size and --repeats must be >= 1, got "
                           f"{args.batches}, {args.batch_size}, {args.repeats}")
-    from h2g.manifest import load_manifest
-    from h2g.sampling import HierarchicalSampler, available_cores, build_sources
+    from h2g.io.manifest import load_manifest
+    from h2g.data.sampler import HierarchicalSampler, build_sources
+    from h2g.data.readers import available_cores
 
     records = load_manifest(args.manifest).split(args.split)
     sources = build_sources(records, progress=not args.json)

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from h2g.cli import run_cli
-from h2g.errors import H2GError
-from h2g.patches import PatchGrid, build_patch_grid, load_annotation
-from h2g.tissue import TissueMask, detect_tissue
-from h2g.wsi import Slide
+from h2g.core.cli import run_cli
+from h2g.core.errors import H2GError
+from h2g.tiling.grid import PatchGrid, build_patch_grid
+from h2g.io.annotation import load_annotation
+from h2g.tiling.tissue import TissueMask, detect_tissue
+from h2g.io.slide import Slide
 
 TISSUE_TINT = (0, 160, 255)
 LABEL_COLOURS = {1: (220, 0, 0), 0: (0, 170, 0), -1: (255, 140, 0)}  # tumour, non-tumour, unlabelled

@@ -14,10 +14,10 @@ import sys
 import time
 from pathlib import Path
 
-from h2g.cli import run_cli
-from h2g.cohort import PRESETS, make_cohort
-from h2g.errors import ConfigError
-from h2g.manifest import DEFAULT_MANIFEST, load_manifest
+from h2g.core.cli import run_cli
+from h2g.data.cohort import PRESETS, make_cohort
+from h2g.core.errors import ConfigError
+from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 
 
 def default_out(preset: str) -> Path:

@@ -22,8 +22,8 @@ import os
 import sys
 from pathlib import Path
 
-from h2g.cli import run_cli
-from h2g.errors import ConfigError
+from h2g.core.cli import run_cli
+from h2g.core.errors import ConfigError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads (in main)
 

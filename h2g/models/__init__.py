@@ -27,7 +27,7 @@ import inspect
 
 import keras
 
-from h2g.errors import ConfigError
+from h2g.core.errors import ConfigError
 from h2g.models.agunet import build_agunet
 from h2g.models.classifiers import build_inceptionv3, build_mobilenetv2
 from h2g.models.dagunet import build_dagunet

@@ -15,7 +15,7 @@ from typing import Sequence
 import keras
 from keras import layers, ops
 
-from h2g.errors import ConfigError
+from h2g.core.errors import ConfigError
 
 MIN_FILTERS = 2  # the smallest filter count a width multiplier may produce
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from h2g.errors import ConfigError, ModelError
+from h2g.core.errors import ConfigError, ModelError
 from h2g.models.blocks import check_n_classes, check_positive
 
 WEIGHTS_URL = "https://storage.googleapis.com/tensorflow/keras-applications"

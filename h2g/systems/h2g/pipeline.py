@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from h2g import evaluation
-from h2g.config import Config, file_hash, stable_hash
-from h2g.designs import Design
-from h2g.manifest import Manifest, SlideRecord, load_manifest
-from h2g.wsi import open_slide
+from h2g.evaluation import figures, metrics, tables
+from h2g.core.config import Config, file_hash, stable_hash
+from h2g.systems.h2g.designs import Design
+from h2g.io.manifest import Manifest, SlideRecord, load_manifest
+from h2g.io.slide import open_slide
 
 log = logging.getLogger("h2g")
 
@@ -106,7 +106,7 @@ class Pipeline:
 
     def sampler(self, split: str):
         if split not in self._samplers:
-            from h2g.sampling import HierarchicalSampler, build_sources
+            from h2g.data.sampler import HierarchicalSampler, build_sources
 
             c = self.config
             sources = build_sources(
@@ -121,7 +121,7 @@ class Pipeline:
         return self._samplers[split]
 
     def _patch_data(self, split: str, batch_size: int, *, training: bool, n_batches=None, augment=None, start_batch=0):
-        from h2g.sampling import patch_dataset
+        from h2g.data.dataset import patch_dataset
 
         c = self.config
         return patch_dataset(
@@ -139,7 +139,7 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
     def cluster_model(self) -> Path:
         """Fit VGG16 features -> z-score -> PCA -> k-means on sampler batches (train)."""
-        from h2g import clustering
+        from h2g.training import clustering
 
         c = self.config
         stage = Stage(self.out, "cluster", stable_hash("cluster", self.manifest_key, c.cluster, c.patches, c.sampler, c.seed))
@@ -161,8 +161,9 @@ class Pipeline:
         """Train a patch classifier (designs III-IX) on the hierarchical sampler."""
         import keras
 
-        from h2g import losses, models, training
-        from h2g.augment import ClassifierAugmentConfig, classifier_augmenter
+        from h2g import models
+        from h2g.training import fit as training, losses
+        from h2g.data.augment import ClassifierAugmentConfig, classifier_augmenter
 
         c = self.config
         cluster_path = self.cluster_model() if design.cluster_guided else None
@@ -217,7 +218,8 @@ class Pipeline:
         """Whole-slide heatmaps of every slide of the manifest, cached by model hash."""
         import keras
 
-        from h2g.inference import make_backend, slide_heatmap
+        from h2g.inference.backends import make_backend
+        from h2g.inference.heatmap import slide_heatmap
 
         c = self.config
         stage = Stage(self.out, "heatmaps", stable_hash("heatmaps", file_hash(classifier_path), self.manifest_key, c.patches))
@@ -241,8 +243,9 @@ class Pipeline:
 
     def samples(self, split: str, heatmap_dir: Path | None) -> list:
         """Refinement-resolution samples (image, heatmap, mask) of one split."""
-        from h2g.inference import Heatmap, refinement_inputs
-        from h2g.refinement import RefinementSample, target_mask
+        from h2g.inference.heatmap import Heatmap
+        from h2g.inference.lowres import refinement_inputs
+        from h2g.systems.h2g.refinement import RefinementSample, target_mask
 
         key = (split, str(heatmap_dir))
         if key in self._samples:
@@ -266,9 +269,10 @@ class Pipeline:
         """Train a refinement network (VI-IX) or the low-resolution U-Net (II)."""
         import keras
 
-        from h2g import losses, models, training
-        from h2g.augment import RefinementAugmentConfig, refinement_augmenter
-        from h2g.refinement import refinement_dataset
+        from h2g import models
+        from h2g.training import fit as training, losses
+        from h2g.data.augment import RefinementAugmentConfig, refinement_augmenter
+        from h2g.systems.h2g.refinement import refinement_dataset
 
         c = self.config
         heat_key = heatmap_dir.name if heatmap_dir else None
@@ -316,8 +320,8 @@ class Pipeline:
         models the design used."""
         import keras
 
-        from h2g.refinement import predict
-        from h2g.tissue import otsu_tissue
+        from h2g.systems.h2g.refinement import predict
+        from h2g.tiling.tissue import otsu_tissue
 
         used: dict[str, Path] = {}
         heatmap_dir = None
@@ -345,10 +349,10 @@ class Pipeline:
         for sample, prob in pairs:
             if sample.mask is None:
                 continue
-            m = evaluation.segmentation_metrics(evaluation.binarise(prob, c.eval.threshold), sample.mask)
+            m = metrics.segmentation_metrics(metrics.binarise(prob, c.eval.threshold), sample.mask)
             rows.append({"design": design.label, "slide_id": sample.slide_id, "grade": sample.grade, **m})
-        summary = evaluation.metrics_summary(rows, design.label)
-        metrics = {
+        summary = tables.metrics_summary(rows, design.label)
+        result = {
             **summary,
             "design": design.name,
             "label": design.label,
@@ -359,19 +363,19 @@ class Pipeline:
             "models": {k: str(v) for k, v in used.items()},
             "config": c.to_dict(),
         }
-        _write_json(folder / "metrics.json", metrics)
-        evaluation.write_tables(folder, rows, [design.label], resolution=c.refine.size)
+        _write_json(folder / "metrics.json", result)
+        tables.write_tables(folder, rows, [design.label], resolution=c.refine.size)
         models_dir = folder / "models"
         for role, path in used.items():
             models_dir.mkdir(exist_ok=True)
             shutil.copyfile(path, models_dir / f"{role}.keras")
         figure_rows = [
-            (s.slide_id, s.image, s.mask, s.heatmap[..., 0] if design.needs_heatmaps else None, evaluation.binarise(p, c.eval.threshold))
+            (s.slide_id, s.image, s.mask, s.heatmap[..., 0] if design.needs_heatmaps else None, metrics.binarise(p, c.eval.threshold))
             for s, p in pairs[: c.eval.figure_slides]
         ]
-        evaluation.figure_grid(folder / "examples.png", figure_rows)
+        figures.figure_grid(folder / "examples.png", figure_rows)
         self.rows.extend(rows)
-        return metrics
+        return result
 
 
 def _save_overlay(path: Path, slide, probs: np.ndarray) -> None:
@@ -389,7 +393,7 @@ def run_designs(designs: list[Design], manifest_path: Path, out: Path, config: C
     pipe = Pipeline(manifest_path, out, config, resume=resume)
     results = {d.name: pipe.run(d) for d in designs}
     if len(designs) > 1:
-        evaluation.write_tables(Path(out), pipe.rows, [d.label for d in designs], resolution=config.refine.size,
+        tables.write_tables(Path(out), pipe.rows, [d.label for d in designs], resolution=config.refine.size,
                                 tukey_designs=[d.label for d in designs if d.deep_learning])
-        evaluation.dice_boxplot(Path(out) / "dice_boxplot.png", pipe.rows)
+        figures.dice_boxplot(Path(out) / "dice_boxplot.png", pipe.rows)
     return results

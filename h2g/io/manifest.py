@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from h2g.errors import ConfigError, ManifestError
+from h2g.core.errors import ConfigError, ManifestError
 
 REQUIRED_COLUMNS = ("slide_id", "slide_path", "annotation_path", "grade", "split")
 OPTIONAL_COLUMNS = ("mpp",)
 SPLITS = ("train", "val", "test")
 GRADES = (1, 2, 3)
 
-DEFAULT_MANIFEST: Path = Path(__file__).resolve().parents[1] / "data_manifest.csv"
+DEFAULT_MANIFEST: Path = Path(__file__).resolve().parents[2] / "data_manifest.csv"
 
 
 @dataclass(frozen=True)

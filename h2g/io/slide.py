@@ -25,7 +25,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
-from h2g.errors import SlideError
+from h2g.core.errors import SlideError
 
 #: Objective powers that microns per pixel are snapped to when a slide gives no power.
 STANDARD_POWERS = (2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0)

@@ -39,9 +39,9 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from h2g.errors import ConfigError
-from h2g.manifest import DEFAULT_MANIFEST, load_manifest
-from h2g.pyramid import default_downsamples, write_pyramid_tiles
+from h2g.core.errors import ConfigError
+from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
+from h2g.io.pyramid import default_downsamples, write_pyramid_tiles
 
 MPP = 0.25                # microns per level-0 pixel
 MASK_DOWNSAMPLE = 4       # level-0 px per mask px

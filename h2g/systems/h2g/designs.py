@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from h2g.errors import ConfigError
+from h2g.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -20,60 +20,10 @@ from typing import Iterable, Sequence
 import numpy as np
 from scipy import stats
 
-from h2g.errors import ConfigError
+from h2g.core.errors import ConfigError
 
 METRICS = ("recall", "precision", "dice")
 ROW_KEYS = ("design", "slide_id", "grade", *METRICS)
-
-
-# ---------------------------------------------------------------- per-slide metrics
-def binarise(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Tumour where ``prob > threshold`` (strictly: with a two-class softmax this is the
-    arg-max, and a tie at exactly 0.5 is non-tumour).  NaN probabilities raise
-    ``ValueError`` rather than silently becoming non-tumour."""
-    prob = np.asarray(prob)
-    if np.issubdtype(prob.dtype, np.floating) and np.isnan(prob).any():
-        raise ValueError("probability map contains NaN")
-    return prob > threshold
-
-
-def segmentation_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Pixel-wise ``recall``, ``precision`` and ``dice`` of a binary prediction.
-
-    ``pred`` and ``truth`` are boolean (or 0/1) arrays of one shape.  With TP, FP, FN
-    the pixel counts, recall = TP / (TP + FN), precision = TP / (TP + FP) and
-    Dice = 2 TP / (2 TP + FP + FN).  The 0 / 0 cases are defined, never NaN:
-
-    * recall with an empty ground truth is 1: there was nothing to find, so nothing
-      was missed; false positives are charged to precision and Dice instead;
-    * precision with an empty prediction is 1 when the ground truth is empty too
-      (a correct "no tumour") and 0 otherwise: an empty prediction on a slide with
-      tumour finds nothing, and scoring it as perfectly precise would let a model that
-      predicts nothing look good in the slide-averaged precision;
-    * Dice with both empty is 1 (perfect agreement).
-
-    So: both empty -> 1, 1, 1; truth empty, prediction not -> recall 1, precision 0,
-    Dice 0; prediction empty, truth not -> 0, 0, 0.
-    """
-    pred, truth = _binary(pred, "pred"), _binary(truth, "truth")
-    if pred.shape != truth.shape:
-        raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {truth.shape}")
-    tp = int(np.count_nonzero(pred & truth))
-    fp = int(np.count_nonzero(pred & ~truth))
-    fn = int(np.count_nonzero(~pred & truth))
-    recall = tp / (tp + fn) if tp + fn else 1.0
-    precision = tp / (tp + fp) if tp + fp else (1.0 if fn == 0 else 0.0)
-    dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
-    return {"recall": recall, "precision": precision, "dice": dice}
-
-
-def _binary(array: np.ndarray, name: str) -> np.ndarray:
-    array = np.asarray(array)
-    if array.dtype == bool:
-        return array
-    if not np.isin(array, (0, 1)).all():
-        raise ValueError(f"{name} must be binary (bool or 0/1); threshold probabilities with binarise() first")
-    return array.astype(bool)
 
 
 # ---------------------------------------------------------------- summaries
@@ -292,68 +242,6 @@ def _write_csv(path: Path, header: list[str], body: list[list]) -> None:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(body)
-
-
-# ---------------------------------------------------------------- figures
-def figure_grid(path: str | Path, rows: Sequence[tuple]) -> Path:
-    """PNG grid, one row per slide: image, ground truth, heatmap, prediction.
-
-    ``rows``: ``(title, image, truth, heatmap, prediction)`` with ``image`` RGB
-    (``uint8`` or float in [0, 1]), ``truth`` / ``prediction`` boolean masks and
-    ``heatmap`` a float probability map or ``None`` (designs without one)."""
-    from matplotlib.figure import Figure
-
-    if not rows:
-        raise ValueError("figure_grid needs at least one row")
-    columns = ("image", "ground truth", "heatmap", "prediction")
-    fig = Figure(figsize=(3 * len(columns), 3 * len(rows)), dpi=100)
-    axes = fig.subplots(len(rows), len(columns), squeeze=False)
-    for r, (title, image, truth, heatmap, prediction) in enumerate(rows):
-        panels = (image, truth, heatmap, prediction)
-        for c, (name, panel) in enumerate(zip(columns, panels)):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(name)
-            if panel is None:
-                ax.text(0.5, 0.5, "no heatmap", ha="center", va="center", transform=ax.transAxes)
-            elif c == 0:
-                ax.imshow(panel)
-            elif c == 2:
-                ax.imshow(panel, cmap="inferno", vmin=0.0, vmax=1.0)
-            else:
-                ax.imshow(np.asarray(panel, dtype=float), cmap="gray", vmin=0.0, vmax=1.0)
-        axes[r, 0].set_ylabel(str(title))
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return Path(path)
-
-
-def dice_boxplot(path: str | Path, per_slide: Sequence[dict], designs: Sequence[str] | None = None) -> Path:
-    """PNG box plot of per-slide Dice for each design (default: every design in the
-    rows, in order of first appearance), with the individual slides as points."""
-    from matplotlib.figure import Figure
-
-    rows = _check_rows(per_slide)
-    designs = list(designs) if designs is not None else list(dict.fromkeys(r["design"] for r in rows))
-    scores = [[r["dice"] for r in rows if r["design"] == d] for d in designs]
-    empty = [d for d, s in zip(designs, scores) if not s]
-    if not designs or empty:
-        raise ConfigError(f"no per-slide results for design(s) {', '.join(empty) or '(none given)'}")
-    fig = Figure(figsize=(max(4.0, 1.2 * len(designs)), 4.5), dpi=100)
-    ax = fig.subplots()
-    ax.boxplot(scores, showfliers=False)
-    jitter = np.random.default_rng(0)
-    for i, s in enumerate(scores, start=1):
-        ax.scatter(i + jitter.uniform(-0.15, 0.15, len(s)), s, s=12, alpha=0.7, color="tab:blue")
-    ax.set_xticks(range(1, len(designs) + 1), designs, rotation=30, ha="right")
-    ax.set_ylabel("Dice (per test slide)")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, format="png")
-    return Path(path)
 
 
 # ---------------------------------------------------------------- helpers

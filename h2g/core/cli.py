@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from h2g.errors import H2GError
+from h2g.core.errors import H2GError
 
 
 def run_cli(main, argv=None) -> int:

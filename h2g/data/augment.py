@@ -31,7 +31,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from h2g.stain import stain_augment
+from h2g.data.stain import stain_augment
 
 
 @dataclass(frozen=True)

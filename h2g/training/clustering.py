@@ -37,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from h2g.errors import ModelError
+from h2g.core.errors import ModelError
 
 #: The VGG16 layer whose output, global-average-pooled, is the feature vector.
 FEATURE_LAYER = "block5_pool"

@@ -50,8 +50,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from h2g.errors import ConfigError, ModelError
-from h2g.losses import unwrap_classifier
+from h2g.core.errors import ConfigError, ModelError
+from h2g.training.losses import unwrap_classifier
 
 BEST, LAST, RNG, STATE, LOG, CURVES = (
     "best.keras", "last.keras", "last_rng.npz", "state.json", "log.csv", "curves.png")

@@ -14,7 +14,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from h2g.patches import load_annotation
+from h2g.io.annotation import load_annotation
 
 
 @dataclass

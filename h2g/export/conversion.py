@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from h2g.errors import ExportError
-from h2g.inference import (INPUT_NAMES, KerasBackend, OnnxRuntimeBackend, OpenVINOBackend, call_keras,
-                           keras_inputs, load_keras_model, refinement_inputs)
+from h2g.core.errors import ExportError
+from h2g.inference.backends import INPUT_NAMES, KerasBackend, OnnxRuntimeBackend, OpenVINOBackend, call_keras, keras_inputs, load_keras_model
+from h2g.inference.lowres import refinement_inputs
 
 DEFAULT_OPSET = 17
 TOLERANCE = 1e-4
@@ -40,8 +40,8 @@ PARITY_MAGNIFICATION = 10.0
 def default_parity_slide() -> Path:
     """The slide parity is checked on when none is given: the first slide of the
     embedded cohort (generated on first use)."""
-    from h2g.cohort import ensure_cohort
-    from h2g.manifest import DEFAULT_MANIFEST, load_manifest
+    from h2g.data.cohort import ensure_cohort
+    from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 
     return load_manifest(ensure_cohort(DEFAULT_MANIFEST)).records[0].slide_path
 
@@ -148,8 +148,8 @@ def parity_patches(slide, size: int, n: int = PARITY_PATCHES,
                    magnification: float = PARITY_MAGNIFICATION) -> np.ndarray:
     """``n`` tissue patches ``(n, size, size, 3)`` float32 in [0, 1] at ``magnification``,
     evenly spaced over the slide's tissue grid (all of them when it has fewer)."""
-    from h2g.patches import build_patch_grid
-    from h2g.tissue import detect_tissue
+    from h2g.tiling.grid import build_patch_grid
+    from h2g.tiling.tissue import detect_tissue
 
     grid = build_patch_grid(slide, tissue=detect_tissue(slide), magnification=magnification, patch_size=size)
     if not len(grid.coords):

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from h2g.errors import ConfigError
+from h2g.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
@@ -38,13 +35,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from h2g.errors import ConfigError, SamplerError
+from h2g.core.errors import ConfigError, SamplerError
 
 if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
-    import tensorflow as tf
 
-    from h2g.manifest import SlideRecord
-    from h2g.patches import PatchGrid
+    from h2g.io.manifest import SlideRecord
+    from h2g.tiling.grid import PatchGrid
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +56,6 @@ Augment = Callable[[np.ndarray, int], np.ndarray]
 # Record fields that describe where a slide is rather than what it is.
 _LOCATION_FIELDS = ("slide_id", "slide_path", "annotation_path", "mpp")
 _SEED_LIMIT = 2**31  # augmentation seeds lie in [0, 2**31)
-_BATCHES_IN_FLIGHT = 2  # batches being read at once: the readers start the next early
-_POOLS: dict[int, ThreadPoolExecutor] = {}  # reader pools by size (see reader_pool)
-_POOLS_LOCK = threading.Lock()
-if hasattr(os, "register_at_fork"):  # a forked child has none of its parent's threads
-    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,9 +101,10 @@ def build_sources(
     """Open each record's slide, detect its tissue, load its annotation and build its
     patch grid.  Slides without any labelled patch (no tissue, or no annotation) are left
     out and named in one warning on the ``h2g.sampling`` logger."""
-    from h2g.patches import build_patch_grid, load_annotation
-    from h2g.tissue import detect_tissue
-    from h2g.wsi import open_slide
+    from h2g.tiling.grid import build_patch_grid
+    from h2g.io.annotation import load_annotation
+    from h2g.tiling.tissue import detect_tissue
+    from h2g.io.slide import open_slide
 
     records = list(records)
     sources: list[SampleSource] = []
@@ -313,124 +305,3 @@ def _group_children(parents: list[tuple], children: list[tuple]):
     count = np.bincount(owner, minlength=len(parents)).astype(np.int64)
     start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
     return start, count, [children[k] for k in order]
-
-
-def read_patch(
-    source: SampleSource,
-    x: int,
-    y: int,
-    *,
-    magnification: float = 10.0,
-    patch_size: int = 256,
-) -> np.ndarray:
-    """The ``(patch_size, patch_size, 3)`` uint8 patch of ``source`` at level-0 ``(x, y)``
-    and ``magnification``, through the shared handle of :func:`h2g.wsi.open_slide`."""
-    from h2g.wsi import open_slide
-
-    slide = open_slide(source.slide_path, source.mpp)
-    return slide.read_region((x, y), (patch_size, patch_size), magnification)
-
-
-def reader_pool(readers: int) -> ThreadPoolExecutor:
-    """The process's pool of ``readers`` patch-reading threads, made on first use and
-    shared by every dataset asking for that many.  Its threads are ordinary Python
-    threads that live as long as the process, so thread-local state (an augmentation
-    pipeline cached per thread) survives from one patch to the next, which it does not
-    in the short-lived Python thread states of ``tf.numpy_function`` calls."""
-    with _POOLS_LOCK:
-        pool = _POOLS.get(readers)
-        if pool is None:
-            pool = _POOLS[readers] = ThreadPoolExecutor(readers, thread_name_prefix=f"h2g-reader{readers}")
-        return pool
-
-
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the OS tells it); the
-    default number of reader threads."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
-
-
-def read_batch(
-    sampler: HierarchicalSampler,
-    batch_index: int,
-    batch_size: int,
-    *,
-    stream: int = TRAIN_STREAM,
-    augment: Augment | None = None,
-    readers: int | None = None,
-    magnification: float = 10.0,
-    patch_size: int = 256,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Batch ``batch_index`` of ``stream`` read (and augmented) on :func:`reader_pool`:
-    ``(images (B, S, S, 3) uint8, labels (B,) int32)``.  Patch ``i`` is augmented with
-    the ``i``-th seed drawn with the batch, so the result does not depend on ``readers``."""
-    batch = sampler.batch_arrays(batch_index, batch_size, stream)
-    images = np.empty((batch_size, patch_size, patch_size, 3), np.uint8)
-
-    def read(i: int) -> None:
-        source = sampler.sources[batch.slide_index[i]]
-        x, y = batch.coords[i]
-        image = read_patch(source, int(x), int(y), magnification=magnification, patch_size=patch_size)
-        images[i] = image if augment is None else augment(image, int(batch.seeds[i]))
-
-    list(reader_pool(readers or available_cores()).map(read, range(batch_size)))  # re-raises a reader's error
-    return images, batch.labels
-
-
-def patch_dataset(
-    sampler: HierarchicalSampler,
-    *,
-    batch_size: int,
-    training: bool = True,
-    augment: Augment | None = None,
-    start_batch: int = 0,
-    n_batches: int | None = None,
-    readers: int | None = None,
-    magnification: float = 10.0,
-    patch_size: int = 256,
-    prefetch: int | None = None,
-) -> tf.data.Dataset:
-    """A ``tf.data.Dataset`` of ``(images, labels)`` batches drawn by ``sampler``:
-    images ``(batch_size, patch_size, patch_size, 3)`` float32 in [0, 1], labels one-hot
-    ``(batch_size, 2)`` float32.
-
-    Training (``training=True``) yields batches ``start_batch, start_batch + 1, ...`` of
-    the training stream, forever unless ``n_batches`` is given; resume a run at batch
-    ``k`` with ``start_batch=k``.  Validation (``training=False``) needs ``n_batches`` and
-    yields the same batches of the validation stream every time it is iterated.
-
-    Each batch is one ``tf.numpy_function`` call (:func:`read_batch`) whose patches are
-    read by ``readers`` threads (default: one per core); two batches are in flight so
-    the readers never wait for the next one, and ``prefetch`` batches (default:
-    AUTOTUNE) are kept ready.  Batches are identical whatever ``readers`` is."""
-    import tensorflow as tf
-
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if readers is not None and readers < 1:
-        raise ConfigError(f"readers must be >= 1 (or None: one per core), got {readers}")
-    if start_batch < 0 or (n_batches is not None and n_batches < 1):
-        raise ConfigError(f"start_batch must be >= 0 and n_batches >= 1, got {start_batch}, {n_batches}")
-    if not training and n_batches is None:
-        raise ConfigError("a validation dataset needs n_batches (a fixed set of batches per epoch)")
-    stream = TRAIN_STREAM if training else VALIDATION_STREAM
-
-    def read(batch_index):
-        return read_batch(sampler, int(batch_index), batch_size, stream=stream, augment=augment,
-                          readers=readers, magnification=magnification, patch_size=patch_size)
-
-    def read_graph(batch_index):
-        images, labels = tf.numpy_function(read, [batch_index], [tf.uint8, tf.int32])
-        images.set_shape([batch_size, patch_size, patch_size, 3])
-        labels.set_shape([batch_size])
-        return tf.cast(images, tf.float32) / 255.0, tf.one_hot(labels, NUM_CLASSES, dtype=tf.float32)
-
-    if n_batches is None:
-        indices = tf.data.Dataset.counter(start_batch)
-    else:
-        indices = tf.data.Dataset.range(start_batch, start_batch + n_batches)
-    return indices.map(read_graph, num_parallel_calls=_BATCHES_IN_FLIGHT, deterministic=True).prefetch(
-        tf.data.AUTOTUNE if prefetch is None else prefetch
-    )
