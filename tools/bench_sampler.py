@@ -82,9 +82,9 @@ def main(argv=None) -> int:
     if min(args.batches, args.batch_size, args.repeats) < 1:
         raise ConfigError("--batches, --batch-size and --repeats must be >= 1, got "
                           f"{args.batches}, {args.batch_size}, {args.repeats}")
-    from h2g.io.manifest import load_manifest
+    from h2g.core.resources import available_cores
     from h2g.data.sampler import HierarchicalSampler, build_sources
-    from h2g.data.readers import available_cores
+    from h2g.io.manifest import load_manifest
 
     records = load_manifest(args.manifest).split(args.split)
     sources = build_sources(records, progress=not args.json)

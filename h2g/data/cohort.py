@@ -39,6 +39,7 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
+from h2g.core.atomic import replace_atomically
 from h2g.core.errors import ConfigError
 from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 from h2g.io.pyramid import default_downsamples, write_pyramid_tiles
@@ -700,16 +701,6 @@ def slide_layout(preset_name: str, spec: SlideSpec, seed: int) -> SlideLayout:
     return SlideLayout.draw(rng, size, spec.grade)
 
 
-def _replace_atomically(target: Path, write) -> None:
-    """``write(tmp)`` then move ``tmp`` over ``target`` (readers never see half a file,
-    and concurrent writers of the same deterministic file do not clash)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_slide(out_dir: Path, preset_name: str, spec: SlideSpec, seed: int,
@@ -717,10 +708,10 @@ def write_slide(out_dir: Path, preset_name: str, spec: SlideSpec, seed: int,
     """Render one slide and its mask under ``out_dir``; returns the level-0 size."""
     layout = slide_layout(preset_name, spec, seed)
     renderer = SlideRenderer(layout, key=(seed, spec.index))
-    _replace_atomically(out_dir / spec.slide_path, lambda tmp: write_pyramid_tiles(
+    replace_atomically(out_dir / spec.slide_path, lambda tmp: write_pyramid_tiles(
         tmp, layout.size, renderer.render, mpp=MPP, progress=progress))
     mask_size = tuple(-(-side // MASK_DOWNSAMPLE) for side in layout.size)
-    _replace_atomically(out_dir / spec.annotation_path, lambda tmp: write_pyramid_tiles(
+    replace_atomically(out_dir / spec.annotation_path, lambda tmp: write_pyramid_tiles(
         tmp, mask_size, renderer.render_mask, mpp=MPP * MASK_DOWNSAMPLE, channels=1))
     return layout.size
 
@@ -763,7 +754,7 @@ def make_cohort(out_dir, preset: str = "smoke", seed: int = 0, progress: bool = 
     manifest = out_dir / MANIFEST_NAME
     text = manifest_text(preset)
     if not manifest.is_file() or manifest.read_text() != text:
-        _replace_atomically(manifest, lambda tmp: tmp.write_text(text))
+        replace_atomically(manifest, lambda tmp: tmp.write_text(text))
     return manifest
 
 

@@ -6,8 +6,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from h2g.core.errors import ConfigError
-from h2g.data.readers import available_cores, read_patch, reader_pool
-from h2g.data.sampler import NUM_CLASSES, TRAIN_STREAM, VALIDATION_STREAM, Augment, HierarchicalSampler
+from h2g.core.resources import available_cores
+from h2g.data.readers import read_patch, reader_pool
+from h2g.data.sampler import (
+    NUM_CLASSES,
+    TRAIN_STREAM,
+    VALIDATION_STREAM,
+    Augment,
+    HierarchicalSampler,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
     import tensorflow as tf

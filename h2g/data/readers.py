@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-
 if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
     from h2g.data.sampler import SampleSource
 
@@ -47,9 +46,3 @@ def reader_pool(readers: int) -> ThreadPoolExecutor:
         return pool
 
 
-def available_cores() -> int:
-    """Cores this process may run on (its CPU affinity where the OS tells it); the
-    default number of reader threads."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1

@@ -9,9 +9,10 @@ import time
 import numpy as np
 
 from h2g.core.errors import ExportError
-from h2g.inference.backends import Backend, available_cpus
-from h2g.inference.heatmap import PatchReader
+from h2g.core.resources import available_cores
 from h2g.export.deploy import segment
+from h2g.inference.backends import Backend
+from h2g.inference.heatmap import PatchReader
 
 STAGES = ("tissue", "reading", "inference", "stitching", "patch_pipeline", "patch_wise", "refinement", "total")
 STAGE_LABELS = {
@@ -121,7 +122,7 @@ def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats
         "refinement_share": stages["refinement"]["mean"] / stages["total"]["mean"],
         "peak_memory_mib": peak_memory_mib(),
         "host": {"python": platform.python_version(), "machine": platform.machine(),
-                 "cpus": available_cpus()},
+                 "cpus": available_cores()},
         "runs": runs,
     }
 

@@ -17,7 +17,6 @@ lands in its grid cell.  :func:`refinement_inputs` builds the refinement stage's
 """
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Mapping, Protocol, Union
@@ -25,6 +24,7 @@ from typing import Iterator, Mapping, Protocol, Union
 import numpy as np
 
 from h2g.core.errors import ConfigError, ExportError, ModelError
+from h2g.core.resources import available_cores
 
 ENGINES = ("keras", "onnxruntime", "openvino")
 DEVICES = ("CPU", "GPU")
@@ -34,13 +34,6 @@ INPUT_NAMES = ("image", "heatmap")
 
 Inputs = Union[np.ndarray, Mapping[str, np.ndarray]]
 
-
-def available_cpus() -> int:
-    """CPU cores this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 # --------------------------------------------------------------------------------------
@@ -161,8 +154,8 @@ def load_keras_model(path):
         raise ModelError(f"{path}: model file not found")
     import keras
 
-    import h2g.training.clustering  # noqa: F401  (registers the cluster model's layers)
     import h2g.models  # noqa: F401  (registers the architectures' layers)
+    import h2g.training.clustering  # noqa: F401  (registers the cluster model's layers)
 
     try:
         return keras.saving.load_model(path, compile=False)
@@ -213,7 +206,7 @@ class KerasBackend(_BackendBase):
             raise ExportError("device GPU requested but TensorFlow sees no GPU "
                               "(install a CUDA build of TensorFlow, or use --device CPU)")
         self.device = "GPU" if gpus and device != "CPU" else "CPU"
-        self.threads = tf.config.threading.get_intra_op_parallelism_threads() or available_cpus()
+        self.threads = tf.config.threading.get_intra_op_parallelism_threads() or available_cores()
         policy = keras.config.dtype_policy().compute_dtype
         self.precision = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}.get(policy, policy)
         self._structure, self._keras_order = keras_inputs(model)
@@ -263,7 +256,7 @@ class OnnxRuntimeBackend(_BackendBase):
             providers = gpu + providers
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        self.threads = int(threads) if threads else available_cpus()
+        self.threads = int(threads) if threads else available_cores()
         self._pool = None
         if hint == "throughput" and device == "CPU":
             self.hint, self.streams, self.sub_batch = hint, self.threads, int(sub_batch or 1)

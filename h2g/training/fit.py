@@ -50,6 +50,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from h2g.core.atomic import replace_atomically
 from h2g.core.errors import ConfigError, ModelError
 from h2g.training.losses import unwrap_classifier
 
@@ -88,10 +89,6 @@ def _rng_variables(model: keras.Model) -> list:
     return [v for v in model.variables if id(v) not in weights]
 
 
-def _save_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def read_log(path: str | os.PathLike) -> dict[str, list[float]]:
@@ -151,16 +148,16 @@ class _Checkpointer(keras.callbacks.Callback):
         state["epoch"] = epoch + 1
         if self._improved(value):
             state.update(best_value=value, best_epoch=epoch + 1, wait=0)
-            _save_atomic(self.run_dir / BEST, self.model.save)
+            replace_atomically(self.run_dir / BEST, self.model.save)
         else:
             state["wait"] += 1
         if self.patience is not None and state["wait"] >= self.patience:
             state["stopped"] = True
             self.model.stop_training = True
-        _save_atomic(self.run_dir / LAST, self.model.save)
+        replace_atomically(self.run_dir / LAST, self.model.save)
         rng = [v.numpy() for v in _rng_variables(self.model)]
-        _save_atomic(self.run_dir / RNG, lambda p: np.savez(p, *rng))
-        _save_atomic(self.run_dir / STATE, lambda p: p.write_text(json.dumps(state, indent=2)))
+        replace_atomically(self.run_dir / RNG, lambda p: np.savez(p, *rng))
+        replace_atomically(self.run_dir / STATE, lambda p: p.write_text(json.dumps(state, indent=2)))
         plot_curves(read_log(self.run_dir / LOG), self.run_dir / CURVES)
 
 
@@ -266,7 +263,11 @@ def evaluate_classifier(model: keras.Model, val_data: tf.data.Dataset) -> dict[s
     :class:`h2g.losses.ClusterGuided`) over ``val_data`` yielding ``(patches, one-hot
     labels)``: mean categorical cross-entropy ``loss``, ``accuracy``, and tumour (class
     1) ``recall``/``precision`` of the arg-max prediction, plus ``n_patches``."""
-    from sklearn.metrics import accuracy_score, log_loss, precision_recall_fscore_support
+    from sklearn.metrics import (
+        accuracy_score,
+        log_loss,
+        precision_recall_fscore_support,
+    )
 
     classifier = unwrap_classifier(model)
     labels, probs = [], []

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from h2g.evaluation import figures, metrics, tables
+from h2g.core.atomic import write_json
 from h2g.core.config import Config, file_hash, stable_hash
-from h2g.systems.h2g.designs import Design
+from h2g.evaluation import figures, metrics, tables
 from h2g.io.manifest import Manifest, SlideRecord, load_manifest
 from h2g.io.slide import open_slide
+from h2g.systems.h2g.designs import Design
 
 log = logging.getLogger("h2g")
 
@@ -31,11 +32,6 @@ log = logging.getLogger("h2g")
 DEEP_SUPERVISED = ("agunet", "dagunet", "doubleunet")
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    tmp.replace(path)
 
 
 @dataclass
@@ -63,7 +59,7 @@ class Stage:
         return existed and resume
 
     def finish(self, info: dict) -> None:
-        _write_json(self.dir / "done.json", info)
+        write_json(self.dir / "done.json", info)
 
     def info(self) -> dict:
         return json.loads((self.dir / "done.json").read_text())
@@ -162,8 +158,9 @@ class Pipeline:
         import keras
 
         from h2g import models
-        from h2g.training import fit as training, losses
         from h2g.data.augment import ClassifierAugmentConfig, classifier_augmenter
+        from h2g.training import fit as training
+        from h2g.training import losses
 
         c = self.config
         cluster_path = self.cluster_model() if design.cluster_guided else None
@@ -270,9 +267,10 @@ class Pipeline:
         import keras
 
         from h2g import models
-        from h2g.training import fit as training, losses
         from h2g.data.augment import RefinementAugmentConfig, refinement_augmenter
         from h2g.systems.h2g.refinement import refinement_dataset
+        from h2g.training import fit as training
+        from h2g.training import losses
 
         c = self.config
         heat_key = heatmap_dir.name if heatmap_dir else None
@@ -343,7 +341,7 @@ class Pipeline:
         c = self.config
         folder = self.out / design.name
         folder.mkdir(parents=True, exist_ok=True)
-        _write_json(folder / "config.json", {"design": design.name, "manifest": str(self.manifest_path), **c.to_dict()})
+        write_json(folder / "config.json", {"design": design.name, "manifest": str(self.manifest_path), **c.to_dict()})
         pairs, used = self.predictions(design)
         rows = []
         for sample, prob in pairs:
@@ -363,7 +361,7 @@ class Pipeline:
             "models": {k: str(v) for k, v in used.items()},
             "config": c.to_dict(),
         }
-        _write_json(folder / "metrics.json", result)
+        write_json(folder / "metrics.json", result)
         tables.write_tables(folder, rows, [design.label], resolution=c.refine.size)
         models_dir = folder / "models"
         for role, path in used.items():
