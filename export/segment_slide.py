@@ -1,15 +1,25 @@
 #!/usr/bin/env python
-"""Segment breast-cancer tumour in a whole-slide image with exported H2G-Net models.
+"""Segment a whole-slide image with exported models; what runs comes from their metadata.
 
-    python export/segment_slide.py SLIDE --patch-model M.onnx --refine-model R.onnx \\
-        --engine openvino --device CPU --out DIR [--mpp X] [--precision f32|bf16|f16]
+    python export/segment_slide.py MODEL... --slide SLIDE --out DIR [--engine openvino]
+    python export/segment_slide.py SLIDE --patch-model M.onnx --refine-model R.onnx --out DIR
 
-Tissue detection, patch reading in parallel with inference (bounded queue), stitching,
-refinement; writes into DIR: ``heatmap.npy``, ``heatmap.png``, ``segmentation.png``,
-``heatmap.tiff``, ``segmentation.tiff`` (pyramidal, overlaying the slide),
-``tumour.geojson`` (the outline QuPath imports, level-0 pixels) and ``summary.json``.
-Runs without TensorFlow (ONNX Runtime or OpenVINO only).  Models: ``.onnx`` for either
-engine, ``.xml`` (OpenVINO IR) for openvino.  Bad input: exit code 2, one line on stderr.
+The models' embedded metadata (written by export/convert.py) says what they are:
+
+- an H2G-Net patch classifier + refinement network (or ``--patch-model`` /
+  ``--refine-model``): tissue detection, patch reading in parallel with inference,
+  stitching, refinement; writes ``heatmap.npy``, ``heatmap.png``, ``segmentation.png``,
+  ``heatmap.tiff``, ``segmentation.tiff`` (pyramidal, overlaying the slide),
+  ``tumour.geojson`` (the outline QuPath imports, level-0 pixels) and ``summary.json``;
+- one segmentation model with views (DMMN, ...): sliding window over the tissue, each
+  window's views read around its centre; writes ``probabilities.npy``, ``labels.tiff`` /
+  ``labels.png`` (label image), ``probability_<class>.tiff``, ``overlay.png``,
+  ``classes.geojson`` (one QuPath annotation per class) and ``summary.json``.
+
+Magnification and patch size come from the metadata (``--magnification`` /
+``--patch-size`` override them, with a warning when they disagree).  Runs without
+TensorFlow (ONNX Runtime or OpenVINO only).  Models: ``.onnx`` for either engine,
+``.xml`` (OpenVINO IR) for openvino.  Bad input: exit code 2, one line on stderr.
 """
 from __future__ import annotations
 
@@ -18,33 +28,75 @@ import sys
 from pathlib import Path
 
 from h2g.core.cli import run_cli
-from h2g.export.deploy import add_pipeline_arguments, pipeline_backends
+from h2g.core.errors import ConfigError
+from h2g.export.deploy import add_pipeline_arguments
+
+MODEL_SUFFIXES = (".onnx", ".xml")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from h2g.inference.sliding import BLENDS
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("slide", type=Path, help="whole-slide image (any format OpenSlide reads)")
-    add_pipeline_arguments(p)
+    p.add_argument("inputs", nargs="*", type=Path,
+                   help="exported models (.onnx / .xml); in the older form, the slide")
+    p.add_argument("--slide", type=Path, default=None, help="whole-slide image (any format OpenSlide reads)")
+    add_pipeline_arguments(p, models_required=False)
+    p.add_argument("--stride", type=int, default=None,
+                   help="sliding window: stride in target-view pixels (default: the view's size)")
+    p.add_argument("--keep", type=int, default=None,
+                   help="sliding window, blend centre: central pixels kept per window (default: the stride)")
+    p.add_argument("--blend", choices=BLENDS, default="centre",
+                   help="sliding window: how overlapping predictions combine (default centre)")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    models = [x for x in args.inputs if x.suffix.lower() in MODEL_SUFFIXES]
+    others = [x for x in args.inputs if x.suffix.lower() not in MODEL_SUFFIXES]
+    if args.slide is None and len(others) == 1:
+        args.slide = others.pop()
+    if others:
+        p.error(f"not model files (.onnx, .xml): {' '.join(map(str, others))}")
+    if args.slide is None:
+        p.error("give the slide with --slide")
+    args.models = models
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from h2g.export.deploy import segment, write_outputs
+    from h2g.export.deploy import (
+        deployment_plan,
+        segment,
+        segment_windows,
+        write_outputs,
+        write_raster_outputs,
+    )
     from h2g.io.slide import Slide
 
-    backends = pipeline_backends(args)
+    plan = deployment_plan(args, args.models)
+    if plan.kind == "h2g" and (args.stride or args.keep):
+        raise ConfigError("--stride and --keep apply to sliding-window models, not H2G-Net")
+    backends = plan.backends
     with Slide(args.slide, mpp=args.mpp) as slide:
-        seg = segment(slide, *backends, size=args.size, magnification=args.magnification,
-                      patch_size=args.patch_size, batch_size=args.batch_size, readers=args.readers,
-                      progress=not args.quiet)
-        paths = write_outputs(seg, slide, args.out, extra={"patch_backend": backends[0].info(),
-                                                           "refine_backend": backends[1].info()})
-    t = seg.timings
-    print(f"{args.slide}: {t['patches']} patches, tumour {100 * seg.mask.mean():.1f} % of the "
-          f"{args.size}x{args.size} view, {t['total']:.2f} s ({backends[0].name} {backends[0].device} "
+        if plan.kind == "h2g":
+            seg = segment(slide, *backends, size=args.size, magnification=args.magnification,
+                          patch_size=args.patch_size, batch_size=args.batch_size, readers=args.readers,
+                          progress=not args.quiet)
+            paths = write_outputs(seg, slide, args.out, extra={"patch_backend": backends[0].info(),
+                                                               "refine_backend": backends[1].info()})
+            t = seg.timings
+            print(f"{args.slide}: {t['patches']} patches, tumour {100 * seg.mask.mean():.1f} % of the "
+                  f"{args.size}x{args.size} view, {t['total']:.2f} s ({backends[0].name} {backends[0].device} "
+                  f"{backends[0].precision}); outputs in {paths['summary'].parent}")
+            return 0
+        seg = segment_windows(slide, backends[0], plan.metadata, stride=args.stride, keep=args.keep,
+                              blend=args.blend, magnification=args.magnification, patch_size=args.patch_size,
+                              batch_size=args.batch_size, readers=args.readers, progress=not args.quiet)
+        paths = write_raster_outputs(seg, slide, args.out, extra={"backend": backends[0].info()})
+    r, t = seg.raster, seg.timings
+    print(f"{args.slide}: {t['windows']} windows, raster {r.shape[1]}x{r.shape[0]} at downsample "
+          f"{r.downsample:g}, {t['total']:.2f} s ({backends[0].name} {backends[0].device} "
           f"{backends[0].precision}); outputs in {paths['summary'].parent}")
     return 0
 

@@ -5,4 +5,13 @@ Importing the package is cheap and TensorFlow-free; the modules that need Tensor
 """
 __version__ = "0.1.0"
 
-from h2g.core.errors import AnnotationError, ConfigError, ExportError, H2GError, ManifestError, ModelError, SamplerError, SlideError
+from h2g.core.errors import (
+    AnnotationError,
+    ConfigError,
+    ExportError,
+    H2GError,
+    ManifestError,
+    ModelError,
+    SamplerError,
+    SlideError,
+)

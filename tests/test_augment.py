@@ -9,7 +9,12 @@ import pytest
 from scipy import stats
 
 from h2g.data import stain
-from h2g.data.augment import ClassifierAugmentConfig, RefinementAugmentConfig, classifier_augmenter, refinement_augmenter
+from h2g.data.augment import (
+    ClassifierAugmentConfig,
+    RefinementAugmentConfig,
+    classifier_augmenter,
+    refinement_augmenter,
+)
 
 N_SEEDS = 300  # binomial tolerance: p = 0.5 gives 150 +- 8.7 per transform
 

@@ -2,20 +2,30 @@
 cluster model, ONNX export of the layers, and real Camelyon16 patches."""
 from __future__ import annotations
 
+import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 from sklearn.cluster import KMeans
 from sklearn.datasets import make_blobs
 from sklearn.decomposition import PCA
 from sklearn.preprocessing import StandardScaler
 
-import keras
-import tensorflow as tf
-
-from h2g.training import clustering
-from h2g.training.clustering import ClusterStats, NearestCentroid, PCAProject, Standardize, build_cluster_model, cluster_layers, fit_clusterer, fit_stats, n_clusters_of, vgg16_extractor
 from h2g.core.errors import ModelError
+from h2g.training import clustering
+from h2g.training.clustering import (
+    ClusterStats,
+    NearestCentroid,
+    PCAProject,
+    Standardize,
+    build_cluster_model,
+    cluster_layers,
+    fit_clusterer,
+    fit_stats,
+    n_clusters_of,
+    vgg16_extractor,
+)
 
 
 @pytest.fixture(scope="module")
@@ -188,8 +198,8 @@ def load_camelyon(folder):
 
 
 def test_real_camelyon_patches_through_cluster_model_and_classifier(real_data):
-    from h2g.training.losses import CWCELoss, cluster_guided
     from h2g.training.fit import evaluate_classifier
+    from h2g.training.losses import CWCELoss, cluster_guided
 
     folder = real_data / "camelyon16_patches"
     tumour, normal = load_camelyon(folder / "tumor"), load_camelyon(folder / "normal")

@@ -15,9 +15,9 @@ import openslide
 import pytest
 import tifffile
 
-from h2g.data import cohort
 from h2g.core.cli import run_cli
 from h2g.core.errors import ConfigError, ManifestError
+from h2g.data import cohort
 from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 from h2g.io.pyramid import write_pyramid_tiles
 
@@ -144,9 +144,9 @@ def test_slides_look_like_stained_tissue_on_glass(tiny):
 
 
 def test_every_slide_has_tumour_and_non_tumour_patches_at_10x(tiny):
-    from h2g.tiling.grid import build_patch_grid
     from h2g.io.annotation import load_annotation
     from h2g.io.slide import open_slide
+    from h2g.tiling.grid import build_patch_grid
 
     for record in load_manifest(tiny / "data_manifest.csv"):
         slide = open_slide(record.slide_path)

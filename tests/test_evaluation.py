@@ -7,10 +7,16 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import stats
-from sklearn.metrics import f1_score, precision_score, recall_score
+from sklearn.metrics import (
+    f1_score,
+    jaccard_score,
+    precision_recall_fscore_support,
+    precision_score,
+    recall_score,
+)
 
-from h2g.evaluation import figures, metrics, tables
 from h2g.core.errors import ConfigError
+from h2g.evaluation import figures, metrics, tables
 
 
 # ---------------------------------------------------------------- per-slide metrics
@@ -64,6 +70,96 @@ def test_binarise_is_strict_and_rejects_nan():
     np.testing.assert_array_equal(metrics.binarise(np.array([0.2, 0.7]), threshold=0.1), [True, True])
     with pytest.raises(ValueError, match="NaN"):
         metrics.binarise(np.array([0.2, np.nan]))
+
+
+# ---------------------------------------------------------------- per-class metrics
+def test_class_metrics_hand_computed_with_ignore_and_an_absent_class():
+    # classes 0, 1, 2, 3; 255 ignored; class 3 in neither map
+    truth = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
+    pred = np.array([[0, 1, 1, 1], [2, 0, 0, 2]])  # the last two pixels are ignored
+    s = metrics.class_metrics(pred, truth, ["a", "b", "c", "d"])
+    np.testing.assert_array_equal(s.confusion, [[1, 1, 0, 0], [0, 2, 0, 0], [1, 0, 1, 0], [0, 0, 0, 0]])
+    # a: TP 1 FP 1 FN 1; b: TP 2 FP 1 FN 0; c: TP 1 FP 0 FN 1; d: absent
+    np.testing.assert_allclose(s.iou, [1 / 3, 2 / 3, 1 / 2, 1.0])
+    np.testing.assert_allclose(s.dice, [2 / 4, 4 / 5, 2 / 3, 1.0])
+    np.testing.assert_allclose(s.recall, [1 / 2, 1.0, 1 / 2, 1.0])
+    np.testing.assert_allclose(s.precision, [1 / 2, 2 / 3, 1.0, 1.0])
+    assert s.present.tolist() == [True, True, True, False]
+    assert s.mean_iou == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)  # d left out
+    d = s.to_dict()
+    assert d["classes"]["d"]["present"] is False and d["mean_iou"] == pytest.approx(s.mean_iou)
+    # a class predicted but absent from the truth: recall 1, precision 0, IoU 0 (counted)
+    s = metrics.class_metrics(np.array([0, 1]), np.array([0, 0]), ["a", "b"])
+    assert (s.recall[1], s.precision[1], s.iou[1], s.dice[1]) == (1.0, 0.0, 0.0, 0.0)
+    assert s.mean_iou == pytest.approx(0.25)
+
+
+def test_class_metrics_match_sklearn():
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        truth = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(40, 30), p=[0.3, 0.3, 0.2, 0.2])
+        pred = rng.integers(0, 3, size=(40, 30)).astype(np.uint8)
+        s = metrics.class_metrics(pred, truth, ["x", "y", "z"])
+        keep = truth != 255
+        t, p = truth[keep], pred[keep]
+        np.testing.assert_allclose(s.iou, jaccard_score(t, p, labels=[0, 1, 2], average=None))
+        precision, recall, f1, _ = precision_recall_fscore_support(t, p, labels=[0, 1, 2], average=None)
+        np.testing.assert_allclose(s.precision, precision)
+        np.testing.assert_allclose(s.recall, recall)
+        np.testing.assert_allclose(s.dice, f1)
+
+
+def test_tumour_metrics_are_the_binary_figures_exactly():
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        truth, pred = rng.random((32, 32)) < 0.3, rng.random((32, 32)) < 0.4
+        assert metrics.tumour_metrics(pred.astype(np.uint8), truth.astype(np.uint8), 1, 2) == \
+            metrics.segmentation_metrics(pred, truth)
+        scores = metrics.class_metrics(pred.astype(np.uint8), truth.astype(np.uint8), ["n", "t"])
+        assert metrics.tumour_scores(scores.confusion, 1) == metrics.segmentation_metrics(pred, truth)
+    for pred_any, truth_any in [(False, False), (True, False), (False, True)]:
+        pred, truth = np.zeros((3, 3), np.uint8), np.zeros((3, 3), np.uint8)
+        pred[0, 0], truth[2, 2] = pred_any, truth_any
+        assert metrics.tumour_metrics(pred, truth, 1, 2) == metrics.segmentation_metrics(pred, truth)
+
+
+def test_confusion_matrix_rejects_bad_labels_and_pools():
+    with pytest.raises(ValueError, match=r"\[5\]"):
+        metrics.confusion_matrix(np.array([0, 5]), np.array([0, 1]), 3)
+    with pytest.raises(ValueError, match="ignore is only allowed in the truth"):
+        metrics.confusion_matrix(np.array([255, 0]), np.array([0, 1]), 3)
+    with pytest.raises(ValueError, match="integer class indices"):
+        metrics.confusion_matrix(np.array([0.5]), np.array([0]), 2)
+    with pytest.raises(ValueError, match="shape"):
+        metrics.confusion_matrix(np.zeros(2, int), np.zeros(3, int), 2)
+    a = metrics.class_metrics(np.array([0, 1]), np.array([0, 1]), ["n", "t"])
+    b = metrics.class_metrics(np.array([0, 0]), np.array([1, 1]), ["n", "t"])
+    pooled = a + b
+    np.testing.assert_array_equal(pooled.confusion, [[1, 0], [2, 1]])
+    assert pooled.iou[1] == pytest.approx(1 / 3)
+
+
+def test_class_tables(tmp_path):
+    scores = {
+        "m1": metrics.class_metrics(np.array([0, 1, 1, 2]), np.array([0, 1, 2, 2]), ["a", "b", "c"]),
+        "m2": metrics.class_metrics(np.array([0, 0, 0, 0]), np.array([0, 0, 0, 255]), ["a", "b", "c"]),
+    }
+    paths = tables.write_class_tables(tmp_path, scores)
+    md = paths["markdown"].read_text()
+    assert "| Design | a | b | c | mIoU |" in md
+    # m1: a 1/1, b TP1 FP1 -> 0.5, c TP1 FN1 -> 0.5; mIoU 2/3.  m2: only a present
+    assert "| m1 | 1.000 | 0.500 | 0.500 | 0.667 |" in md
+    assert "| m2 | 1.000 | n/a | n/a | 1.000 |" in md
+    with open(paths["csv"], newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["class"] for r in rows] == ["a", "b", "c", "mean_iou"] * 2
+    assert float(rows[1]["iou"]) == pytest.approx(0.5) and rows[4]["present"] == "True"
+    assert rows[5]["present"] == "False" and float(rows[3]["iou"]) == pytest.approx(2 / 3)
+    with pytest.raises(ConfigError, match="no per-class scores for design"):
+        tables.write_class_tables(tmp_path, scores, ["m3"])
+    other = {"x": metrics.class_metrics(np.array([0]), np.array([0]), ["p", "q"]), **scores}
+    with pytest.raises(ConfigError, match="classes other than"):
+        tables.write_class_tables(tmp_path, other)
 
 
 # ---------------------------------------------------------------- summaries

@@ -15,17 +15,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from conftest import REAL_DATA, REPO
+from PIL import Image
 from synthetic import make_slide
 from test_inference import CELL, PATCH, colour_model, threshold_refiner
 
 from h2g.core.cli import run_cli
-from h2g.export.conversion import convert_model, export_model, parity_inputs, signature, to_onnx, to_openvino
 from h2g.core.errors import ExportError
+from h2g.export.conversion import (
+    convert_model,
+    export_model,
+    parity_inputs,
+    signature,
+    to_onnx,
+    to_openvino,
+)
 from h2g.inference.backends import KerasBackend
-from h2g.inference.lowres import refinement_inputs
 from h2g.inference.heatmap import slide_heatmap
+from h2g.inference.lowres import refinement_inputs
 from h2g.io.slide import Slide
 
 TINY = {
@@ -156,8 +163,8 @@ def test_every_architecture_converts_with_parity(name, parity_slide, tmp_path):
 def test_cluster_model_converts_with_identical_ids(parity_slide, tmp_path):
     import keras
 
-    from h2g.training.clustering import build_cluster_model, fit_stats
     from h2g.export.conversion import parity_patches
+    from h2g.training.clustering import build_cluster_model, fit_stats
 
     keras.utils.set_random_seed(0)
     patches = keras.Input((64, 64, 3), name="patches")
@@ -208,7 +215,6 @@ def test_convert_cli_on_a_run_folder(parity_slide, tmp_path, capsys):
 
 def test_convert_refuses_bad_inputs(parity_slide, tmp_path, capsys):
     import keras
-
     from convert import main as convert_main
 
     assert run_cli(convert_main, [str(tmp_path / "nothing"), "--slide", str(parity_slide.path)]) == 2
@@ -477,8 +483,8 @@ def test_fast_batch_one_copies_predict_like_the_original(deploy_models, tmp_path
     """The copies FAST's OpenVINO engine runs have batch 1 and the original's outputs;
     FAST's ONNX Runtime engine gets the original files."""
     import openvino as ov
-
     from fast_pipeline import main as fpl_main
+
     from h2g.export.fast import batch_one_copy
 
     patch_onnx, refine_onnx = deploy_models["patch"][1], deploy_models["refine"][1]
@@ -500,6 +506,177 @@ def test_fast_batch_one_copies_predict_like_the_original(deploy_models, tmp_path
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     with pytest.raises(ExportError, match="junk.onnx: cannot make a batch-1 copy"):
         batch_one_copy(tmp_path / "junk.onnx", tmp_path)
+
+
+# ---------------------------------------------------------------------------- any-input export
+def test_multi_view_model_exports_with_parity_and_deploys_from_its_metadata(tmp_path):
+    """A 3-class two-view segmentation model: ONNX / OpenVINO parity on real views, its
+    metadata in both files, and segment_slide.py run with the model and the slide only."""
+    import keras
+    from test_metadata import context_metadata
+    from test_sliding import context_segmenter, expected_labels, make_block_slide
+
+    from h2g.export.metadata import write_sidecar
+
+    keras.utils.set_random_seed(0)
+    slide_path = make_block_slide(tmp_path / "blocks.tiff")
+    model_path = tmp_path / "run" / "context.keras"
+    model_path.parent.mkdir()
+    context_segmenter().save(model_path)
+    write_sidecar(model_path, context_metadata())
+    with Slide(slide_path) as slide:
+        entry = convert_model(model_path, tmp_path / "exported", slide)
+    parity = entry["parity"]
+    assert parity["passed"] and not parity["constant_output"], parity
+    assert parity["onnxruntime"]["max_abs_diff"] <= 1e-4 and parity["openvino_f32"]["max_abs_diff"] <= 1e-4
+    assert entry["metadata_source"].startswith("sidecar") and "views hi 64px at 10x, ctx 64px at 2.5x" in entry[
+        "parity_inputs"]
+    assert set(entry["inputs"]) == {"hi", "ctx"} and entry["kind"] == "segmentation"
+    _check_onnx_file(Path(entry["onnx"]), list(entry["inputs"]), 17)
+
+    want = expected_labels(4)
+    expected = np.where(want >= 0, want + 1, 0).astype(np.uint8)  # 0 = glass, not segmented
+    for engine, model in (("onnxruntime", entry["onnx"]), ("openvino", entry["openvino"])):
+        out = tmp_path / engine
+        extra = ["--precision", "f32"] if engine == "openvino" else []
+        done = run_script("segment_slide.py", model, "--slide", slide_path, "--out", out, "--engine", engine,
+                          "--quiet", *extra, tmp_path=tmp_path)
+        assert done.returncode == 0, done.stderr
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "labels.png")), expected)
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["raster"] == {"shape": [384, 768], "downsample": 4.0, "extent": [3072, 1536], "mpp": 1.0}
+        assert [c["name"] for c in summary["classes"]] == ["Red", "Green", "Blue"] and not summary["no_tissue"]
+        assert np.load(out / "probabilities.npy").shape == (384, 768, 3)
+        names = {f["properties"]["classification"]["name"] for f in
+                 json.loads((out / "classes.geojson").read_text())["features"]}
+        assert names == {"Red", "Green", "Blue"}
+        with Slide(out / "labels.tiff") as labels:  # overlays the slide: same physical size
+            assert labels.dimensions == (768, 384) and labels.mpp == pytest.approx(1.0)
+    overridden = run_script("segment_slide.py", entry["onnx"], "--slide", slide_path, "--out", tmp_path / "o5",
+                            "--engine", "onnxruntime", "--magnification", 5, "--quiet", tmp_path=tmp_path)
+    assert overridden.returncode == 0, overridden.stderr
+    assert "--magnification 5 overrides the model's 10" in overridden.stderr
+    assert json.loads((tmp_path / "o5" / "summary.json").read_text())["raster"]["downsample"] == 8.0
+
+
+def test_convert_says_when_metadata_was_inferred(parity_slide, tmp_path):
+    colour_model().save(tmp_path / "classifier.keras")
+    entry = convert_model(tmp_path / "classifier.keras", tmp_path, parity_slide)
+    assert entry["metadata_source"].startswith("inferred")
+    assert entry["metadata"]["role"] == "patch_classifier"
+    assert entry["metadata"]["views"] == [{"name": "image", "magnification": 10.0, "size": PATCH,
+                                           "padding": "white"}]
+    from h2g.inference.backends import OnnxRuntimeBackend
+
+    assert OnnxRuntimeBackend(entry["onnx"]).metadata.role == "patch_classifier"
+
+
+# ---------------------------------------------------------------------------- deployment fixes
+class _Fake:
+    """A deployment backend with fixed outputs: patch probabilities ``(B, 2)`` or a
+    refinement map ``(1, S, S, 2)`` of one tumour probability; ``broken`` fails if run."""
+
+    name, source, version, device, threads, precision, metadata = "fake", "fake", "0", "CPU", 1, "f32", None
+    image_size = None
+
+    def __init__(self, names, value: float, broken: bool = False):
+        self.input_names, self.value, self.broken = tuple(names), value, broken
+
+    def require_inputs(self, allowed, role, required=("image",)):
+        pass
+
+    def info(self):
+        return {"engine": "fake"}
+
+    def predict(self, inputs):
+        assert not self.broken, "this model must not run"
+        if isinstance(inputs, np.ndarray):
+            return np.tile(np.float32([1 - self.value, self.value]), (len(inputs), 1))
+        size = inputs["image"].shape[1]
+        out = np.full((1, size, size, 2), self.value, np.float32)
+        out[..., 0] = 1 - self.value
+        return out
+
+
+def test_deployment_thresholds_like_evaluation(checker_path):
+    from h2g.evaluation.metrics import binarise
+    from h2g.export.deploy import segment
+
+    with Slide(checker_path) as slide:
+        for value in (0.5, np.nextafter(np.float32(0.5), np.float32(1))):
+            seg = segment(slide, _Fake(["image"], 0.9), _Fake(["image", "heatmap"], value), size=16,
+                          patch_size=PATCH, progress=False)
+            assert (seg.prob == np.float32(value)).all()
+            np.testing.assert_array_equal(seg.mask, binarise(seg.prob))
+            assert seg.mask.all() == (value > 0.5) and not seg.no_tissue  # a tie at 0.5 is non-tumour
+
+
+def test_a_slide_without_tissue_warns_and_says_so(tmp_path, caplog):
+    from test_sliding import Recorder
+
+    from h2g.data.views import View
+    from h2g.export.deploy import segment, segment_windows, write_outputs, write_raster_outputs
+    from h2g.export.metadata import ModelMetadata
+
+    glass = make_slide(tmp_path / "glass.tiff", size=(1024, 768), tissue=(0, 0, 0, 0), compression=None)
+    with Slide(glass) as slide, caplog.at_level("WARNING"):
+        seg = segment(slide, _Fake(["image"], 0.9), _Fake(["image", "heatmap"], 0.9, broken=True), size=16,
+                      patch_size=PATCH, progress=False)  # refinement would fail the test if run
+        paths = write_outputs(seg, slide, tmp_path / "h2g")
+        meta = ModelMetadata(role="segmentation", views=(View("image", 10, 32),), output="pixel_probs")
+        windows = segment_windows(slide, Recorder(["image"], 32, classes=3), meta, progress=False)
+        raster_paths = write_raster_outputs(windows, slide, tmp_path / "sliding")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all(str(glass) in w and "no tissue" in w for w in warnings)
+    assert seg.no_tissue and not seg.mask.any()
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["no_tissue"] is True and summary["tissue"] == 0 and summary["tumour_fraction"] == 0
+    assert not np.asarray(Image.open(paths["segmentation_png"])).any()
+    assert json.loads(paths["geojson"].read_text())["features"] == []
+    assert windows.no_tissue and not windows.raster.covered.any()
+    summary = json.loads(raster_paths["summary"].read_text())
+    assert summary["no_tissue"] is True and summary["windows"] == 0
+    assert not np.asarray(Image.open(raster_paths["labels_png"])).any()
+
+
+def test_a_failing_writer_leaves_no_partial_output(checker_path, monkeypatch, tmp_path):
+    import h2g.io.overlay
+    from h2g.export.deploy import segment, write_outputs
+
+    with Slide(checker_path) as slide:
+        seg = segment(slide, _Fake(["image"], 0.9), _Fake(["image", "heatmap"], 0.9), size=16,
+                      patch_size=PATCH, progress=False)
+        out = tmp_path / "out"
+        before = write_outputs(seg, slide, out)["heatmap_tiff"].read_bytes()
+
+        def broken(path, *args, **kw):
+            Path(path).write_bytes(b"half a TIFF")
+            raise OSError("disk full")
+
+        monkeypatch.setattr(h2g.io.overlay, "write_pyramid", broken)
+        with pytest.raises(OSError, match="disk full"):
+            write_outputs(seg, slide, out)
+        with pytest.raises(OSError, match="disk full"):
+            write_outputs(seg, slide, tmp_path / "fresh")
+    assert (out / "heatmap.tiff").read_bytes() == before  # the old file, untouched
+    assert not (tmp_path / "fresh" / "heatmap.tiff").exists()
+    assert not [p for p in (out, tmp_path / "fresh") for p in p.iterdir() if ".tmp" in p.name]
+
+
+def test_heatmap_overlay_is_the_pipeline_figure(checker_path, tmp_path):
+    """h2g.io.overlay.write_heatmap_overlay draws what the pipeline's figure drew: the
+    heatmap in inferno, nearest-resized, blended 0.45 over the smallest level."""
+    from matplotlib import cm
+
+    from h2g.io.overlay import write_heatmap_overlay
+
+    probs = np.random.default_rng(0).random((3, 5)).astype(np.float32)
+    with Slide(checker_path) as slide:
+        path = write_heatmap_overlay(tmp_path / "overlay.png", slide, probs)
+        thumb = Image.fromarray(slide.read_level(slide.level_count - 1))
+    heat = Image.fromarray((cm.inferno(probs)[..., :3] * 255).astype(np.uint8)).resize(thumb.size, Image.NEAREST)
+    expected = np.asarray(Image.blend(thumb.convert("RGB"), heat, 0.45))
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), expected)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -12,11 +12,16 @@ from PIL import Image
 from synthetic import cell_colour, make_slide
 
 from h2g.core.errors import ConfigError, ExportError
+from h2g.inference.backends import (
+    KerasBackend,
+    OnnxRuntimeBackend,
+    OpenVINOBackend,
+    make_backend,
+)
 from h2g.inference.heatmap import Heatmap, PatchReader, slide_heatmap
-from h2g.inference.backends import KerasBackend, OnnxRuntimeBackend, OpenVINOBackend, make_backend
 from h2g.inference.lowres import heatmap_raster, lowres_level, refine, refinement_inputs
-from h2g.tiling.tissue import TissueMask, detect_tissue
 from h2g.io.slide import Slide
+from h2g.tiling.tissue import TissueMask, detect_tissue
 
 PATCH = 32  # patch size at 10x in these tests: 128 level-0 px on a 40x (0.25 um/px) slide
 CELL = 4 * PATCH  # checker cell = one patch
@@ -142,12 +147,54 @@ def test_patch_reader_queue_is_bounded_and_covers_every_patch(checker):
                      readers=2, depth=1) as reader:
         seen = {}
         for start, batch in reader:
-            assert reader._queue.qsize() <= 1
+            assert reader.pending <= 1  # read or being read, not yet handed out
             assert batch.dtype == np.float32 and batch.shape[1:] == (PATCH, PATCH, 3)
             seen[start] = batch
     assert sorted(seen) == list(range(0, len(coords), 5))
     first = seen[0][0]
     np.testing.assert_allclose(first[0, 0], np.array(cell_colour(0, 0)) / 255.0, atol=1e-6)
+
+
+class _Recording:
+    """A slide that records which threads read it."""
+
+    def __init__(self, slide):
+        self._slide, self.threads = slide, set()
+
+    def __getattr__(self, name):
+        return getattr(self._slide, name)
+
+    def read_region(self, *args):
+        import threading
+
+        self.threads.add(threading.current_thread().name)
+        return self._slide.read_region(*args)
+
+
+def test_patch_reader_reads_on_the_shared_pool_the_patches_of_read_region(checker):
+    from h2g.data.readers import reader_pool
+
+    coords = np.array([[x, y] for y in range(0, 3 * CELL, CELL) for x in range(0, 5 * CELL, CELL)])
+    slide = _Recording(checker)
+    with PatchReader(slide, coords, magnification=10, patch_size=PATCH, batch_size=4, readers=3) as reader:
+        got = dict(reader)
+    assert reader.read_seconds > 0
+    assert slide.threads and all(name.startswith("h2g-reader3") for name in slide.threads)
+    assert {t.name for t in reader_pool(3)._threads} >= slide.threads  # the training readers' pool
+    for start, batch in got.items():
+        for i, (x, y) in enumerate(coords[start:start + 4]):
+            expected = checker.read_region((int(x), int(y)), (PATCH, PATCH), 10) * np.float32(1 / 255)
+            np.testing.assert_array_equal(batch[i], expected)
+    assert sorted(got) == list(range(0, len(coords), 4))
+
+
+def test_patch_reader_stops_reading_when_closed_early(checker):
+    coords = np.zeros((400, 2), np.int64)
+    slide = _Recording(checker)
+    with PatchReader(slide, coords, magnification=10, patch_size=PATCH, batch_size=1, readers=2,
+                     depth=2) as reader:
+        next(iter(reader))
+    assert reader.pending == 0
 
 
 def test_reader_errors_reach_the_consumer(checker):

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from synthetic import make_mask, make_slide
 
 from h2g.core.cli import run_cli
-from synthetic import make_mask, make_slide
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (4096, 3072)

@@ -11,7 +11,13 @@ import tensorflow as tf
 from sklearn.metrics import f1_score
 
 from h2g.core.errors import ModelError
-from h2g.training.losses import CWCELoss, cluster_guided, cwce, dice_loss, unwrap_classifier
+from h2g.training.losses import (
+    CWCELoss,
+    cluster_guided,
+    cwce,
+    dice_loss,
+    unwrap_classifier,
+)
 
 
 def cwce_reference(y, p, q, normalise=True, eps=1e-7):

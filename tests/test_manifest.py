@@ -98,7 +98,7 @@ def test_missing_columns_are_reported_with_the_other_rows_problems(tmp_path):
     with pytest.raises(ManifestError) as info:
         load_manifest(path)
     where = sorted(((row or 0), column) for _, row, column, _ in info.value.problems)
-    assert where == [(0, "grade"), (0, "split"), (2, "slide_path")]
+    assert where == [(0, "split"), (2, "slide_path")]  # grade is optional
 
 
 def test_check_files_false_skips_only_the_file_checks(tmp_path):
@@ -145,3 +145,34 @@ def test_default_manifest_is_the_repository_one():
     assert DEFAULT_MANIFEST == Path(__file__).resolve().parents[1] / "data_manifest.csv"
     manifest = load_manifest(DEFAULT_MANIFEST, check_files=False)
     assert all(r.slide_path.is_relative_to(DEFAULT_MANIFEST.parent / "cohort") for r in manifest)
+
+
+def test_grade_is_optional_and_extra_columns_are_kept(tmp_path):
+    _touch(tmp_path, "a.tiff", "b.tiff", "c.tiff")
+    path = _write(tmp_path, "slide_id,slide_path,annotation_path,split,stain,scanner\n"
+                            "a,a.tiff,,train,HE,X\n"
+                            "b,b.tiff,,val,IHC,\n")
+    a, b = load_manifest(path).records
+    assert a.grade is None and a.attributes == {"stain": "HE", "scanner": "X"}
+    assert b.attributes == {"stain": "IHC"}  # an empty cell leaves the attribute out
+    assert hash(a) != hash(b)  # still hashable (frozen)
+    with_grades = _write(tmp_path, HEADER.strip() + ",stain\n"
+                         "a,a.tiff,,2,train,,HE\n"
+                         "b,b.tiff,,,train,,HE\n"
+                         "c,c.tiff,,5,train,,HE\n", "graded.csv")
+    with pytest.raises(ManifestError) as info:
+        load_manifest(with_grades)
+    assert [(row, column) for _, row, column, _ in info.value.problems] == [(3, "grade")]
+
+
+def test_classes_default_to_binary_or_come_from_the_sidecar(tmp_path):
+    from h2g.io.classes import BINARY, ClassTable
+
+    _touch(tmp_path, "a.tiff")
+    path = _write(tmp_path, HEADER + "a,a.tiff,,1,train,\n")
+    assert load_manifest(path).classes == BINARY
+    (tmp_path / "manifest.classes.csv").write_text("name,value\nnormal,1\ntumour,2\nignore,0\n")
+    table = load_manifest(path).classes
+    assert table.names == ("normal", "tumour") and table.ignore == (0,)
+    given = ClassTable.of([("x", 0), ("y", 1)])
+    assert load_manifest(path, classes=given).classes is given

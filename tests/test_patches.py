@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
+from synthetic import make_mask, make_slide, mask_image
 
 from h2g.core.errors import AnnotationError
 from h2g.io.annotation import Annotation, load_annotation
-from h2g.tiling.grid import area_fractions, build_patch_grid
-from h2g.tiling.tissue import TissueMask, detect_tissue
 from h2g.io.slide import Slide
-from synthetic import make_mask, make_slide, mask_image
+from h2g.tiling.grid import area_fractions, build_patch_grid, class_area_fractions
+from h2g.tiling.tissue import TissueMask, detect_tissue
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +85,42 @@ def test_area_fractions_against_upsampling():
     level0[:150, :210] = np.repeat(np.repeat(mask, 3, axis=0), 3, axis=1)
     expected = level0.reshape(16, 10, 22, 10).mean(axis=(1, 3))
     np.testing.assert_allclose(fractions, expected, atol=1e-12)
+
+
+def test_class_area_fractions_against_upsampling():
+    rng = np.random.default_rng(1)
+    labels = rng.choice(np.array([0, 1, 2, 255], np.uint8), size=(50, 70))
+    fractions = class_area_fractions(labels, 3, downsample=3, step=10, grid_shape=(16, 22))
+    assert fractions.shape == (3, 16, 22)
+    for c in range(3):
+        level0 = np.zeros((160, 220))
+        level0[:150, :210] = np.repeat(np.repeat(labels == c, 3, axis=0), 3, axis=1)
+        np.testing.assert_allclose(fractions[c], level0.reshape(16, 10, 22, 10).mean(axis=(1, 3)), atol=1e-12)
+
+
+def test_multi_class_majority_rule(slide):
+    """Label map at downsample 4 (256 x 256 px per patch), tissue everywhere on row 0:
+    (0,0) 40 % class 2 over 30 % class 0 (rest ignored) -> 2; (0,1) 0.5 % labelled ->
+    discarded at min_labelled 0.01, class 1 at 0.001; (0,2) all ignored -> discarded;
+    (0,3) all class 0."""
+    from h2g.io.classes import IGNORE, ClassTable
+
+    table = ClassTable.of([("a", 0), ("b", 1), ("c", 2)], ignore=[99])
+    labels = np.full((1024, 1024), IGNORE, np.uint8)
+    labels[0:77, 0:256] = 0
+    labels[77:180, 0:256] = 2
+    labels[0:1, 256:384] = 1           # 128 px of 65536 = 0.2 %
+    labels[1:2, 256:456] = 1           # + 200 px: 0.5 %
+    labels[0:256, 768:1024] = 0
+    tissue = np.zeros((128, 128), bool)
+    tissue[0:32] = True
+    annotation = Annotation.from_labels(labels, 4.0, None, table)
+    grid = build_patch_grid(slide, TissueMask(tissue, 32.0), annotation)
+    assert grid.coords.tolist() == [[0, 0], [3072, 0]] and grid.labels.tolist() == [2, 0]
+    assert grid.counts == {"a": 1, "b": 0, "c": 1, "discarded": 2, "background": 12}
+    assert grid.classes == table
+    loose = build_patch_grid(slide, TissueMask(tissue, 32.0), annotation, min_labelled=0.001)
+    assert loose.labels.tolist() == [2, 1, 0] and loose.counts["discarded"] == 1
 
 
 def test_partial_edge_patches(tmp_path):

@@ -6,42 +6,103 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
-
 from conftest import REPO, tiny_config
-from h2g.systems.h2g.designs import resolve
-from h2g.systems.h2g.pipeline import run_designs
+
+from h2g.systems.registry import resolve, run
 
 pytestmark = pytest.mark.slow
 
-REQUIRED = ("design", "n_test_slides", "recall_mean", "precision_mean", "dice_mean", "dice_sd",
+REQUIRED = ("design", "system", "n_test_slides", "recall_mean", "precision_mean", "dice_mean", "dice_sd",
             "dice_by_grade", "preset", "seed", "config")
+ALL = ("otsu", "unet_lr", "inc_pw", "mob_pw", "mob_km_pw", "mob_pw_unet", "mob_pw_agunet", "mob_pw_dagunet",
+       "mob_pw_doubleunet")
 
 
 @pytest.fixture(scope="module")
 def smoke_run(tiny_cohort, tmp_path_factory):
+    """Every H2G-Net design through the registry on the tiny cohort (tiny models)."""
     out = tmp_path_factory.mktemp("runs")
-    results = run_designs(resolve(["otsu", "mob_pw", "mob_pw_unet"]), tiny_cohort, out, tiny_config())
+    results = run(resolve("all", system="h2g"), tiny_cohort, out, tiny_config())
     return out, results
 
 
-def test_designs_write_metrics_tables_and_models(smoke_run):
+def test_every_design_runs_and_writes_its_results(smoke_run):
     out, results = smoke_run
-    for name in ("otsu", "mob_pw_unet"):
+    assert tuple(results) == ALL
+    for name in ALL:
         metrics = json.loads((out / name / "metrics.json").read_text())
         assert set(REQUIRED) <= set(metrics)
-        assert metrics["design"] == name and metrics["n_test_slides"] == 2
+        assert metrics["design"] == name and metrics["system"] == "h2g" and metrics["n_test_slides"] == 2
         for key in ("recall_mean", "precision_mean", "dice_mean", "dice_sd"):
             assert 0.0 <= metrics[key] <= 1.0 and not math.isnan(metrics[key])
         assert metrics["resolution"] == [256, 256]
-        assert (out / name / "config.json").is_file()
-        for table in ("tables.md", "per_slide.csv", "examples.png"):
-            assert (out / name / table).is_file(), table
+        config = json.loads((out / name / "config.json").read_text())
+        assert config["design"] == name and config["refine"] == metrics["config"]["refine"]
     assert (out / "mob_pw_unet" / "models" / "patch_classifier.keras").is_file()
     assert (out / "mob_pw_unet" / "models" / "refiner.keras").is_file()
     # the combined tables of a multi-design run, Tukey over the deep-learning designs only
-    assert "Mob-PW-UNet" in (out / "tables.md").read_text()
-    assert (out / "dice_boxplot.png").is_file()
+    tables = (out / "tables.md").read_text()
+    assert all(results[n]["label"] in tables for n in ALL)
+    assert "| Otsu |" not in tables.split("Tukey")[-1]
+
+
+def test_designs_share_the_stages_they_have_in_common(smoke_run):
+    """Mob-PW's classifier and heatmaps serve the five MobileNetV2 designs without CWCE:
+    three classifiers (MobileNetV2, MobileNetV2 + CWCE, InceptionV3), three heatmap sets,
+    five refiners (UNet-LR and the four refinement nets), one cluster model."""
+    out, _ = smoke_run
+    count = {name: len(list((out / "_cache").glob(f"{name}-*/done.json")))
+             for name in ("cluster", "classifier", "heatmaps", "refiner")}
+    assert count == {"cluster": 1, "classifier": 3, "heatmaps": 3, "refiner": 5}
+
+
+def _trained_refiner_config():
+    """The tiny config with a refiner trained long enough to learn (2 epochs do not):
+    only the refine section changes, so the classifier and heatmaps are reused."""
+    import dataclasses
+
+    c = tiny_config()
+    return c.replace(refine=dataclasses.replace(c.refine, epochs=12, patience=12, steps_per_epoch=6))
+
+
+@pytest.fixture(scope="module")
+def refined_run(smoke_run, tiny_cohort):
+    out, _ = smoke_run
+    return out, run(resolve(["otsu", "mob_pw_unet"]), tiny_cohort, out, _trained_refiner_config())
+
+
+def test_refined_design_beats_otsu(refined_run):
+    _, results = refined_run
+    assert results["mob_pw_unet"]["dice_mean"] > results["otsu"]["dice_mean"]
+
+
+def test_refinement_uses_the_heatmap(refined_run, tiny_cohort):
+    """Mob-PW-UNet's refiner given all-zero heatmaps scores lower than with the real ones
+    (Dice by sklearn on the test slides' masks)."""
+    from sklearn.metrics import f1_score
+
+    from h2g.inference.backends import KerasBackend
+    from h2g.inference.lowres import refine
+    from h2g.systems.h2g.pipeline import Pipeline
+    from h2g.systems.registry import get_design
+
+    out, _ = refined_run
+    pipe = Pipeline(tiny_cohort, out, _trained_refiner_config())
+    design = get_design("mob_pw_unet")
+    samples = pipe.samples("test", pipe.heatmap_stage(pipe.classifier_stage(design)))
+    backend = KerasBackend(out / "mob_pw_unet" / "models" / "refiner.keras")
+
+    def mean_dice(zero: bool) -> float:
+        scores = []
+        for s in samples:
+            heat = np.zeros_like(s.heatmap) if zero else s.heatmap
+            pred = refine(backend, s.image, heat) > 0.5
+            scores.append(f1_score(s.mask.ravel(), pred.ravel(), zero_division=0))
+        return float(np.mean(scores))
+
+    assert mean_dice(zero=False) > mean_dice(zero=True)
 
 
 def test_otsu_segments_all_tissue(smoke_run):
@@ -55,10 +116,53 @@ def test_otsu_segments_all_tissue(smoke_run):
 def test_same_seed_reuses_cache_and_gives_same_metrics(smoke_run, tiny_cohort):
     out, results = smoke_run
     stamps = {p: p.stat().st_mtime_ns for p in (out / "_cache").glob("*/done.json")}
-    again = run_designs(resolve(["mob_pw_unet"]), tiny_cohort, out, tiny_config())
+    again = run(resolve(["mob_pw_unet"]), tiny_cohort, out, tiny_config())
     assert {p: p.stat().st_mtime_ns for p in (out / "_cache").glob("*/done.json")} == stamps
     for key in ("recall_mean", "precision_mean", "dice_mean", "dice_sd"):
         assert again["mob_pw_unet"][key] == results["mob_pw_unet"][key]
+
+
+def test_a_changed_section_reruns_only_the_stages_that_read_it(smoke_run, tiny_cohort):
+    """refine.* is read by the refiners only: the classifier and heatmaps are reused."""
+    import dataclasses
+
+    out, _ = smoke_run
+    config = tiny_config()
+    config = config.replace(refine=dataclasses.replace(config.refine, epochs=1))
+    before = {p.parent.name for p in (out / "_cache").glob("*/done.json")}
+    run(resolve(["mob_pw_unet"]), tiny_cohort, out, config)
+    added = {p.parent.name for p in (out / "_cache").glob("*/done.json")} - before
+    assert [name.split("-")[0] for name in added] == ["refiner"]
+
+
+def test_an_interrupted_stage_resumes_to_the_same_model(tiny_cohort, tmp_path, monkeypatch):
+    """A classifier stage interrupted after its first epoch, rerun with resume, ends with
+    the weights of an uninterrupted run."""
+    import keras
+
+    from h2g.systems.h2g.pipeline import Pipeline
+    from h2g.systems.registry import get_design
+    from h2g.training import fit as training
+
+    design = get_design("mob_pw")
+    whole = Pipeline(tiny_cohort, tmp_path / "whole", tiny_config()).classifier_stage(design)
+
+    original = training._Checkpointer.on_epoch_end
+
+    def stop_after_first(self, epoch, logs=None):
+        original(self, epoch, logs)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training._Checkpointer, "on_epoch_end", stop_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(tiny_cohort, tmp_path / "cut", tiny_config()).classifier_stage(design)
+    monkeypatch.setattr(training._Checkpointer, "on_epoch_end", original)
+    resumed = Pipeline(tiny_cohort, tmp_path / "cut", tiny_config(), resume=True).classifier_stage(design)
+    assert resumed.key == whole.key and resumed.info()["inputs"] == whole.info()["inputs"]
+    a = keras.models.load_model(whole.dir / "classifier.keras").get_weights()
+    b = keras.models.load_model(resumed.dir / "classifier.keras").get_weights()
+    assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_run_cli_rejects_a_bad_manifest_listing_every_row(tmp_path):
@@ -83,7 +187,7 @@ def test_same_seed_from_scratch_gives_identical_metrics(smoke_run, tiny_cohort, 
     """A fresh run folder retrains the classifier and remakes the heatmaps: the numbers
     must not change."""
     _, results = smoke_run
-    again = run_designs(resolve(["mob_pw"]), tiny_cohort, tmp_path, tiny_config())
+    again = run(resolve(["mob_pw"]), tiny_cohort, tmp_path, tiny_config())
     for key in ("recall_mean", "precision_mean", "dice_mean", "dice_sd", "dice_by_grade"):
         assert again["mob_pw"][key] == results["mob_pw"][key], key
 
@@ -97,10 +201,10 @@ def test_two_epochs_on_the_generated_cohort_beat_chance(tiny_cohort, tmp_path):
     small and this briefly trained is at chance there, as it should be.)"""
     import keras
 
-    from h2g.training import fit as training
-    from h2g.io.manifest import load_manifest
-    from h2g.data.sampler import HierarchicalSampler, build_sources
     from h2g.data.dataset import patch_dataset
+    from h2g.data.sampler import HierarchicalSampler, build_sources
+    from h2g.io.manifest import load_manifest
+    from h2g.training import fit as training
 
     manifest = load_manifest(tiny_cohort)
     train = HierarchicalSampler(build_sources(manifest.split("train"), progress=False), seed=0)

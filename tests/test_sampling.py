@@ -18,8 +18,13 @@ import pytest
 from scipy.stats import binomtest, chisquare
 
 from h2g.core.errors import ConfigError, SamplerError
-from h2g.data.sampler import TRAIN_STREAM, VALIDATION_STREAM, HierarchicalSampler, SampleSource
 from h2g.data.dataset import patch_dataset
+from h2g.data.sampler import (
+    TRAIN_STREAM,
+    VALIDATION_STREAM,
+    HierarchicalSampler,
+    SampleSource,
+)
 
 P_MIN = 1e-3  # chi-square tolerance: a correct sampler fails 1 in 1000 seeds
 
@@ -144,6 +149,97 @@ def test_same_seed_same_batches_other_batches_differ():
                  for s, (x, y), label in zip(arrays.slide_index, arrays.coords, arrays.labels)]
     assert as_tuples == sampler.draw_batch(4, 32)
     assert len(set(arrays.seeds.tolist())) > 1
+
+
+def test_binary_draws_are_those_of_the_binary_only_sampler():
+    """Recorded from the sampler before it learnt N classes (same seeds, same cohort):
+    the default binary draws must not change by a single number."""
+    sampler = HierarchicalSampler(fake_sources(COHORT), seed=7)
+    assert sampler.n_classes == 2 and sampler.class_names == ("non-tumour", "tumour")
+    assert sampler.draw_batch(3, 10) == [
+        ("d", 4864, 0, 0), ("f", 8192, 0, 0), ("d", 5376, 0, 1), ("f", 8192, 0, 0), ("d", 4864, 0, 0),
+        ("f", 8192, 0, 0), ("d", 5120, 0, 0), ("c", 3584, 0, 1), ("c", 3840, 0, 1), ("a", 256, 0, 0)]
+    assert sampler.batch_arrays(3, 10).seeds.tolist() == [
+        1439886236, 1646124753, 2100706512, 1418880584, 711664530, 104005979, 1214145979,
+        1266804489, 1938835317, 1961754670]
+    assert sampler.draw(8, np.random.default_rng(123)) == [
+        ("b", 1792, 0, 0), ("e", 6656, 0, 0), ("d", 5376, 0, 1), ("b", 2304, 0, 1), ("f", 8448, 0, 1),
+        ("b", 2048, 0, 1), ("c", 4096, 0, 1), ("b", 1792, 0, 0)]
+    flat = HierarchicalSampler(fake_sources(COHORT), stages=("slide", "patch"), seed=7)
+    assert flat.draw_batch(0, 8) == [
+        ("f", 7936, 0, 0), ("d", 4864, 0, 0), ("e", 6400, 0, 0), ("f", 8704, 0, 1), ("d", 5376, 0, 1),
+        ("e", 6144, 0, 0), ("f", 8192, 0, 0), ("b", 2816, 0, 1)]
+    by_site = HierarchicalSampler(fake_sources(COHORT), stages=("site", "slide", "class", "patch"), seed=2)
+    assert by_site.draw_batch(1, 8, stream=1) == [
+        ("a", 1024, 0, 1), ("c", 3840, 0, 1), ("c", 3840, 0, 1), ("d", 5376, 0, 1), ("b", 1792, 0, 0),
+        ("b", 2048, 0, 1), ("e", 6400, 0, 0), ("b", 2816, 0, 1)]
+
+
+# -- N classes ----------------------------------------------------------------------------
+
+def three_classes():
+    from h2g.io.classes import ClassTable
+
+    return ClassTable.of([("normal", 0), ("tumour", 1), ("other", 2)])
+
+
+def multi_sources(spec):
+    """Sources from ``[(slide_id, {label: n_patches})]`` (labels 0..2, plus 2 unlabelled)."""
+    sources, offset = [], 0
+    for slide_id, per_class in spec:
+        labels = np.array([c for c, n in sorted(per_class.items()) for _ in range(n)] + [-1, -1], np.int8)
+        x = (offset + np.arange(len(labels))) * 256
+        offset += len(labels)
+        grid = SimpleNamespace(coords=np.stack([x, np.zeros_like(x)], 1).astype(np.int64), labels=labels)
+        sources.append(SampleSource(slide_id, f"/nowhere/{slide_id}.tiff", grid, None, {"split": "train"}))
+    return sources
+
+
+MULTI = [("p", {0: 3, 1: 2, 2: 1}), ("q", {1: 4}), ("r", {0: 2, 2: 5})]
+
+
+def expected_multi(spec, weights):
+    """P(slide, label, k) by hand: 1/#slides * w_label / (sum of w over the slide's classes)
+    * 1/#patches of that class."""
+    out = {}
+    for slide_id, per_class in spec:
+        total = sum(weights[c] for c in per_class)
+        for c, n in per_class.items():
+            for k in range(n):
+                out[(slide_id, c, k)] = 1 / len(spec) * weights[c] / total / n
+    return out
+
+
+@pytest.mark.parametrize("weights, by_index", [
+    (None, (1, 1, 1)),
+    ({"tumour": 2, "normal": 1, "other": 1}, (1, 2, 1)),  # m-UNet's 2:1:1
+    ((0.5, 3.0, 0.0), (0.5, 3.0, 0.0)),  # "other" never drawn
+])
+def test_class_stage_with_n_classes_and_weights(weights, by_index):
+    sources = multi_sources(MULTI)
+    sampler = HierarchicalSampler(sources, stages=("slide", "class", "patch"), seed=4,
+                                  classes=three_classes(), class_weights=weights)
+    assert sampler.n_classes == 3 and sampler.class_names == ("normal", "tumour", "other")
+    draws = [d for b in range(400) for d in sampler.draw_batch(b, 64)]
+    expected = {k: v for k, v in expected_multi(MULTI, by_index).items() if v > 0}
+    check_frequencies(draws, sources, expected)
+
+
+def test_class_table_mismatches_are_errors():
+    with pytest.raises(SamplerError, match="labels beyond the 2 classes"):
+        HierarchicalSampler(multi_sources(MULTI), stages=("slide", "class", "patch"))
+    with pytest.raises(ConfigError, match="unknown: cancer"):
+        HierarchicalSampler(multi_sources(MULTI), stages=("slide", "class", "patch"), classes=three_classes(),
+                            class_weights={"cancer": 1, "normal": 1, "other": 1, "tumour": 1})
+    with pytest.raises(ConfigError, match="need the sampler's 'class' stage"):
+        HierarchicalSampler(multi_sources(MULTI), stages=("slide", "patch"), classes=three_classes(),
+                            class_weights=(1, 1, 1))
+    with pytest.raises(SamplerError, match="q have patches only of classes of weight 0"):
+        HierarchicalSampler(multi_sources(MULTI), stages=("slide", "class", "patch"), classes=three_classes(),
+                            class_weights=(1, 0, 1))
+    with pytest.raises(SamplerError, match="no slide has other patches"):
+        HierarchicalSampler(multi_sources([("q", {1: 4}), ("s", {0: 1})]), stages=("slide", "class", "patch"),
+                            classes=three_classes())
 
 
 def test_no_sources_is_an_error():
@@ -273,8 +369,8 @@ def test_unreadable_slide_fails_loudly_naming_it(tmp_path):
 def test_build_sources_leaves_out_unusable_slides_once(tmp_path, caplog):
     from synthetic import make_mask, make_slide
 
-    from h2g.io.manifest import SlideRecord
     from h2g.data.sampler import build_sources
+    from h2g.io.manifest import SlideRecord
 
     size = (4096, 3072)  # 40x: 4 x 3 patches of 256 px at 10x, 1024 level-0 px a side
     tissue = (0, 0, 4096, 2048)  # the top two patch rows

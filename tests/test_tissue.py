@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 from PIL import Image
 from scipy import ndimage
+from synthetic import TISSUE_RGB, make_slide
 
 from h2g.io.pyramid import write_pyramid
-from h2g.tiling.tissue import TissueMask, close_mask, detect_tissue, otsu_threshold, otsu_tissue, saturation
 from h2g.io.slide import Slide
-from synthetic import TISSUE_RGB, make_slide
+from h2g.tiling.tissue import (
+    TissueMask,
+    close_mask,
+    detect_tissue,
+    otsu_threshold,
+    otsu_tissue,
+    saturation,
+)
 
 
 def cv2_saturation(image):

@@ -11,10 +11,15 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from h2g.training.clustering import build_cluster_model, fit_clusterer
 from h2g.core.errors import ConfigError, ModelError
-from h2g.training.losses import ClusterGuided, CWCELoss, cluster_guided, unwrap_classifier
+from h2g.training.clustering import build_cluster_model, fit_clusterer
 from h2g.training.fit import evaluate_classifier, fit, read_log
+from h2g.training.losses import (
+    ClusterGuided,
+    CWCELoss,
+    cluster_guided,
+    unwrap_classifier,
+)
 
 SIZE, BATCH = 12, 8
 COLOURS = tf.constant([[0.55, 0.35, 0.75], [0.75, 0.35, 0.55]])  # normal, tumour

@@ -8,11 +8,11 @@ import openslide
 import pytest
 import tifffile
 from PIL import Image
+from synthetic import cell_colour, decode_cell, make_slide, slide_image
 
 from h2g.core.errors import SlideError
 from h2g.io.pyramid import write_pyramid
 from h2g.io.slide import Slide, open_slide, power_from_mpp
-from synthetic import cell_colour, decode_cell, make_slide, slide_image
 
 SIZE = (4096, 3072)
 
@@ -295,3 +295,25 @@ def test_real_corrupt_file(real_data):
     with pytest.raises(SlideError, match="corrupt") as err:
         Slide(path)
     assert str(path) in str(err.value)
+
+
+def test_mpp_override_also_sets_the_objective_power(folder):
+    """A file with both an objective power and an mpp: the override decides both (the
+    file's power must not win), and without an override the file's power is kept."""
+    image = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    path = folder / "aperio.svs"
+    header = "Aperio Image Library v10.0.0\n1024x1024 [0,0 1024x1024] (256x256)"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(image, tile=(256, 256), compression="zlib", photometric="rgb", metadata=None,
+                  description=f"{header}|AppMag = 20|MPP = 0.25")
+        tif.write(np.ascontiguousarray(image[::4, ::4]), tile=(256, 256), compression="zlib",
+                  photometric="rgb", metadata=None, subfiletype=1, description=header)
+    with Slide(path) as slide:
+        assert slide.format == "aperio"
+        assert slide.mpp == 0.25 and slide.objective_power == 20 and slide.downsample_for(10) == 2
+    for mpp, power in ((1.0, 10), (0.5, 20), (0.25, 40), (0.3, 33.33)):
+        with Slide(path, mpp=mpp) as slide:
+            assert slide.mpp == mpp and slide.objective_power == power
+            assert slide.downsample_for(5) == pytest.approx(power / 5)
+    with Slide(path, mpp=1.0) as slide:  # 10x = level 0: no resizing
+        np.testing.assert_array_equal(slide.read_region((100, 200), (64, 64), 10), image[200:264, 100:164])

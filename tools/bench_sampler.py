@@ -8,7 +8,7 @@ Both sides read the same kind of work, 10x patches drawn by the sampler from one
 
 - ``sequential_patches_per_s``: a plain loop on one thread, read_region (with its resize)
   patch after patch, no tf.data and no augmentation;
-- ``pipeline_patches_per_s``: :func:`h2g.sampling.patch_dataset` with the classifier
+- ``pipeline_patches_per_s``: :func:`h2g.data.dataset.patch_dataset` with the classifier
   augmentation on and ``--readers`` reader threads (default: one per core), in its steady
   state: the first three batches (start-up, batches in flight) are not timed.
 

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from h2g.core.cli import run_cli
+from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import H2GError
-from h2g.tiling.grid import PatchGrid, build_patch_grid
 from h2g.io.annotation import load_annotation
-from h2g.tiling.tissue import TissueMask, detect_tissue
 from h2g.io.slide import Slide
+from h2g.tiling.grid import PatchGrid, build_patch_grid
+from h2g.tiling.tissue import TissueMask, detect_tissue
 
 TISSUE_TINT = (0, 160, 255)
 LABEL_COLOURS = {1: (220, 0, 0), 0: (0, 170, 0), -1: (255, 140, 0)}  # tumour, non-tumour, unlabelled
@@ -37,6 +37,7 @@ MIN_PNG_SIDE = 1024  # small thumbnails are enlarged (nearest neighbour) to at l
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_verbose_argument(parser)
     parser.add_argument("slide", type=Path, help="whole-slide image (any format OpenSlide reads)")
     parser.add_argument("--annotation", type=Path, help="tumour mask (PNG or TIFF) at --annotation-downsample")
     parser.add_argument("--annotation-downsample", type=float, default=4.0,

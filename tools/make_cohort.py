@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from h2g.core.cli import run_cli
-from h2g.data.cohort import PRESETS, make_cohort
+from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import ConfigError
+from h2g.data.cohort import PRESETS, make_cohort
 from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 
 
@@ -29,6 +29,7 @@ def default_out(preset: str) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_verbose_argument(parser)
     parser.add_argument("--preset", default="smoke", choices=sorted(PRESETS),
                         help="cohort size (default: smoke, 24 slides)")
     parser.add_argument("--out", type=Path, default=None,

@@ -22,7 +22,7 @@ import os
 import sys
 from pathlib import Path
 
-from h2g.core.cli import run_cli
+from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import ConfigError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads (in main)
@@ -64,6 +64,7 @@ def main(argv=None) -> int:
     from h2g.models import ARCHITECTURES
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_verbose_argument(parser)
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"architectures (default: all of {', '.join(ARCHITECTURES)})")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

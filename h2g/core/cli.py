@@ -1,14 +1,44 @@
-"""Shared command-line plumbing: H2GError -> exit code 2 and one line on stderr."""
+"""Shared command-line plumbing.
+
+- :func:`run_cli`: an :class:`H2GError` becomes exit code 2 and one line on stderr (no
+  traceback); Ctrl-C exit code 130.  Unless ``-v``/``--verbose`` is on the command line it
+  first keeps TensorFlow's C++ logging quiet (``TF_CPP_MIN_LOG_LEVEL=3``: no "failed call
+  to cuInit", NodeDef or CPU-feature lines between the package's progress bars) - it must
+  run before TensorFlow is imported, which the CLIs do lazily.  A value the user set in
+  the environment is kept.
+- :func:`add_verbose_argument`: the ``-v`` option every CLI shares.
+"""
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 from h2g.core.errors import H2GError
+
+VERBOSE_FLAGS = ("-v", "--verbose")
+
+
+def quiet_tensorflow(verbose: bool = False) -> None:
+    """Silence TensorFlow's and absl's start-up chatter unless ``verbose``."""
+    if verbose:
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def add_verbose_argument(parser) -> None:
+    parser.add_argument(*VERBOSE_FLAGS, dest="verbose", action="store_true",
+                        help="also show TensorFlow's own log lines and debug messages")
 
 
 def run_cli(main, argv=None) -> int:
     """Run ``main(argv)``; an :class:`H2GError` becomes exit code 2 and its message on
     stderr without a traceback.  Returns the exit code (``main``'s return or 0)."""
+    args = sys.argv[1:] if argv is None else argv
+    quiet_tensorflow(verbose=any(a in VERBOSE_FLAGS for a in args))
     try:
         code = main(argv)
     except H2GError as exc:

@@ -8,11 +8,10 @@ writes to ``config.json`` and what stage cache keys are hashed from.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Sequence, get_args, get_origin
 
 from h2g.core.errors import ConfigError
 
@@ -120,6 +119,20 @@ class Config:
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
 
+    def override(self, assignments: Sequence[str]) -> "Config":
+        """A copy with ``section.field=value`` assignments applied (``seed=3`` for a
+        top-level field), as given on the command line by ``--set``.  Values are parsed
+        as the field's type: numbers, ``true``/``false``, ``none``, and comma-separated
+        tuples; :class:`ConfigError` names an unknown key or a value of the wrong type."""
+        config = self
+        for text in assignments:
+            key, sep, raw = text.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise ConfigError(f"--set {text!r}: expected section.field=value")
+            config = _assign(config, key.split("."), raw.strip(), key)
+        return config
+
 
 def _smoke() -> Config:
     """Tiny models and few batches: every design end to end in minutes on 2 CPU cores."""
@@ -152,16 +165,51 @@ def load_config(preset: str = "smoke", seed: int = 0) -> Config:
     return factory().replace(seed=seed)
 
 
-def stable_hash(*parts: Any, length: int = 12) -> str:
-    """A short, stable hash of JSON-serialisable parts (cache keys of stage outputs)."""
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:length]
+
+def _assign(node, path: list[str], raw: str, key: str):
+    names = {f.name: f for f in dataclasses.fields(node)}
+    if path[0] not in names:
+        raise ConfigError(f"--set {key}: unknown {'field' if len(path) == 1 else 'section'} {path[0]!r}; "
+                          f"choose from {', '.join(n for n in names if n != 'preset')}")
+    value = getattr(node, path[0])
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(value):
+            raise ConfigError(f"--set {key}: {path[0]!r} is a value, not a section")
+        return dataclasses.replace(node, **{path[0]: _assign(value, path[1:], raw, key)})
+    if dataclasses.is_dataclass(value):
+        raise ConfigError(f"--set {key}: {path[0]!r} is a section; set one of its fields ({key}.FIELD=VALUE)")
+    hint = typing.get_type_hints(type(node))[path[0]]
+    return dataclasses.replace(node, **{path[0]: _parse(raw, hint, key)})
 
 
-def file_hash(path: Path, length: int = 12) -> str:
-    """Hash of a file's bytes (identifies a trained model or a manifest)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:length]
+def _parse(raw: str, hint, key: str):
+    """``raw`` as a value of type ``hint`` (int, float, bool, str, None-able, tuple)."""
+    args = get_args(hint)
+    if get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType", typing.Union)):
+        if raw.lower() in ("none", "null", ""):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _parse(raw, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"--set {key}: cannot parse {raw!r}")
+    if get_origin(hint) is tuple:
+        item = args[0] if args else str
+        return tuple(_parse(part.strip(), item, key) for part in raw.split(",") if part.strip())
+    try:
+        if hint is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if hint is str:
+            return raw
+    except ValueError:
+        raise ConfigError(f"--set {key}: {raw!r} is not a valid {hint.__name__}") from None
+    raise ConfigError(f"--set {key}: fields of type {hint} cannot be set from the command line")

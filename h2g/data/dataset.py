@@ -1,13 +1,40 @@
-"""(split from h2g.sampling; docstring to write)"""
+"""Sampler batches as ``tf.data`` datasets that never stall the training step.
+
+- :func:`patch_dataset`: H2G-Net's ``(images (B, S, S, 3), one-hot labels (B, C))``, one
+  10x patch per draw (:func:`read_batch`).
+- :func:`sample_dataset`: any system's ``({view name: images (B, S, S, 3)}, target)``,
+  where the views (:mod:`h2g.data.views`) are co-centred on the drawn patch's centre and
+  the target is the patch's class (one-hot) or the pixel label map of one view
+  (:func:`read_samples`).
+
+Batch ``k`` depends only on ``(sampler seed, stream, k)``: its draws and one
+augmentation seed per sample come from :meth:`HierarchicalSampler.batch_arrays`, and
+sample ``i`` is augmented with seed ``i`` whichever reader thread reads it.  So a run
+resumes at any batch (``start_batch``), and batches do not depend on ``readers``.
+
+Each batch is one ``tf.numpy_function`` call whose samples are read, and augmented, on
+the process's reader pool (:func:`h2g.data.readers.reader_pool`).  The function is
+declared ``stateful=False``: its result depends on the batch index only, which lets
+``tf.data`` run two batches at once and prefetch even under
+``tf.config.experimental.enable_op_determinism`` (which runs stateful map functions
+one after the other, with no prefetch: the training step would wait for every batch).
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import numpy as np
 
-from h2g.core.errors import ConfigError
+from h2g.core.errors import ConfigError, SamplerError
 from h2g.core.resources import available_cores
-from h2g.data.readers import read_patch, reader_pool
+from h2g.data.readers import (
+    grid_centre,
+    read_label_view,
+    read_patch,
+    read_sample,
+    reader_pool,
+    slide_of,
+)
 from h2g.data.sampler import (
     NUM_CLASSES,
     TRAIN_STREAM,
@@ -15,11 +42,37 @@ from h2g.data.sampler import (
     Augment,
     HierarchicalSampler,
 )
+from h2g.data.views import View, check_views
 
 if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
     import tensorflow as tf
 
+    from h2g.io.annotation import Annotation
+
 _BATCHES_IN_FLIGHT = 2  # batches being read at once: the readers start the next early
+TARGETS = ("class", "pixels")
+
+#: ``(views {name: (S, S, 3) uint8}, pixel target (S, S) uint8 or None, seed) ->
+#: (views, target)``: augments one sample, every view and the target together.
+SampleAugment = Callable[[dict, "np.ndarray | None", int], tuple[dict, "np.ndarray | None"]]
+
+
+def each_view(augment: Augment) -> SampleAugment:
+    """A :data:`SampleAugment` applying the image augmenter ``augment(image, seed)`` to
+    every view with the sample's seed (the views of a sample get the same flips and
+    colour shifts when they have the same size).  The pixel target is passed through
+    unchanged, so use it with class targets or photometric-only augmenters; geometric
+    augmentation of a pixel target needs an augmenter that moves views and target
+    together."""
+    def sample_augment(views: dict, target, seed: int):
+        return {name: augment(image, seed) for name, image in views.items()}, target
+
+    return sample_augment
+
+
+def _read_in_pool(n: int, read_one: Callable[[int], None], readers: int | None) -> None:
+    """``read_one(i)`` for ``i < n`` on the reader pool; re-raises a reader's error."""
+    list(reader_pool(readers or available_cores()).map(read_one, range(n)))
 
 
 def read_batch(
@@ -34,8 +87,10 @@ def read_batch(
     patch_size: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Batch ``batch_index`` of ``stream`` read (and augmented) on :func:`reader_pool`:
-    ``(images (B, S, S, 3) uint8, labels (B,) int32)``.  Patch ``i`` is augmented with
-    the ``i``-th seed drawn with the batch, so the result does not depend on ``readers``."""
+    ``(images (B, S, S, 3) uint8, labels (B,) int32)``; each image is the patch whose
+    top-left corner the sampler drew (:func:`~h2g.data.readers.read_patch`).  Patch
+    ``i`` is augmented with the ``i``-th seed drawn with the batch, so the result does
+    not depend on ``readers``."""
     batch = sampler.batch_arrays(batch_index, batch_size, stream)
     images = np.empty((batch_size, patch_size, patch_size, 3), np.uint8)
 
@@ -45,8 +100,119 @@ def read_batch(
         image = read_patch(source, int(x), int(y), magnification=magnification, patch_size=patch_size)
         images[i] = image if augment is None else augment(image, int(batch.seeds[i]))
 
-    list(reader_pool(readers or available_cores()).map(read, range(batch_size)))  # re-raises a reader's error
+    _read_in_pool(batch_size, read, readers)
     return images, batch.labels
+
+
+def read_samples(
+    sampler: HierarchicalSampler,
+    batch_index: int,
+    batch_size: int,
+    views: Sequence[View],
+    *,
+    stream: int = TRAIN_STREAM,
+    target: str = "class",
+    target_view: str | None = None,
+    augment: SampleAugment | None = None,
+    readers: int | None = None,
+    annotations: Mapping[str, "Annotation"] | None = None,
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Batch ``batch_index`` of ``stream`` as ``({view name: (B, S, S, 3) uint8},
+    target)``, read (and augmented) on :func:`reader_pool`.  Every view of sample ``i``
+    is centred on the centre of the grid patch the sampler drew.  ``target="class"``
+    gives the patches' labels ``(B,)`` int32; ``target="pixels"`` the label maps
+    ``(B, S, S)`` uint8 of ``target_view`` (:func:`~h2g.data.readers.read_label_view`;
+    255 = ignore) from ``annotations[slide_id]``, or the source's ``annotation``."""
+    views = check_views(views)
+    target_spec = _target_view(views, target, target_view)
+    batch = sampler.batch_arrays(batch_index, batch_size, stream)
+    images = {v.name: np.empty((batch_size, v.size, v.size, 3), np.uint8) for v in views}
+    pixels = None if target_spec is None else np.empty((batch_size, target_spec.size, target_spec.size), np.uint8)
+
+    def read(i: int) -> None:
+        source = sampler.sources[batch.slide_index[i]]
+        slide = slide_of(source)
+        centre = grid_centre(source.grid, slide, *(float(v) for v in batch.coords[i]))
+        sample = read_sample(slide, centre, views)
+        label_map = None
+        if target_spec is not None:
+            label_map = read_label_view(_annotation(source, annotations), slide, centre, target_spec)
+        if augment is not None:
+            sample, label_map = augment(sample, label_map, int(batch.seeds[i]))
+        for name, image in sample.items():
+            images[name][i] = image
+        if pixels is not None:
+            pixels[i] = label_map
+
+    _read_in_pool(batch_size, read, readers)
+    return images, (batch.labels if pixels is None else pixels)
+
+
+def _target_view(views: tuple[View, ...], target: str, target_view: str | None) -> View | None:
+    if target not in TARGETS:
+        raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    if target == "class":
+        if target_view is not None:
+            raise ConfigError("target_view is for pixel targets; a class target has none")
+        return None
+    by_name = {v.name: v for v in views}
+    if target_view is None and len(views) == 1:
+        return views[0]
+    if target_view not in by_name:
+        raise ConfigError(f"a pixel target needs target_view, one of the views {sorted(by_name)}; "
+                          f"got {target_view!r}")
+    return by_name[target_view]
+
+
+def _annotation(source, annotations: Mapping[str, "Annotation"] | None) -> "Annotation":
+    annotation = (annotations or {}).get(source.slide_id) or getattr(source, "annotation", None)
+    if annotation is None:
+        raise SamplerError(f"slide {source.slide_id} ({source.slide_path}): a pixel target needs "
+                           "its annotation, and none was given")
+    return annotation
+
+
+def _batch_indices(batch_size: int, training: bool, start_batch: int, n_batches: int | None,
+                   readers: int | None) -> int:
+    """Check the batching arguments; returns the seed stream."""
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    if readers is not None and readers < 1:
+        raise ConfigError(f"readers must be >= 1 (or None: one per core), got {readers}")
+    if start_batch < 0 or (n_batches is not None and n_batches < 1):
+        raise ConfigError(f"start_batch must be >= 0 and n_batches >= 1, got {start_batch}, {n_batches}")
+    if not training and n_batches is None:
+        raise ConfigError("a validation dataset needs n_batches (a fixed set of batches per epoch)")
+    return TRAIN_STREAM if training else VALIDATION_STREAM
+
+
+def _dataset(read: Callable[[int], list], out_types: list, shapes: list, finish: Callable, *,
+             start_batch: int, n_batches: int | None, prefetch: int | None) -> tf.data.Dataset:
+    """Batches ``start_batch ...`` (``n_batches`` of them, or forever): ``read(k)``'s
+    arrays in one stateless ``tf.numpy_function``, their static shapes set, then
+    ``finish(*tensors)``; two batches in flight, ``prefetch`` (default AUTOTUNE) ready."""
+    import tensorflow as tf
+
+    def read_graph(batch_index):
+        parts = tf.numpy_function(lambda k: read(int(k)), [batch_index], out_types, stateful=False)
+        for part, shape in zip(parts, shapes):
+            part.set_shape(shape)
+        return finish(*parts)
+
+    if n_batches is None:
+        indices = tf.data.Dataset.counter(start_batch)
+    else:
+        indices = tf.data.Dataset.range(start_batch, start_batch + n_batches)
+    return indices.map(read_graph, num_parallel_calls=_BATCHES_IN_FLIGHT, deterministic=True).prefetch(
+        tf.data.AUTOTUNE if prefetch is None else prefetch
+    )
+
+
+def _n_classes(sampler, n_classes: int | None) -> int:
+    n = getattr(sampler, "n_classes", NUM_CLASSES) if n_classes is None else n_classes
+    if int(n) < 2:
+        raise ConfigError(f"n_classes must be >= 2, got {n}")
+    return int(n)
 
 
 def patch_dataset(
@@ -64,43 +230,87 @@ def patch_dataset(
 ) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of ``(images, labels)`` batches drawn by ``sampler``:
     images ``(batch_size, patch_size, patch_size, 3)`` float32 in [0, 1], labels one-hot
-    ``(batch_size, 2)`` float32.
+    ``(batch_size, n_classes)`` float32 (``sampler.n_classes``, 2 for tumour masks).
 
     Training (``training=True``) yields batches ``start_batch, start_batch + 1, ...`` of
     the training stream, forever unless ``n_batches`` is given; resume a run at batch
     ``k`` with ``start_batch=k``.  Validation (``training=False``) needs ``n_batches`` and
     yields the same batches of the validation stream every time it is iterated.
 
-    Each batch is one ``tf.numpy_function`` call (:func:`read_batch`) whose patches are
-    read by ``readers`` threads (default: one per core); two batches are in flight so
-    the readers never wait for the next one, and ``prefetch`` batches (default:
-    AUTOTUNE) are kept ready.  Batches are identical whatever ``readers`` is."""
+    Each batch is one stateless ``tf.numpy_function`` call (:func:`read_batch`) whose
+    patches are read by ``readers`` threads (default: one per core); two batches are in
+    flight so the readers never wait for the next one, and ``prefetch`` batches
+    (default: AUTOTUNE) are kept ready.  Batches are identical whatever ``readers`` is."""
     import tensorflow as tf
 
-    if batch_size < 1:
-        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    if readers is not None and readers < 1:
-        raise ConfigError(f"readers must be >= 1 (or None: one per core), got {readers}")
-    if start_batch < 0 or (n_batches is not None and n_batches < 1):
-        raise ConfigError(f"start_batch must be >= 0 and n_batches >= 1, got {start_batch}, {n_batches}")
-    if not training and n_batches is None:
-        raise ConfigError("a validation dataset needs n_batches (a fixed set of batches per epoch)")
-    stream = TRAIN_STREAM if training else VALIDATION_STREAM
+    stream = _batch_indices(batch_size, training, start_batch, n_batches, readers)
+    n_classes = _n_classes(sampler, None)
 
-    def read(batch_index):
-        return read_batch(sampler, int(batch_index), batch_size, stream=stream, augment=augment,
-                          readers=readers, magnification=magnification, patch_size=patch_size)
+    def read(batch_index: int) -> list:
+        return list(read_batch(sampler, batch_index, batch_size, stream=stream, augment=augment,
+                               readers=readers, magnification=magnification, patch_size=patch_size))
 
-    def read_graph(batch_index):
-        images, labels = tf.numpy_function(read, [batch_index], [tf.uint8, tf.int32])
-        images.set_shape([batch_size, patch_size, patch_size, 3])
-        labels.set_shape([batch_size])
-        return tf.cast(images, tf.float32) / 255.0, tf.one_hot(labels, NUM_CLASSES, dtype=tf.float32)
+    def finish(images, labels):
+        return tf.cast(images, tf.float32) / 255.0, tf.one_hot(labels, n_classes, dtype=tf.float32)
 
-    if n_batches is None:
-        indices = tf.data.Dataset.counter(start_batch)
+    return _dataset(read, [tf.uint8, tf.int32], [[batch_size, patch_size, patch_size, 3], [batch_size]],
+                    finish, start_batch=start_batch, n_batches=n_batches, prefetch=prefetch)
+
+
+def sample_dataset(
+    sampler: HierarchicalSampler,
+    views: Sequence[View],
+    *,
+    target: str = "class",
+    target_view: str | None = None,
+    batch_size: int,
+    training: bool = True,
+    augment: SampleAugment | None = None,
+    start_batch: int = 0,
+    n_batches: int | None = None,
+    readers: int | None = None,
+    n_classes: int | None = None,
+    annotations: Mapping[str, "Annotation"] | None = None,
+    prefetch: int | None = None,
+) -> tf.data.Dataset:
+    """A ``tf.data.Dataset`` of ``(inputs, target)`` batches drawn by ``sampler``:
+    ``inputs`` is ``{view.name: (batch_size, view.size, view.size, 3) float32 in [0, 1]}``
+    with every view centred on the drawn grid patch's centre (:func:`read_samples`).
+
+    ``target="class"``: the patches' classes one-hot, ``(batch_size, n_classes)``
+    float32 (``n_classes`` defaults to ``sampler.n_classes``, 2 for tumour masks).
+    ``target="pixels"``: the label map of ``target_view`` (the only view by default),
+    ``(batch_size, S, S)`` int32 class indices, 255 where unlabelled; annotations come
+    from ``annotations[slide_id]`` or the source's ``annotation`` attribute.
+
+    ``augment`` (a :data:`SampleAugment`; :func:`each_view` adapts an image augmenter)
+    gets each sample's seed.  Batching, resuming, validation, readers and prefetching
+    are those of :func:`patch_dataset`; batches are identical whatever ``readers`` is."""
+    import tensorflow as tf
+
+    views = check_views(views)
+    stream = _batch_indices(batch_size, training, start_batch, n_batches, readers)
+    target_spec = _target_view(views, target, target_view)
+    classes = _n_classes(sampler, n_classes)
+    names = [v.name for v in views]
+
+    def read(batch_index: int) -> list:
+        images, labels = read_samples(sampler, batch_index, batch_size, views, stream=stream, target=target,
+                                      target_view=target_view, augment=augment, readers=readers,
+                                      annotations=annotations)
+        return [images[name] for name in names] + [labels]
+
+    def finish(*parts):
+        inputs = {name: tf.cast(part, tf.float32) / 255.0 for name, part in zip(names, parts)}
+        if target_spec is None:
+            return inputs, tf.one_hot(parts[-1], classes, dtype=tf.float32)
+        return inputs, tf.cast(parts[-1], tf.int32)
+
+    shapes = [[batch_size, v.size, v.size, 3] for v in views]
+    if target_spec is None:
+        out_types, shapes = [tf.uint8] * len(views) + [tf.int32], shapes + [[batch_size]]
     else:
-        indices = tf.data.Dataset.range(start_batch, start_batch + n_batches)
-    return indices.map(read_graph, num_parallel_calls=_BATCHES_IN_FLIGHT, deterministic=True).prefetch(
-        tf.data.AUTOTUNE if prefetch is None else prefetch
-    )
+        out_types = [tf.uint8] * len(views) + [tf.uint8]
+        shapes = shapes + [[batch_size, target_spec.size, target_spec.size]]
+    return _dataset(read, out_types, shapes, finish, start_batch=start_batch, n_batches=n_batches,
+                    prefetch=prefetch)

@@ -5,6 +5,14 @@ Patches are never stored.  Each one is drawn by a tree of uniform choices, by de
 (3) a class among the classes that slide has patches of, (4) a patch of that class, and
 then read from the whole-slide image at 10x with OpenSlide while training runs.
 
+Classes come from a :class:`~h2g.io.classes.ClassTable` (default: the patch grids'
+table, binary tumour / non-tumour for H2G-Net), so the class stage works for any number
+of classes; it draws uniformly among the classes the slide has, or with
+``class_weights`` (e.g. m-UNet's 2:1:1 tumour:normal:other) renormalised over the
+classes the slide has.  Without weights the draws are those of the binary-only sampler,
+number for number.  The grade is just one attribute stage: a manifest without grades
+balances with ``("slide", "class", "patch")`` or on any other manifest column.
+
 - :class:`SampleSource` is one slide ready for sampling: its id, path, mpp override,
   manifest attributes (grade, split, ...) and :class:`~h2g.patches.PatchGrid`.
   :func:`build_sources` makes them from manifest records.
@@ -26,7 +34,6 @@ TensorFlow is imported by :func:`patch_dataset` only; the rest works without it.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +43,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from h2g.core.errors import ConfigError, SamplerError
+from h2g.io.classes import BINARY, ClassTable
 
 if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
 
@@ -44,8 +52,9 @@ if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
 
 log = logging.getLogger(__name__)
 
-CLASS_NAMES = ("non-tumour", "tumour")  # index = label (1 = tumour)
-NUM_CLASSES = len(CLASS_NAMES)
+# The binary default, for modules that still assume it; use HierarchicalSampler.n_classes.
+CLASS_NAMES = BINARY.names  # index = label (1 = tumour)
+NUM_CLASSES = BINARY.n_classes
 DEFAULT_STAGES = ("grade", "slide", "class", "patch")
 TRAIN_STREAM = 0  # seed streams: training and validation batches never share numbers
 VALIDATION_STREAM = 1
@@ -53,8 +62,8 @@ VALIDATION_STREAM = 1
 Draw = tuple[str, int, int, int]  # (slide_id, x, y, label)
 Augment = Callable[[np.ndarray, int], np.ndarray]
 
-# Record fields that describe where a slide is rather than what it is.
-_LOCATION_FIELDS = ("slide_id", "slide_path", "annotation_path", "mpp")
+# Record fields that are manifest attributes the sampler may balance on.
+_ATTRIBUTE_FIELDS = ("grade", "split")
 _SEED_LIMIT = 2**31  # augmentation seeds lie in [0, 2**31)
 
 
@@ -63,8 +72,8 @@ class SampleSource:
     """One slide ready for sampling.
 
     ``attributes`` holds the manifest columns the sampler may balance on (``grade``,
-    ``split``, ...); ``grid`` the slide's patch grid, of which only labelled patches
-    (label 0 or 1) are ever drawn."""
+    ``split``, extra columns such as ``stain``); ``grid`` the slide's patch grid, of
+    which only labelled patches (label >= 0, a class index) are ever drawn."""
 
     slide_id: str
     slide_path: Path
@@ -96,25 +105,37 @@ def build_sources(
     tissue_threshold: float = 0.25,
     tumour_threshold: float = 0.25,
     tissue_magnification: float = 1.25,
+    saturation_threshold: int = 20,
+    classes: ClassTable | None = None,
+    annotation_downsample: float = 4.0,
+    min_labelled: float = 0.01,
     progress: bool = True,
 ) -> list[SampleSource]:
-    """Open each record's slide, detect its tissue, load its annotation and build its
-    patch grid.  Slides without any labelled patch (no tissue, or no annotation) are left
-    out and named in one warning on the ``h2g.sampling`` logger."""
-    from h2g.tiling.grid import build_patch_grid
+    """Open each record's slide, detect its tissue (at ``tissue_magnification``, with
+    ``saturation_threshold``), load its annotation (at ``annotation_downsample``, values
+    read through ``classes``, default binary) and build its patch grid.
+
+    Slides without any labelled patch (no tissue, no annotation, or every tissue patch
+    discarded) are left out and named in one warning on this module's logger; when
+    that leaves no slide at all, a :class:`SamplerError` names the split and each slide
+    with its reason.  A source's ``attributes`` are its record's grade (when given),
+    split and extra manifest columns."""
     from h2g.io.annotation import load_annotation
-    from h2g.tiling.tissue import detect_tissue
     from h2g.io.slide import open_slide
+    from h2g.tiling.grid import build_patch_grid
+    from h2g.tiling.tissue import detect_tissue
 
     records = list(records)
     sources: list[SampleSource] = []
     left_out: list[str] = []
     for record in tqdm(records, desc="patch grids", unit="slide", disable=not progress):
         slide = open_slide(record.slide_path, record.mpp)
-        tissue = detect_tissue(slide, magnification=tissue_magnification)
+        tissue = detect_tissue(slide, magnification=tissue_magnification,
+                               saturation_threshold=saturation_threshold)
         annotation = None
         if record.annotation_path is not None:
-            annotation = load_annotation(record.annotation_path, slide)
+            annotation = load_annotation(record.annotation_path, slide,
+                                         downsample=annotation_downsample, classes=classes)
         grid = build_patch_grid(
             slide,
             tissue,
@@ -123,18 +144,20 @@ def build_sources(
             patch_size=patch_size,
             tissue_threshold=tissue_threshold,
             tumour_threshold=tumour_threshold,
+            min_labelled=min_labelled,
         )
         if not np.any(np.asarray(grid.labels) >= 0):
             left_out.append(f"{record.slide_id} ({_why_unusable(grid, annotation)})")
             continue
-        attributes = {
-            f.name: getattr(record, f.name)
-            for f in dataclasses.fields(record)
-            if f.name not in _LOCATION_FIELDS
-        }
         sources.append(
-            SampleSource(record.slide_id, Path(record.slide_path), grid, record.mpp, attributes)
+            SampleSource(record.slide_id, Path(record.slide_path), grid, record.mpp,
+                         record_attributes(record))
         )
+    if records and not sources:
+        splits = "/".join(sorted({str(r.split) for r in records})) or "(no split given)"
+        raise SamplerError(
+            f"split {splits}: no slide has labelled patches to train on: {', '.join(left_out)}; "
+            "training and validation slides need annotations with tissue")
     if left_out:
         log.warning(
             "left out %d slide(s) with no usable patches: %s", len(left_out), ", ".join(left_out)
@@ -142,24 +165,41 @@ def build_sources(
     return sources
 
 
+def record_attributes(record) -> dict[str, Any]:
+    """The attributes of a manifest record the sampler may balance on: ``grade`` (unless
+    the manifest gives none), ``split`` and the record's extra columns."""
+    attributes = {name: getattr(record, name) for name in _ATTRIBUTE_FIELDS
+                  if getattr(record, name, None) is not None}
+    attributes.update(getattr(record, "attributes", None) or {})
+    return attributes
+
+
 class HierarchicalSampler:
     """A tree of uniform choices over ``sources``.
 
     ``stages`` is a tuple of source attribute names (balanced in that order, each value
     uniformly among the values that have slides) followed by ``"slide"``, optionally
-    ``"class"`` (a class uniformly among those the chosen slide has patches of) and
-    ``"patch"``.  Without ``"class"`` a patch is drawn uniformly among all the slide's
-    labelled patches.
+    ``"class"`` (a class among those the chosen slide has patches of) and ``"patch"``.
+    Without ``"class"`` a patch is drawn uniformly among all the slide's labelled
+    patches.
+
+    ``classes`` is the :class:`~h2g.io.classes.ClassTable` of the patch labels (default:
+    the sources' grids' table, else binary).  The class stage is uniform, or follows
+    ``class_weights`` (by class name, or a sequence in class order; non-negative)
+    renormalised over the classes the chosen slide has.
 
     Raises :class:`~h2g.errors.SamplerError` when there are no sources, a stage names an
-    attribute a source lacks, a source has no labelled patch, or no source has patches
-    of some class (the class stage could never be satisfied for it)."""
+    attribute a source lacks, a source has no labelled patch or a label outside the
+    class table, no source has patches of some class the class stage needs, or a slide
+    has only classes of weight 0."""
 
     def __init__(
         self,
         sources: Sequence[SampleSource],
         stages: Sequence[str] = DEFAULT_STAGES,
         seed: int = 0,
+        classes: ClassTable | None = None,
+        class_weights: Mapping[str, float] | Sequence[float] | None = None,
     ):
         self.sources = list(sources)
         self.stages = tuple(stages)
@@ -167,8 +207,19 @@ class HierarchicalSampler:
         if self.seed < 0:
             raise ConfigError(f"sampler seed must be >= 0, got {seed}")
         self._attributes, self._by_class = _parse_stages(self.stages)
-        _check_sources(self.sources, self._attributes)
+        self.classes = _class_table(self.sources, classes)
+        self.class_weights = _class_weights(self.classes, class_weights, self._by_class)
+        _check_sources(self.sources, self._attributes, self.classes, self.class_weights)
         self._levels, self._slide_of, self._coords, self._labels = self._build_tree()
+
+    @property
+    def n_classes(self) -> int:
+        """The number of classes (the width of a one-hot label)."""
+        return self.classes.n_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.classes.names
 
     def _leaves(self) -> list[tuple[tuple, np.ndarray]]:
         """``(path of choices, patch indices)`` per leaf, in source order."""
@@ -176,7 +227,7 @@ class HierarchicalSampler:
         for i, source in enumerate(self.sources):
             prefix = tuple(source.attributes[name] for name in self._attributes) + (i,)
             if self._by_class:
-                for label in range(NUM_CLASSES):
+                for label in range(self.n_classes):
                     indices = source.class_indices(label)
                     if len(indices):
                         leaves.append((prefix + (label,), indices))
@@ -186,20 +237,25 @@ class HierarchicalSampler:
         return leaves
 
     def _build_tree(self):
-        """Flatten the tree into levels of ``(start, count)`` arrays: node ``j`` of a
-        level has children ``start[j] .. start[j] + count[j] - 1`` in the next level; the
+        """Flatten the tree into levels of ``(start, count, cdf)`` arrays: node ``j`` of a
+        level has children ``start[j] .. start[j] + count[j] - 1`` in the next level
+        (``cdf`` is ``None`` for a uniform choice, else see :func:`_weighted_cdf`); the
         last level points into the flat patch table (slide index, coordinates, label)."""
         leaves = dict(self._leaves())
         depth = len(next(iter(leaves)))
+        class_level = len(self._attributes) + 1 if self._by_class else None
         levels = []
         nodes: list[tuple] = [()]  # the root: the empty path
         for d in range(depth):
             children = list(dict.fromkeys(path[: d + 1] for path in leaves))
             start, count, nodes = _group_children(nodes, children)
-            levels.append((start, count))
+            cdf = None
+            if d == class_level and self.class_weights is not None:
+                cdf = _weighted_cdf(start, count, [self.class_weights[path[-1]] for path in nodes])
+            levels.append((start, count, cdf))
         # the patch level: each leaf's patches, concatenated in leaf-node order
         sizes = np.array([len(leaves[path]) for path in nodes], np.int64)
-        levels.append((np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes))
+        levels.append((np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes, None))
         slide_pos = len(self._attributes)
         slide_of, coords, labels = [], [], []
         for path in nodes:
@@ -214,8 +270,12 @@ class HierarchicalSampler:
         """Walk the tree ``n`` times at once; returns rows of the flat patch table and one
         augmentation seed per draw."""
         node = np.zeros(n, np.int64)
-        for start, count in self._levels:
-            node = start[node] + rng.integers(0, count[node])
+        for start, count, cdf in self._levels:
+            if cdf is None:
+                node = start[node] + rng.integers(0, count[node])
+            else:  # weighted: the first child whose cumulative weight exceeds node + u
+                chosen = np.searchsorted(cdf, node + rng.random(n), side="right")
+                node = np.clip(chosen, start[node], start[node] + count[node] - 1)
         seeds = rng.integers(0, _SEED_LIMIT, size=n, dtype=np.int64)
         return node, seeds
 
@@ -253,6 +313,8 @@ def _why_unusable(grid: PatchGrid, annotation) -> str:
         return "no tissue patches"
     if annotation is None:
         return "no annotation"
+    if getattr(grid, "classes", None) is not None and not grid.classes.is_binary:
+        return "every tissue patch is discarded as too little annotated"
     return "every tissue patch is discarded as partly tumour"
 
 
@@ -273,7 +335,57 @@ def _split_name(sources: Sequence[SampleSource]) -> str:
     return "/".join(splits) if splits else "(no split given)"
 
 
-def _check_sources(sources: list[SampleSource], attributes: tuple[str, ...]) -> None:
+def _class_table(sources: Sequence[SampleSource], classes: ClassTable | None) -> ClassTable:
+    """``classes``, else the one table of the sources' grids (binary when they carry none)."""
+    if classes is not None:
+        return classes
+    tables = {getattr(s.grid, "classes", None) for s in sources} - {None}
+    if len(tables) > 1:
+        raise SamplerError("the slides' patch grids use different class tables: "
+                           + " / ".join(", ".join(t.names) for t in tables))
+    return tables.pop() if tables else BINARY
+
+
+def _class_weights(classes: ClassTable, weights, by_class: bool) -> np.ndarray | None:
+    """Per-class weights in class order, or ``None`` (uniform)."""
+    if weights is None:
+        return None
+    if not by_class:
+        raise ConfigError("class weights need the sampler's 'class' stage")
+    if isinstance(weights, Mapping):
+        unknown = [k for k in weights if k not in classes.names]
+        missing = [n for n in classes.names if n not in weights]
+        if unknown or missing:
+            raise ConfigError(
+                f"class weights {dict(weights)} do not match the classes {', '.join(classes.names)}"
+                + (f"; unknown: {', '.join(map(str, unknown))}" if unknown else "")
+                + (f"; missing: {', '.join(missing)}" if missing else ""))
+        weights = [weights[n] for n in classes.names]
+    values = np.asarray(list(weights), dtype=float)
+    if values.shape != (classes.n_classes,):
+        raise ConfigError(f"{len(values)} class weight(s) for {classes.n_classes} classes "
+                          f"({', '.join(classes.names)})")
+    if not np.all(np.isfinite(values)) or np.any(values < 0) or not values.sum() > 0:
+        raise ConfigError(f"class weights must be finite, >= 0 and not all 0, got {values.tolist()}")
+    return values
+
+
+def _weighted_cdf(start: np.ndarray, count: np.ndarray, weights: list[float]) -> np.ndarray:
+    """Cumulative weights of each parent's children, offset by the parent's index, so that
+    one ``searchsorted`` of ``parent + u`` (u uniform in [0, 1)) picks a child of that
+    parent with probability proportional to its weight; a parent's last child ends at
+    exactly ``parent + 1``."""
+    weights = np.asarray(weights, dtype=float)
+    cdf = np.empty(len(weights))
+    for parent, (first, n) in enumerate(zip(start, count)):
+        block = np.cumsum(weights[first:first + n])
+        cdf[first:first + n] = parent + block / block[-1]
+        cdf[first + n - 1] = parent + 1
+    return cdf
+
+
+def _check_sources(sources: list[SampleSource], attributes: tuple[str, ...],
+                   classes: ClassTable, weights: np.ndarray | None) -> None:
     if not sources:
         raise SamplerError("no slides to sample from: the split is empty or every slide was left out")
     for name in attributes:
@@ -287,12 +399,25 @@ def _check_sources(sources: list[SampleSource], attributes: tuple[str, ...]) -> 
     empty = [s.slide_id for s in sources if not np.any(np.asarray(s.grid.labels) >= 0)]
     if empty:
         raise SamplerError(f"slide(s) {', '.join(empty)} have no labelled patches")
-    for label, name in enumerate(CLASS_NAMES):
+    beyond = [s.slide_id for s in sources if np.any(np.asarray(s.grid.labels) >= classes.n_classes)]
+    if beyond:
+        raise SamplerError(
+            f"slide(s) {', '.join(beyond)} have patch labels beyond the {classes.n_classes} "
+            f"classes of the class table ({', '.join(classes.names)})")
+    for label, name in enumerate(classes.names):
+        if weights is not None and weights[label] == 0:
+            continue
         if not any(len(s.class_indices(label)) for s in sources):
             raise SamplerError(
                 f"split {_split_name(sources)}: no slide has {name} patches "
                 f"(class {label}); the sampler cannot balance classes"
             )
+    if weights is not None:
+        unweighted = [s.slide_id for s in sources
+                      if not any(weights[c] > 0 and len(s.class_indices(c)) for c in range(classes.n_classes))]
+        if unweighted:
+            raise SamplerError(f"slide(s) {', '.join(unweighted)} have patches only of classes of "
+                               f"weight 0 (class weights {weights.tolist()})")
 
 
 def _group_children(parents: list[tuple], children: list[tuple]):

@@ -1,9 +1,29 @@
-"""(split from h2g.evaluation; docstring to write)"""
+"""Pixel-wise segmentation metrics: H2G-Net's binary tumour figures and per-class ones.
+
+- :func:`segmentation_metrics`: recall, precision and Dice of a binary tumour
+  prediction (the H2G-Net tables), with 0 / 0 cases defined (see its doc).
+- :func:`confusion_matrix`, :func:`class_metrics`: per-class IoU, Dice, recall and
+  precision of a predicted label map against a true one whose :data:`IGNORE` pixels
+  (unannotated) count for nothing.  Each class is scored one-vs-rest with the same 0 / 0
+  rules as the binary figures (IoU like Dice: 1 when the class is absent from both), so
+  the tumour class of a multi-class evaluation scores exactly what
+  :func:`segmentation_metrics` gives its tumour masks.  The mean IoU averages the
+  classes *present* (in the truth or the prediction, on labelled pixels): a class absent
+  from both is undefined there and left out rather than counted as a perfect 1.
+- :func:`tumour_metrics`: the binary tumour figures of a pair of label maps.
+
+Label maps are counted chunk by chunk (no full-size int64 temporaries).  TensorFlow-free.
+"""
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from h2g.io.classes import IGNORE, ClassTable
+
+_CHUNK_VALUES = 1 << 22  # pixels counted per chunk
 
 
 # ---------------------------------------------------------------- per-slide metrics
@@ -41,6 +61,11 @@ def segmentation_metrics(pred: np.ndarray, truth: np.ndarray) -> dict[str, float
     tp = int(np.count_nonzero(pred & truth))
     fp = int(np.count_nonzero(pred & ~truth))
     fn = int(np.count_nonzero(~pred & truth))
+    return _scores(tp, fp, fn)
+
+
+def _scores(tp: int, fp: int, fn: int) -> dict[str, float]:
+    """Recall, precision and Dice from pixel counts, 0 / 0 as in :func:`segmentation_metrics`."""
     recall = tp / (tp + fn) if tp + fn else 1.0
     precision = tp / (tp + fp) if tp + fp else (1.0 if fn == 0 else 0.0)
     dice = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0
@@ -54,3 +79,117 @@ def _binary(array: np.ndarray, name: str) -> np.ndarray:
     if not np.isin(array, (0, 1)).all():
         raise ValueError(f"{name} must be binary (bool or 0/1); threshold probabilities with binarise() first")
     return array.astype(bool)
+
+
+# ---------------------------------------------------------------- per-class metrics
+def confusion_matrix(pred: np.ndarray, truth: np.ndarray, n_classes: int,
+                     ignore: int = IGNORE) -> np.ndarray:
+    """``(n_classes, n_classes)`` int64 pixel counts, row = true class, column =
+    predicted class, over the pixels whose truth is not ``ignore``.  ``pred`` must hold
+    class indices ``0 .. n_classes - 1`` there, ``truth`` class indices or ``ignore``;
+    anything else is a ``ValueError``."""
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from ground truth shape {truth.shape}")
+    for name, array in (("pred", pred), ("truth", truth)):
+        if not (np.issubdtype(array.dtype, np.integer) or array.dtype == bool):
+            raise ValueError(f"{name} must be a label map of integer class indices, got {array.dtype}")
+    confusion = np.zeros(n_classes * n_classes, np.int64)
+    flat_pred, flat_truth = pred.reshape(-1), truth.reshape(-1)
+    for first in range(0, flat_truth.size, _CHUNK_VALUES):
+        t = flat_truth[first:first + _CHUNK_VALUES]
+        p = flat_pred[first:first + _CHUNK_VALUES]
+        labelled = t != ignore
+        t, p = t[labelled].astype(np.int64), p[labelled].astype(np.int64)
+        bad_t = (t < 0) | (t >= n_classes)
+        bad_p = (p < 0) | (p >= n_classes)
+        if bad_t.any() or bad_p.any():
+            values = sorted(set(np.unique(t[bad_t]).tolist()) | set(np.unique(p[bad_p]).tolist()))
+            raise ValueError(f"label values {values[:10]} are neither class indices 0..{n_classes - 1} "
+                             f"nor the ignore value {ignore} (ignore is only allowed in the truth)")
+        confusion += np.bincount(t * n_classes + p, minlength=n_classes * n_classes)
+    return confusion.reshape(n_classes, n_classes)
+
+
+@dataclass(frozen=True)
+class ClassScores:
+    """Per-class scores from a confusion matrix (rows true, columns predicted).
+
+    ``iou``, ``dice``, ``recall``, ``precision`` are arrays in class order (0 / 0 rules
+    in the module doc); ``present`` marks the classes in the truth or the prediction;
+    ``mean_iou`` is the mean IoU of the present classes (NaN when none is)."""
+
+    names: tuple[str, ...]
+    confusion: np.ndarray
+    iou: np.ndarray
+    dice: np.ndarray
+    recall: np.ndarray
+    precision: np.ndarray
+    present: np.ndarray
+
+    @classmethod
+    def from_confusion(cls, confusion: np.ndarray, names: Sequence[str]) -> ClassScores:
+        """Scores of ``confusion`` (e.g. the sum of several slides' matrices, for scores
+        pooled over a test set)."""
+        confusion = np.asarray(confusion, np.int64)
+        tp = np.diag(confusion)
+        fp = confusion.sum(axis=0) - tp
+        fn = confusion.sum(axis=1) - tp
+        rows = [_scores(int(a), int(b), int(c)) for a, b, c in zip(tp, fp, fn)]
+        iou = [a / (a + b + c) if a + b + c else 1.0 for a, b, c in zip(tp.tolist(), fp.tolist(), fn.tolist())]
+        return cls(
+            names=tuple(names),
+            confusion=confusion,
+            iou=np.array(iou, float),
+            dice=np.array([r["dice"] for r in rows], float),
+            recall=np.array([r["recall"] for r in rows], float),
+            precision=np.array([r["precision"] for r in rows], float),
+            present=(tp + fp + fn) > 0,
+        )
+
+    @property
+    def mean_iou(self) -> float:
+        return float(np.mean(self.iou[self.present])) if self.present.any() else float("nan")
+
+    def __add__(self, other: ClassScores) -> ClassScores:
+        """Pool two results (their confusion matrices add)."""
+        if self.names != other.names:
+            raise ValueError(f"cannot pool scores of classes {self.names} and {other.names}")
+        return ClassScores.from_confusion(self.confusion + other.confusion, self.names)
+
+    def to_dict(self) -> dict:
+        """JSON-ready: ``{class name: {iou, dice, recall, precision, present}}`` and
+        ``mean_iou``."""
+        out = {"classes": {
+            name: {"iou": float(self.iou[c]), "dice": float(self.dice[c]),
+                   "recall": float(self.recall[c]), "precision": float(self.precision[c]),
+                   "present": bool(self.present[c])}
+            for c, name in enumerate(self.names)}}
+        out["mean_iou"] = self.mean_iou
+        return out
+
+
+def class_metrics(pred: np.ndarray, truth: np.ndarray, classes: ClassTable | Sequence[str],
+                  ignore: int = IGNORE) -> ClassScores:
+    """Per-class IoU, Dice, recall and precision of the label map ``pred`` against
+    ``truth`` (``ignore`` pixels of the truth count for nothing); ``classes`` is the class
+    table or the class names in index order."""
+    names = classes.names if isinstance(classes, ClassTable) else tuple(classes)
+    return ClassScores.from_confusion(confusion_matrix(pred, truth, len(names), ignore), names)
+
+
+def tumour_metrics(pred: np.ndarray, truth: np.ndarray, tumour_index: int, n_classes: int,
+                   ignore: int = IGNORE) -> dict[str, float]:
+    """H2G-Net's binary tumour ``recall``, ``precision``, ``dice`` of two label maps of
+    ``n_classes`` classes: the tumour class against the rest, over the pixels whose truth
+    is not ``ignore``; for binary maps the numbers of :func:`segmentation_metrics`."""
+    return tumour_scores(confusion_matrix(pred, truth, n_classes, ignore), tumour_index)
+
+
+def tumour_scores(confusion: np.ndarray, tumour_index: int) -> dict[str, float]:
+    """The binary tumour figures of a confusion matrix (e.g. :attr:`ClassScores.confusion`)."""
+    confusion = np.asarray(confusion, np.int64)
+    tp = int(confusion[tumour_index, tumour_index])
+    fp = int(confusion[:, tumour_index].sum()) - tp
+    fn = int(confusion[tumour_index].sum()) - tp
+    return _scores(tp, fp, fn)

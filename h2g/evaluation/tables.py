@@ -1,7 +1,9 @@
 """Evaluation as in Section 3.3 of the paper: per-slide pixel-wise recall, precision and
 Dice of binary segmentations, their macro mean and sample standard deviation over the
 test slides, Dice per histological grade, pairwise Tukey HSD on Dice between designs,
-the paper's Table 1 / Table 2 layouts as Markdown and CSV, and figures.
+the paper's Table 1 / Table 2 layouts as Markdown and CSV, and figures; and, for
+multi-class systems, per-class tables (:func:`write_class_tables`: IoU, Dice, recall
+and precision per class and the mean IoU, from :class:`h2g.evaluation.metrics.ClassScores`).
 
 A per-slide result ("row") is a dict with the keys ``design``, ``slide_id``, ``grade``,
 ``recall``, ``precision`` and ``dice``.
@@ -15,14 +17,18 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import numpy as np
 from scipy import stats
 
 from h2g.core.errors import ConfigError
 
+if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
+    from h2g.evaluation.metrics import ClassScores
+
 METRICS = ("recall", "precision", "dice")
+CLASS_METRICS = ("iou", "dice", "recall", "precision")
 ROW_KEYS = ("design", "slide_id", "grade", *METRICS)
 
 
@@ -36,7 +42,7 @@ class MeanSD:
     n: int
 
     @classmethod
-    def of(cls, values: Iterable[float]) -> "MeanSD":
+    def of(cls, values: Iterable[float]) -> MeanSD:
         values = np.asarray(list(values), dtype=float)
         if values.size == 0:
             raise ValueError("no values to summarise")
@@ -213,6 +219,64 @@ def _markdown(summaries: list[DesignSummary], grades: list[str], tk: TukeyResult
     if tk.note:
         lines += [f"n/a: {tk.note}.", ""]
     return "\n".join(lines)
+
+
+def write_class_tables(
+    out_dir: str | Path,
+    scores: Mapping[str, ClassScores],
+    designs: Sequence[str] | None = None,
+    stem: str = "class_tables",
+) -> dict[str, Path]:
+    """Write per-class tables of ``scores`` (design -> :class:`ClassScores`, e.g. pooled
+    over the test slides) for ``designs`` (default: all, in mapping order).
+
+    ``<stem>.md``: one table per metric (IoU, Dice, recall, precision: rows designs,
+    columns classes, and mIoU, the mean IoU over the classes present, beside IoU); a
+    class absent from both truth and prediction shows "n/a".  ``<stem>.csv``: one row
+    per design and class (``design, class, iou, dice, recall, precision, present``, full
+    precision) followed by a ``mean_iou`` row per design.  Returns the paths by name
+    (``markdown``, ``csv``).  :class:`ConfigError` for a design without scores or
+    designs with different classes."""
+    designs = list(scores) if designs is None else list(designs)
+    missing = [d for d in designs if d not in scores]
+    if missing:
+        raise ConfigError(f"no per-class scores for design(s) {', '.join(missing)}")
+    if not designs:
+        raise ConfigError("no designs to tabulate")
+    names = scores[designs[0]].names
+    other = [d for d in designs if scores[d].names != names]
+    if other:
+        raise ConfigError(f"design(s) {', '.join(other)} have classes other than {', '.join(names)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out_dir / f"{stem}.md", "csv": out_dir / f"{stem}.csv"}
+
+    def cell(s: ClassScores, metric: str, c: int) -> str:
+        return f"{getattr(s, metric)[c]:.3f}" if s.present[c] else "n/a"
+
+    lines = ["# Per-class segmentation performance", "",
+             ("Pixel-wise, unannotated pixels ignored; n/a: class absent from truth and prediction; "
+              "mIoU: mean IoU over the classes present."), ""]
+    for metric in CLASS_METRICS:
+        extra = ["mIoU"] if metric == "iou" else []
+        body = []
+        for d in designs:
+            s = scores[d]
+            row = [d] + [cell(s, metric, c) for c in range(len(names))]
+            if metric == "iou":
+                row.append("n/a" if math.isnan(s.mean_iou) else f"{s.mean_iou:.3f}")
+            body.append(row)
+        title = {"iou": "IoU", "dice": "Dice"}.get(metric, metric.capitalize())
+        lines += [f"## {title}", "", _md_table(["Design", *names, *extra], body), ""]
+    paths["markdown"].write_text("\n".join(lines), encoding="utf-8")
+    body = []
+    for d in designs:
+        s = scores[d]
+        body += [[d, name, *(float(getattr(s, m)[c]) for m in CLASS_METRICS), bool(s.present[c])]
+                 for c, name in enumerate(names)]
+        body.append([d, "mean_iou", s.mean_iou, "", "", "", ""])
+    _write_csv(paths["csv"], ["design", "class", *CLASS_METRICS, "present"], body)
+    return paths
 
 
 def _md_table(header: list[str], body: list[list[str]]) -> str:

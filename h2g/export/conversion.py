@@ -2,13 +2,21 @@
 
 Every model of the package converts the same way (:func:`convert_model`):
 
-- ONNX: a ``tf.function`` over the model with inputs named ``image`` (and ``heatmap`` for
-  refinement networks), dynamic batch, at a stated opset; the output is ``probs`` (class
-  probabilities) or ``clusters`` (cluster ids of the cluster model).
+- ONNX: a ``tf.function`` over the model with named inputs - ``image`` for a one-input
+  model, else the model's own input names (H2G-Net's refinement network: ``image`` and
+  ``heatmap``; a multi-view model: its views' names) - dynamic batch, at a stated opset;
+  the output is ``probs`` (class probabilities) or ``clusters`` (cluster ids of the
+  cluster model).
+- Metadata (:mod:`h2g.export.metadata`): the model's ``<model>.meta.json`` sidecar, or
+  for a ``.keras`` without one H2G-Net's (inferred from its kind and said so in the
+  report), embedded in the ONNX file (``metadata_props["h2g"]``) and the IR (rt_info), so
+  that deployment needs no other arguments.
 - OpenVINO IR: ``openvino.convert_model`` of the ONNX file, saved FP32
   (``compress_to_fp16=False``); with ``fp16=True`` an FP16-compressed ``*_fp16.xml`` too.
-- Parity on real-looking inputs (patches read from a slide's tissue for patch models; the
-  slide's low-resolution image plus a smooth heatmap for refinement networks): the max
+- Parity on real-looking inputs (patches read from a slide's tissue for patch models at
+  their view's magnification; the slide's low-resolution image plus a smooth heatmap for
+  refinement networks; the views of windows over the tissue for multi-view models; smooth
+  random inputs of the right shapes when nothing says what to read): the max
   absolute difference to Keras of ONNX Runtime and of OpenVINO at
   ``INFERENCE_PRECISION_HINT=f32`` must be <= :data:`TOLERANCE` (cluster ids must match
   exactly); OpenVINO's default precision (bf16 on CPUs that have it) and the FP16 IR are
@@ -26,8 +34,26 @@ from pathlib import Path
 
 import numpy as np
 
+from h2g.core.atomic import write_text
 from h2g.core.errors import ExportError
-from h2g.inference.backends import INPUT_NAMES, KerasBackend, OnnxRuntimeBackend, OpenVINOBackend, call_keras, keras_inputs, load_keras_model
+from h2g.export.metadata import (
+    ModelMetadata,
+    check_inputs,
+    embed_onnx,
+    embed_openvino,
+    h2g_patch_metadata,
+    h2g_refinement_metadata,
+    read_sidecar,
+)
+from h2g.inference.backends import (
+    INPUT_NAMES,
+    KerasBackend,
+    OnnxRuntimeBackend,
+    OpenVINOBackend,
+    call_keras,
+    keras_inputs,
+    load_keras_model,
+)
 from h2g.inference.lowres import refinement_inputs
 
 DEFAULT_OPSET = 17
@@ -79,23 +105,29 @@ class Signature:
     output: str  # "probs" | "clusters"
 
 
-def signature(model, path) -> Signature:
-    """Inputs, kind and output name of ``model``; :class:`ExportError` when a
-    multi-input model's inputs are not named ``image`` and ``heatmap``."""
+def signature(model, path, metadata: ModelMetadata | None = None) -> Signature:
+    """Inputs, kind and output name of ``model``.  A one-input model's input is exported
+    as ``image`` whatever its Keras name; several inputs keep their Keras names (dict keys
+    or input layer names).  :class:`ExportError` when a multi-input model's names are
+    neither H2G-Net's (``image`` + ``heatmap``) nor the views of its ``metadata``."""
     structure, keras_order = keras_inputs(model)
     tensors = dict(model.input) if structure == "dict" else dict(zip(keras_order, model.inputs))
     if len(keras_order) == 1:  # the image, whatever its Keras name
         names, shapes = ("image",), (tuple(tensors[keras_order[0]].shape),)
     else:
-        if set(keras_order) != set(INPUT_NAMES):
-            raise ExportError(f"{path}: wrong input names {list(keras_order)}; a two-input "
-                              "model must name its inputs 'image' and 'heatmap'")
-        names = INPUT_NAMES
+        h2g_names = set(keras_order) == set(INPUT_NAMES)
+        if not h2g_names and (metadata is None or not metadata.views):
+            raise ExportError(f"{path}: wrong input names {list(keras_order)}; a two-input H2G-Net model "
+                              "must name its inputs 'image' and 'heatmap', and any other multi-input model "
+                              "needs a <model>.meta.json sidecar whose views name its inputs")
+        if metadata is not None and not h2g_names:
+            check_inputs(metadata, keras_order, str(path))
+        names = INPUT_NAMES if h2g_names else tuple(keras_order)
         shapes = tuple(tuple(tensors[n].shape) for n in names)
     shapes = tuple((None,) + tuple(s[1:]) for s in shapes)
     out = model.outputs[0]
     integer = "int" in str(out.dtype)
-    if "heatmap" in names:
+    if set(names) == set(INPUT_NAMES):
         kind = "refinement"
     elif integer:
         kind = "cluster"
@@ -104,6 +136,18 @@ def signature(model, path) -> Signature:
     else:
         kind = "classifier"
     return Signature(names, shapes, structure, keras_order, kind, "clusters" if integer else "probs")
+
+
+def inferred_metadata(sig: Signature) -> ModelMetadata:
+    """H2G-Net's metadata for a model saved without a sidecar, from its kind: patch
+    classifier / cluster model -> one ``image`` view at 10x of the input's size;
+    refinement network or low-resolution U-Net (a one-input segmentation model) -> the
+    whole slide at the input size."""
+    side = sig.shapes[0][1]
+    if sig.kind in ("classifier", "cluster"):
+        return h2g_patch_metadata(side or 256, PARITY_MAGNIFICATION,
+                                  role="cluster" if sig.kind == "cluster" else "patch_classifier")
+    return h2g_refinement_metadata(side, heatmap="heatmap" in sig.names)
 
 
 # --------------------------------------------------------------------------------------
@@ -129,12 +173,16 @@ def to_onnx(model, sig: Signature, path: Path, opset: int = DEFAULT_OPSET) -> Pa
     return path
 
 
-def to_openvino(onnx_path: Path, xml_path: Path, fp16: bool = False) -> Path:
-    """Convert an ONNX file to OpenVINO IR (``.xml`` + ``.bin``), FP32 unless ``fp16``."""
+def to_openvino(onnx_path: Path, xml_path: Path, fp16: bool = False,
+                metadata: ModelMetadata | None = None) -> Path:
+    """Convert an ONNX file to OpenVINO IR (``.xml`` + ``.bin``), FP32 unless ``fp16``;
+    ``metadata`` goes into the IR's rt_info."""
     import openvino as ov
 
     try:
         model = ov.convert_model(str(onnx_path))
+        if metadata is not None:
+            embed_openvino(model, metadata)
         ov.save_model(model, str(xml_path), compress_to_fp16=fp16)
     except Exception as exc:  # OpenVINO raises RuntimeError subclasses
         raise ExportError(f"{onnx_path}: OpenVINO cannot convert the model: {exc}") from None
@@ -170,18 +218,66 @@ def smooth_heatmap(image: np.ndarray) -> np.ndarray:
     return heat.astype(np.float32)[..., None]
 
 
-def parity_inputs(sig: Signature, slide) -> tuple[dict[str, np.ndarray], str]:
+def smooth_random(shape: tuple, seed: int = 0) -> np.ndarray:
+    """A smooth random input ``shape`` (batch first) in [0, 1]: uniform noise blurred over
+    a sixteenth of the spatial size and stretched to [0, 1] (non-degenerate, image-like)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    noise = rng.random(shape)
+    sigma = [0] + [max(1.0, n / 16) for n in shape[1:-1]] + [0] if len(shape) == 4 else 0
+    smooth = ndimage.gaussian_filter(noise, sigma=sigma)
+    low, high = smooth.min(), smooth.max()
+    return ((smooth - low) / (high - low) if high > low else smooth).astype(np.float32)
+
+
+def parity_views(slide, views, n: int = 4) -> np.ndarray:
+    """Level-0 centres of ``n`` windows over ``slide``'s tissue for views ``views`` (the
+    first view's size at its magnification), evenly spaced over the tissue windows."""
+    from h2g.tiling.windows import window_grid
+
+    grid = window_grid(slide, magnification=views[0].magnification, size=views[0].size)
+    if not len(grid):
+        raise ExportError(f"{slide.path}: no tissue windows to check parity on")
+    picks = np.unique(np.linspace(0, len(grid) - 1, n).round().astype(int))
+    return grid.centres[picks]
+
+
+def parity_inputs(sig: Signature, slide, metadata: ModelMetadata | None = None) -> tuple[dict[str, np.ndarray], str]:
     """Real-looking inputs for ``sig``'s model from ``slide`` and a description of them.
-    Refinement / segmentation nets get the low-resolution image and a smooth heatmap, and
-    their horizontal mirror (batch of 2, exercising the dynamic batch)."""
+    Patch models: tissue patches at their view's magnification (10x without metadata).
+    Refinement / one-input segmentation nets get the low-resolution image and a smooth
+    heatmap, and their horizontal mirror (batch of 2, exercising the dynamic batch).
+    Multi-view models: their views around tissue windows (``metadata.views``), else
+    smooth random inputs of the right shapes."""
+    from h2g.data.views import read_views
+
     height, width = sig.shapes[0][1:3]
+    views = metadata.views if metadata is not None else ()
+    if len(sig.names) > 1 and set(sig.names) != set(INPUT_NAMES):
+        if views and {v.name for v in views} == set(sig.names):
+            centres = parity_views(slide, views)
+            reads = [read_views(slide, tuple(c), views) for c in centres]
+            feed = {v.name: np.stack([r[v.name] for r in reads]).astype(np.float32) / 255.0 for v in views}
+            return feed, (f"views {', '.join(f'{v.name} {v.size}px at {v.magnification:g}x' for v in views)} "
+                          f"around {len(centres)} tissue windows of {slide.path}")
+        feed = {n: smooth_random((2,) + tuple(d or 64 for d in shape[1:]), seed=i)
+                for i, (n, shape) in enumerate(zip(sig.names, sig.shapes))}
+        return feed, "smooth random inputs " + ", ".join(f"{n} {list(v.shape)}" for n, v in feed.items())
     if sig.kind in ("classifier", "cluster"):
         size = height or 256
         if width not in (None, size):
             raise ExportError(f"parity check supports square patch inputs, got {height}x{width}")
-        batch = parity_patches(slide, size)
-        described = f"{len(batch)} tissue patches {size}x{size} at {PARITY_MAGNIFICATION:g}x from {slide.path}"
+        magnification = views[0].magnification if views else PARITY_MAGNIFICATION
+        batch = parity_patches(slide, size, magnification=magnification)
+        described = f"{len(batch)} tissue patches {size}x{size} at {magnification:g}x from {slide.path}"
         return {"image": batch}, described
+    if views and sig.kind == "segmentation":  # a one-view segmentation model
+        centres = parity_views(slide, views[:1])
+        batch = np.stack([read_views(slide, tuple(c), views[:1])[views[0].name] for c in centres])
+        return ({"image": batch.astype(np.float32) / 255.0},
+                f"view {views[0].name} {views[0].size}px at {views[0].magnification:g}x around "
+                f"{len(centres)} tissue windows of {slide.path}")
     size = height or 1024
     image, _ = refinement_inputs(slide, None, size=size)
     heat = smooth_heatmap(image)
@@ -236,25 +332,33 @@ def check_parity(model, sig: Signature, onnx_path: Path, xml_path: Path, feed: d
 # Whole conversions
 # --------------------------------------------------------------------------------------
 def export_model(model, out_dir, stem: str, slide, *, source: str | None = None,
-                 opset: int = DEFAULT_OPSET, fp16: bool = False, tolerance: float = TOLERANCE) -> dict:
+                 metadata: ModelMetadata | None = None, opset: int = DEFAULT_OPSET, fp16: bool = False,
+                 tolerance: float = TOLERANCE) -> dict:
     """Export an in-memory Keras ``model`` into ``out_dir`` as ``<stem>.onnx``,
-    ``<stem>.xml/.bin`` (and ``<stem>_fp16.xml/.bin`` with ``fp16``) and check parity on
-    inputs from ``slide`` (an open :class:`h2g.wsi.Slide`).  Returns the report entry."""
+    ``<stem>.xml/.bin`` (and ``<stem>_fp16.xml/.bin`` with ``fp16``) carrying
+    ``metadata`` (default: H2G-Net's, inferred from the model's kind: the report entry's
+    ``metadata_source`` says "inferred"), and check parity on inputs from ``slide`` (an
+    open :class:`h2g.io.slide.Slide`).  Returns the report entry."""
     out_dir = Path(out_dir)
     if len(model.outputs) > 1:  # deep supervision: export the segmentation output only
         from h2g.models import inference_model
 
         model = inference_model(model)
-    sig = signature(model, source or stem)
-    onnx_path = to_onnx(model, sig, out_dir / f"{stem}.onnx", opset)
-    xml_path = to_openvino(onnx_path, out_dir / f"{stem}.xml")
-    fp16_path = to_openvino(onnx_path, out_dir / f"{stem}_fp16.xml", fp16=True) if fp16 else None
-    feed, described = parity_inputs(sig, slide)
+    sig = signature(model, source or stem, metadata)
+    how = "given"
+    if metadata is None:
+        metadata, how = inferred_metadata(sig), "inferred (H2G-Net, from the model's inputs and output)"
+    onnx_path = embed_onnx(to_onnx(model, sig, out_dir / f"{stem}.onnx", opset), metadata)
+    xml_path = to_openvino(onnx_path, out_dir / f"{stem}.xml", metadata=metadata)
+    fp16_path = to_openvino(onnx_path, out_dir / f"{stem}_fp16.xml", fp16=True, metadata=metadata) if fp16 else None
+    feed, described = parity_inputs(sig, slide, metadata)
     return {
         "keras": source or model.name,
         "kind": sig.kind,
         "inputs": {n: list(s) for n, s in zip(sig.names, sig.shapes)},
         "output": sig.output,
+        "metadata": metadata.to_dict(),
+        "metadata_source": how,
         "onnx": str(onnx_path),
         "opset": opset,
         "openvino": str(xml_path),
@@ -265,9 +369,15 @@ def export_model(model, out_dir, stem: str, slide, *, source: str | None = None,
 
 
 def convert_model(path, out_dir, slide, **kw) -> dict:
-    """Load one ``.keras`` file and :func:`export_model` it as ``<its stem>.*``."""
+    """Load one ``.keras`` file and :func:`export_model` it as ``<its stem>.*``, with the
+    metadata of its ``<stem>.meta.json`` sidecar when it has one."""
     path = Path(path)
-    return export_model(load_keras_model(path), out_dir, path.stem, slide, source=str(path), **kw)
+    metadata = read_sidecar(path)
+    entry = export_model(load_keras_model(path), out_dir, path.stem, slide, source=str(path),
+                         metadata=metadata, **kw)
+    if metadata is not None:
+        entry["metadata_source"] = f"sidecar {path.with_name(path.stem + '.meta.json')}"
+    return entry
 
 
 def versions() -> dict:
@@ -315,9 +425,9 @@ def convert(paths, slide, out=None, *, opset: int = DEFAULT_OPSET, fp16: bool = 
     report_dir = out or (roots[0] if roots[0].is_dir() else models[0].parent)
     report_dir.mkdir(parents=True, exist_ok=True)
     report = report_dir / REPORT_NAME
-    report.write_text(json.dumps({"versions": versions(), "opset": opset, "tolerance": tolerance,
-                                  "parity_slide": str(slide.path), "passed": not failed,
-                                  "models": entries}, indent=2))
+    write_text(report, json.dumps({"versions": versions(), "opset": opset, "tolerance": tolerance,
+                                   "parity_slide": str(slide.path), "passed": not failed,
+                                   "models": entries}, indent=2))
     if failed:
         raise ExportError(f"parity check failed (max |diff| > {tolerance:g} or ids differ) for "
                           f"{', '.join(failed)}; see {report}")

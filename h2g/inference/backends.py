@@ -30,10 +30,9 @@ ENGINES = ("keras", "onnxruntime", "openvino")
 DEVICES = ("CPU", "GPU")
 PRECISIONS = ("f32", "bf16", "f16")
 HINTS = ("latency", "throughput")
-INPUT_NAMES = ("image", "heatmap")
+INPUT_NAMES = ("image", "heatmap")  # H2G-Net's refinement network; other models name their views
 
 Inputs = Union[np.ndarray, Mapping[str, np.ndarray]]
-
 
 
 # --------------------------------------------------------------------------------------
@@ -49,12 +48,13 @@ class Backend(Protocol):
     threads: int | None
     precision: str
     input_names: tuple[str, ...]
+    metadata: object | None  # h2g.export.metadata.ModelMetadata read from the model file
 
     def predict(self, inputs: Inputs) -> np.ndarray: ...
 
     def info(self) -> dict: ...
 
-    def require_inputs(self, allowed: tuple[str, ...], role: str) -> None: ...
+    def require_inputs(self, allowed: tuple[str, ...], role: str, required: tuple[str, ...] = ("image",)) -> None: ...
 
 
 class _BackendBase:
@@ -67,6 +67,7 @@ class _BackendBase:
     threads: int | None = None
     precision = "f32"
     input_names: tuple[str, ...] = ()
+    metadata = None  # ModelMetadata embedded in the model file (ONNX metadata_props, IR rt_info, sidecar)
     image_size: int | None = None  # side of the `image` input when the model fixes it
     hint = "latency"  # "throughput": sub-batches of `sub_batch` run concurrently on `streams`
     streams = 1
@@ -109,11 +110,12 @@ class _BackendBase:
         shapes = {k: tuple(v.shape) for k, v in feed.items()}
         return ExportError(f"{self.source}: inference failed for inputs {shapes}: {_summary(exc)}")
 
-    def require_inputs(self, allowed: tuple[str, ...], role: str) -> None:
-        """Fail with a clear :class:`ExportError` unless the model's inputs are ``image``
-        and, if ``allowed`` has it, ``heatmap`` (the names export gives them)."""
+    def require_inputs(self, allowed: tuple[str, ...], role: str, required: tuple[str, ...] = ("image",)) -> None:
+        """Fail with a clear :class:`ExportError` unless the model's inputs include every
+        name in ``required`` and no name outside ``allowed`` (H2G-Net: ``image`` and, for a
+        refinement network, ``heatmap``; a multi-view model: its view names)."""
         names = set(self.input_names)
-        if "image" not in names or not names <= set(allowed):
+        if not set(required) <= names or not names <= set(allowed):
             raise ExportError(f"{self.source}: wrong input names {sorted(names)} for a {role}; "
                               f"expected {' + '.join(repr(a) for a in allowed)} "
                               "(export models with export/convert.py)")
@@ -192,10 +194,15 @@ class KerasBackend(_BackendBase):
 
     name = "keras"
 
-    def __init__(self, model, device: str | None = None):
+    def __init__(self, model, device: str | None = None, metadata=None):
         import keras
         import tensorflow as tf
 
+        self.metadata = metadata  # a .keras file's own comes from its <model>.meta.json sidecar
+        if isinstance(model, (str, Path)) and metadata is None:
+            from h2g.export.metadata import read_sidecar
+
+            self.metadata = read_sidecar(model)
         if isinstance(model, (str, Path)):
             model = load_keras_model(model)
         self.model = model
@@ -276,6 +283,7 @@ class OnnxRuntimeBackend(_BackendBase):
         self.precision = "f32"
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.image_size = _square_side(tuple(self.session.get_inputs()[0].shape))
+        self.metadata = _embedded(self.session.get_modelmeta().custom_metadata_map.get(_META_KEY), path)
         self._output = self.session.get_outputs()[0].name
 
     def _run(self, feed: dict) -> np.ndarray:
@@ -335,6 +343,7 @@ class OpenVINOBackend(_BackendBase):
             model = core.read_model(str(path))
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses
             raise ExportError(f"{path}: OpenVINO cannot read the model: {_summary(exc)}") from None
+        self.metadata = _openvino_metadata(model, path)
         try:
             self.compiled = core.compile_model(model, device, config)
         except Exception as exc:
@@ -383,6 +392,28 @@ class OpenVINOBackend(_BackendBase):
         except Exception as exc:  # OpenVINO's RuntimeError subclasses
             raise self._failed(feed, exc) from None
         return np.concatenate([self._parts[k] for k in sorted(self._parts)])
+
+
+_META_KEY = "h2g"  # = h2g.export.metadata.KEY
+
+
+def _embedded(text: str | None, path):
+    """The :class:`~h2g.export.metadata.ModelMetadata` in ``text`` (None when absent)."""
+    from h2g.export.metadata import from_text
+
+    return from_text(text, str(path))
+
+
+def _openvino_metadata(model, path: Path):
+    """Metadata of a model OpenVINO read: its rt_info entry (IR written by export), or for
+    an ``.onnx`` file its metadata_props (OpenVINO's ONNX reader drops them)."""
+    if model.has_rt_info(_META_KEY):
+        return _embedded(model.get_rt_info(_META_KEY).astype(str), path)
+    if path.suffix.lower() == ".onnx":
+        from h2g.export.metadata import read_onnx_metadata
+
+        return read_onnx_metadata(path)
+    return None
 
 
 def _rows(feed: dict[str, np.ndarray]) -> int:

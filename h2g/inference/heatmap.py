@@ -1,8 +1,14 @@
-"""(split from h2g.inference; docstring to write)"""
+"""Patch-wise heatmaps: a slide's tissue patches read and classified, one probability
+per patch-grid cell.
+
+:class:`PatchReader` reads batches of patches on the process's reader pool (the one
+training reads on, :func:`h2g.data.readers.reader_pool`) a bounded number of batches
+ahead of the backend, so reading overlaps inference in bounded memory;
+:func:`slide_heatmap` runs tissue detection -> patch grid -> reading + inference ->
+stitching and reports the time of each stage.  TensorFlow-free (the backend decides).
+"""
 from __future__ import annotations
 
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -10,6 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from h2g.core.errors import ConfigError, ExportError
+from h2g.data.readers import ReadAhead, read_patch
 from h2g.inference.backends import Backend
 
 
@@ -17,78 +24,55 @@ from h2g.inference.backends import Backend
 # Patch reading overlapped with inference
 # --------------------------------------------------------------------------------------
 class PatchReader:
-    """Reads batches of patches in ``readers`` threads into a bounded queue.
+    """Reads batches of patches on the process's reader pool
+    (:func:`h2g.data.readers.reader_pool`, ``readers`` threads: the pool training reads
+    on), at most ``depth`` batches ahead of the consumer.
 
     Iterating yields ``(start, batch)``: ``batch`` is float32 ``(b, P, P, 3)`` in [0, 1]
-    holding patches ``coords[start:start + b]``; batches arrive in completion order.
-    At most ``depth`` read batches wait in the queue, so memory is bounded whatever the
-    slide size.  :attr:`read_seconds` sums the readers' busy time.  A reader error is
-    re-raised in the consumer.  Use as a context manager (stops the threads)."""
+    holding patches ``coords[start:start + b]`` (each read like
+    :func:`h2g.data.readers.read_patch`: the top-left corner at level-0 ``coords``),
+    batches in order.  At most ``depth`` (default ``2 * readers``) read batches wait,
+    so memory is bounded whatever the slide size, and reading overlaps whatever the
+    consumer does between batches.  :attr:`read_seconds` sums the readers' busy time.
+    A reader error is re-raised in the consumer.  Use as a context manager (cancels
+    what is not read yet and waits for what is being read)."""
 
     def __init__(self, slide, coords: np.ndarray, *, magnification: float, patch_size: int,
                  batch_size: int = 32, readers: int = 2, depth: int | None = None):
         if batch_size < 1 or readers < 1:
             raise ConfigError(f"batch_size and readers must be >= 1, got {batch_size} and {readers}")
+        if depth is not None and depth < 1:
+            raise ConfigError(f"depth must be >= 1, got {depth}")
         self.slide, self.coords = slide, np.asarray(coords)
         self.magnification, self.patch_size, self.batch_size = magnification, patch_size, batch_size
         self.n_batches = -(-len(self.coords) // batch_size)
-        self.read_seconds = 0.0
-        self._queue: queue.Queue = queue.Queue(maxsize=depth or 2 * readers)
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._next = 0
-        self._threads = [threading.Thread(target=self._work, daemon=True, name=f"patch-reader-{i}")
-                         for i in range(min(readers, max(self.n_batches, 1)))]
-        for t in self._threads:
-            t.start()
+        self.depth = depth or 2 * readers
+        self._batches = ReadAhead(self._read_batch, range(0, len(self.coords), batch_size),
+                                  readers=readers, depth=self.depth)
 
-    def _read_batch(self, start: int) -> np.ndarray:
-        size = (self.patch_size, self.patch_size)
+    @property
+    def read_seconds(self) -> float:
+        """Seconds the readers spent reading, summed over threads."""
+        return self._batches.busy_seconds
+
+    @property
+    def pending(self) -> int:
+        """Batches read or being read and not yet handed out (at most :attr:`depth`)."""
+        return self._batches.pending
+
+    def _read_batch(self, start: int) -> tuple[int, np.ndarray]:
         chunk = self.coords[start:start + self.batch_size]
         batch = np.empty((len(chunk), self.patch_size, self.patch_size, 3), np.float32)
         for i, (x, y) in enumerate(chunk):
-            np.multiply(self.slide.read_region((int(x), int(y)), size, self.magnification),
-                        np.float32(1 / 255), out=batch[i])
-        return batch
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def _work(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                index, self._next = self._next, self._next + 1
-            if index >= self.n_batches:
-                return
-            start = index * self.batch_size
-            t0 = time.perf_counter()
-            try:
-                item = (start, self._read_batch(start))
-            except BaseException as exc:  # handed to the consumer, re-raised there
-                item = (start, exc)
-            with self._lock:
-                self.read_seconds += time.perf_counter() - t0
-            if not self._put(item):
-                return
+            np.multiply(read_patch(self.slide, int(x), int(y), magnification=self.magnification,
+                                   patch_size=self.patch_size), np.float32(1 / 255), out=batch[i])
+        return start, batch
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        for _ in range(self.n_batches):
-            start, batch = self._queue.get()
-            if isinstance(batch, BaseException):
-                self.close()
-                raise batch
-            yield start, batch
+        return self._batches
 
     def close(self) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join()
+        self._batches.close()
 
     def __enter__(self) -> "PatchReader":
         return self
@@ -126,7 +110,7 @@ def _tumour_column(out: np.ndarray, backend) -> np.ndarray:
 
 
 def slide_heatmap(slide, backend: Backend, *, tissue=None, magnification: float = 10,
-                  patch_size: int = 256, batch_size: int = 32, readers: int = 2,
+                  patch_size: int = 256, tissue_threshold: float = 0.25, batch_size: int = 32, readers: int = 2,
                   progress: bool = True, timings: dict | None = None) -> Heatmap:
     """The tumour heatmap of ``slide``: tissue mask (:func:`h2g.tissue.detect_tissue`
     unless given) -> grid of non-overlapping ``patch_size`` patches at ``magnification``
@@ -146,7 +130,8 @@ def slide_heatmap(slide, backend: Backend, *, tissue=None, magnification: float 
     t0 = time.perf_counter()
     if tissue is None:
         tissue = detect_tissue(slide)
-    grid = build_patch_grid(slide, tissue=tissue, magnification=magnification, patch_size=patch_size)
+    grid = build_patch_grid(slide, tissue=tissue, magnification=magnification, patch_size=patch_size,
+                            tissue_threshold=tissue_threshold)
     t1 = time.perf_counter()
     n = len(grid.coords)
     probs = np.zeros(n, np.float32)

@@ -1,7 +1,6 @@
 """(split from h2g.inference; docstring to write)"""
 from __future__ import annotations
 
-
 import numpy as np
 from PIL import Image
 

@@ -1,9 +1,15 @@
-"""(split from h2g.deploy; docstring to write)"""
+"""Segmentations as GeoJSON that QuPath imports: outlines in level-0 pixel coordinates.
+
+- :func:`tumour_geojson`: H2G-Net's one "Tumor" annotation of a binary mask;
+- :func:`class_geojson`: one annotation per class of a label map (multi-class systems),
+  each with its QuPath classification (name and colour).
+
+Outlines come from :func:`mask_polygons` (OpenCV contours through pixel centres, holes
+kept).  TensorFlow-free.
+"""
 from __future__ import annotations
 
-
 import numpy as np
-
 
 TUMOUR_CLASS = {"name": "Tumor", "color": [200, 0, 0]}
 
@@ -54,20 +60,40 @@ def mask_polygons(mask: np.ndarray, dimensions: tuple[int, int]) -> list[list[li
     return polygons
 
 
-def tumour_geojson(mask: np.ndarray, dimensions: tuple[int, int]) -> dict:
-    """The tumour outline of ``mask`` as a GeoJSON FeatureCollection that QuPath imports:
-    one "Tumor" annotation (Polygon, or MultiPolygon for several regions) in level-0
-    pixel coordinates; no features when the mask is empty."""
+def _feature(mask: np.ndarray, dimensions: tuple[float, float], name: str, classification: dict) -> dict | None:
+    """One annotation Feature outlining ``mask`` (Polygon or MultiPolygon), or None
+    when the mask is empty."""
     polygons = mask_polygons(mask, dimensions)
     if not polygons:
-        return {"type": "FeatureCollection", "features": []}
+        return None
     if len(polygons) == 1:
         geometry = {"type": "Polygon", "coordinates": polygons[0]}
     else:
         geometry = {"type": "MultiPolygon", "coordinates": polygons}
-    feature = {
-        "type": "Feature",
-        "geometry": geometry,
-        "properties": {"objectType": "annotation", "name": "H2G-Net tumour", "classification": TUMOUR_CLASS},
-    }
-    return {"type": "FeatureCollection", "features": [feature]}
+    return {"type": "Feature", "geometry": geometry,
+            "properties": {"objectType": "annotation", "name": name, "classification": classification}}
+
+
+def tumour_geojson(mask: np.ndarray, dimensions: tuple[int, int]) -> dict:
+    """The tumour outline of ``mask`` as a GeoJSON FeatureCollection that QuPath imports:
+    one "Tumor" annotation (Polygon, or MultiPolygon for several regions) in level-0
+    pixel coordinates; no features when the mask is empty."""
+    feature = _feature(mask, dimensions, "H2G-Net tumour", TUMOUR_CLASS)
+    return {"type": "FeatureCollection", "features": [feature] if feature else []}
+
+
+def class_geojson(labels: np.ndarray, dimensions: tuple[float, float], classes, skip=()) -> dict:
+    """A FeatureCollection with one annotation per class present in ``labels`` (an
+    ``(H, W)`` map of class indices over the level-0 ``dimensions`` = (w, h) its pixels
+    span; other values, e.g. -1 for "not segmented", are ignored).  ``classes`` lists
+    ``{"name", "colour"}`` by index; each feature's ``classification`` is QuPath's
+    ``{"name", "color"}``.  Class names in ``skip`` get no feature."""
+    features = []
+    for index, cls in enumerate(classes):
+        if cls["name"] in skip:
+            continue
+        colour = [int(v) for v in cls.get("colour", cls.get("color", (128, 128, 128)))]
+        feature = _feature(labels == index, dimensions, cls["name"], {"name": cls["name"], "color": colour})
+        if feature:
+            features.append(feature)
+    return {"type": "FeatureCollection", "features": features}

@@ -1,9 +1,16 @@
 """The slide manifest: one CSV row per slide.
 
-Columns: ``slide_id, slide_path, annotation_path, grade, split`` and, optionally,
+Columns: ``slide_id, slide_path, annotation_path, split`` and, optionally, ``grade``
+(histological grade 1..3; the column may be absent or a cell empty: ``grade=None``) and
 ``mpp`` (microns per level-0 pixel, for slides whose metadata lacks it).  Paths are
 relative to the manifest's folder (absolute paths are kept as they are);
-``annotation_path`` and ``mpp`` may be left empty.  Extra columns are ignored.
+``annotation_path`` and ``mpp`` may be left empty.  Any other column (``stain``,
+``scanner``, ...) is kept, as text, in :attr:`SlideRecord.attributes`, so the
+hierarchical sampler can balance on it; an empty cell leaves that attribute out.
+
+The classes of the annotation masks come from the class table beside the manifest,
+``<manifest stem>.classes.csv`` (see :mod:`h2g.io.classes`); without one they are the
+binary tumour masks of H2G-Net (:data:`h2g.io.classes.BINARY`).
 
 :func:`load_manifest` checks every row and raises one :class:`~h2g.errors.ManifestError`
 listing every problem it found, each as ``(file, row, column, problem)``.
@@ -12,14 +19,15 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Mapping
 
 from h2g.core.errors import ConfigError, ManifestError
+from h2g.io.classes import BINARY, ClassTable, load_class_table, sidecar_path
 
-REQUIRED_COLUMNS = ("slide_id", "slide_path", "annotation_path", "grade", "split")
-OPTIONAL_COLUMNS = ("mpp",)
+REQUIRED_COLUMNS = ("slide_id", "slide_path", "annotation_path", "split")
+OPTIONAL_COLUMNS = ("grade", "mpp")
 SPLITS = ("train", "val", "test")
 GRADES = (1, 2, 3)
 
@@ -28,22 +36,26 @@ DEFAULT_MANIFEST: Path = Path(__file__).resolve().parents[2] / "data_manifest.cs
 
 @dataclass(frozen=True)
 class SlideRecord:
-    """One slide of a manifest, with its paths resolved against the manifest's folder."""
+    """One slide of a manifest, with its paths resolved against the manifest's folder;
+    ``attributes`` holds the manifest's extra columns (name -> text)."""
 
     slide_id: str
     slide_path: Path
     annotation_path: Path | None
-    grade: int
+    grade: int | None
     split: str
     mpp: float | None = None
+    attributes: Mapping[str, str] = field(default_factory=dict, hash=False)
 
 
 class Manifest:
-    """The validated rows of a manifest file, in file order."""
+    """The validated rows of a manifest file, in file order, and the ``classes`` of its
+    annotation masks."""
 
-    def __init__(self, path, records: list[SlideRecord]):
+    def __init__(self, path, records: list[SlideRecord], classes: ClassTable = BINARY):
         self.path = Path(path)
         self.records = list(records)
+        self.classes = classes
 
     def split(self, name: str) -> list[SlideRecord]:
         """The records of split ``name`` (one of ``train``, ``val``, ``test``)."""
@@ -101,12 +113,14 @@ class _RowChecker:
         if "annotation_path" in values:
             annotation = self._path(row_number, "annotation_path", values["annotation_path"],
                                     required=False)
-        grade = self._grade(row_number, values["grade"]) if "grade" in values else 0
+        grade = self._grade(row_number, values.get("grade", ""))
         split = self._split(row_number, values["split"]) if "split" in values else ""
         mpp = self._mpp(row_number, values.get("mpp", ""))
+        known = set(REQUIRED_COLUMNS) | set(OPTIONAL_COLUMNS)
+        attributes = {k: v for k, v in values.items() if k and k not in known and v}
         if len(self.problems) > before or not complete:
             return None
-        return SlideRecord(slide_id, slide_path, annotation, grade, split, mpp)
+        return SlideRecord(slide_id, slide_path, annotation, grade, split, mpp, attributes)
 
     def _slide_id(self, row: int, value: str) -> str:
         if not value:
@@ -128,14 +142,16 @@ class _RowChecker:
             self.problem(row, column, f"file not found: {path}")
         return path
 
-    def _grade(self, row: int, value: str) -> int:
+    def _grade(self, row: int, value: str) -> int | None:
+        if not value:
+            return None
         try:
             grade = int(value)
         except ValueError:
             grade = None
         if grade not in GRADES:
-            self.problem(row, "grade", f"grade {value!r} is not one of 1, 2, 3")
-            return 0
+            self.problem(row, "grade", f"grade {value!r} is not one of 1, 2, 3 (or empty)")
+            return None
         return grade
 
     def _split(self, row: int, value: str) -> str:
@@ -156,13 +172,15 @@ class _RowChecker:
         return mpp
 
 
-def load_manifest(path, check_files: bool = True) -> Manifest:
+def load_manifest(path, check_files: bool = True, classes=None) -> Manifest:
     """Read and validate the manifest at ``path``.
 
     Every row is checked (missing column, empty or duplicate ``slide_id``, grade not in
     1..3, split not in train/val/test, bad ``mpp`` and, unless ``check_files`` is false,
     slide or annotation files that do not exist); all problems are raised together in
-    one :class:`~h2g.errors.ManifestError`."""
+    one :class:`~h2g.errors.ManifestError`.  ``classes`` (a
+    :class:`~h2g.io.classes.ClassTable` or the path of a class table CSV) overrides the
+    sidecar ``<stem>.classes.csv``; with neither, the classes are binary."""
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, [(str(path), None, None, "manifest file not found")])
@@ -184,6 +202,20 @@ def load_manifest(path, check_files: bool = True) -> Manifest:
                     checker.problem(None, None, "no slides: the manifest has no data rows")
     except (UnicodeDecodeError, csv.Error) as exc:
         checker.problem(None, None, f"not a readable CSV file: {exc}")
+    table = BINARY
+    try:
+        table = _class_table(path, classes)
+    except ManifestError as exc:  # reported with the manifest's own problems
+        checker.problems.extend(exc.problems)
     if checker.problems:
         raise ManifestError(path, checker.problems)
-    return Manifest(path, records)
+    return Manifest(path, records, table)
+
+
+def _class_table(manifest_path: Path, classes) -> ClassTable:
+    if isinstance(classes, ClassTable):
+        return classes
+    if classes is not None:
+        return load_class_table(classes)
+    sidecar = sidecar_path(manifest_path)
+    return load_class_table(sidecar) if sidecar.is_file() else BINARY

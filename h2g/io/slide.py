@@ -5,7 +5,9 @@ tissue plane).  A slide's objective power comes from its metadata or, when missi
 its microns per pixel (about 10 / mpp, snapped to a standard objective: 0.2467 um/px ->
 40x, 0.499 um/px -> 20x).  A slide with neither needs an explicit ``mpp`` (the manifest's
 ``mpp`` column or a tool's ``--mpp`` argument); without one it still opens, and only the
-operations that need a magnification fail.
+operations that need a magnification fail.  An explicit ``mpp`` overrides the file's
+scale entirely: mpp and objective power (10 / mpp, snapped) both follow it, even when
+the file gives an objective power.
 
 Regions are read from the nearest finer pyramid level and resized with an area (box)
 filter, so a 256 x 256 patch at 10x is right on a pyramid without a 10x level.
@@ -162,8 +164,11 @@ class Slide:
 
     @property
     def objective_power(self) -> float:
-        """Objective power of level 0: metadata > derived from mpp (:func:`power_from_mpp`)."""
-        if self._power_meta is not None:
+        """Objective power of level 0: derived from an ``mpp`` override
+        (:func:`power_from_mpp`) > metadata > derived from the metadata's mpp.  An
+        override says the file's scale is wrong, so the file's objective power is not
+        trusted either: magnification follows the override."""
+        if self._mpp_override is None and self._power_meta is not None:
             return self._power_meta
         return power_from_mpp(self.mpp)
 

@@ -1,21 +1,28 @@
-"""Grids of non-overlapping patches over a slide's tissue, labelled from a tumour mask.
+"""Grids of non-overlapping patches over a slide's tissue, labelled from an annotation.
 
 The grid cuts the whole slide into ``patch_size`` x ``patch_size`` patches at
 ``magnification`` (``step`` level-0 pixels a side), starting at (0, 0); the last row and
 column may run past the slide's edge (those parts read as white glass).  For each patch,
-the fraction of its footprint covered by tissue (and by tumour) is the exact area
+the fraction of its footprint covered by tissue (and by each class) is the exact area
 average of the mask over the footprint: every mask pixel counts with the area it shares
 with the patch, and the part of a footprint beyond the mask counts as neither.
 
 Rules (the paper's, with its values as defaults):
 
 - keep a patch only if its tissue fraction is > ``tissue_threshold`` (else "background");
-- with an annotation: tumour fraction > ``tumour_threshold`` -> tumour (1); exactly 0 ->
-  non-tumour (0); in between -> "discarded".  Without one, kept patches get label -1.
+- with a binary annotation (:attr:`h2g.io.classes.ClassTable.is_binary`: H2G-Net's
+  tumour masks): tumour fraction > ``tumour_threshold`` -> tumour (1); exactly 0 ->
+  non-tumour (0); in between -> "discarded";
+- with a multi-class (or partial, with ignored pixels) annotation: a patch whose
+  labelled (not ignored) fraction is > ``min_labelled`` gets the class of its majority
+  labelled pixel (the largest class fraction; ties go to the lower class index); the
+  others are "discarded".  ``tumour_threshold`` plays no part;
+- without an annotation, kept patches get label -1.
 
-Annotation masks are read at level 0 of a PNG or (pyramidal) TIFF.  Channel 0 is used
-when the image has several.  A pixel is tumour when its value is > 127, except in masks
-whose values are only 0 and 1 (label maps), where 1 is tumour.
+``counts`` holds the number of grid cells per outcome: for a binary annotation (or none)
+``tumour``, ``non_tumour``, ``discarded`` and ``background``; for a multi-class one, one
+count per class name, ``discarded`` and ``background``.  Annotations are read by
+:func:`h2g.io.annotation.load_annotation`.
 """
 from __future__ import annotations
 
@@ -25,8 +32,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import sparse
 
-from h2g.tiling.tissue import TissueMask, detect_tissue
 from h2g.io.annotation import Annotation
+from h2g.io.classes import BINARY, ClassTable
+from h2g.tiling.tissue import TissueMask, detect_tissue
 
 _CHUNK_VALUES = 1 << 22  # mask values converted to float per chunk (bounds memory)
 
@@ -34,8 +42,8 @@ _CHUNK_VALUES = 1 << 22  # mask values converted to float per chunk (bounds memo
 @dataclass
 class PatchGrid:
     """Kept patches of a slide: level-0 top-left ``coords`` (N, 2) as (x, y), ``labels``
-    (N,) (1 tumour, 0 non-tumour, -1 unlabelled), and ``counts`` of tumour, non_tumour,
-    discarded and background (too little tissue) grid cells."""
+    (N,) (class indices of ``classes``: for the binary default 1 tumour, 0 non-tumour;
+    -1 unlabelled), and ``counts`` of grid cells per outcome (see the module doc)."""
 
     coords: np.ndarray
     labels: np.ndarray
@@ -44,6 +52,7 @@ class PatchGrid:
     step: int
     counts: dict = field(default_factory=dict)
     grid_shape: tuple[int, int] = (0, 0)
+    classes: ClassTable = BINARY
 
     def indices_of(self, label: int) -> np.ndarray:
         """Indices into ``coords``/``labels`` of the patches labelled ``label``."""
@@ -72,16 +81,33 @@ def area_fractions(mask: np.ndarray, downsample: float, step: float,
     """Fraction of each grid cell (``step`` level-0 px a side, ``grid_shape`` = (rows,
     cols)) covered by ``mask`` (``downsample`` level-0 px per mask px): the exact area
     average, computed separably with sparse overlap weights, row chunk by row chunk."""
+    return _cell_averages(mask, downsample, step, grid_shape, [None])[0]
+
+
+def class_area_fractions(labels: np.ndarray, n_classes: int, downsample: float, step: float,
+                         grid_shape: tuple[int, int]) -> np.ndarray:
+    """``(n_classes, rows, cols)``: the fraction of each grid cell covered by each class
+    of the label map ``labels`` (as :func:`area_fractions` of ``labels == c``, without a
+    full-size indicator image per class)."""
+    return _cell_averages(labels, downsample, step, grid_shape, list(range(n_classes)))
+
+
+def _cell_averages(image: np.ndarray, downsample: float, step: float,
+                   grid_shape: tuple[int, int], values: list) -> np.ndarray:
+    """Area averages over the grid cells of ``image`` (``None`` in ``values``) or of
+    ``image == v`` for each ``v`` in ``values``; shape ``(len(values), rows, cols)``."""
     rows, cols = grid_shape
     cell = step / downsample
-    across = _overlap_weights(cols, cell, mask.shape[1])  # (cols, mask_w)
-    down = _overlap_weights(rows, cell, mask.shape[0])    # (rows, mask_h)
-    chunk = max(1, _CHUNK_VALUES // max(1, mask.shape[1]))
-    by_row = np.empty((mask.shape[0], cols))
-    for top in range(0, mask.shape[0], chunk):
-        block = mask[top:top + chunk].astype(np.float32)
-        by_row[top:top + chunk] = (across @ block.T).T
-    return down @ by_row
+    across = _overlap_weights(cols, cell, image.shape[1])  # (cols, mask_w)
+    down = _overlap_weights(rows, cell, image.shape[0])    # (rows, mask_h)
+    chunk = max(1, _CHUNK_VALUES // max(1, image.shape[1]))
+    by_row = np.empty((len(values), image.shape[0], cols))
+    for top in range(0, image.shape[0], chunk):
+        rows_block = image[top:top + chunk]
+        for k, value in enumerate(values):
+            block = (rows_block if value is None else rows_block == value).astype(np.float32)
+            by_row[k, top:top + chunk] = (across @ block.T).T
+    return np.stack([down @ by_row[k] for k in range(len(values))])
 
 
 def build_patch_grid(
@@ -92,9 +118,11 @@ def build_patch_grid(
     patch_size: int = 256,
     tissue_threshold: float = 0.25,
     tumour_threshold: float = 0.25,
+    min_labelled: float = 0.01,
 ) -> PatchGrid:
     """The labelled patch grid of ``slide`` (see the module doc for the rules).
-    ``tissue`` defaults to :func:`h2g.tissue.detect_tissue` of the slide."""
+    ``tissue`` defaults to :func:`h2g.tiling.tissue.detect_tissue` of the slide;
+    ``min_labelled`` is the labelled fraction a multi-class patch needs."""
     if tissue is None:
         tissue = detect_tissue(slide)
     step = int(round(patch_size * slide.downsample_for(magnification)))
@@ -103,9 +131,10 @@ def build_patch_grid(
     tissue_frac = area_fractions(tissue.mask, tissue.downsample, step, grid_shape).ravel()
     kept = tissue_frac > tissue_threshold + 1e-9
     labels = np.full(kept.size, -1, np.int8)
+    classes = BINARY if annotation is None else annotation.classes
     counts = {"tumour": 0, "non_tumour": 0, "discarded": 0,
               "background": int((~kept).sum())}
-    if annotation is not None:
+    if annotation is not None and classes.is_binary:
         tumour_frac = area_fractions(annotation.mask, annotation.downsample, step,
                                      grid_shape).ravel()
         tumour = tumour_frac > tumour_threshold + 1e-9
@@ -116,8 +145,21 @@ def build_patch_grid(
         counts.update(tumour=int((kept & tumour).sum()), non_tumour=int((kept & clean).sum()),
                       discarded=int(discarded.sum()))
         kept &= ~discarded
+    elif annotation is not None:
+        fractions = class_area_fractions(annotation.labels, classes.n_classes,
+                                         annotation.downsample, step, grid_shape)
+        fractions = fractions.reshape(classes.n_classes, -1)
+        labelled = fractions.sum(axis=0) > min_labelled + 1e-9
+        majority = np.argmax(fractions, axis=0)
+        labels[labelled] = majority[labelled]
+        discarded = kept & ~labelled
+        counts = {name: int((kept & labelled & (majority == c)).sum())
+                  for c, name in enumerate(classes.names)}
+        counts.update(discarded=int(discarded.sum()), background=int((~kept).sum()))
+        kept &= ~discarded
     index = np.flatnonzero(kept)
     row, col = np.divmod(index, grid_shape[1])
     coords = np.stack([col * step, row * step], axis=1).astype(np.int64)
     return PatchGrid(coords=coords, labels=labels[index], magnification=float(magnification),
-                     patch_size=int(patch_size), step=step, counts=counts, grid_shape=grid_shape)
+                     patch_size=int(patch_size), step=step, counts=counts, grid_shape=grid_shape,
+                     classes=classes)

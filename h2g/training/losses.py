@@ -20,8 +20,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
-from h2g.training.clustering import n_clusters_of
 from h2g.core.errors import ModelError
+from h2g.training.clustering import n_clusters_of
 
 #: Probabilities are clipped to [EPSILON, 1 - EPSILON] before the logarithm.
 EPSILON = 1e-7

@@ -1,12 +1,10 @@
-"""The registry of the paper's ablation designs (Section 3.2): one entry per design,
-saying which stages it needs, which models and which loss.  ``h2g.pipeline`` runs them;
-``experiments/run.py`` is a thin command line over both.
+"""H2G-Net's ablation designs (Section 3.2 of the paper): one entry per design, saying
+which stages it needs, which models and which loss.  :mod:`h2g.systems.h2g.pipeline` runs
+them; :mod:`h2g.systems.registry` lists them beside the other systems' designs.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from h2g.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -18,6 +16,7 @@ class Design:
     classifier: str | None = None  # h2g.models name of the patch classifier
     cluster_guided: bool = False  # CWCE loss with the frozen k-means cluster model
     refiner: str | None = None  # h2g.models name of the refinement / low-resolution net
+    system: str = "h2g"
 
     @property
     def deep_learning(self) -> bool:
@@ -42,19 +41,3 @@ _DESIGNS = (
 
 DESIGNS: dict[str, Design] = {d.name: d for d in _DESIGNS}
 
-
-def get_design(name: str) -> Design:
-    try:
-        return DESIGNS[name]
-    except KeyError:
-        raise ConfigError(f"unknown design {name!r}; choose from {', '.join(DESIGNS)} or 'all'") from None
-
-
-def resolve(names: str | list[str]) -> list[Design]:
-    """Design names (or 'all') -> designs in the paper's order."""
-    if isinstance(names, str):
-        names = [names]
-    if "all" in names:
-        return list(_DESIGNS)
-    wanted = {get_design(n).name for n in names}
-    return [d for d in _DESIGNS if d.name in wanted]

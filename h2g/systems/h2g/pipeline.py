@@ -1,15 +1,19 @@
-"""Runs designs end to end: every stage a design needs, with stage outputs cached under a
-key hashed from their inputs so that ``--design all`` trains Mob-PW once and reuses its
-heatmaps for the four refinement designs.
+"""H2G-Net's stages and how its designs chain them.
 
-Stage outputs live in ``OUT/_cache/<stage>-<key>/`` with a ``done.json`` written last; a
-folder without it is an interrupted stage, resumed with ``resume=True`` or started
-afresh otherwise.  Each design's results go to ``OUT/<design>/``: ``config.json``,
-``metrics.json``, ``per_slide.csv``, tables, figures and copies of the models it used.
+cluster model (V) -> patch classifier (III-IX) -> heatmaps of every slide -> refinement
+net (II, VI-IX) -> test predictions -> metrics.  Each stage is a
+:class:`h2g.core.stages.Stage` that declares what it reads (config sections, the data key,
+upstream stages, the architecture), so ``--design all`` trains Mob-PW once and reuses
+its heatmaps for the four refinement designs, and changing e.g. ``refine.epochs``
+retrains only the refiners.  How a design turns its test samples into tumour
+probabilities is its kind's entry in :data:`PREDICTORS`.
+
+Each design's results go to ``OUT/<design>/``: ``metrics.json`` and ``config.json``
+(written together, last), ``per_slide.csv``, tables, figures and copies of the models it
+used.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -18,12 +22,21 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from h2g.core.atomic import write_json
-from h2g.core.config import Config, file_hash, stable_hash
+from h2g.core.atomic import replace_atomically, save_npz, write_json
+from h2g.core.config import Config
+from h2g.core.errors import ConfigError
+from h2g.core.stages import Stage, data_key
 from h2g.evaluation import figures, metrics, tables
+from h2g.export.metadata import (
+    h2g_patch_metadata,
+    h2g_refinement_metadata,
+    write_sidecar,
+)
 from h2g.io.manifest import Manifest, SlideRecord, load_manifest
+from h2g.io.overlay import write_heatmap_overlay
 from h2g.io.slide import open_slide
 from h2g.systems.h2g.designs import Design
+from h2g.tiling.tissue import detect_tissue, otsu_tissue
 
 log = logging.getLogger("h2g")
 
@@ -32,41 +45,10 @@ log = logging.getLogger("h2g")
 DEEP_SUPERVISED = ("agunet", "dagunet", "doubleunet")
 
 
-
-
-@dataclass
-class Stage:
-    """A cached stage folder."""
-
-    root: Path
-    name: str
-    key: str
-
-    @property
-    def dir(self) -> Path:
-        return self.root / "_cache" / f"{self.name}-{self.key}"
-
-    @property
-    def done(self) -> bool:
-        return (self.dir / "done.json").is_file()
-
-    def prepare(self, resume: bool) -> bool:
-        """Make the folder; returns whether an interrupted run is resumed."""
-        if self.dir.exists() and not resume:
-            shutil.rmtree(self.dir)
-        existed = self.dir.exists()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        return existed and resume
-
-    def finish(self, info: dict) -> None:
-        write_json(self.dir / "done.json", info)
-
-    def info(self) -> dict:
-        return json.loads((self.dir / "done.json").read_text())
-
-
 @dataclass
 class Pipeline:
+    """The stages of H2G-Net's designs over one manifest, cached under ``out/_cache``."""
+
     manifest_path: Path
     out: Path
     config: Config
@@ -77,28 +59,25 @@ class Pipeline:
         self.manifest_path = Path(self.manifest_path)
         self.out = Path(self.out)
         self.manifest = load_manifest(self.manifest_path)
-        self.manifest_key = self._data_key()
+        self.data = data_key(self.manifest)
         self.rows: list[dict] = []  # per-slide test metrics of every design run so far
         self._samplers: dict[str, object] = {}
         self._samples: dict[tuple, list] = {}
 
     # ------------------------------------------------------------------ helpers
-    def _data_key(self) -> str:
-        """Identifies the data: the manifest's bytes and each slide's and mask's size and
-        modification time (a slide rewritten in place invalidates every cached stage)."""
-        files = []
-        for record in self.manifest:
-            for path in (record.slide_path, record.annotation_path):
-                if path is not None:
-                    stat = Path(path).stat()
-                    files.append((str(path), stat.st_size, stat.st_mtime_ns))
-        return stable_hash(file_hash(self.manifest_path), files)
-
     def records(self, split: str) -> list[SlideRecord]:
         return self.manifest.split(split)
 
     def _slide(self, record: SlideRecord):
         return open_slide(record.slide_path, mpp=record.mpp)
+
+    def _stage(self, name: str, sections: tuple[str, ...], *, seeded: bool = True, upstream=None, **params) -> Stage:
+        return Stage(self.out, name, config=self.config, sections=sections, seeded=seeded, data=self.data,
+                     upstream=upstream or {}, params=params)
+
+    def _tissue(self, slide):
+        c = self.config.patches
+        return detect_tissue(slide, magnification=c.tissue_magnification, saturation_threshold=c.saturation_threshold)
 
     def sampler(self, split: str):
         if split not in self._samplers:
@@ -111,6 +90,10 @@ class Pipeline:
                 patch_size=c.patches.patch_size,
                 tissue_threshold=c.patches.tissue_threshold,
                 tumour_threshold=c.patches.tumour_threshold,
+                tissue_magnification=c.patches.tissue_magnification,
+                saturation_threshold=c.patches.saturation_threshold,
+                annotation_downsample=c.patches.annotation_downsample,
+                classes=self.manifest.classes,
             )
             seed = c.seed if split == "train" else c.seed + 7919
             self._samplers[split] = HierarchicalSampler(sources, stages=c.sampler.stages, seed=seed)
@@ -133,14 +116,14 @@ class Pipeline:
         )
 
     # ------------------------------------------------------------------ stages
-    def cluster_model(self) -> Path:
+    def cluster_stage(self) -> Stage:
         """Fit VGG16 features -> z-score -> PCA -> k-means on sampler batches (train)."""
         from h2g.training import clustering
 
         c = self.config
-        stage = Stage(self.out, "cluster", stable_hash("cluster", self.manifest_key, c.cluster, c.patches, c.sampler, c.seed))
+        stage = self._stage("cluster", ("cluster", "patches", "sampler"))
         if stage.done:
-            return stage.dir / "cluster_model.keras"
+            return stage
         stage.prepare(resume=False)
         log.info("fitting the k-means cluster model -> %s", stage.dir)
         ds = self._patch_data("train", c.cluster.batch_size, training=False, n_batches=c.cluster.n_batches)
@@ -149,11 +132,11 @@ class Pipeline:
         stats = clustering.fit_clusterer(batches, extractor, n_clusters=c.cluster.n_clusters, variance=c.cluster.variance, seed=c.seed)
         stats.save(stage.dir / "cluster_stats.npz")
         model = clustering.build_cluster_model(stats, extractor)
-        model.save(stage.dir / "cluster_model.keras")
+        replace_atomically(stage.dir / "cluster_model.keras", model.save)
         stage.finish({"n_components": int(stats.n_components), "n_clusters": c.cluster.n_clusters})
-        return stage.dir / "cluster_model.keras"
+        return stage
 
-    def classifier(self, design: Design) -> Path:
+    def classifier_stage(self, design: Design) -> Stage:
         """Train a patch classifier (designs III-IX) on the hierarchical sampler."""
         import keras
 
@@ -163,13 +146,11 @@ class Pipeline:
         from h2g.training import losses
 
         c = self.config
-        cluster_path = self.cluster_model() if design.cluster_guided else None
-        cluster_key = file_hash(cluster_path) if cluster_path else None
-        key = stable_hash("classifier", design.classifier, design.cluster_guided, cluster_key,
-                          self.manifest_key, c.classifier, c.patches, c.sampler, c.seed)
-        stage = Stage(self.out, "classifier", key)
+        cluster = self.cluster_stage() if design.cluster_guided else None
+        stage = self._stage("classifier", ("classifier", "patches", "sampler"), upstream={"cluster": cluster},
+                            architecture=design.classifier, cluster_guided=design.cluster_guided)
         if stage.done:
-            return stage.dir / "classifier.keras"
+            return stage
         resumed = stage.prepare(self.resume)
         log.info("training %s patch classifier%s -> %s", design.classifier,
                  " with CWCE" if design.cluster_guided else "", stage.dir)
@@ -184,7 +165,7 @@ class Pipeline:
             models.set_batchnorm_momentum(classifier, c.classifier.bn_momentum)
         augment = classifier_augmenter(ClassifierAugmentConfig()) if c.classifier.augment else None
         if design.cluster_guided:
-            cluster_model = keras.models.load_model(cluster_path)
+            cluster_model = keras.models.load_model(cluster.dir / "cluster_model.keras")
             model = losses.cluster_guided(classifier, cluster_model)
             loss = losses.CWCELoss(n_classes=2)
         else:
@@ -206,63 +187,78 @@ class Pipeline:
         best = keras.models.load_model(result.best_model_path)
         if design.cluster_guided:
             best = losses.unwrap_classifier(best)
-        best.save(stage.dir / "classifier.keras")
+        replace_atomically(stage.dir / "classifier.keras", best.save)
         val = training.evaluate_classifier(best, self._patch_data("val", c.classifier.batch_size, training=False, n_batches=c.classifier.val_batches))
         stage.finish({"validation": val})
-        return stage.dir / "classifier.keras"
+        return stage
 
-    def heatmaps(self, classifier_path: Path) -> Path:
-        """Whole-slide heatmaps of every slide of the manifest, cached by model hash."""
+    def heatmap_stage(self, classifier: Stage) -> Stage:
+        """Whole-slide heatmaps of every slide of the manifest (one ``.npz`` per slide,
+        written atomically, so an interrupted stage resumes at the next slide)."""
         import keras
 
         from h2g.inference.backends import make_backend
         from h2g.inference.heatmap import slide_heatmap
 
         c = self.config
-        stage = Stage(self.out, "heatmaps", stable_hash("heatmaps", file_hash(classifier_path), self.manifest_key, c.patches))
+        stage = self._stage("heatmaps", ("patches",), seeded=False, upstream={"classifier": classifier})
         if stage.done:
-            return stage.dir
+            return stage
         stage.prepare(resume=True)
-        backend = make_backend(keras.models.load_model(classifier_path), engine="keras")
-        for record in tqdm(list(self.manifest), desc="heatmaps"):
+        backend = make_backend(keras.models.load_model(classifier.dir / "classifier.keras"), engine="keras")
+        for record in tqdm(list(self.manifest), desc="heatmaps", unit="slide"):
             target = stage.dir / f"{record.slide_id}.npz"
             if target.is_file():
                 continue
+            slide = self._slide(record)
             heat = slide_heatmap(
-                self._slide(record), backend,
+                slide, backend, tissue=self._tissue(slide), tissue_threshold=c.patches.tissue_threshold,
                 magnification=c.patches.magnification, patch_size=c.patches.patch_size,
                 batch_size=c.heatmap.batch_size, readers=c.heatmap.readers, progress=False,
             )
-            np.savez_compressed(target, probs=heat.probs, step=heat.step)
-            _save_overlay(stage.dir / f"{record.slide_id}.png", self._slide(record), heat.probs)
-        stage.finish({"classifier": str(classifier_path), "slides": len(self.manifest.records)})
-        return stage.dir
+            write_heatmap_overlay(stage.dir / f"{record.slide_id}.png", slide, heat.probs)
+            save_npz(target, probs=heat.probs, step=heat.step)
+        stage.finish({"classifier": str(classifier.dir), "slides": len(self.manifest.records)})
+        return stage
 
-    def samples(self, split: str, heatmap_dir: Path | None) -> list:
-        """Refinement-resolution samples (image, heatmap, mask) of one split."""
+    def samples(self, split: str, heatmaps: Stage | None) -> list:
+        """Refinement-resolution samples (image, heatmap, mask) of one split.  Training
+        and validation slides without an annotation are left out with a warning (a
+        split left with none is a :class:`ConfigError`); test slides without one keep
+        ``mask=None`` and are reported as unevaluated."""
         from h2g.inference.heatmap import Heatmap
         from h2g.inference.lowres import refinement_inputs
         from h2g.systems.h2g.refinement import RefinementSample, target_mask
 
-        key = (split, str(heatmap_dir))
+        key = (split, heatmaps.key if heatmaps else None)
         if key in self._samples:
             return self._samples[key]
-        size = self.config.refine.size
+        c = self.config
+        records = self.records(split)
+        unannotated = [r.slide_id for r in records if r.annotation_path is None]
+        if unannotated and split != "test":
+            log.warning("%s slide(s) without an annotation left out of refinement %s: %s",
+                        len(unannotated), "training" if split == "train" else "validation", ", ".join(unannotated))
+            records = [r for r in records if r.annotation_path is not None]
+            if not records:
+                raise ConfigError(f"{self.manifest_path}: no {split} slide has an annotation; refinement "
+                                  f"networks need annotated {split} slides")
         out = []
-        for record in self.records(split):
+        for record in records:
             slide = self._slide(record)
-            if heatmap_dir is not None:
-                data = np.load(heatmap_dir / f"{record.slide_id}.npz")
+            if heatmaps is not None:
+                data = np.load(heatmaps.dir / f"{record.slide_id}.npz")
                 heat = Heatmap(probs=data["probs"], step=int(data["step"]))
             else:
                 heat = None
-            image, heatmap = refinement_inputs(slide, heat, size=size)
-            mask = target_mask(record.annotation_path, slide, size, self.config.patches.annotation_downsample) if record.annotation_path else None
+            image, heatmap = refinement_inputs(slide, heat, size=c.refine.size)
+            mask = (target_mask(record.annotation_path, slide, c.refine.size, c.patches.annotation_downsample)
+                    if record.annotation_path else None)
             out.append(RefinementSample(record.slide_id, record.grade, image, heatmap, mask))
         self._samples[key] = out
         return out
 
-    def refiner(self, design: Design, heatmap_dir: Path | None) -> Path:
+    def refiner_stage(self, design: Design, heatmaps: Stage | None) -> Stage:
         """Train a refinement network (VI-IX) or the low-resolution U-Net (II)."""
         import keras
 
@@ -273,15 +269,14 @@ class Pipeline:
         from h2g.training import losses
 
         c = self.config
-        heat_key = heatmap_dir.name if heatmap_dir else None
-        stage = Stage(self.out, "refiner", stable_hash("refiner", design.refiner, heat_key, self.manifest_key, c.refine, c.seed))
+        stage = self._stage("refiner", ("refine", "patches"), upstream={"heatmaps": heatmaps}, architecture=design.refiner)
         if stage.done:
-            return stage.dir / "refiner.keras"
+            return stage
         resumed = stage.prepare(self.resume)
         log.info("training %s refinement -> %s", design.refiner, stage.dir)
         keras.utils.set_random_seed(c.seed)
-        with_heatmap = heatmap_dir is not None
-        train, val = self.samples("train", heatmap_dir), self.samples("val", heatmap_dir)
+        with_heatmap = heatmaps is not None
+        train, val = self.samples("train", heatmaps), self.samples("val", heatmaps)
         kw = {"deep_supervision": True} if design.refiner in DEEP_SUPERVISED else {}
         model = models.build(design.refiner, input_size=c.refine.size, width=c.refine.width, **kw)
         if c.refine.bn_momentum is not None:
@@ -308,90 +303,116 @@ class Pipeline:
             resume=resumed,
             seed=c.seed,
         )
-        models.inference_model(model).save(stage.dir / "refiner.keras")  # fit restored the best weights
+        # fit restored the best weights
+        replace_atomically(stage.dir / "refiner.keras", models.inference_model(model).save)
         stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value})
-        return stage.dir / "refiner.keras"
+        return stage
 
     # ------------------------------------------------------------------ designs
     def predictions(self, design: Design) -> tuple[list, dict]:
         """Test-slide tumour probability maps at the refinement resolution, and the
-        models the design used."""
-        import keras
-
-        from h2g.systems.h2g.refinement import predict
-        from h2g.tiling.tissue import otsu_tissue
-
+        models the design used ({role: path})."""
         used: dict[str, Path] = {}
-        heatmap_dir = None
+        heatmaps = None
         if design.needs_heatmaps:
-            used["patch_classifier"] = self.classifier(design)
-            heatmap_dir = self.heatmaps(used["patch_classifier"])
-        samples = self.samples("test", heatmap_dir)
-        if design.kind == "otsu":
-            probs = [otsu_tissue((s.image * 255).round().astype(np.uint8)).astype(np.float32) for s in samples]
-        elif design.kind == "patchwise":
-            probs = [s.heatmap[..., 0] for s in samples]
-        else:
-            used["refiner"] = self.refiner(design, heatmap_dir)
-            model = keras.models.load_model(used["refiner"])
-            probs = predict(model, samples, with_heatmap=heatmap_dir is not None)
+            classifier = self.classifier_stage(design)
+            used["patch_classifier"] = classifier.dir / "classifier.keras"
+            heatmaps = self.heatmap_stage(classifier)
+        samples = self.samples("test", heatmaps)
+        if design.refiner is not None:
+            used["refiner"] = self.refiner_stage(design, heatmaps).dir / "refiner.keras"
+        probs = PREDICTORS[design.kind](samples, used.get("refiner"))
         return list(zip(samples, probs)), used
 
+    def _metadata(self, design: Design, role: str):
+        """What deployment needs to run a model of ``design`` (the sidecar
+        ``<model>.meta.json``, embedded into the ONNX / OpenVINO files by export)."""
+        c = self.config
+        if role == "patch_classifier":
+            return h2g_patch_metadata(c.patches.patch_size, c.patches.magnification, design=design.name)
+        return h2g_refinement_metadata(c.refine.size, heatmap=design.needs_heatmaps, design=design.name)
+
     def run(self, design: Design) -> dict:
+        """Run ``design``; writes ``OUT/<design>/``: metrics.json and config.json
+        (together, at the end), tables, figures and the models it used."""
         c = self.config
         folder = self.out / design.name
-        folder.mkdir(parents=True, exist_ok=True)
-        write_json(folder / "config.json", {"design": design.name, "manifest": str(self.manifest_path), **c.to_dict()})
         pairs, used = self.predictions(design)
-        rows = []
+        rows, unevaluated = [], []
         for sample, prob in pairs:
             if sample.mask is None:
+                unevaluated.append(sample.slide_id)
                 continue
             m = metrics.segmentation_metrics(metrics.binarise(prob, c.eval.threshold), sample.mask)
             rows.append({"design": design.label, "slide_id": sample.slide_id, "grade": sample.grade, **m})
+        if unevaluated:
+            log.warning("%s: %d test slide(s) without an annotation are not evaluated: %s",
+                        design.name, len(unevaluated), ", ".join(unevaluated))
+        if not rows:
+            raise ConfigError(f"{self.manifest_path}: no test slide has an annotation; nothing to evaluate")
         summary = tables.metrics_summary(rows, design.label)
         result = {
             **summary,
             "design": design.name,
+            "system": design.system,
             "label": design.label,
             "preset": c.preset,
             "seed": c.seed,
             "resolution": [c.refine.size, c.refine.size],
             "threshold": c.eval.threshold,
+            "unevaluated_slides": unevaluated,
             "models": {k: str(v) for k, v in used.items()},
             "config": c.to_dict(),
         }
-        write_json(folder / "metrics.json", result)
+        folder.mkdir(parents=True, exist_ok=True)
         tables.write_tables(folder, rows, [design.label], resolution=c.refine.size)
         models_dir = folder / "models"
         for role, path in used.items():
             models_dir.mkdir(exist_ok=True)
-            shutil.copyfile(path, models_dir / f"{role}.keras")
+            replace_atomically(models_dir / f"{role}.keras", lambda tmp, src=path: shutil.copyfile(src, tmp))
+            write_sidecar(models_dir / f"{role}.keras", self._metadata(design, role))
         figure_rows = [
             (s.slide_id, s.image, s.mask, s.heatmap[..., 0] if design.needs_heatmaps else None, metrics.binarise(p, c.eval.threshold))
             for s, p in pairs[: c.eval.figure_slides]
         ]
         figures.figure_grid(folder / "examples.png", figure_rows)
+        write_json(folder / "config.json", {"design": design.name, "system": design.system,
+                                            "manifest": str(self.manifest_path), **c.to_dict()})
+        write_json(folder / "metrics.json", result)
         self.rows.extend(rows)
         return result
 
 
-def _save_overlay(path: Path, slide, probs: np.ndarray) -> None:
-    """PNG of the heatmap over the slide's thumbnail."""
-    from matplotlib import cm
-    from PIL import Image
-
-    thumb = Image.fromarray(slide.read_level(slide.level_count - 1))
-    heat = Image.fromarray((cm.inferno(probs)[..., :3] * 255).astype(np.uint8)).resize(thumb.size, Image.NEAREST)
-    Image.blend(thumb.convert("RGB"), heat, 0.45).save(path)
+# ---------------------------------------------------------------------- predictors
+def _predict_otsu(samples, _refiner) -> list[np.ndarray]:
+    """(I): Otsu's tissue mask of the low-resolution image (tissue, not tumour)."""
+    return [otsu_tissue((s.image * 255).round().astype(np.uint8)).astype(np.float32) for s in samples]
 
 
-def run_designs(designs: list[Design], manifest_path: Path, out: Path, config: Config, resume: bool = False) -> dict[str, dict]:
-    """Run each design; with more than one, also write the combined tables."""
+def _predict_patchwise(samples, _refiner) -> list[np.ndarray]:
+    """(III-V): the heatmap itself, at the refinement resolution."""
+    return [s.heatmap[..., 0] for s in samples]
+
+
+def _predict_refined(samples, refiner: Path) -> list[np.ndarray]:
+    """(II, VI-IX): the refinement / low-resolution network, through the same backend
+    and :func:`h2g.inference.lowres.refine` as deployment."""
+    from h2g.inference.backends import KerasBackend
+    from h2g.inference.lowres import refine
+
+    backend = KerasBackend(refiner)
+    with_heatmap = "heatmap" in backend.input_names
+    return [refine(backend, s.image, s.heatmap if with_heatmap else None) for s in samples]
+
+
+PREDICTORS = {"otsu": _predict_otsu, "patchwise": _predict_patchwise, "lowres": _predict_refined,
+              "refined": _predict_refined}
+
+
+def run_designs(designs: list[Design], manifest_path: Path, out: Path, config: Config,
+                resume: bool = False) -> tuple[dict[str, dict], list[dict]]:
+    """Run each design over one pipeline (shared stages run once); returns the designs'
+    metrics and every per-slide test row (the registry writes the combined tables)."""
     pipe = Pipeline(manifest_path, out, config, resume=resume)
     results = {d.name: pipe.run(d) for d in designs}
-    if len(designs) > 1:
-        tables.write_tables(Path(out), pipe.rows, [d.label for d in designs], resolution=config.refine.size,
-                                tukey_designs=[d.label for d in designs if d.deep_learning])
-        figures.dice_boxplot(Path(out) / "dice_boxplot.png", pipe.rows)
-    return results
+    return results, pipe.rows

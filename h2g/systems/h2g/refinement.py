@@ -1,8 +1,9 @@
 """The refinement stage (Section 2.5): per-slide 1024x1024 inputs (low-resolution image +
-patch heatmap) and targets, the tf.data pipeline that feeds them, training and prediction.
+patch heatmap) and targets, and the tf.data pipeline that feeds them to training.
+Prediction goes through :func:`h2g.inference.lowres.refine`, as in deployment.
 
 The same inputs serve design (II) UNet-LR (image only) and designs (VI-IX) (image +
-heatmap).  Inputs are built by :func:`h2g.inference.refinement_inputs`, the one place that
+heatmap).  Inputs are built by :func:`h2g.inference.lowres.refinement_inputs`, the one place that
 defines them for training and for deployment alike.
 """
 from __future__ import annotations
@@ -104,12 +105,3 @@ def refinement_dataset(
     ds = tf.data.Dataset.range(start_batch, 2**62)
     return ds.map(load, num_parallel_calls=2, deterministic=True).prefetch(2)
 
-
-def predict(model, samples: list[RefinementSample], with_heatmap: bool = True) -> list[np.ndarray]:
-    """Tumour probability maps ``(S, S)`` of a refinement / low-resolution model with
-    one output (:func:`h2g.models.inference_model`)."""
-    out = []
-    for s in samples:
-        inputs = {"image": s.image[None], "heatmap": s.heatmap[None]} if with_heatmap else s.image[None]
-        out.append(np.asarray(model(inputs, training=False))[0, ..., 1])
-    return out

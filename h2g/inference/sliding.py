@@ -1,0 +1,223 @@
+"""Sliding-window segmentation of a slide with multi-view feeds, stitched into a Raster.
+
+:func:`sliding_segmentation` runs a segmentation model (per-pixel class probabilities
+``(B, o, o, C)``) over a slide:
+
+1. windows over the tissue (:func:`h2g.tiling.windows.window_grid`): one per ``stride``
+   x ``stride`` cell of the output raster whose footprint has tissue;
+2. for each window, every view the model takes (:class:`h2g.data.views.View`: DMMN's
+   20x / 10x / 5x, m-UNet's two levels, ...) read around the window's centre with
+   :func:`h2g.data.views.read_views` (beyond the slide: reflection padding), in batches
+   on the shared reader pool (:func:`h2g.data.readers.reader_pool`) while the backend
+   predicts the previous batches;
+3. each prediction put back on the output raster and the overlaps blended.
+
+Geometry.  The model's output pixel grid covers its *target* view (the first view unless
+named): an output of ``o`` px for a target view of ``s`` px at magnification ``m`` is a
+raster at ``m * o / s``.  ``stride`` and ``keep`` are given in target-view pixels (DMMN:
+target 20x, 256 px, stride 256) and must map to whole raster pixels.
+
+Blending (``blend``), a weighted average ``sum_w w P / sum_w w`` of the predictions ``P``
+landing on a raster pixel, with per-window weights (:func:`blend_weights`):
+
+- ``"centre"`` (default; DMMN's rule): weight 1 on the central ``keep`` x ``keep`` pixels
+  of each prediction (default ``keep`` = ``stride``: the kept centres tile the raster
+  exactly, each pixel gets one prediction), 0 on the rest;
+- ``"tent"``: the separable linear tent ``w(i) w(j)`` with
+  ``w(i) = 1 - |2 (i + 0.5) / o - 1|`` (highest at the centre, falling linearly to
+  ``1 / o`` at the border), so overlapping windows (``stride`` < size) cross-fade and a
+  prediction's borders, which saw the least context, count least.
+
+Raster pixels no window reached (glass) are not ``covered`` and have probability 0.
+
+TensorFlow-free.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Sequence
+
+import numpy as np
+
+from h2g.core.errors import ConfigError, ExportError
+from h2g.data.views import View, check_views, read_views
+from h2g.inference.backends import Backend
+from h2g.inference.raster import Raster
+
+BLENDS = ("centre", "tent")
+
+
+def blend_weights(size: int, blend: str = "centre", keep: int | None = None) -> np.ndarray:
+    """``(size, size)`` float32 weight of each output pixel of a window (module doc)."""
+    size = int(size)
+    if blend == "centre":
+        keep = size if keep is None else int(keep)
+        if not 1 <= keep <= size:
+            raise ConfigError(f"keep must be in 1..{size} output px, got {keep}")
+        start = (size - keep) // 2
+        line = np.zeros(size, np.float32)
+        line[start:start + keep] = 1.0
+    elif blend == "tent":
+        line = (1.0 - np.abs(2.0 * (np.arange(size) + 0.5) / size - 1.0)).astype(np.float32)
+    else:
+        raise ConfigError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+    return np.outer(line, line).astype(np.float32)
+
+
+class Stitcher:
+    """Weighted average of window predictions on a ``(rows, cols)`` raster."""
+
+    def __init__(self, shape: tuple[int, int], classes: int, weights: np.ndarray):
+        self.shape = tuple(shape)
+        self.sum = np.zeros(self.shape + (int(classes),), np.float32)
+        self.weight = np.zeros(self.shape, np.float32)
+        self.weights = np.asarray(weights, np.float32)
+
+    def add(self, top_left: tuple[int, int], probs: np.ndarray) -> None:
+        """Add one ``(o, o, C)`` prediction whose top-left raster pixel is ``(row, col)``
+        (it may hang over the raster's edges: that part is dropped)."""
+        r0, c0 = int(top_left[0]), int(top_left[1])
+        h, w = probs.shape[:2]
+        rs, cs = max(0, -r0), max(0, -c0)
+        re, ce = min(h, self.shape[0] - r0), min(w, self.shape[1] - c0)
+        if re <= rs or ce <= cs:
+            return
+        wts = self.weights[rs:re, cs:ce]
+        self.sum[r0 + rs:r0 + re, c0 + cs:c0 + ce] += wts[..., None] * probs[rs:re, cs:ce]
+        self.weight[r0 + rs:r0 + re, c0 + cs:c0 + ce] += wts
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(probs (rows, cols, C), covered (rows, cols))``."""
+        covered = self.weight > 0
+        probs = np.zeros_like(self.sum)
+        probs[covered] = self.sum[covered] / self.weight[covered][:, None]
+        return probs, covered
+
+
+def _whole(value: float, what: str) -> int:
+    if abs(value - round(value)) > 1e-6 or round(value) < 1:
+        raise ConfigError(f"{what} must map to a whole number of output pixels, got {value:g}")
+    return int(round(value))
+
+
+def _read_batch(slide, centres: np.ndarray, views: Sequence[View]) -> dict[str, np.ndarray]:
+    """Every view of every window around ``centres`` as float32 in [0, 1]."""
+    out = {v.name: np.empty((len(centres), v.size, v.size, 3), np.float32) for v in views}
+    for i, (x, y) in enumerate(centres):
+        for name, image in read_views(slide, (float(x), float(y)), views).items():
+            np.multiply(image, np.float32(1 / 255), out=out[name][i])
+    return out
+
+
+def _feed_for(backend: Backend, batch: dict[str, np.ndarray]):
+    """The batch as the backend takes it: by name, or the one array of a one-input model."""
+    if len(backend.input_names) == 1 and len(batch) == 1:
+        return next(iter(batch.values()))
+    if set(backend.input_names) != set(batch):
+        raise ExportError(f"{backend.source}: the model's inputs {list(backend.input_names)} are not "
+                          f"the views {list(batch)}")
+    return batch
+
+
+def _probe(backend: Backend, views: Sequence[View]) -> tuple[int, int]:
+    """Output side and class count of ``backend`` for one window (an all-zero feed)."""
+    out = backend.predict(_feed_for(backend, {v.name: np.zeros((1, v.size, v.size, 3), np.float32)
+                                               for v in views}))
+    if out.ndim != 4 or out.shape[1] != out.shape[2] or out.shape[-1] < 1:
+        raise ExportError(f"{backend.source}: output of shape {tuple(out.shape)} is not (1, o, o, classes) "
+                          "per-pixel class probabilities of a segmentation model")
+    return int(out.shape[1]), int(out.shape[-1])
+
+
+def sliding_segmentation(slide, backend: Backend, views: Sequence[View], *, target: str | None = None,
+                         stride: int | None = None, keep: int | None = None, blend: str = "centre",
+                         tissue=None, tissue_threshold: float = 0.0, batch_size: int = 8,
+                         readers: int = 2, progress: bool = True, timings: dict | None = None) -> Raster:
+    """Segment ``slide`` with ``backend`` fed ``views`` (see the module doc); returns the
+    :class:`Raster` of class probabilities over the slide.  ``stride`` (default: the
+    target view's size) and ``keep`` (default: ``stride``) are target-view pixels.
+
+    ``timings`` receives seconds: ``tissue`` (mask + windows), ``reading`` (readers' busy
+    time, summed), ``inference``, ``waiting`` (inference idle), ``window_pipeline`` (wall),
+    ``stitching``; and ``windows`` (count)."""
+    from tqdm.auto import tqdm
+
+    from h2g.data.readers import reader_pool
+    from h2g.tiling.tissue import detect_tissue
+    from h2g.tiling.windows import window_grid
+
+    views = check_views(views)
+    names = [v.name for v in views]
+    target_view = views[names.index(target)] if target in names else views[0]
+    if target is not None and target not in names:
+        raise ConfigError(f"target view {target!r} is not one of the views {names}")
+    if batch_size < 1 or readers < 1:
+        raise ConfigError(f"batch_size and readers must be >= 1, got {batch_size} and {readers}")
+    t0 = time.perf_counter()
+    out_size, classes = _probe(backend, views)
+    scale = out_size / target_view.size  # raster px per target-view px
+    stride_o = _whole((stride or target_view.size) * scale, f"stride {stride or target_view.size}")
+    keep_o = _whole((keep or stride or target_view.size) * scale, f"keep {keep}") if blend == "centre" else None
+    weights = blend_weights(out_size, blend, keep_o)
+    if tissue is None:
+        tissue = detect_tissue(slide)
+    grid = window_grid(slide, magnification=target_view.magnification * scale, size=out_size,
+                       stride=stride_o, tissue=tissue, tissue_threshold=tissue_threshold)
+    raster = Raster.empty(slide.dimensions, grid.downsample, classes)
+    stitcher = Stitcher(raster.shape, classes, weights)
+    t1 = time.perf_counter()
+
+    lock = threading.Lock()
+    busy = [0.0]
+
+    def read(start: int) -> dict[str, np.ndarray]:
+        tr = time.perf_counter()
+        try:
+            return _read_batch(slide, grid.centres[start:start + batch_size], views)
+        finally:
+            with lock:
+                busy[0] += time.perf_counter() - tr
+
+    pool = reader_pool(readers)
+    starts = iter(range(0, len(grid), batch_size))
+    pending: deque = deque()
+
+    def submit() -> None:
+        start = next(starts, None)
+        if start is not None:
+            pending.append((start, pool.submit(read, start)))
+
+    inference = waiting = stitching = 0.0
+    try:
+        for _ in range(2 * readers):
+            submit()
+        with tqdm(total=len(grid), unit="window", desc="windows", disable=not progress, leave=False) as bar:
+            while pending:
+                start, future = pending.popleft()
+                tw = time.perf_counter()
+                batch = future.result()
+                ti = time.perf_counter()
+                waiting += ti - tw
+                submit()
+                out = backend.predict(_feed_for(backend, batch))
+                ts = time.perf_counter()
+                inference += ts - ti
+                if out.shape[1:] != (out_size, out_size, classes):
+                    raise ExportError(f"{backend.source}: output of shape {tuple(out.shape)} for a batch, "
+                                      f"expected (b, {out_size}, {out_size}, {classes})")
+                for k, probs in enumerate(out):
+                    stitcher.add(grid.top_left[start + k], probs)
+                stitching += time.perf_counter() - ts
+                bar.update(len(out))
+    finally:
+        for _, future in pending:
+            future.cancel()
+    t2 = time.perf_counter()
+    raster.probs, raster.covered = stitcher.result()
+    t3 = time.perf_counter()
+    if timings is not None:
+        timings.update(tissue=t1 - t0, reading=busy[0], inference=inference, waiting=waiting,
+                       window_pipeline=t2 - t1, stitching=stitching + t3 - t2, windows=len(grid))
+    return raster

@@ -1,0 +1,112 @@
+"""The one registry of designs across systems.
+
+A system (H2G-Net, and DMMN, m-UNet, RAZN as they are added) is a subpackage of
+:mod:`h2g.systems` whose ``__init__`` defines ``SYSTEM = System(...)``: its name, the
+paper it reproduces, its designs (objects with ``name``, ``label``, ``system`` and
+``deep_learning``) and its runner, ``"module:function"`` with the signature
+``run(designs, manifest_path, out, config, resume) -> (metrics by design name,
+per-slide test rows)``.  A new system plugs in by adding its package to
+:data:`SYSTEM_PACKAGES`; ``experiments/run.py`` then lists its designs, ``--design all``
+runs them and ``--system NAME`` runs that system's designs.
+
+:func:`run` runs designs of any systems over one manifest and output folder and, for more
+than one design, writes the combined tables (every system's rows carry the binary tumour
+recall / precision / Dice, so all designs sit in one table).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+from h2g.core.errors import ConfigError
+
+SYSTEM_PACKAGES = ("h2g.systems.h2g",)
+
+
+@dataclass(frozen=True)
+class System:
+    name: str  # command-line name (--system)
+    label: str  # the paper's name of the system
+    source: str  # the paper, in ../shared/paper/
+    designs: tuple  # in the paper's order
+    runner: str  # "module:function"
+
+    def run(self, designs: Sequence, manifest_path: Path, out: Path, config, resume: bool = False):
+        module, _, function = self.runner.partition(":")
+        return getattr(importlib.import_module(module), function)(list(designs), manifest_path, out, config, resume)
+
+
+@lru_cache(maxsize=None)
+def systems() -> dict[str, System]:
+    """Every registered system by name, in registry order."""
+    found = {}
+    for package in SYSTEM_PACKAGES:
+        system = importlib.import_module(package).SYSTEM
+        found[system.name] = system
+    return found
+
+
+@lru_cache(maxsize=None)
+def designs() -> dict[str, Any]:
+    """Every design of every system by name (names are unique across systems)."""
+    found: dict[str, Any] = {}
+    for system in systems().values():
+        for design in system.designs:
+            if design.name in found:
+                raise ConfigError(f"design name {design.name!r} is registered by two systems")
+            found[design.name] = design
+    return found
+
+
+def get_design(name: str):
+    try:
+        return designs()[name]
+    except KeyError:
+        raise ConfigError(f"unknown design {name!r}; choose from {', '.join(designs())} or 'all'") from None
+
+
+def resolve(names: str | Sequence[str] = (), system: str | None = None) -> list:
+    """Design names (or ``"all"``) and/or a system name -> designs, in registry order
+    (systems in :data:`SYSTEM_PACKAGES` order, each system's designs in its paper's)."""
+    if isinstance(names, str):
+        names = [names]
+    names = list(names)
+    if system is not None and system not in systems():
+        raise ConfigError(f"unknown system {system!r}; choose from {', '.join(systems())}")
+    if not names and system is None:
+        raise ConfigError("name designs (or 'all') or a system")
+    wanted = set()
+    if "all" in names:
+        wanted |= set(designs())
+    else:
+        wanted |= {get_design(n).name for n in names}
+    if system is not None:
+        in_system = {d.name for d in systems()[system].designs}
+        wanted = (wanted & in_system) if names and "all" not in names else in_system
+        if not wanted:
+            raise ConfigError(f"none of {', '.join(names)} is a design of system {system!r}")
+    return [d for d in designs().values() if d.name in wanted]
+
+
+def run(chosen: Sequence, manifest_path: Path, out: Path, config, resume: bool = False) -> dict[str, dict]:
+    """Run designs (of one or several systems); returns metrics by design name.  With
+    more than one design, ``out`` also gets the combined tables and Dice box plot."""
+    from h2g.evaluation import figures, tables
+
+    results: dict[str, dict] = {}
+    rows: list[dict] = []
+    for system in systems().values():
+        mine = [d for d in chosen if d.system == system.name]
+        if mine:
+            got, got_rows = system.run(mine, manifest_path, out, config, resume)
+            results.update(got)
+            rows.extend(got_rows)
+    if len(chosen) > 1:
+        resolution = next(iter(results.values()))["resolution"][0]
+        tables.write_tables(Path(out), rows, [d.label for d in chosen], resolution=resolution,
+                            tukey_designs=[d.label for d in chosen if d.deep_learning])
+        figures.dice_boxplot(Path(out) / "dice_boxplot.png", rows)
+    return results

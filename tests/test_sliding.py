@@ -1,0 +1,236 @@
+"""Sliding-window segmentation: window grids over tissue, multi-view feeds, blending, and
+the Raster they are stitched into.
+
+The block slide is a 40x (0.25 um/px) slide of 128 x 128 level-0 blocks, each pure red,
+green or blue (a seeded random choice), with a band of glass on the right: its class map
+at any magnification is known from the block choices alone, independently of the code.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from synthetic import make_slide
+
+from h2g.core.errors import ConfigError, ExportError
+from h2g.data.views import View
+from h2g.inference.backends import _BackendBase
+from h2g.inference.raster import Raster, raster_shape
+from h2g.inference.sliding import Stitcher, blend_weights, sliding_segmentation
+from h2g.io.pyramid import write_pyramid
+from h2g.io.slide import Slide
+from h2g.tiling.windows import window_grid
+
+BLOCK = 128  # level-0 px per colour block
+COLOURS = np.array([(220, 60, 60), (60, 200, 60), (60, 60, 220)], np.uint8)  # class i = channel i
+BLOCKS = (12, 20)  # colour blocks (rows, cols); then a glass band
+GLASS = 512  # level-0 width of the glass band on the right
+SIZE = (BLOCKS[1] * BLOCK + GLASS, BLOCKS[0] * BLOCK)  # (w, h) = (3072, 1536): not square
+WINDOW = 64  # window / view side at 10x = 256 level-0 px
+
+
+def block_labels(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 3, BLOCKS)
+
+
+def make_block_slide(path, seed: int = 0):
+    labels = block_labels(seed)
+    image = np.full((SIZE[1], SIZE[0], 3), 255, np.uint8)
+    image[:, :BLOCKS[1] * BLOCK] = np.repeat(np.repeat(COLOURS[labels], BLOCK, 0), BLOCK, 1)
+    return write_pyramid(path, image, mpp=0.25, downsamples=[1, 4, 16], compression=None)
+
+
+def expected_labels(downsample: float, seed: int = 0) -> np.ndarray:
+    """The class of every raster pixel at ``downsample`` (-1 over glass), from the blocks."""
+    rows, cols = raster_shape(SIZE, downsample)
+    r = (np.arange(rows) * downsample) // BLOCK
+    c = (np.arange(cols) * downsample) // BLOCK
+    out = np.full((rows, cols), -1)
+    inside = c < BLOCKS[1]
+    out[:, inside] = block_labels(seed)[r.astype(int)][:, c[inside].astype(int)]
+    return out
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def colour_segmenter(size: int = WINDOW):
+    """Per-pixel softmax(20 * RGB): the class map is the dominant colour channel."""
+    import keras
+
+    image = keras.Input((size, size, 3), name="image")
+    conv = keras.layers.Conv2D(3, 1, activation="softmax", name="classes")
+    out = conv(image)
+    conv.set_weights([20.0 * np.eye(3, dtype=np.float32)[None, None], np.zeros(3, np.float32)])
+    return keras.Model(image, out, name="colour_segmenter")
+
+
+def context_segmenter(size: int = WINDOW):
+    """A 3-class two-input model: ``hi`` (10x) and ``ctx`` (2.5x, 4x the area).  Its class
+    map comes from the part of ``ctx`` that covers ``hi`` (the central quarter, upsampled
+    x4) with weight 20, plus ``hi`` with weight 1: right only if the views are co-centred."""
+    import keras
+
+    hi = keras.Input((size, size, 3), name="hi")
+    ctx = keras.Input((size, size, 3), name="ctx")
+    centre = keras.layers.Cropping2D(3 * size // 8)(ctx)
+    up = keras.layers.UpSampling2D(4)(centre)
+    conv = keras.layers.Conv2D(3, 1, activation="softmax", name="classes")
+    out = conv(keras.layers.Concatenate()([up, hi]))
+    kernel = np.concatenate([20.0 * np.eye(3), 1.0 * np.eye(3)]).astype(np.float32)[None, None]
+    conv.set_weights([kernel, np.zeros(3, np.float32)])
+    return keras.Model({"hi": hi, "ctx": ctx}, out, name="context_segmenter")
+
+
+CONTEXT_VIEWS = (View("hi", 10.0, WINDOW), View("ctx", 2.5, WINDOW))
+
+
+@pytest.fixture(scope="module")
+def block_slide(tmp_path_factory):
+    path = make_block_slide(tmp_path_factory.mktemp("blocks") / "blocks.tiff")
+    with Slide(path) as slide:
+        yield slide
+
+
+class Recorder(_BackendBase):
+    """A backend that records its feeds and predicts class 0 everywhere."""
+
+    name, source = "recorder", "recorder"
+
+    def __init__(self, names, out_size: int, classes: int = 2):
+        self.input_names, self.out_size, self.classes, self.feeds = tuple(names), out_size, classes, []
+
+    def predict(self, inputs):
+        self.feeds.append(inputs)
+        first = inputs if isinstance(inputs, np.ndarray) else next(iter(inputs.values()))
+        out = np.zeros((len(first), self.out_size, self.out_size, self.classes), np.float32)
+        out[..., 0] = 1.0
+        return out
+
+
+# ---------------------------------------------------------------------------- geometry
+def test_window_grid_over_tissue_of_a_non_square_slide(tmp_path):
+    path = make_slide(tmp_path / "s.tiff", size=(2560, 1536), tissue=(512, 256, 1024, 512),
+                      compression=None)
+    with Slide(path) as slide:
+        grid = window_grid(slide, magnification=10, size=64)
+        assert grid.downsample == 4 and grid.grid_shape == (6, 10) and grid.extent == (2560, 1536)
+        # the tissue block spans level-0 x 512..1536, y 256..768: cells cols 2..5, rows 1..2
+        assert sorted(map(tuple, grid.cells)) == [(r, c) for r in (1, 2) for c in range(2, 6)]
+        np.testing.assert_array_equal(grid.centres, grid.cells[:, ::-1] * 256 + 128)
+        overlapping = window_grid(slide, magnification=10, size=64, stride=32)
+        assert overlapping.grid_shape == (12, 20)
+        np.testing.assert_array_equal(overlapping.top_left, overlapping.cells * 32 - 16)
+        raster = sliding_segmentation(slide, Recorder(["image"], 64), [View("image", 10, 64)], progress=False)
+    assert raster.shape == (384, 640) and raster.downsample == 4 and raster.extent == (2560, 1536)
+    covered = np.zeros((384, 640), bool)
+    covered[64:192, 128:384] = True  # the tissue cells, in raster px
+    np.testing.assert_array_equal(raster.covered, covered)
+
+
+def test_raster_helpers_keep_the_aspect_ratio():
+    probs = np.zeros((3, 5, 2), np.float32)
+    probs[..., 1] = np.arange(5) / 4.0  # class 1 wins where it is > 0.5
+    probs[..., 0] = 1.0 - probs[..., 1]
+    covered = np.ones((3, 5), bool)
+    covered[0, 0] = False
+    raster = Raster(probs, 8.0, (40, 20), covered)  # 20 / 8 -> 3 rows, 40 / 8 -> 5 cols
+    labels = raster.label_map(fill=-1)
+    np.testing.assert_array_equal(labels[1], [0, 0, 0, 1, 1])  # a tie (0.5, 0.5) -> class 0
+    assert labels[0, 0] == -1
+    half = raster.resized(4.0)
+    assert half.shape == (5, 10) and half.downsample == 4.0 and half.extent == (40, 20)
+    part = raster.crop(8, 8, 16, 8)
+    assert part.shape == (1, 2) and part.extent == (16, 8)
+    np.testing.assert_array_equal(part.probs, probs[1:2, 1:3])
+    assert raster_shape((41, 20), 8.0) == (3, 6)
+    with pytest.raises(ConfigError):
+        Raster(np.zeros((3, 5)), 1.0, (5, 3))
+
+
+# ---------------------------------------------------------------------------- blending
+def test_blend_weights_and_stitching_by_hand():
+    np.testing.assert_allclose(blend_weights(4, "tent")[1], 0.75 * np.array([0.25, 0.75, 0.75, 0.25]))
+    np.testing.assert_array_equal(blend_weights(4, "centre", keep=2)[1], [0, 1, 1, 0])
+    np.testing.assert_array_equal(blend_weights(4, "centre")[0], [1, 1, 1, 1])
+    with pytest.raises(ConfigError):
+        blend_weights(4, "median")
+    ones, zeros = np.ones((4, 4, 1), np.float32), np.zeros((4, 4, 1), np.float32)
+
+    tent = Stitcher((4, 6), 1, blend_weights(4, "tent"))
+    tent.add((0, 0), ones)
+    tent.add((0, 2), zeros)
+    probs, covered = tent.result()
+    # column 2: 1 with weight 0.75, 0 with weight 0.25 -> 0.75; column 3: 0.25
+    np.testing.assert_allclose(probs[..., 0], np.tile([1, 1, 0.75, 0.25, 0, 0], (4, 1)), atol=1e-6)
+    assert covered.all()
+
+    centre = Stitcher((4, 6), 1, blend_weights(4, "centre", keep=2))
+    centre.add((0, 0), ones)
+    centre.add((0, 2), zeros)
+    probs, covered = centre.result()
+    np.testing.assert_array_equal(covered[1], [False, True, True, True, True, False])
+    np.testing.assert_array_equal(probs[1, :, 0], [0, 1, 1, 0, 0, 0])
+    corner = Stitcher((4, 6), 1, blend_weights(4, "centre", keep=2))
+    corner.add((-1, 4), ones)  # kept rows -> raster 0..1, kept cols -> 5..6: only (0..1, 5) inside
+    probs, covered = corner.result()
+    assert covered.sum() == 2 and covered[0, 5] and covered[1, 5] and probs[0, 5, 0] == 1
+
+
+# ---------------------------------------------------------------------------- whole slides
+@pytest.mark.parametrize("blend,stride", [("centre", None), ("tent", 32)])
+def test_a_colour_model_reproduces_the_known_class_map(block_slide, blend, stride):
+    from h2g.inference.backends import KerasBackend
+
+    timings: dict = {}
+    raster = sliding_segmentation(block_slide, KerasBackend(colour_segmenter()), [View("image", 10, WINDOW)],
+                                  stride=stride, blend=blend, batch_size=8, progress=False, timings=timings)
+    assert raster.shape == (384, 768) and raster.downsample == 4 and raster.extent == SIZE
+    want = expected_labels(4)
+    tissue = want >= 0
+    assert raster.covered[tissue].all()
+    if blend == "centre":  # each window over tissue covers its own cell only
+        np.testing.assert_array_equal(raster.covered, tissue)
+        assert timings["windows"] == 6 * 10
+    else:
+        assert timings["windows"] == 12 * 20
+    np.testing.assert_array_equal(raster.label_map()[tissue], want[tissue])
+    # a per-pixel model: any blend of its predictions is its prediction
+    expected_probs = softmax(20.0 * COLOURS[want[tissue]] / 255.0)
+    np.testing.assert_allclose(raster.probs[tissue], expected_probs, atol=1e-5)
+    assert set(timings) >= {"tissue", "reading", "inference", "waiting", "window_pipeline", "stitching"}
+
+
+def test_multi_view_feeds_are_co_centred(block_slide):
+    from h2g.inference.backends import KerasBackend
+
+    raster = sliding_segmentation(block_slide, KerasBackend(context_segmenter()), CONTEXT_VIEWS,
+                                  batch_size=4, progress=False)
+    want = expected_labels(4)
+    tissue = want >= 0
+    np.testing.assert_array_equal(raster.label_map()[tissue], want[tissue])
+
+
+def test_reflection_padded_window_at_the_slide_border(tmp_path):
+    path = make_slide(tmp_path / "noise.tiff", size=(256, 192), pattern="noise", compression=None,
+                      downsamples=(1,))
+    from synthetic import slide_image
+
+    image = slide_image((256, 192), "noise")
+    recorder = Recorder(["image"], 32)
+    with Slide(path) as slide:
+        raster = sliding_segmentation(slide, recorder, [View("image", 40, 32)], stride=16, progress=False)
+    assert raster.shape == (192, 256) and raster.downsample == 1
+    first = recorder.feeds[1][0]  # feeds[0] is the shape probe; window of cell (0, 0)
+    # the window spans level-0 -8..24: 8 px beyond the top and left edges, mirrored
+    expected = np.pad(image[:24, :24], ((8, 0), (8, 0), (0, 0)), mode="reflect").astype(np.float32) / 255
+    np.testing.assert_allclose(first, expected, atol=1e-6)
+
+
+def test_views_must_match_the_model_inputs(block_slide):
+    with pytest.raises(ExportError, match="are not the views"):
+        sliding_segmentation(block_slide, Recorder(["a", "b"], 64), CONTEXT_VIEWS, progress=False)
+    with pytest.raises(ConfigError, match="whole number"):
+        sliding_segmentation(block_slide, Recorder(["image"], 32), [View("image", 10, 64)], stride=33,
+                             progress=False)
