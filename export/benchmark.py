@@ -22,12 +22,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from h2g.core.cli import run_cli
+from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.export.deploy import add_pipeline_arguments, pipeline_backends
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_verbose_argument(p)
     p.add_argument("--slide", type=Path, required=True)
     add_pipeline_arguments(p)
     p.add_argument("--repeats", type=int, default=10)

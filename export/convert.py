@@ -18,13 +18,15 @@ import json
 import sys
 from pathlib import Path
 
-from h2g.core.cli import run_cli
+from h2g.core.cli import add_verbose_argument, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from h2g.export.conversion import DEFAULT_OPSET, TOLERANCE
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    add_verbose_argument(p)
     p.add_argument("paths", nargs="+", type=Path, help="run folders and/or .keras files")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: next to each model)")
     p.add_argument("--fp16", action="store_true", help="also write FP16-compressed OpenVINO IR")
@@ -57,4 +59,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    sys.exit(run_cli(main, tensorflow=True))

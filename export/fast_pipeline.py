@@ -20,13 +20,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from h2g.core.cli import run_cli
+from h2g.core.cli import add_verbose_argument, run_cli
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from h2g.export.fast import FAST_ENGINES
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    add_verbose_argument(p)
     p.add_argument("--patch-model", type=Path, required=True, help="patch classifier (.onnx or .xml)")
     p.add_argument("--refine-model", type=Path, required=True, help="refinement network (.onnx or .xml)")
     p.add_argument("--out", type=Path, default=Path("h2g_net.fpl"), help="pipeline file to write")

@@ -27,7 +27,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from h2g.core.cli import run_cli
+from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import ConfigError
 from h2g.export.deploy import add_pipeline_arguments
 
@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from h2g.inference.sliding import BLENDS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    add_verbose_argument(p)
     p.add_argument("inputs", nargs="*", type=Path,
                    help="exported models (.onnx / .xml); in the older form, the slide")
     p.add_argument("--slide", type=Path, default=None, help="whole-slide image (any format OpenSlide reads)")

@@ -2,7 +2,7 @@
 
 Import from tests as ``from synthetic import make_slide, make_mask, ...`` (pytest puts
 ``tests/`` on ``sys.path``).  Slides are pyramidal TIFFs written with
-:func:`h2g.pyramid.write_pyramid`, which OpenSlide opens as ``generic-tiff``.
+:func:`h2g.io.pyramid.write_pyramid`, which OpenSlide opens as ``generic-tiff``.
 
 Patterns (``slide_image(size, pattern)``):
 

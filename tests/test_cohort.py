@@ -1,5 +1,5 @@
 """The synthetic cohort (h2g.cohort, tools/make_cohort.py) and the streaming pyramid
-writer it uses (h2g.pyramid.write_pyramid_tiles)."""
+writer it uses (h2g.io.pyramid.write_pyramid_tiles)."""
 from __future__ import annotations
 
 import filecmp

@@ -1,5 +1,5 @@
 """tools/inspect_slide.py: as users run it (a subprocess from the repository root) and,
-for the quick cases, in process through the same h2g.cli.run_cli wrapper."""
+for the quick cases, in process through the same h2g.core.cli.run_cli wrapper."""
 from __future__ import annotations
 
 import importlib.util

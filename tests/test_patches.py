@@ -1,4 +1,4 @@
-"""h2g.patches: label rules on hand-made masks, area fractions, annotation loading."""
+"""h2g.tiling.grid: label rules on hand-made masks, area fractions, annotation loading."""
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""End to end: designs run through h2g.pipeline / experiments/run.py on a tiny cohort."""
+"""End to end: designs run through h2g.systems.h2g.pipeline / experiments/run.py on a tiny cohort."""
 from __future__ import annotations
 
 import json
@@ -227,3 +227,50 @@ def test_two_epochs_on_the_generated_cohort_beat_chance(tiny_cohort, tmp_path):
     metrics = training.evaluate_classifier(model, held_out)
     assert metrics["n_patches"] == 64
     assert metrics["accuracy"] > 0.75
+
+
+def test_slides_without_annotation_are_reported_not_silently_dropped(tiny_cohort, tmp_path, caplog):
+    """A test slide without an annotation is named in a warning and in metrics.json
+    (``unevaluated_slides``); a training slide without one is left out of refinement with
+    a warning, and a split left with none is a clear error, not a numpy traceback."""
+    import csv
+    import logging
+
+    from h2g.core.errors import ConfigError
+    from h2g.systems.h2g.pipeline import Pipeline
+
+    rows = list(csv.DictReader(tiny_cohort.open()))
+    first_test = next(r["slide_id"] for r in rows if r["split"] == "test")
+    first_train = next(r["slide_id"] for r in rows if r["split"] == "train")
+    for r in rows:
+        for key in ("slide_path", "annotation_path"):
+            if r[key]:
+                r[key] = str((tiny_cohort.parent / r[key]).resolve())
+        if r["slide_id"] in (first_test, first_train):
+            r["annotation_path"] = ""
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    with caplog.at_level(logging.WARNING, logger="h2g"):
+        result = run(resolve(["otsu"]), manifest, tmp_path / "out", tiny_config())["otsu"]
+    assert result["unevaluated_slides"] == [first_test] and result["n_test_slides"] == 1
+    assert any(first_test in r.getMessage() for r in caplog.records)
+
+    pipe = Pipeline(manifest, tmp_path / "out", tiny_config())
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="h2g"):
+        train = pipe.samples("train", None)
+    assert first_train not in [s.slide_id for s in train] and all(s.mask is not None for s in train)
+    assert any(first_train in r.getMessage() for r in caplog.records)
+    for r in rows:
+        if r["split"] == "val":
+            r["annotation_path"] = ""
+    with manifest.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(ConfigError, match="no val slide has an annotation"):
+        Pipeline(manifest, tmp_path / "out2", tiny_config()).samples("val", None)

@@ -30,7 +30,7 @@ P_MIN = 1e-3  # chi-square tolerance: a correct sampler fails 1 in 1000 seeds
 
 
 def fake_grid(n_non_tumour: int, n_tumour: int, n_unlabelled: int = 0, offset: int = 0):
-    """A patch grid stand-in: ``coords`` / ``labels`` as :class:`h2g.patches.PatchGrid`
+    """A patch grid stand-in: ``coords`` / ``labels`` as :class:`h2g.tiling.grid.PatchGrid`
     has them; x = (offset + patch number) * 256 makes every patch of a cohort unique."""
     labels = np.array([0] * n_non_tumour + [1] * n_tumour + [-1] * n_unlabelled, np.int8)
     x = (offset + np.arange(len(labels))) * 256
@@ -294,7 +294,7 @@ def slide_sources(tmp_path_factory):
 
 
 def expected_patch(source, x, y):
-    """The 10x patch computed without h2g.wsi: OpenSlide's level 1 for the 40x slide
+    """The 10x patch computed without h2g.io.slide: OpenSlide's level 1 for the 40x slide
     (white beyond the slide's edge), the cell's flat colour for the checker."""
     from synthetic import cell_colour
 

@@ -1,4 +1,4 @@
-"""Macenko stain estimation and augmentation (h2g.stain)."""
+"""Macenko stain estimation and augmentation (h2g.data.stain)."""
 from __future__ import annotations
 
 import colorsys

@@ -56,3 +56,20 @@ def test_cli_bad_override_is_one_clear_line(tmp_path):
 def test_cli_needs_a_design_or_a_system():
     proc = _cli()
     assert proc.returncode == 2 and "--design" in proc.stderr
+
+
+def _tf_cli(*args):
+    code = ("import sys\nfrom h2g.core.cli import run_cli\n"
+            "def main(argv):\n    import tensorflow as tf\n    print(int(tf.reduce_sum(tf.ones(3))))\n"
+            "sys.exit(run_cli(main, sys.argv[1:], tensorflow=True))\n")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def test_cli_keeps_tensorflow_start_up_lines_quiet_unless_verbose():
+    quiet = _tf_cli()
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "3"
+    assert quiet.stderr.strip() == "", quiet.stderr
+    verbose = _tf_cli("-v")
+    assert verbose.returncode == 0 and verbose.stdout.strip() == "3"
+    assert verbose.stderr.strip() != ""  # TensorFlow's own lines are shown with -v

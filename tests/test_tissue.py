@@ -1,4 +1,4 @@
-"""h2g.tissue against OpenCV (saturation, Otsu), scipy (closing) and on hand-built slides."""
+"""h2g.tiling.tissue against OpenCV (saturation, Otsu), scipy (closing) and on hand-built slides."""
 from __future__ import annotations
 
 import cv2

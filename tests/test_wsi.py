@@ -1,4 +1,4 @@
-"""h2g.wsi: scale maths, reading at a magnification, errors, the handle cache."""
+"""h2g.io.slide: scale maths, reading at a magnification, errors, the handle cache."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor

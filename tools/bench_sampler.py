@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from h2g.core.cli import run_cli
+from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import ConfigError
 
 WARMUP = 3  # pipeline batches not timed: start-up, and the batches in flight at first
@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     from h2g.io.manifest import DEFAULT_MANIFEST
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    add_verbose_argument(parser)
     parser.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
                         help="data manifest (default: the repository's data_manifest.csv)")
     parser.add_argument("--split", default="train", help="manifest split to sample (default train)")

@@ -6,6 +6,8 @@
   to cuInit", NodeDef or CPU-feature lines between the package's progress bars) - it must
   run before TensorFlow is imported, which the CLIs do lazily.  A value the user set in
   the environment is kept.
+  CLIs that use TensorFlow pass ``tensorflow=True`` so that its C++ start-up lines,
+  which no log level silences in TF 2.21, are swallowed too.
 - :func:`add_verbose_argument`: the ``-v`` option every CLI shares.
 """
 from __future__ import annotations
@@ -29,16 +31,48 @@ def quiet_tensorflow(verbose: bool = False) -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
+def preload_tensorflow_quietly() -> None:
+    """Import TensorFlow and let it probe its devices with the process's stderr (file
+    descriptor 2) sent to a temporary file: TensorFlow 2.21 writes its start-up lines
+    ("All log messages before absl::InitializeLog()", oneDNN and CUDA notices, "failed call
+    to cuInit") from C++ before any log level applies.  An import that fails shows what
+    was captured.  Only for CLIs that use TensorFlow anyway: the deployment CLIs never
+    import it."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            import tensorflow as tf
+
+            tf.config.list_physical_devices()
+        except BaseException:
+            os.dup2(saved, 2)
+            capture.seek(0)
+            sys.stderr.write(capture.read().decode(errors="replace"))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def add_verbose_argument(parser) -> None:
     parser.add_argument(*VERBOSE_FLAGS, dest="verbose", action="store_true",
                         help="also show TensorFlow's own log lines and debug messages")
 
 
-def run_cli(main, argv=None) -> int:
+def run_cli(main, argv=None, *, tensorflow: bool = False) -> int:
     """Run ``main(argv)``; an :class:`H2GError` becomes exit code 2 and its message on
-    stderr without a traceback.  Returns the exit code (``main``'s return or 0)."""
+    stderr without a traceback.  Returns the exit code (``main``'s return or 0).
+    ``tensorflow=True`` (CLIs that train or convert) preloads TensorFlow quietly unless
+    ``-v`` is given (:func:`preload_tensorflow_quietly`)."""
     args = sys.argv[1:] if argv is None else argv
-    quiet_tensorflow(verbose=any(a in VERBOSE_FLAGS for a in args))
+    verbose = any(a in VERBOSE_FLAGS for a in args)
+    quiet_tensorflow(verbose=verbose)
+    if tensorflow and not verbose and not any(a in ("-h", "--help") for a in args):
+        preload_tensorflow_quietly()
     try:
         code = main(argv)
     except H2GError as exc:

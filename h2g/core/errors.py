@@ -2,7 +2,7 @@
 
 Every error a user can cause (a bad file, a bad manifest, a bad option) is an
 ``H2GError`` whose message names the file and the problem.  Command-line tools turn
-these into exit code 2 and a single line on stderr (see :func:`h2g.cli.run_cli`);
+these into exit code 2 and a single line on stderr (see :func:`h2g.core.cli.run_cli`);
 anything else is a bug and may show a traceback.
 """
 from __future__ import annotations

@@ -63,7 +63,7 @@ class RefinementAugmentConfig:
     Zoom scales about the image centre by a factor in ``zoom`` (image and heatmap
     bilinear, mask nearest); zooming out fills the border with white glass in the image
     and zero in the heatmap and mask.  Stain augmentation (image only) is
-    :func:`h2g.stain.stain_augment` with ``stain_sigma1`` / ``stain_sigma2``.
+    :func:`h2g.data.stain.stain_augment` with ``stain_sigma1`` / ``stain_sigma2``.
     """
 
     p_hflip: float = 0.5

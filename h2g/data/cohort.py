@@ -22,7 +22,7 @@ How a slide is drawn:
   density taken from the structure.
 
 Everything is a pure function of the position and the slide's seed, so the slide is
-rendered tile row by tile row (:func:`h2g.pyramid.write_pyramid_tiles`) with bounded
+rendered tile row by tile row (:func:`h2g.io.pyramid.write_pyramid_tiles`) with bounded
 memory at any size, and the same seed gives byte-identical files.
 """
 from __future__ import annotations
@@ -763,7 +763,7 @@ def ensure_cohort(manifest_path=DEFAULT_MANIFEST, seed: int = 0) -> Path:
 
     A manifest that is exactly a preset's (:func:`manifest_text`) gets its missing
     slides generated into its folder from ``seed``; any other manifest with missing
-    files raises the :class:`~h2g.errors.ManifestError` of :func:`load_manifest`."""
+    files raises the :class:`~h2g.core.errors.ManifestError` of :func:`load_manifest`."""
     manifest_path = Path(manifest_path)
     manifest = load_manifest(manifest_path, check_files=False)
     files = [p for r in manifest for p in (r.slide_path, r.annotation_path) if p is not None]

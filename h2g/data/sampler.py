@@ -14,7 +14,7 @@ number for number.  The grade is just one attribute stage: a manifest without gr
 balances with ``("slide", "class", "patch")`` or on any other manifest column.
 
 - :class:`SampleSource` is one slide ready for sampling: its id, path, mpp override,
-  manifest attributes (grade, split, ...) and :class:`~h2g.patches.PatchGrid`.
+  manifest attributes (grade, split, ...) and :class:`~h2g.tiling.grid.PatchGrid`.
   :func:`build_sources` makes them from manifest records.
 - :class:`HierarchicalSampler` holds the tree.  Its stages are attribute names of the
   sources followed by ``"slide"``, ``"class"``, ``"patch"``, so a caller balances on
@@ -29,7 +29,7 @@ balances with ``("slide", "class", "patch")`` or on any other manifest column.
   state persists (it would not in ``tf.numpy_function``'s own short-lived thread states).
 
 Memory stays bounded: the sampler holds patch coordinates only, and the readers share
-one OpenSlide handle per slide through :func:`h2g.wsi.open_slide`'s module-level cache.
+one OpenSlide handle per slide through :func:`h2g.io.slide.open_slide`'s module-level cache.
 TensorFlow is imported by :func:`patch_dataset` only; the rest works without it.
 """
 from __future__ import annotations
@@ -188,7 +188,7 @@ class HierarchicalSampler:
     ``class_weights`` (by class name, or a sequence in class order; non-negative)
     renormalised over the classes the chosen slide has.
 
-    Raises :class:`~h2g.errors.SamplerError` when there are no sources, a stage names an
+    Raises :class:`~h2g.core.errors.SamplerError` when there are no sources, a stage names an
     attribute a source lacks, a source has no labelled patch or a label outside the
     class table, no source has patches of some class the class stage needs, or a slide
     has only classes of weight 0."""

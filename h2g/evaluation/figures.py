@@ -1,4 +1,6 @@
-"""(split from h2g.evaluation; docstring to write)"""
+"""Figures of a run: example segmentations beside their ground truth (``figure_grid``)
+and the Dice box plot per design (``dice_boxplot``).  matplotlib through
+``matplotlib.figure.Figure`` (Agg), never pyplot's global state."""
 from __future__ import annotations
 
 from pathlib import Path

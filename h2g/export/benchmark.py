@@ -1,4 +1,7 @@
-"""(split from h2g.deploy; docstring to write)"""
+"""The runtime benchmark (the paper's Table 3): full-slide inference stage by stage
+(tissue detection, patch reading, patch inference, stitching, refinement), repeats with
+mean and sd, read-only and inference-only times, pipeline efficiency, peak memory and
+the engine setup, as JSON and Markdown.  TensorFlow-free."""
 from __future__ import annotations
 
 import platform

@@ -2,7 +2,7 @@
 benchmark the pipeline (the paper's Table 3), and describe it as a FAST text pipeline.
 
 Everything here runs in a venv with only ONNX Runtime or OpenVINO (``pip install
-'h2g[deploy]'``); the models run through :mod:`h2g.inference`'s backends, the same core
+'h2g[deploy]'``); the models run through :mod:`h2g.inference.backends`'s backends, the same core
 that makes the training-time heatmaps.
 
 Outputs of :func:`write_outputs` (``S`` = the refinement size, 1024 by default):
@@ -141,7 +141,7 @@ def _binarise(prob: np.ndarray, threshold: float, source: str) -> np.ndarray:
 def segment(slide, patch_backend: Backend, refine_backend: Backend, *, size: int = 1024,
             magnification: float = 10, patch_size: int = 256, batch_size: int = 32,
             readers: int = 2, threshold: float = 0.5, tissue=None, progress: bool = True) -> Segmentation:
-    """The H2G-Net pipeline on ``slide``: heatmap (:func:`h2g.inference.slide_heatmap`),
+    """The H2G-Net pipeline on ``slide``: heatmap (:func:`h2g.inference.heatmap.slide_heatmap`),
     refinement inputs, refinement, ``prob > threshold``.  ``timings`` holds seconds per
     stage: tissue, reading, inference, waiting, patch_pipeline, stitching, refinement,
     total.  A slide with no patch over tissue is not refined: a warning, an all-zero

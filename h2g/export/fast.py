@@ -1,4 +1,6 @@
-"""(split from h2g.deploy; docstring to write)"""
+"""FAST (FastPathology) as a peer: H2G-Net written as a FAST text pipeline (.fpl), batch-1
+OpenVINO copies for FAST's engine, and FAST's patch-wise stage timed through its Python
+API for the runtime comparison.  TensorFlow-free; pyfast is optional."""
 from __future__ import annotations
 
 import time

@@ -94,7 +94,7 @@ class Heatmap:
 
     probs: np.ndarray  # (rows, cols) float32
     step: int  # level-0 px per cell
-    tissue: object | None = None  # h2g.tissue.TissueMask
+    tissue: object | None = None  # h2g.tiling.tissue.TissueMask
     n_patches: int = 0
 
     @property
@@ -112,7 +112,7 @@ def _tumour_column(out: np.ndarray, backend) -> np.ndarray:
 def slide_heatmap(slide, backend: Backend, *, tissue=None, magnification: float = 10,
                   patch_size: int = 256, tissue_threshold: float = 0.25, batch_size: int = 32, readers: int = 2,
                   progress: bool = True, timings: dict | None = None) -> Heatmap:
-    """The tumour heatmap of ``slide``: tissue mask (:func:`h2g.tissue.detect_tissue`
+    """The tumour heatmap of ``slide``: tissue mask (:func:`h2g.tiling.tissue.detect_tissue`
     unless given) -> grid of non-overlapping ``patch_size`` patches at ``magnification``
     over tissue -> batches read by ``readers`` threads while ``backend`` predicts ->
     each patch's class-1 probability in its grid cell.

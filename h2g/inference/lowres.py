@@ -1,4 +1,8 @@
-"""(split from h2g.inference; docstring to write)"""
+"""H2G-Net's refinement stage inputs and prediction, for training and deployment alike:
+the lowest pyramid level with at least ``size`` px a side resized to ``size`` x ``size``
+(:func:`refinement_inputs`), the patch heatmap placed on the slide's level-0 extent
+(:func:`heatmap_raster`), and the refinement network run through a backend
+(:func:`refine`).  TensorFlow-free."""
 from __future__ import annotations
 
 import numpy as np

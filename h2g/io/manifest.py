@@ -12,7 +12,7 @@ The classes of the annotation masks come from the class table beside the manifes
 ``<manifest stem>.classes.csv`` (see :mod:`h2g.io.classes`); without one they are the
 binary tumour masks of H2G-Net (:data:`h2g.io.classes.BINARY`).
 
-:func:`load_manifest` checks every row and raises one :class:`~h2g.errors.ManifestError`
+:func:`load_manifest` checks every row and raises one :class:`~h2g.core.errors.ManifestError`
 listing every problem it found, each as ``(file, row, column, problem)``.
 """
 from __future__ import annotations
@@ -178,7 +178,7 @@ def load_manifest(path, check_files: bool = True, classes=None) -> Manifest:
     Every row is checked (missing column, empty or duplicate ``slide_id``, grade not in
     1..3, split not in train/val/test, bad ``mpp`` and, unless ``check_files`` is false,
     slide or annotation files that do not exist); all problems are raised together in
-    one :class:`~h2g.errors.ManifestError`.  ``classes`` (a
+    one :class:`~h2g.core.errors.ManifestError`.  ``classes`` (a
     :class:`~h2g.io.classes.ClassTable` or the path of a class table CSV) overrides the
     sidecar ``<stem>.classes.csv``; with neither, the classes are binary."""
     path = Path(path)

@@ -12,7 +12,7 @@ the file gives an objective power.
 Regions are read from the nearest finer pyramid level and resized with an area (box)
 filter, so a 256 x 256 patch at 10x is right on a pyramid without a 10x level.
 Transparent pixels (outside the scanned area, or padding beyond the slide's edge) become
-white, like glass.  Every OpenSlide failure becomes a :class:`h2g.errors.SlideError`
+white, like glass.  Every OpenSlide failure becomes a :class:`h2g.core.errors.SlideError`
 naming the file.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ so any counts fit together); ``width=1`` is Keras' model unchanged.  Minimum
 
 ``weights="imagenet"`` loads the Keras application's no-top weights file from Keras'
 cache (``$KERAS_HOME/models`` or ``~/.keras/models``) without ever trying to download
-it; when the file is not there, :class:`~h2g.errors.ModelError` says which file to put
+it; when the file is not there, :class:`~h2g.core.errors.ModelError` says which file to put
 where.
 """
 from __future__ import annotations

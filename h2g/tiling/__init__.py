@@ -1,1 +1,2 @@
-"""(package docstring to write)"""
+"""Where on a slide to look: tissue detection, labelled patch grids and sliding-window
+grids.  TensorFlow-free."""

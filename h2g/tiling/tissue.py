@@ -63,7 +63,7 @@ def detect_tissue(
     saturation_threshold: int = 20,
     closings: Sequence[int] = (5, 3),
 ) -> TissueMask:
-    """The paper's tissue detector on ``slide`` (an :class:`h2g.wsi.Slide`) read at
+    """The paper's tissue detector on ``slide`` (an :class:`h2g.io.slide.Slide`) read at
     ``magnification``: saturation > ``saturation_threshold``, then a closing with each
     square size in ``closings`` in turn."""
     image = slide.read_magnification(magnification)

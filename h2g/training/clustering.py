@@ -21,7 +21,7 @@ Pluggability: nothing downstream depends on VGG16 or k-means.  A *feature extrac
 any Keras model mapping patches ``(B, H, W, 3)`` float32 in [0, 1] to ``(B, D)`` features
 (it can replace VGG16 in :func:`fit_clusterer` and :func:`build_cluster_model`).  A
 *cluster model* is any Keras model mapping patches to ``(B,)`` integer ids in
-``[0, n_clusters)``; the CWCE loss and its training wrapper (:mod:`h2g.losses`) and the
+``[0, n_clusters)``; the CWCE loss and its training wrapper (:mod:`h2g.training.losses`) and the
 trainer (:mod:`h2g.training`) only use that contract.  They find ``n_clusters`` with
 :func:`n_clusters_of` (any layer with an integer ``n_clusters`` attribute) or are told it.
 """

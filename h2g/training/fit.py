@@ -260,7 +260,7 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
 
 def evaluate_classifier(model: keras.Model, val_data: tf.data.Dataset) -> dict[str, float]:
     """Patch-level metrics of a classifier (or the classifier inside a
-    :class:`h2g.losses.ClusterGuided`) over ``val_data`` yielding ``(patches, one-hot
+    :class:`h2g.training.losses.ClusterGuided`) over ``val_data`` yielding ``(patches, one-hot
     labels)``: mean categorical cross-entropy ``loss``, ``accuracy``, and tumour (class
     1) ``recall``/``precision`` of the arg-max prediction, plus ``n_patches``."""
     from sklearn.metrics import (

@@ -3,13 +3,13 @@ the training wrapper that feeds it cluster ids, and a soft Dice loss for refinem
 
 CWCE in ``model.fit``: Keras losses see only ``(y_true, y_pred)``, so the cluster ids
 travel inside ``y_pred``.  :func:`cluster_guided` wraps a classifier and a frozen cluster
-model (:mod:`h2g.clustering`) into a :class:`ClusterGuided` model whose output packs
+model (:mod:`h2g.training.clustering`) into a :class:`ClusterGuided` model whose output packs
 ``[class probabilities (B, C), one-hot cluster (B, K)]`` into one ``(B, C + K)`` tensor
 (the cluster branch is frozen and behind ``stop_gradient``); :class:`CWCELoss` unpacks
 it.  The trainable variables of the wrapper are exactly the classifier's, so optimiser
 state and gradient accumulation are unaffected, and :func:`unwrap_classifier` gives the
 plain classifier back for saving, inference and export.  Importing this module imports
-:mod:`h2g.clustering`, which registers the cluster layers, so saved cluster models and
+:mod:`h2g.training.clustering`, which registers the cluster layers, so saved cluster models and
 wrappers load with ``keras.models.load_model``.
 
 The paper does not name the loss of its refinement networks; the package offers plain
@@ -126,7 +126,7 @@ def cluster_guided(classifier: keras.Model, cluster_model: keras.Model,
                    n_clusters: int | None = None) -> ClusterGuided:
     """Wrap ``classifier`` (patches -> (B, C) probabilities) and a cluster model (patches
     -> (B,) int ids) for training with :class:`CWCELoss`.  ``n_clusters`` defaults to
-    :func:`h2g.clustering.n_clusters_of` the cluster model."""
+    :func:`h2g.training.clustering.n_clusters_of` the cluster model."""
     if n_clusters is None:
         n_clusters = n_clusters_of(cluster_model)
         if n_clusters is None:
