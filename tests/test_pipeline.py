@@ -58,53 +58,6 @@ def test_designs_share_the_stages_they_have_in_common(smoke_run):
     assert count == {"cluster": 1, "classifier": 3, "heatmaps": 3, "refiner": 5}
 
 
-def _trained_refiner_config():
-    """The tiny config with a refiner trained long enough to learn (2 epochs do not):
-    only the refine section changes, so the classifier and heatmaps are reused."""
-    import dataclasses
-
-    c = tiny_config()
-    return c.replace(refine=dataclasses.replace(c.refine, epochs=12, patience=12, steps_per_epoch=6))
-
-
-@pytest.fixture(scope="module")
-def refined_run(smoke_run, tiny_cohort):
-    out, _ = smoke_run
-    return out, run(resolve(["otsu", "mob_pw_unet"]), tiny_cohort, out, _trained_refiner_config())
-
-
-def test_refined_design_beats_otsu(refined_run):
-    _, results = refined_run
-    assert results["mob_pw_unet"]["dice_mean"] > results["otsu"]["dice_mean"]
-
-
-def test_refinement_uses_the_heatmap(refined_run, tiny_cohort):
-    """Mob-PW-UNet's refiner given all-zero heatmaps scores lower than with the real ones
-    (Dice by sklearn on the test slides' masks)."""
-    from sklearn.metrics import f1_score
-
-    from h2g.inference.backends import KerasBackend
-    from h2g.inference.lowres import refine
-    from h2g.systems.h2g.pipeline import Pipeline
-    from h2g.systems.registry import get_design
-
-    out, _ = refined_run
-    pipe = Pipeline(tiny_cohort, out, _trained_refiner_config())
-    design = get_design("mob_pw_unet")
-    samples = pipe.samples("test", pipe.heatmap_stage(pipe.classifier_stage(design)))
-    backend = KerasBackend(out / "mob_pw_unet" / "models" / "refiner.keras")
-
-    def mean_dice(zero: bool) -> float:
-        scores = []
-        for s in samples:
-            heat = np.zeros_like(s.heatmap) if zero else s.heatmap
-            pred = refine(backend, s.image, heat) > 0.5
-            scores.append(f1_score(s.mask.ravel(), pred.ravel(), zero_division=0))
-        return float(np.mean(scores))
-
-    assert mean_dice(zero=False) > mean_dice(zero=True)
-
-
 def test_otsu_segments_all_tissue(smoke_run):
     """Otsu finds tissue, not tumour: it catches (almost) all tumour at low precision."""
     _, results = smoke_run
