@@ -40,6 +40,17 @@ def write_text(target, text: str) -> Path:
     return replace_atomically(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def save_npy(target, array) -> Path:
+    """``np.save`` of ``array`` at ``target`` (a ``.npy`` path)."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a file object: numpy would append .npy to the name
+            np.save(fh, array)
+
+    return replace_atomically(target, write)
+
+
 def save_npz(target, **arrays) -> Path:
     """``np.savez_compressed`` of ``arrays`` at ``target`` (a ``.npz`` path)."""
     import numpy as np

@@ -29,15 +29,12 @@ import numpy as np
 
 from h2g.core.errors import ConfigError
 from h2g.data.views import View, read_view, read_views
+from h2g.io.classes import IGNORE  # label of unlabelled pixels in pixel targets
 
 if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
     from h2g.data.sampler import SampleSource
     from h2g.io.annotation import Annotation
     from h2g.io.slide import Slide
-
-#: Label of unlabelled pixels in pixel targets (the class table's ``ignore`` value,
-#: ``h2g.io.annotation.IGNORE``; kept here so reading needs no annotation module).
-IGNORE = 255
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -53,8 +53,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
 log = logging.getLogger(__name__)
 
 # The binary default, for modules that still assume it; use HierarchicalSampler.n_classes.
-CLASS_NAMES = BINARY.names  # index = label (1 = tumour)
-NUM_CLASSES = BINARY.n_classes
+NUM_CLASSES = BINARY.n_classes  # classes of a sampler stand-in without n_classes (tumour masks)
 DEFAULT_STAGES = ("grade", "slide", "class", "patch")
 TRAIN_STREAM = 0  # seed streams: training and validation batches never share numbers
 VALIDATION_STREAM = 1

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from h2g.core.atomic import replace_atomically, write_json, write_text
+from h2g.core.atomic import save_npy, write_json, write_text
 from h2g.core.errors import ConfigError, ExportError
 from h2g.data.views import View
 from h2g.evaluation.metrics import binarise
@@ -169,21 +169,6 @@ def segment(slide, patch_backend: Backend, refine_backend: Backend, *, size: int
 # --------------------------------------------------------------------------------------
 # Outputs (H2G-Net)
 # --------------------------------------------------------------------------------------
-def overlay_tiff(path, values: np.ndarray, dimensions: tuple[int, int], mpp: float) -> Path:
-    """Write an S x S map of a slide of level-0 ``dimensions`` = (w, h) as a lossless
-    pyramidal TIFF with the slide's aspect ratio (long side S) that overlays the slide
-    (:func:`h2g.io.overlay.write_square_map_tiff`)."""
-    return write_square_map_tiff(path, values, dimensions, mpp)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-
-    return replace_atomically(path, write)
-
-
 def write_outputs(seg: Segmentation, slide, out_dir, extra: dict | None = None) -> dict[str, Path]:
     """Write the segmentation's files (see the module doc) into ``out_dir``, each one
     atomically; ``extra`` is merged into ``summary.json``.  Returns ``{name: path}``."""
@@ -201,11 +186,11 @@ def write_outputs(seg: Segmentation, slide, out_dir, extra: dict | None = None) 
         "geojson": out / "tumour.geojson",
         "summary": out / "summary.json",
     }
-    _save_npy(paths["heatmap_grid"], seg.heatmap.probs)
+    save_npy(paths["heatmap_grid"], seg.heatmap.probs)
     write_grey_png(paths["heatmap_png"], heat)
     write_grey_png(paths["segmentation_png"], seg.mask)
-    overlay_tiff(paths["heatmap_tiff"], heat, slide.dimensions, slide.mpp)
-    overlay_tiff(paths["segmentation_tiff"], seg.mask, slide.dimensions, slide.mpp)
+    write_square_map_tiff(paths["heatmap_tiff"], heat, slide.dimensions, slide.mpp)
+    write_square_map_tiff(paths["segmentation_tiff"], seg.mask, slide.dimensions, slide.mpp)
     write_text(paths["geojson"], json.dumps(tumour_geojson(seg.mask, slide.dimensions)))
     tissue = seg.heatmap.tissue
     summary = {
@@ -328,7 +313,7 @@ def write_raster_outputs(seg: WindowSegmentation, slide, out_dir, extra: dict | 
     paths = {"probabilities": out / "probabilities.npy", "labels_tiff": out / "labels.tiff",
              "labels_png": out / "labels.png", "overlay_png": out / "overlay.png",
              "geojson": out / "classes.geojson", "summary": out / "summary.json"}
-    _save_npy(paths["probabilities"], raster.probs)
+    save_npy(paths["probabilities"], raster.probs)
     write_map_tiff(paths["labels_tiff"], image, mpp, raster.downsample)
     write_png(paths["labels_png"], image)
     for i, cls in enumerate(classes):
