@@ -128,7 +128,7 @@ def test_run_cli_rejects_a_bad_manifest_listing_every_row(tmp_path):
     )
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), "--design", "otsu",
                            "--manifest", str(bad), "--out", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=120)
+                          check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     for fragment in ("missing_a.tiff", "missing_b.tiff", "missing_c.tiff", "grade", "split", "duplicate"):
@@ -227,3 +227,47 @@ def test_slides_without_annotation_are_reported_not_silently_dropped(tiny_cohort
         writer.writerows(rows)
     with pytest.raises(ConfigError, match="no val slide has an annotation"):
         Pipeline(manifest, tmp_path / "out2", tiny_config()).samples("val", None)
+
+
+def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
+    """2|P & T| / (|P| + |T|), written out here rather than taken from h2g.evaluation."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    total = pred.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
+
+
+def test_refinement_beats_otsu_and_uses_the_heatmap(tiny_cohort, tmp_path):
+    """Design VI end to end on the tiny cohort, trained just long enough for the patch
+    classifier to be informative (80 steps) and the refiner to converge (120 steps):
+    the refined segmentation beats Otsu's tissue mask (I) and the heatmap alone (IV),
+    and the same refiner given a zeroed heatmap scores lower than with the real one,
+    so it is the heatmap, not the low-resolution image alone, that it learned from.
+    (Measured at seed 0: VI 0.88, IV 0.66, I 0.54, VI with a zero heatmap 0.67.)"""
+    import keras
+
+    from h2g.systems.h2g.pipeline import PREDICTORS, Pipeline
+    from h2g.systems.registry import get_design
+
+    config = tiny_config().override([
+        "classifier.train_batches=20", "classifier.epochs=4", "classifier.learning_rate=1e-3",
+        "refine.width=0.5", "refine.epochs=40", "refine.patience=40", "refine.steps_per_epoch=3",
+        "refine.learning_rate=1e-2",
+    ])
+    pipe = Pipeline(tiny_cohort, tmp_path, config)
+    design = get_design("mob_pw_unet")
+    heatmaps = pipe.heatmap_stage(pipe.classifier_stage(design))
+    refiner = keras.models.load_model(pipe.refiner_stage(design, heatmaps).dir / "refiner.keras", compile=False)
+    scores = {"refined": [], "zeroed": [], "heatmap": [], "otsu": []}
+    test = pipe.samples("test", None)
+    otsu = dict(zip([s.slide_id for s in test], PREDICTORS["otsu"](test, None)))
+    for s in pipe.samples("test", heatmaps):
+        assert s.mask.any()
+        for name, heat in (("refined", s.heatmap), ("zeroed", np.zeros_like(s.heatmap))):
+            prob = refiner.predict({"image": s.image[None], "heatmap": heat[None]}, verbose=0)[0, ..., 1]
+            scores[name].append(_dice(prob > 0.5, s.mask))
+        scores["heatmap"].append(_dice(s.heatmap[..., 0] > 0.5, s.mask))
+        scores["otsu"].append(_dice(otsu[s.slide_id] > 0.5, s.mask))
+    mean = {k: float(np.mean(v)) for k, v in scores.items()}
+    assert mean["refined"] > mean["otsu"] + 0.1, mean
+    assert mean["refined"] > mean["heatmap"], mean
+    assert mean["zeroed"] < mean["refined"] - 0.05, mean
