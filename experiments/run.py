@@ -4,6 +4,8 @@
     python experiments/run.py --system h2g                    # every H2G-Net design
     python experiments/run.py --design all --preset paper --manifest my_slides.csv --out runs/paper
     python experiments/run.py --design mob_pw_unet --set refine.epochs=5 --set seed=3
+    python experiments/run.py --design mob_pw --strategy mirrored            # all local GPUs
+    TF_CONFIG=... python experiments/run.py --design mob_pw --strategy multiworker   # one per host
 
 Every stage a design needs runs, stage outputs whose declared inputs did not change are
 reused, and ``OUT/NAME/metrics.json`` and ``config.json`` plus tables and figures are
@@ -36,6 +38,11 @@ def parse_args(argv):
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config value, e.g. refine.epochs=5 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue interrupted training stages")
+    p.add_argument("--strategy", default="none", choices=["none", "mirrored", "multiworker"],
+                   help="tf.distribute strategy for training: mirrored (all local GPUs, or --replicas logical "
+                        "CPUs), multiworker (from TF_CONFIG; the chief writes OUT, the others OUT/_workers/)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="mirrored: how many devices (default: every GPU, or 2 logical CPUs without one)")
     add_verbose_argument(p)
     args = p.parse_args(argv)
     if not args.design and not args.system:
@@ -49,19 +56,23 @@ def main(argv=None) -> int:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from h2g.io.manifest import load_manifest
 
+    from h2g.training import distribute
+
     chosen = registry.resolve(args.design, system=args.system)
     config = load_config(args.preset, seed=args.seed).override(args.overrides)
+    strategy = distribute.make_strategy(args.strategy, args.replicas)  # before anything runs on TensorFlow
     if args.manifest.resolve() == DEFAULT_MANIFEST.resolve():
         from h2g.data.cohort import ensure_cohort
 
         ensure_cohort(args.manifest, seed=0)
     load_manifest(args.manifest)  # every bad row, before any work starts
-    results = registry.run(chosen, args.manifest, args.out, config, resume=args.resume)
+    out = distribute.worker_folder(args.out, strategy)
+    results = registry.run(chosen, args.manifest, out, config, resume=args.resume, strategy=strategy)
     print(f"\n{'design':<20} {'system':<8} {'recall':>8} {'precision':>10} {'dice':>14}  (binary tumour, test slides)")
     for m in results.values():
         print(f"{m['label']:<20} {m['system']:<8} {m['recall_mean']:>8.3f} {m['precision_mean']:>10.3f} "
               f"{m['dice_mean']:>7.3f} ± {m['dice_sd']:.3f}")
-    print(f"\nresults in {args.out.resolve()}")
+    print(f"\nresults in {out.resolve()}")
     return 0
 
 

@@ -40,6 +40,7 @@ from h2g.data.sampler import (
     TRAIN_STREAM,
     VALIDATION_STREAM,
     Augment,
+    BatchDraw,
     HierarchicalSampler,
 )
 from h2g.data.views import View, check_views
@@ -70,6 +71,31 @@ def each_view(augment: Augment) -> SampleAugment:
     return sample_augment
 
 
+def shard_of(batch: BatchDraw, shard: tuple[int, int] | None) -> BatchDraw:
+    """The ``shard = (index, count)`` part of a drawn global batch: its ``index``-th of
+    ``count`` equal contiguous slices (``None``: the whole batch).  Replicas reading the
+    shards of one batch read disjoint samples whose union, in shard order, is the batch
+    an unsharded reader reads, with the same augmentation seeds."""
+    if shard is None:
+        return batch
+    index, count = shard
+    n = len(batch.labels)
+    if count < 1 or not 0 <= index < count or n % count:
+        raise ConfigError(f"shard {index} of {count}: the batch of {n} samples must split into {count} "
+                          "equal shards (make the global batch size a multiple of the replicas)")
+    part = slice(index * n // count, (index + 1) * n // count)
+    return BatchDraw(batch.slide_index[part], batch.coords[part], batch.labels[part], batch.seeds[part])
+
+
+def _shard_size(batch_size: int, shard: tuple[int, int] | None) -> int:
+    if shard is None:
+        return batch_size
+    if shard[1] < 1 or batch_size % shard[1]:
+        raise ConfigError(f"batch_size {batch_size} does not split into {shard[1]} equal shards "
+                          "(make the global batch size a multiple of the replicas)")
+    return batch_size // shard[1]
+
+
 def _read_in_pool(n: int, read_one: Callable[[int], None], readers: int | None) -> None:
     """``read_one(i)`` for ``i < n`` on the reader pool; re-raises a reader's error."""
     list(reader_pool(readers or available_cores()).map(read_one, range(n)))
@@ -85,14 +111,17 @@ def read_batch(
     readers: int | None = None,
     magnification: float = 10.0,
     patch_size: int = 256,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Batch ``batch_index`` of ``stream`` read (and augmented) on :func:`reader_pool`:
     ``(images (B, S, S, 3) uint8, labels (B,) int32)``; each image is the patch whose
     top-left corner the sampler drew (:func:`~h2g.data.readers.read_patch`).  Patch
     ``i`` is augmented with the ``i``-th seed drawn with the batch, so the result does
-    not depend on ``readers``."""
-    batch = sampler.batch_arrays(batch_index, batch_size, stream)
-    images = np.empty((batch_size, patch_size, patch_size, 3), np.uint8)
+    not depend on ``readers``.  With ``shard``, only that part of the batch is read
+    (:func:`shard_of`)."""
+    batch = shard_of(sampler.batch_arrays(batch_index, batch_size, stream), shard)
+    n = len(batch.labels)
+    images = np.empty((n, patch_size, patch_size, 3), np.uint8)
 
     def read(i: int) -> None:
         source = sampler.sources[batch.slide_index[i]]
@@ -100,7 +129,7 @@ def read_batch(
         image = read_patch(source, int(x), int(y), magnification=magnification, patch_size=patch_size)
         images[i] = image if augment is None else augment(image, int(batch.seeds[i]))
 
-    _read_in_pool(batch_size, read, readers)
+    _read_in_pool(n, read, readers)
     return images, batch.labels
 
 
@@ -116,18 +145,21 @@ def read_samples(
     augment: SampleAugment | None = None,
     readers: int | None = None,
     annotations: Mapping[str, "Annotation"] | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Batch ``batch_index`` of ``stream`` as ``({view name: (B, S, S, 3) uint8},
     target)``, read (and augmented) on :func:`reader_pool`.  Every view of sample ``i``
     is centred on the centre of the grid patch the sampler drew.  ``target="class"``
     gives the patches' labels ``(B,)`` int32; ``target="pixels"`` the label maps
     ``(B, S, S)`` uint8 of ``target_view`` (:func:`~h2g.data.readers.read_label_view`;
-    255 = ignore) from ``annotations[slide_id]``, or the source's ``annotation``."""
+    255 = ignore) from ``annotations[slide_id]``, or the source's ``annotation``.  With
+    ``shard``, only that part of the batch is read (:func:`shard_of`)."""
     views = check_views(views)
     target_spec = _target_view(views, target, target_view)
-    batch = sampler.batch_arrays(batch_index, batch_size, stream)
-    images = {v.name: np.empty((batch_size, v.size, v.size, 3), np.uint8) for v in views}
-    pixels = None if target_spec is None else np.empty((batch_size, target_spec.size, target_spec.size), np.uint8)
+    batch = shard_of(sampler.batch_arrays(batch_index, batch_size, stream), shard)
+    n = len(batch.labels)
+    images = {v.name: np.empty((n, v.size, v.size, 3), np.uint8) for v in views}
+    pixels = None if target_spec is None else np.empty((n, target_spec.size, target_spec.size), np.uint8)
 
     def read(i: int) -> None:
         source = sampler.sources[batch.slide_index[i]]
@@ -144,7 +176,7 @@ def read_samples(
         if pixels is not None:
             pixels[i] = label_map
 
-    _read_in_pool(batch_size, read, readers)
+    _read_in_pool(n, read, readers)
     return images, (batch.labels if pixels is None else pixels)
 
 
@@ -227,6 +259,7 @@ def patch_dataset(
     magnification: float = 10.0,
     patch_size: int = 256,
     prefetch: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of ``(images, labels)`` batches drawn by ``sampler``:
     images ``(batch_size, patch_size, patch_size, 3)`` float32 in [0, 1], labels one-hot
@@ -240,20 +273,26 @@ def patch_dataset(
     Each batch is one stateless ``tf.numpy_function`` call (:func:`read_batch`) whose
     patches are read by ``readers`` threads (default: one per core); two batches are in
     flight so the readers never wait for the next one, and ``prefetch`` batches
-    (default: AUTOTUNE) are kept ready.  Batches are identical whatever ``readers`` is."""
+    (default: AUTOTUNE) are kept ready.  Batches are identical whatever ``readers`` is.
+
+    ``shard = (index, count)``: each element is only the ``index``-th of ``count`` equal
+    slices of the global batch of ``batch_size`` (one replica's part, for
+    :mod:`h2g.training.distribute`); replicas never read the same patches of a batch."""
     import tensorflow as tf
 
     stream = _batch_indices(batch_size, training, start_batch, n_batches, readers)
     n_classes = _n_classes(sampler, None)
+    size = _shard_size(batch_size, shard)
 
     def read(batch_index: int) -> list:
         return list(read_batch(sampler, batch_index, batch_size, stream=stream, augment=augment,
-                               readers=readers, magnification=magnification, patch_size=patch_size))
+                               readers=readers, magnification=magnification, patch_size=patch_size,
+                               shard=shard))
 
     def finish(images, labels):
         return tf.cast(images, tf.float32) / 255.0, tf.one_hot(labels, n_classes, dtype=tf.float32)
 
-    return _dataset(read, [tf.uint8, tf.int32], [[batch_size, patch_size, patch_size, 3], [batch_size]],
+    return _dataset(read, [tf.uint8, tf.int32], [[size, patch_size, patch_size, 3], [size]],
                     finish, start_batch=start_batch, n_batches=n_batches, prefetch=prefetch)
 
 
@@ -272,6 +311,7 @@ def sample_dataset(
     n_classes: int | None = None,
     annotations: Mapping[str, "Annotation"] | None = None,
     prefetch: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> tf.data.Dataset:
     """A ``tf.data.Dataset`` of ``(inputs, target)`` batches drawn by ``sampler``:
     ``inputs`` is ``{view.name: (batch_size, view.size, view.size, 3) float32 in [0, 1]}``
@@ -284,8 +324,9 @@ def sample_dataset(
     from ``annotations[slide_id]`` or the source's ``annotation`` attribute.
 
     ``augment`` (a :data:`SampleAugment`; :func:`each_view` adapts an image augmenter)
-    gets each sample's seed.  Batching, resuming, validation, readers and prefetching
-    are those of :func:`patch_dataset`; batches are identical whatever ``readers`` is."""
+    gets each sample's seed.  Batching, resuming, validation, readers, prefetching and
+    ``shard`` are those of :func:`patch_dataset`; batches are identical whatever
+    ``readers`` is."""
     import tensorflow as tf
 
     views = check_views(views)
@@ -293,11 +334,12 @@ def sample_dataset(
     target_spec = _target_view(views, target, target_view)
     classes = _n_classes(sampler, n_classes)
     names = [v.name for v in views]
+    size = _shard_size(batch_size, shard)
 
     def read(batch_index: int) -> list:
         images, labels = read_samples(sampler, batch_index, batch_size, views, stream=stream, target=target,
                                       target_view=target_view, augment=augment, readers=readers,
-                                      annotations=annotations)
+                                      annotations=annotations, shard=shard)
         return [images[name] for name in names] + [labels]
 
     def finish(*parts):
@@ -306,11 +348,11 @@ def sample_dataset(
             return inputs, tf.one_hot(parts[-1], classes, dtype=tf.float32)
         return inputs, tf.cast(parts[-1], tf.int32)
 
-    shapes = [[batch_size, v.size, v.size, 3] for v in views]
+    shapes = [[size, v.size, v.size, 3] for v in views]
     if target_spec is None:
-        out_types, shapes = [tf.uint8] * len(views) + [tf.int32], shapes + [[batch_size]]
+        out_types, shapes = [tf.uint8] * len(views) + [tf.int32], shapes + [[size]]
     else:
         out_types = [tf.uint8] * len(views) + [tf.uint8]
-        shapes = shapes + [[batch_size, target_spec.size, target_spec.size]]
+        shapes = shapes + [[size, target_spec.size, target_spec.size]]
     return _dataset(read, out_types, shapes, finish, start_batch=start_batch, n_batches=n_batches,
                     prefetch=prefetch)

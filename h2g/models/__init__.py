@@ -86,14 +86,21 @@ def inference_model(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, output, name=model.name)
 
 
+def batchnorm_layers(model: keras.Model) -> list:
+    """Every BatchNormalization layer of ``model``, nested models included."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            found.extend(batchnorm_layers(layer))
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+    return found
+
+
 def set_batchnorm_momentum(model: keras.Model, momentum: float) -> int:
     """Set the moving-average momentum of every BatchNormalization layer in ``model``
     (nested models included); returns how many were changed.  Call before compiling."""
-    changed = 0
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            changed += set_batchnorm_momentum(layer, momentum)
-        elif isinstance(layer, keras.layers.BatchNormalization):
-            layer.momentum = float(momentum)
-            changed += 1
-    return changed
+    layers = batchnorm_layers(model)
+    for layer in layers:
+        layer.momentum = float(momentum)
+    return len(layers)

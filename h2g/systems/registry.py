@@ -34,9 +34,13 @@ class System:
     designs: tuple  # in the paper's order
     runner: str  # "module:function"
 
-    def run(self, designs: Sequence, manifest_path: Path, out: Path, config, resume: bool = False):
+    def run(self, designs: Sequence, manifest_path: Path, out: Path, config, resume: bool = False,
+            strategy=None):
+        """Run ``designs`` of this system; ``strategy`` (a ``tf.distribute`` strategy or
+        None) is given to the system's training stages."""
         module, _, function = self.runner.partition(":")
-        return getattr(importlib.import_module(module), function)(list(designs), manifest_path, out, config, resume)
+        return getattr(importlib.import_module(module), function)(list(designs), manifest_path, out, config, resume,
+                                                                  strategy=strategy)
 
 
 @lru_cache(maxsize=None)
@@ -91,9 +95,11 @@ def resolve(names: str | Sequence[str] = (), system: str | None = None) -> list:
     return [d for d in designs().values() if d.name in wanted]
 
 
-def run(chosen: Sequence, manifest_path: Path, out: Path, config, resume: bool = False) -> dict[str, dict]:
+def run(chosen: Sequence, manifest_path: Path, out: Path, config, resume: bool = False,
+        strategy=None) -> dict[str, dict]:
     """Run designs (of one or several systems); returns metrics by design name.  With
-    more than one design, ``out`` also gets the combined tables and Dice box plot."""
+    more than one design, ``out`` also gets the combined tables and Dice box plot.
+    ``strategy``: a ``tf.distribute`` strategy for every training stage."""
     from h2g.evaluation import figures, tables
 
     results: dict[str, dict] = {}
@@ -101,7 +107,7 @@ def run(chosen: Sequence, manifest_path: Path, out: Path, config, resume: bool =
     for system in systems().values():
         mine = [d for d in chosen if d.system == system.name]
         if mine:
-            got, got_rows = system.run(mine, manifest_path, out, config, resume)
+            got, got_rows = system.run(mine, manifest_path, out, config, resume, strategy=strategy)
             results.update(got)
             rows.extend(got_rows)
     if len(chosen) > 1:

@@ -29,6 +29,11 @@ accumulated: each micro-batch is normalised with its own statistics (B samples, 
 N*B) and the moving mean/variance update after every micro-batch.  CWCE is a per-batch
 loss: under accumulation the update averages the CWCE of each micro-batch.
 
+Distribution: with ``strategy`` (:mod:`h2g.training.distribute`) the model must have
+been built in ``strategy.scope()``; ``train_data(start_batch, shard)`` is then called once
+per replica with that replica's ``shard`` of each global batch, and gradient
+accumulation runs through :class:`~h2g.training.distribute.AccumulatingAdam`.
+
 Determinism: ``fit`` calls ``keras.utils.set_random_seed(seed)`` and (with
 ``deterministic=True``) ``tf.config.experimental.enable_op_determinism()``.  Model
 weights are initialised by the caller: seed before building the model.  Under op
@@ -52,6 +57,7 @@ import tensorflow as tf
 
 from h2g.core.atomic import replace_atomically
 from h2g.core.errors import ConfigError, ModelError
+from h2g.training import distribute
 from h2g.training.losses import unwrap_classifier
 
 BEST, LAST, RNG, STATE, LOG, CURVES = (
@@ -206,7 +212,7 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
         steps_per_epoch: int, learning_rate: float, accumulation_steps: int = 1,
         monitor: str = "val_loss", mode: str = "min", patience: int | None = None,
         resume: bool = False, seed: int = 0, metrics=None, verbose="auto",
-        restore_best: bool = True, deterministic: bool = True) -> FitResult:
+        restore_best: bool = True, deterministic: bool = True, strategy=None) -> FitResult:
     """Train ``model`` with Adam(``learning_rate``) on ``loss`` for ``epochs`` epochs of
     ``steps_per_epoch`` micro-batches, accumulating gradients over ``accumulation_steps``
     micro-batches; see the module docstring for the run folder and data contract.
@@ -218,6 +224,9 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
     ``restore_best`` the model ends with the weights of ``best.keras``.  ``verbose`` is
     passed to Keras (its progress bar).  ``deterministic=False`` skips
     ``enable_op_determinism`` (some GPU kernels have no deterministic version).
+    ``strategy``: a ``tf.distribute`` strategy (see the module docstring); the run folder
+    is written by every process that calls ``fit``: give non-chief workers their own
+    (:func:`h2g.training.distribute.worker_folder`).
     """
     if epochs < 1 or steps_per_epoch < 1 or accumulation_steps < 1:
         raise ConfigError(f"epochs ({epochs}), steps_per_epoch ({steps_per_epoch}) and "
@@ -232,13 +241,12 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-    optimizer = keras.optimizers.Adam(
-        learning_rate=learning_rate,
-        gradient_accumulation_steps=accumulation_steps if accumulation_steps > 1 else None)
-    model.compile(optimizer=optimizer, loss=loss, metrics=metrics)
+    with distribute.scope(strategy):
+        model.compile(optimizer=distribute.adam(learning_rate, accumulation_steps, strategy), loss=loss, metrics=metrics)
 
     if resume and (run_dir / STATE).is_file():
-        state = _restore(model, run_dir)
+        with distribute.scope(strategy):
+            state = _restore(model, run_dir)
     else:  # a fresh run: no stale checkpoint of an earlier run may be resumed later
         for name in (STATE, LAST, RNG, BEST, LOG, CURVES):
             (run_dir / name).unlink(missing_ok=True)
@@ -247,10 +255,22 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
     if start < epochs and not state["stopped"]:
         callbacks = [keras.callbacks.CSVLogger(str(run_dir / LOG), append=start > 0),
                      _Checkpointer(run_dir, state, monitor, mode, patience)]
-        model.fit(dynamic_batch(train_data(start * steps_per_epoch)),
-                  validation_data=None if val_data is None else dynamic_batch(val_data),
-                  epochs=epochs, initial_epoch=start, steps_per_epoch=steps_per_epoch,
-                  callbacks=callbacks, verbose=verbose, shuffle=False)
+        validation = None if val_data is None else dynamic_batch(val_data)
+        if strategy is None:
+            train = dynamic_batch(train_data(start * steps_per_epoch))
+        else:
+            train = distribute.distribute_batches(
+                strategy, lambda shard: dynamic_batch(train_data(start * steps_per_epoch, shard)))
+            if validation is not None:
+                if monitor.startswith("val_") and monitor != "val_loss":
+                    raise ConfigError(f"under a distribution strategy validation reports val_loss only, "
+                                      f"not {monitor!r}")
+                callbacks.insert(0, distribute.ValidationLoss(validation))
+                validation = None
+        with distribute.prebuilt(model, strategy, lambda: dynamic_batch(train_data(0, (0, strategy.num_replicas_in_sync)))):
+            model.fit(train, validation_data=validation,
+                      epochs=epochs, initial_epoch=start, steps_per_epoch=steps_per_epoch,
+                      callbacks=callbacks, verbose=verbose, shuffle=False)
     if restore_best and (run_dir / BEST).is_file():
         model.load_weights(run_dir / BEST)
     return FitResult(run_dir=run_dir, history=read_log(run_dir / LOG),

@@ -53,6 +53,7 @@ class Pipeline:
     out: Path
     config: Config
     resume: bool = False
+    strategy: object = None  # a tf.distribute strategy for the training stages (h2g.training.distribute)
     manifest: Manifest = field(init=False)
 
     def __post_init__(self):
@@ -99,7 +100,15 @@ class Pipeline:
             self._samplers[split] = HierarchicalSampler(sources, stages=c.sampler.stages, seed=seed)
         return self._samplers[split]
 
-    def _patch_data(self, split: str, batch_size: int, *, training: bool, n_batches=None, augment=None, start_batch=0):
+    def _training_stage(self, name: str, sections: tuple[str, ...], *, upstream=None, **params) -> Stage:
+        """A stage that trains a network: its key also names the distribution strategy
+        (nothing for one device, so single-device keys are those of earlier versions)."""
+        from h2g.training import distribute
+
+        return self._stage(name, sections, upstream=upstream, **params, **distribute.describe(self.strategy))
+
+    def _patch_data(self, split: str, batch_size: int, *, training: bool, n_batches=None, augment=None, start_batch=0,
+                    shard=None):
         from h2g.data.dataset import patch_dataset
 
         c = self.config
@@ -113,6 +122,7 @@ class Pipeline:
             readers=c.sampler.readers,
             magnification=c.patches.magnification,
             patch_size=c.patches.patch_size,
+            shard=shard,
         )
 
     # ------------------------------------------------------------------ stages
@@ -142,13 +152,13 @@ class Pipeline:
 
         from h2g import models
         from h2g.data.augment import ClassifierAugmentConfig, classifier_augmenter
+        from h2g.training import distribute, losses
         from h2g.training import fit as training
-        from h2g.training import losses
 
         c = self.config
         cluster = self.cluster_stage() if design.cluster_guided else None
-        stage = self._stage("classifier", ("classifier", "patches", "sampler"), upstream={"cluster": cluster},
-                            architecture=design.classifier, cluster_guided=design.cluster_guided)
+        stage = self._training_stage("classifier", ("classifier", "patches", "sampler"), upstream={"cluster": cluster},
+                                     architecture=design.classifier, cluster_guided=design.cluster_guided)
         if stage.done:
             return stage
         resumed = stage.prepare(self.resume)
@@ -160,19 +170,21 @@ class Pipeline:
             kw["alpha"] = c.classifier.alpha
         else:
             kw["width"] = c.classifier.inception_width
-        classifier = models.build(design.classifier, **kw)
-        if c.classifier.bn_momentum is not None:
-            models.set_batchnorm_momentum(classifier, c.classifier.bn_momentum)
+        with distribute.scope(self.strategy):
+            classifier = models.build(design.classifier, **kw)
+            if c.classifier.bn_momentum is not None:
+                models.set_batchnorm_momentum(classifier, c.classifier.bn_momentum)
+            if design.cluster_guided:
+                cluster_model = keras.models.load_model(cluster.dir / "cluster_model.keras")
+                model = losses.cluster_guided(classifier, cluster_model)
+                loss = losses.CWCELoss(n_classes=2)
+            else:
+                model, loss = classifier, "categorical_crossentropy"
         augment = classifier_augmenter(ClassifierAugmentConfig()) if c.classifier.augment else None
-        if design.cluster_guided:
-            cluster_model = keras.models.load_model(cluster.dir / "cluster_model.keras")
-            model = losses.cluster_guided(classifier, cluster_model)
-            loss = losses.CWCELoss(n_classes=2)
-        else:
-            model, loss = classifier, "categorical_crossentropy"
         result = training.fit(
             model,
-            lambda start: self._patch_data("train", c.classifier.batch_size, training=True, augment=augment, start_batch=start),
+            lambda start, shard=None: self._patch_data("train", c.classifier.batch_size, training=True, augment=augment,
+                                                       start_batch=start, shard=shard),
             self._patch_data("val", c.classifier.batch_size, training=False, n_batches=c.classifier.val_batches),
             loss=loss,
             run_dir=stage.dir,
@@ -183,6 +195,7 @@ class Pipeline:
             patience=c.classifier.patience,
             resume=resumed,
             seed=c.seed,
+            strategy=self.strategy,
         )
         best = keras.models.load_model(result.best_model_path)
         if design.cluster_guided:
@@ -265,11 +278,12 @@ class Pipeline:
         from h2g import models
         from h2g.data.augment import RefinementAugmentConfig, refinement_augmenter
         from h2g.systems.h2g.refinement import refinement_dataset
+        from h2g.training import distribute, losses
         from h2g.training import fit as training
-        from h2g.training import losses
 
         c = self.config
-        stage = self._stage("refiner", ("refine", "patches"), upstream={"heatmaps": heatmaps}, architecture=design.refiner)
+        stage = self._training_stage("refiner", ("refine", "patches"), upstream={"heatmaps": heatmaps},
+                                     architecture=design.refiner)
         if stage.done:
             return stage
         resumed = stage.prepare(self.resume)
@@ -278,9 +292,10 @@ class Pipeline:
         with_heatmap = heatmaps is not None
         train, val = self.samples("train", heatmaps), self.samples("val", heatmaps)
         kw = {"deep_supervision": True} if design.refiner in DEEP_SUPERVISED else {}
-        model = models.build(design.refiner, input_size=c.refine.size, width=c.refine.width, **kw)
-        if c.refine.bn_momentum is not None:
-            models.set_batchnorm_momentum(model, c.refine.bn_momentum)
+        with distribute.scope(self.strategy):
+            model = models.build(design.refiner, input_size=c.refine.size, width=c.refine.width, **kw)
+            if c.refine.bn_momentum is not None:
+                models.set_batchnorm_momentum(model, c.refine.bn_momentum)
         augment = refinement_augmenter(RefinementAugmentConfig()) if c.refine.augment else None
         steps = c.refine.steps_per_epoch or max(1, int(np.ceil(len(train) / c.refine.batch_size)))
         loss = losses.dice_loss if c.refine.loss == "dice" else "categorical_crossentropy"
@@ -289,8 +304,9 @@ class Pipeline:
             loss = [loss] * n_outputs
         result = training.fit(
             model,
-            lambda start: refinement_dataset(train, batch_size=c.refine.batch_size, seed=c.seed, with_heatmap=with_heatmap,
-                                             augment=augment, start_batch=start, n_outputs=n_outputs),
+            lambda start, shard=None: refinement_dataset(
+                train, batch_size=c.refine.batch_size, seed=c.seed, with_heatmap=with_heatmap, augment=augment,
+                start_batch=start, n_outputs=n_outputs, shard=shard),
             refinement_dataset(val, batch_size=c.refine.batch_size, seed=c.seed, with_heatmap=with_heatmap,
                                training=False, n_outputs=n_outputs),
             loss=loss,
@@ -302,6 +318,7 @@ class Pipeline:
             patience=c.refine.patience,
             resume=resumed,
             seed=c.seed,
+            strategy=self.strategy,
         )
         # fit restored the best weights
         replace_atomically(stage.dir / "refiner.keras", models.inference_model(model).save)
@@ -410,9 +427,10 @@ PREDICTORS = {"otsu": _predict_otsu, "patchwise": _predict_patchwise, "lowres": 
 
 
 def run_designs(designs: list[Design], manifest_path: Path, out: Path, config: Config,
-                resume: bool = False) -> tuple[dict[str, dict], list[dict]]:
+                resume: bool = False, strategy=None) -> tuple[dict[str, dict], list[dict]]:
     """Run each design over one pipeline (shared stages run once); returns the designs'
-    metrics and every per-slide test row (the registry writes the combined tables)."""
-    pipe = Pipeline(manifest_path, out, config, resume=resume)
+    metrics and every per-slide test row (the registry writes the combined tables).
+    ``strategy``: a ``tf.distribute`` strategy for the training stages."""
+    pipe = Pipeline(manifest_path, out, config, resume=resume, strategy=strategy)
     results = {d.name: pipe.run(d) for d in designs}
     return results, pipe.rows

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from h2g.core.errors import ConfigError
 from h2g.io.annotation import load_annotation
 
 
@@ -54,6 +55,7 @@ def refinement_dataset(
     start_batch: int = 0,
     training: bool = True,
     n_outputs: int = 1,
+    shard: tuple[int, int] | None = None,
 ):
     """A tf.data pipeline of ``(inputs, one-hot target)`` batches.
 
@@ -62,6 +64,9 @@ def refinement_dataset(
     the same whatever ran before it (resume starts at ``start_batch``).  Validation:
     every sample once, in order, unaugmented, the same every time it is iterated.
     A model with ``n_outputs`` (deep supervision) gets the same target for each.
+    ``shard = (index, count)``: each training batch is only the ``index``-th of ``count``
+    contiguous parts of the global batch of ``batch_size`` (one replica's part under
+    :mod:`h2g.training.distribute`), with the seeds the whole batch would use.
     """
     import tensorflow as tf
 
@@ -80,16 +85,22 @@ def refinement_dataset(
         return ds.batch(batch_size).map(pack)
 
     n = len(samples)
+    index, count = shard or (0, 1)
+    if count < 1 or not 0 <= index < count or batch_size % count:
+        raise ConfigError(f"refinement batch_size {batch_size} does not split into {count} equal shards "
+                          "(make the global batch size a multiple of the replicas)")
+    part = batch_size // count
 
     def draw(batch_index):
         rng = np.random.default_rng([seed, int(batch_index)])
         chosen = rng.choice(n, size=batch_size, replace=batch_size > n)
+        seeds = [int(rng.integers(2**31 - 1)) for _ in chosen] if augment is not None else None
         out_i, out_h, out_m = [], [], []
-        for pos, k in enumerate(chosen):
+        for pos in range(index * part, (index + 1) * part):
+            k = chosen[pos]
             image, heat, mask = images[k], heats[k, ..., 0], masks[k]
             if augment is not None:
-                sample_seed = int(rng.integers(2**31 - 1))
-                image, heat, mask = augment(image, heat, mask, sample_seed)
+                image, heat, mask = augment(image, heat, mask, seeds[pos])
             out_i.append(np.asarray(image, np.float32))
             out_h.append(np.asarray(heat, np.float32)[..., None])
             out_m.append(np.asarray(mask, np.float32))
@@ -97,9 +108,9 @@ def refinement_dataset(
 
     def load(batch_index):
         image, heat, mask = tf.numpy_function(draw, [batch_index], [tf.float32] * 3, stateful=False)
-        image.set_shape((batch_size, size, size, 3))
-        heat.set_shape((batch_size, size, size, 1))
-        mask.set_shape((batch_size, size, size))
+        image.set_shape((part, size, size, 3))
+        heat.set_shape((part, size, size, 1))
+        mask.set_shape((part, size, size))
         return pack(image, heat, mask)
 
     ds = tf.data.Dataset.range(start_batch, 2**62)
