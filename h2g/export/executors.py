@@ -1,0 +1,168 @@
+"""Where the slides of a cohort run: Ray tasks (local or a cluster) or a local process pool.
+
+Both run :func:`h2g.export.cohort.run_task`, one call per slide in a worker process
+(workers are reused from slide to slide), and share one small interface: ``submit(job) -> key`` and ``wait() -> (key, row)`` (the next finished slide;
+a worker that died - killed, out of memory, crashed - gives a ``failed`` row), used as
+context managers.
+
+- :class:`RayExecutor`: with no address it starts a local Ray on this machine
+  (``ray.init(num_cpus=workers x cpus_per_slide)``, no dashboard) and shuts it down at
+  the end; ``address="auto"`` or ``HOST:PORT`` joins a cluster started with ``ray start``
+  (left running).  A Ray already initialised in this process (a test, a notebook) is used
+  as it is.  Each task asks for ``num_cpus`` / ``num_gpus`` / ``memory``, so Ray runs as
+  many slides at once on a node as its resources hold.  Ray's own retries are off: the
+  cohort retries a failed slide itself, the same way on both executors.
+- :class:`PoolExecutor`: ``concurrent.futures.ProcessPoolExecutor`` (spawn context) of
+  ``workers`` processes on this machine; what runs without the ``cluster`` extra.
+
+:func:`make_executor` picks one (``auto``: Ray when it is installed).
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from h2g.core.errors import ConfigError
+from h2g.export.cohort import run_task
+
+log = logging.getLogger(__name__)
+EXECUTORS = ("auto", "ray", "process")
+RAY_MISSING = "Ray is not installed: pip install 'h2g[cluster]' (or use --executor process)"
+
+
+def ray_available() -> bool:
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _crashed(job: dict, exc: BaseException) -> dict:
+    text = " ".join(str(exc).split())[:500]
+    return {"slide_id": job["slide_id"], "path": str(job["path"]), "status": "failed",
+            "error": f"worker process died: {type(exc).__name__}: {text}"}
+
+
+class RayExecutor:
+    """One Ray task per slide (see the module doc)."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, workers: int = 1, cpus_per_slide: float = 1,
+                 gpus_per_slide: float = 0, memory_per_slide: float | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise ConfigError(RAY_MISSING) from None
+        self.ray = ray
+        self.owned = not ray.is_initialized()
+        if self.owned:
+            if address:
+                try:
+                    ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+                except (ConnectionError, SystemExit) as exc:  # Ray exits when no GCS answers at HOST:PORT
+                    raise ConfigError(f"cannot join the Ray cluster at {address} (started with `ray start "
+                                      f"--head`?): {' '.join(str(exc).split()) or 'no answer'}") from None
+            else:
+                ray.init(num_cpus=max(1, round(workers * cpus_per_slide)),
+                         num_gpus=None if gpus_per_slide else 0, include_dashboard=False,
+                         log_to_driver=False, logging_level=logging.WARNING)
+        self._check_fits(cpus_per_slide, gpus_per_slide)
+        requests = {"num_cpus": cpus_per_slide, "num_gpus": gpus_per_slide, "max_retries": 0}
+        if memory_per_slide:
+            requests["memory"] = int(memory_per_slide * 2**30)
+        self.task = ray.remote(**requests)(run_task)
+        self.jobs: dict = {}  # ObjectRef -> job
+
+    def _check_fits(self, cpus: float, gpus: float) -> None:
+        nodes = [n["Resources"] for n in self.ray.nodes() if n.get("Alive")]
+        for what, need in (("CPU", cpus), ("GPU", gpus)):
+            largest = max((n.get(what, 0) for n in nodes), default=0)
+            if need > largest:
+                self.close()
+                raise ConfigError(f"--{what.lower()}s-per-slide {need:g}: no node of the Ray cluster has that "
+                                  f"many {what}s (the largest has {largest:g})")
+
+    def submit(self, job: dict):
+        ref = self.task.remote(job)
+        self.jobs[ref] = job
+        return ref
+
+    def wait(self):
+        (ref,), _ = self.ray.wait(list(self.jobs), num_returns=1)
+        job = self.jobs.pop(ref)
+        try:
+            return ref, self.ray.get(ref)
+        except Exception as exc:  # noqa: BLE001  (the worker died: killed, OOM; or Ray lost the task)
+            return ref, _crashed(job, exc)
+
+    def close(self) -> None:
+        if self.owned and self.ray.is_initialized():
+            self.ray.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class PoolExecutor:
+    """A local pool of ``workers`` spawned processes (a new pool after a worker died)."""
+
+    name = "process"
+
+    def __init__(self, workers: int = 1):
+        self.workers = max(1, int(workers))
+        self.pool = self._new_pool()
+        self.jobs: dict = {}  # Future -> job
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def submit(self, job: dict):
+        try:
+            future = self.pool.submit(run_task, job)
+        except BrokenProcessPool:  # a worker died earlier: the pool takes no more work
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = self._new_pool()
+            future = self.pool.submit(run_task, job)
+        self.jobs[future] = job
+        return future
+
+    def wait(self):
+        done, _ = wait(list(self.jobs), return_when=FIRST_COMPLETED)
+        future = next(iter(done))
+        job = self.jobs.pop(future)
+        try:
+            return future, future.result()
+        except Exception as exc:  # noqa: BLE001  (BrokenProcessPool: a worker died; its slides in flight fail)
+            return future, _crashed(job, exc)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def make_executor(kind: str = "auto", *, address: str | None = None, workers: int = 1, cpus_per_slide: float = 1,
+                  gpus_per_slide: float = 0, memory_per_slide: float | None = None):
+    """The executor ``kind`` names (``auto``: Ray when installed, else the process pool)."""
+    if kind not in EXECUTORS:
+        raise ConfigError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
+    if kind == "auto":
+        kind = "ray" if ray_available() else "process"
+    if kind == "ray":
+        return RayExecutor(address, workers, cpus_per_slide, gpus_per_slide, memory_per_slide)
+    if address:
+        raise ConfigError("--address joins a Ray cluster; the process pool runs on this machine only")
+    if gpus_per_slide:
+        log.warning("--gpus-per-slide is a Ray resource request; the process pool does not assign GPUs")
+    return PoolExecutor(workers)
