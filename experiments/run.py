@@ -31,8 +31,9 @@ def parse_args(argv):
                    help=f"design name(s) or 'all': {', '.join(registry.designs())}")
     p.add_argument("--system", choices=list(registry.systems()), help="run every design of one system")
     p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
-    p.add_argument("--manifest", type=Path, default=DEFAULT_MANIFEST,
-                   help="slide manifest CSV (default: the embedded cohort, generated on first use)")
+    p.add_argument("--manifest", type=Path, default=None,
+                   help="slide manifest CSV (default: the embedded cohort, generated on first use: "
+                        "data_manifest.csv for H2G-Net, data_manifest_multiclass.csv for DMMN)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default: runs/)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -61,17 +62,28 @@ def main(argv=None) -> int:
     chosen = registry.resolve(args.design, system=args.system)
     config = load_config(args.preset, seed=args.seed).override(args.overrides)
     strategy = distribute.make_strategy(args.strategy, args.replicas)  # before anything runs on TensorFlow
-    if args.manifest.resolve() == DEFAULT_MANIFEST.resolve():
+    manifests = ({registry.systems()[d.system].manifest for d in chosen} if args.manifest is None
+                 else {args.manifest})
+    if args.manifest is None or args.manifest.resolve() == DEFAULT_MANIFEST.resolve():
         from h2g.data.cohort import ensure_cohort
 
-        ensure_cohort(args.manifest, seed=0)
-    load_manifest(args.manifest)  # every bad row, before any work starts
+        for manifest in sorted(manifests | {DEFAULT_MANIFEST}):  # the embedded cohort: generated once
+            ensure_cohort(manifest, seed=0)
+    for manifest in sorted(manifests):
+        load_manifest(manifest)  # every bad row, before any work starts
     out = distribute.worker_folder(args.out, strategy)
     results = registry.run(chosen, args.manifest, out, config, resume=args.resume, strategy=strategy)
     print(f"\n{'design':<20} {'system':<8} {'recall':>8} {'precision':>10} {'dice':>14}  (binary tumour, test slides)")
     for m in results.values():
         print(f"{m['label']:<20} {m['system']:<8} {m['recall_mean']:>8.3f} {m['precision_mean']:>10.3f} "
               f"{m['dice_mean']:>7.3f} ± {m['dice_sd']:.3f}")
+    multiclass = [m for m in results.values() if "classes" in m]
+    if multiclass:
+        names = list(multiclass[0]["classes"])
+        print(f"\n{'design':<20} " + " ".join(f"{n[:9]:>9}" for n in names) + f" {'mean IoU':>9}  (per-class IoU, test slides)")
+        for m in multiclass:
+            ious = [m["classes"].get(n, {}).get("iou", float("nan")) for n in names]
+            print(f"{m['label']:<20} " + " ".join(f"{v:>9.3f}" for v in ious) + f" {m['mean_iou']:>9.3f}")
     print(f"\nresults in {out.resolve()}")
     return 0
 

@@ -1,18 +1,27 @@
 #!/usr/bin/env python
-"""Time the H2G-Net pipeline on a slide with exported models (the paper's Table 3).
+"""Time a slide's segmentation with exported models (the paper's Table 3); what runs comes from their metadata.
 
     python export/benchmark.py --slide S --patch-model M --refine-model R --engine openvino \\
         --device CPU --repeats 10 --json [OUT.json] [--threads N] [--precision f32|bf16|f16] \\
         [--markdown OUT.md] [--peer fast]
+    python export/benchmark.py --slide S --model M.onnx|M.xml [--engine openvino|onnxruntime] \\
+        [--stride N] [--keep N] [--blend centre|tent] --repeats 10 [--json [OUT.json]] [--markdown OUT.md]
 
-One warm-up, then ``--repeats`` runs of the whole pipeline; per stage (tissue detection,
-patch reading, patch inference, stitching, refinement) and in total, mean and sd in
-seconds; patches/s; in the same run the read-only and inference-only times and
+H2G-Net (``--patch-model`` + ``--refine-model``, or ``--model P R`` by their metadata
+roles): one warm-up, then ``--repeats`` runs of the whole pipeline; per stage (tissue
+detection, patch reading, patch inference, stitching, refinement) and in total, mean and
+sd in seconds; patches/s; in the same run the read-only and inference-only times and
 ``pipeline_efficiency`` = (read-only s + inference-only s) / pipeline s; peak resident
-memory; engine, version, device, threads and precision.  ``--json`` alone prints the JSON
-on stdout.  ``--peer fast`` also times FAST (pyfast) on the same slide and models, or says
-how to install it.  Runs without TensorFlow.  Bad input (e.g. GPU requested but absent):
-exit code 2, one line on stderr.
+memory; engine, version, device, threads and precision.  ``--peer fast`` also times FAST
+(pyfast) on the same slide and models, or says how to install it.
+
+A segmentation model whose metadata names its views (``--model M``: DMMN, ...): the
+same for its sliding-window segmentation (tissue detection, window reading of every
+view, inference, stitching; windows/s; read-only, inference-only and pipeline
+efficiency), with the views, stride and raster it ran at.
+
+``--json`` alone prints the JSON on stdout.  Runs without TensorFlow.  Bad input (e.g.
+GPU requested but absent): exit code 2, one line on stderr.
 """
 from __future__ import annotations
 
@@ -23,14 +32,19 @@ import tempfile
 from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, run_cli
-from h2g.export.deploy import add_pipeline_arguments, pipeline_backends
+from h2g.core.errors import ConfigError
+from h2g.export.deploy import add_pipeline_arguments, add_window_arguments
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_verbose_argument(p)
+
     p.add_argument("--slide", type=Path, required=True)
-    add_pipeline_arguments(p)
+    p.add_argument("--model", type=Path, nargs="+", default=[], metavar="M",
+                   help="exported model(s) (.onnx / .xml); what runs comes from their metadata")
+    add_pipeline_arguments(p, models_required=False)
+    add_window_arguments(p)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT.json",
                    help="write the results as JSON (stdout without a path)")
@@ -39,13 +53,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def run_h2g(args, backends) -> tuple[dict, str]:
+    """H2G-Net's benchmark (and FAST's with ``--peer fast``): the result and its Markdown."""
     from h2g.export.benchmark import benchmark, benchmark_markdown
     from h2g.export.fast import fast_peer
     from h2g.io.slide import Slide
 
-    backends = pipeline_backends(args)
     with Slide(args.slide, mpp=args.mpp) as slide:
         result = benchmark(slide, *backends, repeats=args.repeats, size=args.size,
                            magnification=args.magnification, patch_size=args.patch_size,
@@ -64,7 +77,37 @@ def main(argv=None) -> int:
         elif args.precision is not None:
             print(f"note: FAST's OpenVINO runs at its default precision (bf16 on CPUs that have it); "
                   f"this run forced {args.precision}: compare with a run without --precision", file=sys.stderr)
-    markdown = benchmark_markdown(result, peer)
+    return result, benchmark_markdown(result, peer)
+
+
+def run_windows(args, plan) -> tuple[dict, str]:
+    """A sliding-window model's benchmark: the result and its Markdown."""
+    from h2g.export.benchmark import benchmark_windows, windows_markdown
+    from h2g.io.slide import Slide
+
+    if args.peer:
+        raise ConfigError("--peer fast times H2G-Net's models, not a sliding-window model")
+    with Slide(args.slide, mpp=args.mpp) as slide:
+        result = benchmark_windows(slide, plan.backends[0], plan.metadata, repeats=args.repeats,
+                                   stride=args.stride, keep=args.keep, blend=args.blend,
+                                   magnification=args.magnification, patch_size=args.patch_size,
+                                   batch_size=args.batch_size, readers=args.readers)
+    return result, windows_markdown(result)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from h2g.export.deploy import deployment_plan
+
+    if args.repeats < 1:
+        raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
+    plan = deployment_plan(args, args.model)
+    if plan.kind == "h2g":
+        if args.stride or args.keep:
+            raise ConfigError("--stride and --keep apply to sliding-window models, not H2G-Net")
+        result, markdown = run_h2g(args, plan.backends)
+    else:
+        result, markdown = run_windows(args, plan)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         args.markdown.write_text(markdown)

@@ -26,12 +26,11 @@ from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import ConfigError
-from h2g.export.deploy import add_pipeline_arguments
+from h2g.export.deploy import add_pipeline_arguments, add_window_arguments
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     from h2g.export.executors import EXECUTORS
-    from h2g.inference.sliding import BLENDS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_verbose_argument(p)
@@ -40,9 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="exported models (.onnx / .xml): a patch classifier + refinement network, or one "
                         "segmentation model with views")
     add_pipeline_arguments(p, models_required=False)
-    p.add_argument("--stride", type=int, default=None, help="sliding window: stride in target-view pixels")
-    p.add_argument("--keep", type=int, default=None, help="sliding window, blend centre: central pixels kept")
-    p.add_argument("--blend", choices=BLENDS, default="centre", help="sliding window: how overlaps combine")
+    add_window_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per slide)")
     p.add_argument("--split", default=None, help="only this split of the manifest")
     p.add_argument("--address", default=None,

@@ -29,14 +29,12 @@ from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import ConfigError
-from h2g.export.deploy import add_pipeline_arguments
+from h2g.export.deploy import add_pipeline_arguments, add_window_arguments
 
 MODEL_SUFFIXES = (".onnx", ".xml")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from h2g.inference.sliding import BLENDS
-
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 
     add_verbose_argument(p)
@@ -44,12 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="exported models (.onnx / .xml); in the older form, the slide")
     p.add_argument("--slide", type=Path, default=None, help="whole-slide image (any format OpenSlide reads)")
     add_pipeline_arguments(p, models_required=False)
-    p.add_argument("--stride", type=int, default=None,
-                   help="sliding window: stride in target-view pixels (default: the view's size)")
-    p.add_argument("--keep", type=int, default=None,
-                   help="sliding window, blend centre: central pixels kept per window (default: the stride)")
-    p.add_argument("--blend", choices=BLENDS, default="centre",
-                   help="sliding window: how overlapping predictions combine (default centre)")
+    add_window_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)

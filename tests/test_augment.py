@@ -245,3 +245,47 @@ def test_refinement_rejects_mismatched_shapes():
         refinement_augmenter()(image, heat[:10], mask, 0)
     with pytest.raises(ValueError, match="mask shape"):
         refinement_augmenter()(image, heat, mask[:, :10], 0)
+
+
+# ---------------------------------------------------------------- multi-view (DMMN)
+def test_multiview_geometry_moves_every_view_and_the_target_together():
+    """A dark square at the same place in three views and a labelled square in the target
+    stay together under flips, rotations and elastic deformation; colour jitter is off
+    so the views stay comparable.  Deterministic per seed."""
+    from h2g.data.augment import MultiviewAugmentConfig, multiview_augmenter
+
+    size = 64
+    views = {}
+    for name in ("x20", "x10", "x5"):
+        v = np.full((size, size, 3), 230, np.uint8)
+        v[8:20, 36:50] = 20
+        views[name] = v
+    target = np.full((size, size), 255, np.uint8)
+    target[8:20, 36:50] = 1
+    augment = multiview_augmenter(MultiviewAugmentConfig(p_hsv=0.0, p_brightness_contrast=0.0, p_elastic=0.5))
+    moved = 0
+    for s in range(40):
+        out, out_target = augment(views, target, s)
+        assert set(out) == set(views) and out_target.dtype == np.uint8
+        dark = [_centroid((o[..., 0] < 128).astype(float)) for o in out.values()]
+        np.testing.assert_allclose(dark[0], dark[1], atol=1e-6)
+        np.testing.assert_allclose(dark[0], dark[2], atol=1e-6)
+        np.testing.assert_allclose(_centroid((out_target == 1).astype(float)), dark[0], atol=1.5)
+        assert set(np.unique(out_target)) <= {1, 255}  # nearest neighbour: no invented labels
+        moved += not np.allclose(dark[0], _centroid((views["x20"][..., 0] < 128).astype(float)))
+        again, again_target = augment(views, target, s)
+        assert all(np.array_equal(again[k], out[k]) for k in out) and np.array_equal(again_target, out_target)
+    assert moved > 20
+
+
+def test_multiview_colour_jitter_changes_views_not_the_target():
+    from h2g.data.augment import MultiviewAugmentConfig, multiview_augmenter
+
+    views = {"x20": patch(32, 1), "x10": patch(32, 2)}
+    target = np.random.default_rng(0).integers(0, 3, (32, 32)).astype(np.uint8)
+    augment = multiview_augmenter(only(MultiviewAugmentConfig, p_hsv=1.0, p_brightness_contrast=1.0))
+    out, out_target = augment(views, target, 3)
+    assert np.array_equal(out_target, target)
+    assert all(not np.array_equal(out[k], views[k]) for k in views)
+    with pytest.raises(ValueError, match="one size"):
+        augment({"x20": patch(32), "x10": patch(16)}, None, 0)

@@ -3,6 +3,7 @@ writer it uses (h2g.io.pyramid.write_pyramid_tiles)."""
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import importlib.util
 import math
 import shutil
@@ -18,6 +19,7 @@ import tifffile
 from h2g.core.cli import run_cli
 from h2g.core.errors import ConfigError, ManifestError
 from h2g.data import cohort
+from h2g.io.classes import IGNORE, sidecar_path
 from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 from h2g.io.pyramid import write_pyramid_tiles
 
@@ -162,7 +164,8 @@ def test_every_slide_has_tumour_and_non_tumour_patches_at_10x(tiny):
 def test_same_seed_gives_identical_files(tiny, tmp_path):
     spec = cohort.cohort_specs("tiny")[1]
     cohort.write_slide(tmp_path, "tiny", spec, seed=0)
-    for name in (spec.slide_path, spec.annotation_path):
+    assert len(spec.outputs) == 4  # slide, mask, full and partial labels
+    for name in spec.outputs:
         assert filecmp.cmp(tmp_path / name, tiny / name, shallow=False), name
 
 
@@ -352,3 +355,216 @@ def test_cli_names_the_slides_of_non_smoke_presets(tiny_cohort, tmp_path, capsys
     records = list(load_manifest(tiny_cohort))
     assert lines[1:] == [f"{r.slide_id}: {r.slide_path}" for r in records]
     assert all(r.slide_path.is_file() for r in records)
+
+
+# ------------------------------------------------------ multi-class label maps (DMMN)
+
+# SHA-256 of files the tiny preset (seed 0) wrote before the label maps existed: H2G-Net's
+# published numbers depend on these slides and masks, which the label maps must not touch.
+# (The file bytes also depend on the JPEG/zlib codecs: should a codec upgrade change them,
+# test_rendered_pixels_are_unchanged still pins the pixels themselves.)
+FROZEN_FILES = {
+    "cohort/slides/t02.tiff": "30b4144948dc46692ed071b70905a6bb54c98d4841c7c15f76ae492a0c02e224",
+    "cohort/masks/t02_mask.tiff": "317478d7fca8217b75836f39e123e8a810886bc2df7d9d71a13465890a453114",
+    "cohort/slides/t05.tiff": "e58e0e8ada398cca033b174f7b2609cf9c7154bfb9df6c50d385f6ed6ce069b3",
+    "cohort/masks/t05_mask.tiff": "bf572fe394b0f917b04ae9ba6817ce436ed36990c6d708b1df7048a49706893e",
+    "data_manifest.csv": "05acc457e9cddbc0da6373c33b33bb6a5aca8fa39e089b3507c8f13150ec282f",
+}
+# slide index -> SHA-256 of render(1000, 1200, 1024, 768) and of the whole render_mask
+FROZEN_PIXELS = {
+    1: ("bce8ff578c65386253b9b11dc257ab9f8a660db2fd73eccef64478448c237804",
+        "b388a35c97bc1155e37d61940499047ede64fc04419d46798a21fe32661c679f"),
+    4: ("813c921c18bad40d01653af755010192878d3f10633851f97916677932f47a1d",
+        "a06e07cced477ce4ae4a87abc5cbed354fe1cf319b340236a0df039ad78942e3"),
+}
+CLASS_NAMES = ("tumour", "benign", "stroma", "fat", "glass")
+TUMOUR, BENIGN, STROMA, FAT, GLASS = 1, 2, 3, 4, 5  # pixel values in the label TIFFs
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _renderer(index: int):
+    spec = cohort.cohort_specs("tiny")[index]
+    layout = cohort.slide_layout("tiny", spec, 0)
+    return spec, layout, cohort.SlideRenderer(layout, (0, spec.index))
+
+
+def test_slides_and_masks_are_byte_identical_to_before_the_label_maps(tiny):
+    for name, digest in FROZEN_FILES.items():
+        assert _sha256(tiny / name) == digest, name
+
+
+@pytest.mark.parametrize("index", sorted(FROZEN_PIXELS))
+def test_rendered_pixels_are_unchanged(index):
+    _, layout, renderer = _renderer(index)
+    width, height = layout.size
+    region = renderer.render(1000, 1200, 1024, 768)
+    mask = renderer.render_mask(0, 0, -(-width // 4), -(-height // 4))
+    assert (hashlib.sha256(region.tobytes()).hexdigest(),
+            hashlib.sha256(mask.tobytes()).hexdigest()) == FROZEN_PIXELS[index]
+
+
+def test_label_files_are_lossless_maps_on_the_mask_grid(tiny):
+    for spec in cohort.cohort_specs("tiny"):
+        mask = _mask(tiny / spec.annotation_path)
+        with tifffile.TiffFile(tiny / spec.annotation_path) as tif:
+            levels = [page.shape for page in tif.pages]
+        assert (tiny / spec.labels_path).is_file()
+        assert (tiny / "cohort" / "labels" / f"{spec.slide_id}_partial.tiff").is_file() == (
+            spec.split in ("train", "val"))
+        for path in filter(None, (spec.labels_path, spec.partial_path)):
+            with tifffile.TiffFile(tiny / path) as tif:
+                assert tif.pages[0].compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+                assert tif.pages[0].is_tiled and [page.shape for page in tif.pages] == levels
+                labels = tif.pages[0].asarray()
+            assert labels.dtype == np.uint8 and labels.shape == mask.shape
+            assert set(np.unique(labels)) <= set(range(6)), path
+
+
+def test_full_labels_tumour_is_exactly_the_binary_mask(tiny):
+    for spec in cohort.cohort_specs("tiny"):
+        mask = _mask(tiny / spec.annotation_path)
+        labels = _mask(tiny / spec.labels_path)
+        assert np.array_equal(labels == TUMOUR, mask == 255), spec.slide_id
+        assert not (labels == 0).any(), spec.slide_id  # full maps: every pixel annotated
+        present = set(np.unique(labels))
+        assert {TUMOUR, STROMA, FAT, GLASS} <= present, (spec.slide_id, present)
+
+
+def test_partial_labels_are_blobs_of_the_full_ones(tiny):
+    """Where the partial map is annotated it is the full map; it annotates 20-60% of the
+    tissue, tumour and stroma on every slide, some glass, and leaves the rest 0."""
+    classes_annotated = set()
+    for spec in cohort.cohort_specs("tiny"):
+        if spec.split == "test":
+            assert spec.partial_path is None
+            continue
+        full = _mask(tiny / spec.labels_path)
+        partial = _mask(tiny / spec.partial_path)
+        annotated = partial != 0
+        assert np.array_equal(partial[annotated], full[annotated]), spec.slide_id
+        tissue = full != GLASS
+        share = annotated[tissue].mean()
+        assert 0.2 <= share <= 0.6, f"{spec.slide_id}: {share:.2f} of the tissue annotated"
+        present = set(np.unique(partial))
+        assert {0, TUMOUR, STROMA, GLASS} <= present, (spec.slide_id, present)
+        for value in (TUMOUR, STROMA, GLASS):  # not a sliver: a real part of each class
+            assert (partial == value).sum() > 0.1 * (full == value).sum(), (spec.slide_id, value)
+        # irregular blobs, not a speckle: most annotated pixels sit inside annotated areas
+        inner = annotated[1:-1, 1:-1] & annotated[:-2, 1:-1] & annotated[2:, 1:-1] \
+            & annotated[1:-1, :-2] & annotated[1:-1, 2:]
+        assert inner.sum() > 0.95 * annotated[1:-1, 1:-1].sum(), spec.slide_id
+        classes_annotated |= present
+    assert classes_annotated == {0, TUMOUR, BENIGN, STROMA, FAT, GLASS}
+
+
+def test_label_classes_agree_with_the_slide_pixels(tiny):
+    """At 1 um/px (slide level 1 = the label grid): glass labels are bright grey pixels and
+    the bright grey pixels that are not fat are glass; fat (empty adipocytes) is bright."""
+    for spec in cohort.cohort_specs("tiny"):
+        image = _level(tiny / spec.slide_path, 1).astype(np.float32)
+        labels = _mask(tiny / spec.labels_path)
+        assert labels.shape == image.shape[:2]
+        brightness = image.mean(axis=2)
+        pale = (image.max(axis=2) - image.min(axis=2) <= 20) & (brightness > 200)
+        glass = labels == GLASS
+        assert pale[glass].mean() > 0.97, spec.slide_id
+        assert glass[pale & (labels != FAT)].mean() > 0.97, spec.slide_id
+        assert (pale == glass)[labels != FAT].mean() > 0.95, spec.slide_id
+        fat = labels == FAT
+        assert (brightness[fat] > 200).mean() > 0.9, spec.slide_id
+        assert brightness[fat].mean() > brightness[labels == STROMA].mean() + 30, spec.slide_id
+
+
+def test_label_rendering_is_a_pure_function_of_position():
+    _, _, renderer = _renderer(0)
+    for render in (renderer.render_labels, renderer.render_partial):
+        whole = render(200, 150, 700, 500)
+        pieces = np.concatenate([
+            np.concatenate([render(200 + a, 150 + b, wa, hb) for a, wa in ((0, 333), (333, 367))],
+                           axis=1)
+            for b, hb in ((0, 256), (256, 244))], axis=0)
+        assert np.array_equal(whole, pieces)
+    full = renderer.render_labels(200, 150, 700, 500)
+    assert np.array_equal(renderer.render_partial(200, 150, 700, 500, labels=full),
+                          renderer.render_partial(200, 150, 700, 500))
+    assert np.array_equal(full, renderer.render_labels(200, 150, 700, 500))  # not modified
+
+
+def test_label_maps_come_from_the_structure_of_the_slide():
+    """The labels are the pieces structure() draws: adipocytes are fat, normal acini
+    epithelium is benign, carcinoma is tumour, spindle stroma is stroma, and glass has no
+    stain (structure at the label grid, 1 um/px)."""
+    _, layout, renderer = _renderer(2)
+    width, height = layout.size
+    grid = cohort.Grid(0, 0, (height // 4, width // 4), 4)
+    st, labels = renderer.structure(grid), renderer.labels(grid)
+    assert np.array_equal(labels, renderer.render_labels(0, 0, width // 4, height // 4))
+    assert (labels[st.kind == cohort.ADIPOCYTE] == FAT).all()
+    assert (labels[st.kind == cohort.NORMAL] == BENIGN).all()
+    carcinoma = np.isin(st.kind, [cohort.GRADE1, cohort.GRADE2, cohort.GRADE3])
+    assert carcinoma.any() and (labels[carcinoma] == TUMOUR).all()
+    assert (st.kind[labels == STROMA] == cohort.SPINDLE).all()
+    glass = labels == GLASS
+    assert (st.kind[glass] == cohort.NONE).all() and not st.e[glass].any() and not st.h[glass].any()
+    assert (labels[st.kind == cohort.NONE] == GLASS).all()
+
+
+def test_multiclass_manifest_reads_partial_labels_with_ignored_pixels(tiny):
+    from h2g.io.annotation import load_annotation
+    from h2g.io.slide import open_slide
+
+    path = tiny / "data_manifest_multiclass.csv"
+    assert path.read_text() == cohort.manifest_text("tiny", multiclass=True)
+    assert sidecar_path(path).read_text() == cohort.classes_text()
+    manifest = load_manifest(path)
+    assert manifest.classes.names == CLASS_NAMES
+    assert manifest.classes.ignore == (0,) and manifest.classes.tumour_index == 0
+    binary = load_manifest(tiny / "data_manifest.csv")
+    assert [(r.slide_id, r.slide_path, r.grade, r.split) for r in manifest] == [
+        (r.slide_id, r.slide_path, r.grade, r.split) for r in binary]
+    for record in manifest:
+        kind = "labels" if record.split == "test" else "partial"
+        expected = tiny / "cohort" / "labels" / f"{record.slide_id}_{kind}.tiff"
+        assert record.annotation_path == expected
+    for record in (manifest.split("train")[0], manifest.split("test")[0]):
+        values = _mask(record.annotation_path)
+        annotation = load_annotation(record.annotation_path, open_slide(record.slide_path),
+                                     classes=manifest.classes)
+        expected = np.where(values == 0, IGNORE, values.astype(np.int16) - 1)
+        assert np.array_equal(annotation.labels, expected)
+        assert (annotation.labels == IGNORE).any() == (record.split != "test")
+        assert np.array_equal(annotation.mask, values == TUMOUR)
+
+
+def test_committed_multiclass_manifest_is_what_the_smoke_preset_writes():
+    path = REPO / "data_manifest_multiclass.csv"
+    assert path.read_text() == cohort.manifest_text("smoke", multiclass=True)
+    assert sidecar_path(path) == REPO / "data_manifest_multiclass.classes.csv"
+    assert sidecar_path(path).read_text() == cohort.classes_text()
+    manifest = load_manifest(path, check_files=False)
+    assert manifest.classes.names == CLASS_NAMES
+    assert [e.values for e in manifest.classes.entries] == [(1,), (2,), (3,), (4,), (5,)]
+    binary = load_manifest(DEFAULT_MANIFEST, check_files=False)
+    assert [(r.slide_id, r.grade, r.split) for r in manifest] == [
+        (r.slide_id, r.grade, r.split) for r in binary]
+
+
+def test_ensure_cohort_completes_a_multiclass_cohort_without_touching_slides(tiny, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny, copy)
+    train, test = cohort.cohort_specs("tiny")[0], cohort.cohort_specs("tiny")[5]
+    for name in (train.partial_path, test.labels_path):
+        (copy / name).unlink()
+    manifest = copy / "data_manifest_multiclass.csv"
+    sidecar_path(manifest).unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*.tiff")}
+    assert cohort.ensure_cohort(manifest, seed=0) == manifest
+    for name in (train.partial_path, test.labels_path):
+        assert filecmp.cmp(copy / name, tiny / name, shallow=False), name
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # only the missing files written
+    assert sidecar_path(manifest).read_text() == cohort.classes_text()
+    assert load_manifest(manifest).classes.names == CLASS_NAMES
+    assert not list(copy.rglob("*.tmp")) and not list(copy.rglob(".pyramid-*"))

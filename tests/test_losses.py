@@ -192,3 +192,59 @@ def test_models_compiled_with_dice_loss_reload(tmp_path):
     x = np.random.default_rng(0).random((2, 4, 4, 1)).astype(np.float32)
     y = np.eye(2, dtype=np.float32)[np.random.default_rng(1).integers(0, 2, (2, 4, 4))]
     assert restored.evaluate(x, y, verbose=0) == pytest.approx(model.evaluate(x, y, verbose=0), rel=1e-6)
+
+
+# ---------------------------------------------------------------- DMMN weighted cross-entropy
+def _wce_numpy(labels, probs, weights, ignore=255):
+    """Reference: loop over pixels, w[y] * -log p[y] where annotated, else 0."""
+    out = np.zeros(labels.shape, np.float64)
+    for idx in np.ndindex(labels.shape):
+        y = labels[idx]
+        if y != ignore:
+            out[idx] = -weights[y] * math.log(max(probs[idx][y], 1e-7))
+    return out
+
+
+def test_weighted_crossentropy_matches_a_pixel_loop():
+    from h2g.training.losses import weighted_crossentropy
+
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 4, (2, 5, 6))
+    labels[rng.random(labels.shape) < 0.3] = 255
+    probs = rng.dirichlet(np.ones(4), size=(2, 5, 6)).astype(np.float32)
+    weights = np.array([0.9, 0.5, 0.75, 0.85], np.float32)
+    got = np.asarray(weighted_crossentropy(tf.constant(labels), tf.constant(probs), weights))
+    np.testing.assert_allclose(got, _wce_numpy(labels, probs, weights), rtol=1e-5, atol=1e-6)
+
+
+def test_weighted_crossentropy_loss_object_mean_and_reload(tmp_path):
+    from h2g.training.losses import WeightedCrossEntropy
+
+    labels = np.array([[[0, 1], [255, 2]]])
+    probs = np.array([[[[0.5, 0.25, 0.25], [0.2, 0.6, 0.2]], [[1 / 3] * 3, [0.1, 0.1, 0.8]]]], np.float32)
+    weights = [0.5, 1.0, 2.0]
+    expected = (0.5 * -math.log(0.5) + 1.0 * -math.log(0.6) + 0 + 2.0 * -math.log(0.8)) / 4  # mean over all 4 px
+    loss = WeightedCrossEntropy(weights)
+    assert float(loss(tf.constant(labels), tf.constant(probs))) == pytest.approx(expected, rel=1e-5)
+    again = WeightedCrossEntropy.from_config(loss.get_config())
+    assert again.class_weights == weights and again.ignore == 255
+
+
+def test_ignored_pixels_have_no_gradient():
+    from h2g.training.losses import weighted_crossentropy
+
+    labels = tf.constant([[[0, 255], [1, 255]]])
+    logits = tf.Variable(np.random.default_rng(0).normal(size=(1, 2, 2, 3)).astype(np.float32))
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(weighted_crossentropy(labels, tf.nn.softmax(logits), [1.0, 1.0, 1.0]))
+    grad = tape.gradient(loss, logits).numpy()
+    assert np.all(grad[0, :, 1] == 0.0)       # the ignored column
+    assert np.all(np.abs(grad[0, :, 0]).sum(-1) > 0)  # annotated pixels do get a gradient
+
+
+def test_class_weights_from_counts():
+    from h2g.training.losses import class_weights_from_counts
+
+    np.testing.assert_allclose(class_weights_from_counts([60, 30, 10]), [0.4, 0.7, 0.9], rtol=1e-6)
+    with pytest.raises(ModelError):
+        class_weights_from_counts([0, 0])

@@ -3,6 +3,9 @@
 * :func:`classifier_augmenter`: patch classifier training: horizontal / vertical flip,
   90-degree rotations, HSV shift in [-20, 20], multiplicative brightness in [0.8, 1.2],
   each with probability 0.5.
+* :func:`multiview_augmenter`: DMMN-style samples (several co-centred views and a pixel
+  label map): flips, 90-degree rotations and elastic deformation moving every view and
+  the target together, hue / saturation and brightness / contrast jitter on the views.
 * :func:`refinement_augmenter`: refinement network training: flips, 90-degree
   rotations, zoom in [0.8, 1.2] and Macenko stain augmentation (sigma1 = sigma2 = 0.1),
   each with probability 0.5, moving image, heatmap and mask together.
@@ -76,6 +79,31 @@ class RefinementAugmentConfig:
     stain_sigma2: float = 0.1
 
 
+@dataclass(frozen=True)
+class MultiviewAugmentConfig:
+    """Augmentation of multi-view samples with a pixel target (DMMN, Section II-E and the
+    elastic deformation of Section II-C).  Every view gets the same transform: views of
+    one sample are co-centred and of one size, so a flip or rotation about the centre
+    keeps them aligned.  The elastic field is the same in every view's pixels (so
+    physically finer in the higher magnifications: an approximation); the target moves
+    with the first view, nearest-neighbour, unlabelled (255) where it comes from beyond
+    the patch."""
+
+    p_hflip: float = 0.5
+    p_vflip: float = 0.5
+    p_rot90: float = 0.5
+    p_elastic: float = 0.25
+    elastic_alpha: float = 30.0
+    elastic_sigma: float = 6.0
+    p_hsv: float = 0.5
+    hue_shift: float = 10.0
+    sat_shift: float = 20.0
+    val_shift: float = 10.0
+    p_brightness_contrast: float = 0.5
+    brightness: float = 0.15
+    contrast: float = 0.15
+
+
 ClassifierAugmenter = Callable[[np.ndarray, int], np.ndarray]
 RefinementAugmenter = Callable[[np.ndarray, np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray, np.ndarray]]
 
@@ -121,6 +149,26 @@ def refinement_pipeline(config: RefinementAugmentConfig) -> A.Compose:
                 p=config.p_zoom,
             ),
         ]
+    )
+
+
+def multiview_pipeline(config: MultiviewAugmentConfig, names: tuple[str, ...]) -> A.Compose:
+    """The albumentations pipeline of :func:`multiview_augmenter` (unseeded): view
+    ``names[0]`` is ``image``, the others additional image targets, the target ``mask``."""
+    return A.Compose(
+        [
+            A.HorizontalFlip(p=config.p_hflip),
+            A.VerticalFlip(p=config.p_vflip),
+            A.RandomRotate90(p=config.p_rot90),
+            A.ElasticTransform(alpha=config.elastic_alpha, sigma=config.elastic_sigma,
+                               interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST,
+                               border_mode=cv2.BORDER_REFLECT_101, p=config.p_elastic),
+            A.HueSaturationValue(hue_shift_limit=config.hue_shift, sat_shift_limit=config.sat_shift,
+                                 val_shift_limit=config.val_shift, p=config.p_hsv),
+            A.RandomBrightnessContrast(brightness_limit=config.brightness, contrast_limit=config.contrast,
+                                       p=config.p_brightness_contrast),
+        ],
+        additional_targets={name: "image" for name in names[1:]},
     )
 
 
@@ -186,6 +234,34 @@ def refinement_augmenter(config: RefinementAugmentConfig | None = None) -> Refin
             new_image = np.ascontiguousarray(new_rgb, dtype=image.dtype)
         new_heat = np.ascontiguousarray(new_heat.reshape(*new_heat.shape[:2], *heatmap.shape[2:]), dtype=heatmap.dtype)
         return new_image, new_heat, np.ascontiguousarray(out["mask"].astype(mask.dtype))
+
+    return augment
+
+
+def multiview_augmenter(config: MultiviewAugmentConfig | None = None):
+    """``augment(views, target, seed) -> (views, target)`` (a
+    :data:`h2g.data.dataset.SampleAugment`): ``views`` ``{name: (S, S, 3) uint8}`` of one
+    size, ``target`` an ``(S, S)`` uint8 label map (or None).  Deterministic per seed,
+    from any thread."""
+    config = config or MultiviewAugmentConfig()
+    pipelines: dict[tuple, _ThreadPipelines] = {}
+    lock = threading.Lock()
+
+    def augment(views: dict, target, seed: int):
+        names = tuple(views)
+        sizes = {np.asarray(v).shape for v in views.values()}
+        if len(sizes) != 1 or len(next(iter(sizes))) != 3:
+            raise ValueError(f"views must be (S, S, 3) images of one size, got {sorted(sizes)}")
+        with lock:
+            if names not in pipelines:
+                pipelines[names] = _ThreadPipelines(lambda: multiview_pipeline(config, names))
+        feed = {"image": np.asarray(views[names[0]]), **{n: np.asarray(views[n]) for n in names[1:]}}
+        if target is not None:
+            feed["mask"] = np.asarray(target, np.uint8)
+        out = pipelines[names].seeded(seed)(**feed)
+        result = {names[0]: np.ascontiguousarray(out["image"]),
+                  **{n: np.ascontiguousarray(out[n]) for n in names[1:]}}
+        return result, (None if target is None else np.ascontiguousarray(out["mask"]))
 
     return augment
 

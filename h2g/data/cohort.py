@@ -3,11 +3,18 @@
 :func:`make_cohort` writes, deterministically from a seed, pyramidal tiled JPEG TIFF
 slides (0.25 um/px at level 0, OpenSlide "generic-tiff"), lossless tumour masks at
 downsample 4 and a manifest (see :mod:`h2g.manifest`) with grades 1-3 and a
-train/val/test split::
+train/val/test split, and, for DMMN (multi-class segmentation trained on partial
+annotations), lossless multi-class label maps at downsample 4 with their own manifest
+and class table (:data:`LABEL_CLASSES`: 1 tumour, 2 benign, 3 stroma, 4 fat, 5 glass,
+0 unannotated)::
 
-    <out>/data_manifest.csv
+    <out>/data_manifest.csv                       # binary tumour masks (H2G-Net)
+    <out>/data_manifest_multiclass.csv            # label maps: partial for train/val, full for test
+    <out>/data_manifest_multiclass.classes.csv    # its class table (h2g.io.classes)
     <out>/cohort/slides/<id>.tiff
     <out>/cohort/masks/<id>_mask.tiff
+    <out>/cohort/labels/<id>_labels.tiff           # full label map, every slide
+    <out>/cohort/labels/<id>_partial.tiff          # partial label map, train and val slides
 
 How a slide is drawn:
 
@@ -20,6 +27,13 @@ How a slide is drawn:
   is imperfect and the whole-slide context matters;
 - *nuclei*, at level 0: per-type nucleus sprites on a jittered grid, their type and
   density taken from the structure.
+
+The label maps come from the same pieces as the structure (tumour exactly where the
+tumour mask is; adipocytes, normal acini and glass as drawn; stroma for the rest of the
+tissue).  The partial maps keep them where a smooth noise field of the slide's own keys
+(a SeedSequence apart from the pixels' streams, so slides and masks are unchanged by
+them) exceeds a per-slide threshold: irregular blobs over ~40% of the tissue, each class
+at least ~20% annotated, a quarter of the glass (:meth:`SlideRenderer.render_partial`).
 
 Everything is a pure function of the position and the slide's seed, so the slide is
 rendered tile row by tile row (:func:`h2g.io.pyramid.write_pyramid_tiles`) with bounded
@@ -41,6 +55,7 @@ from tqdm import tqdm
 
 from h2g.core.atomic import replace_atomically
 from h2g.core.errors import ConfigError
+from h2g.io.classes import ClassTable, sidecar_path
 from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 from h2g.io.pyramid import default_downsamples, write_pyramid_tiles
 
@@ -52,6 +67,8 @@ CANVAS = 2 * CELL         # a nucleus sprite's canvas; same-parity cells tile it
 COARSE_CELLS = 128        # the layout grid has about this many cells on the long side
 
 MANIFEST_NAME = "data_manifest.csv"
+MULTICLASS_MANIFEST_NAME = "data_manifest_multiclass.csv"  # its classes: <stem>.classes.csv
+PARTIAL_SPLITS = ("train", "val")  # slides whose multi-class annotation is partial
 MANIFEST_HEADER = ("slide_id", "slide_path", "annotation_path", "grade", "split")
 
 
@@ -353,6 +370,26 @@ _KEYS = ("rough", "fat_rough", "fat", "fibre_a", "fibre_b", "fibre_mix", "fibre_
          "fibre_density", "lymph", "lobule", "acini", "tumour_stroma", "tumour_stroma_fine",
          "glands", "stain", "nuclei", "variant")
 
+# Multi-class label maps (DMMN): the pixel values of cohort/labels/*.tiff, 0 = unannotated.
+UNANNOTATED, LABEL_TUMOUR, LABEL_BENIGN, LABEL_STROMA, LABEL_FAT, LABEL_GLASS = range(6)
+LABEL_CLASSES = (  # (name, pixel value, colour) in class-index order; "background" is reserved
+    ("tumour", LABEL_TUMOUR, "#c80000"),
+    ("benign", LABEL_BENIGN, "#00a050"),
+    ("stroma", LABEL_STROMA, "#f08cc8"),
+    ("fat", LABEL_FAT, "#f0d200"),
+    ("glass", LABEL_GLASS, "#dcdcdc"),
+)
+# hash keys of the partial annotation, from their own SeedSequence (the slide's other
+# streams, hence its pixels and mask, are untouched by them)
+_LABEL_KEYS = ("partial", "partial_fine")
+PARTIAL_SCALES_UM = (400.0, 120.0)  # lattice of the annotation field's two octaves
+PARTIAL_TISSUE = 0.4    # share of the tissue annotated
+PARTIAL_MIN = 0.2       # a class with a smaller share annotated gets its own threshold ...
+PARTIAL_RESCUE = 0.3    # ... that annotates this share of it
+PARTIAL_GLASS = 0.25    # share of the glass annotated
+STATS_CELLS = 1024      # the partial thresholds are estimated on <= this many cells a side
+REUSE_LABEL_PIXELS = 1 << 26  # write_slide keeps label maps up to this size for the partial one
+
 
 class SlideRenderer:
     """Renders any level-0 region of a slide (and of its mask) from its layout; every
@@ -364,6 +401,9 @@ class SlideRenderer:
         seeds = np.random.SeedSequence([*key, 0xC0FFEE])
         state = seeds.generate_state(len(_KEYS), np.uint64)
         self.keys = {name: int(k) for name, k in zip(_KEYS, state)}
+        label_state = np.random.SeedSequence([*key, 0x1ABE15]).generate_state(
+            len(_LABEL_KEYS), np.uint64)
+        self.label_keys = {name: int(k) for name, k in zip(_LABEL_KEYS, label_state)}
         rng = np.random.default_rng(seeds.spawn(1)[0])
         self.bank, self.bank_base = sprite_bank(key[0])
         angle = rng.uniform(0, np.pi)
@@ -378,15 +418,20 @@ class SlideRenderer:
         layout = self.layout
         return grid.resample(layout.tumour, layout.spacing, layout.origin) > 0
 
+    def tissue(self, grid: Grid) -> np.ndarray:
+        """Where ``grid`` is tissue (not glass): the layout's tissue field, roughened."""
+        layout = self.layout
+        return (grid.resample(layout.tissue, layout.spacing, layout.origin)
+                + um(24) * (grid.noise(self.keys["rough"], um(45)) - 0.5)) > 0
+
     def structure(self, grid: Grid) -> Structure:
         """Stains and nucleus types on ``grid`` (normally 1 um/px)."""
-        layout, keys = self.layout, self.keys
+        keys = self.keys
         shape = grid.shape
         st = Structure(*(np.zeros(shape, np.float32) for _ in range(2)),
                        np.zeros(shape, np.uint8), np.zeros(shape, np.float32),
                        np.zeros(shape, np.float32), np.zeros(shape, np.uint8))
-        tissue = (grid.resample(layout.tissue, layout.spacing, layout.origin)
-                  + um(24) * (grid.noise(keys["rough"], um(45)) - 0.5)) > 0
+        tissue = self.tissue(grid)
         if not tissue.any():
             return st
         tumour = self.tumour(grid)
@@ -429,13 +474,18 @@ class SlideRenderer:
         inflamed = _smoothstep(0.62, 0.8, grid.noise(keys["lymph"], um(110)))
         st.p_lymph[:] = 0.01 + 0.5 * inflamed
 
-    def _fat(self, grid: Grid, tumour: np.ndarray, st: Structure) -> np.ndarray:
-        """Adipocytes (large empty cells with thin membranes) where the fat field is > 0
-        outside tumour; returns the fat weight."""
+    def fat_weight(self, grid: Grid, tumour: np.ndarray) -> np.ndarray:
+        """How much of each pixel of ``grid`` is fat (0..1; adipocytes where > 0.5): the
+        layout's fat field, roughened, outside ``tumour``."""
         layout = self.layout
         field = (grid.resample(layout.fat, layout.spacing, layout.origin)
                  + um(30) * (grid.noise(self.keys["fat_rough"], um(80)) - 0.5))
-        weight = _smoothstep(-um(2), um(2), field) * ~tumour
+        return _smoothstep(-um(2), um(2), field) * ~tumour
+
+    def _fat(self, grid: Grid, tumour: np.ndarray, st: Structure) -> np.ndarray:
+        """Adipocytes (large empty cells with thin membranes) where the fat field is > 0
+        outside tumour; returns the fat weight."""
+        weight = self.fat_weight(grid, tumour)
         if not weight.any():
             return weight
         f1, f2, _ = grid.worley(self.keys["fat"], um(70))
@@ -448,17 +498,26 @@ class SlideRenderer:
         st.p_lymph[is_fat] = 0.0
         return weight
 
-    def _acini(self, grid: Grid, where: np.ndarray, st: Structure) -> None:
-        """Normal lobules: clusters of small acini (lumen, epithelial ring) in stroma."""
+    def acini(self, grid: Grid, where: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """The epithelial rings and lumens of the normal acini on ``grid`` within
+        ``where`` (boolean masks), or ``None`` where there are none."""
         lobule = grid.noise(self.keys["lobule"], um(300))
         present_p = np.clip((lobule - 0.6) * 6, 0, 0.95) * where
         if not present_p.any():
-            return
+            return None
         f1, f2, ident = grid.worley(self.keys["acini"], um(55))
         present = (_fraction(ident, 7919.0) < present_p) & (f2 - f1 > um(2))
         lumen_r = um(2.5 + 4 * ident)
         ring = present & (f1 > lumen_r) & (f1 < lumen_r + um(11 + 5 * _fraction(ident, 104.7)))
         lumen = present & (f1 <= lumen_r)
+        return ring, lumen
+
+    def _acini(self, grid: Grid, where: np.ndarray, st: Structure) -> None:
+        """Normal lobules: clusters of small acini (lumen, epithelial ring) in stroma."""
+        found = self.acini(grid, where)
+        if found is None:
+            return
+        ring, lumen = found
         st.e[ring], st.h[ring], st.kind[ring], st.p_type[ring] = 0.30, 0.17, NORMAL, 0.95
         st.p_lymph[ring | lumen] = 0.0
         st.e[lumen], st.h[lumen], st.p_type[lumen] = 0.04, 0.0, 0.0
@@ -523,6 +582,75 @@ class SlideRenderer:
         """The mask region ``(h, w)`` (255 = tumour) at mask pixel ``(x, y)``."""
         grid = Grid(x * MASK_DOWNSAMPLE, y * MASK_DOWNSAMPLE, (h, w), MASK_DOWNSAMPLE)
         return self.tumour(grid).astype(np.uint8) * 255
+
+    # -- multi-class label maps (DMMN), on the mask grid
+    def labels(self, grid: Grid) -> np.ndarray:
+        """The label map on ``grid`` (uint8 pixel values of :data:`LABEL_CLASSES`), from
+        the pieces :meth:`structure` draws: tumour wherever the annotation is (exactly
+        :meth:`tumour`), glass off the tissue, fat where the fat weight is > 0.5
+        (adipocytes), benign on the rings and lumens of normal acini, stroma elsewhere."""
+        tumour = self.tumour(grid)
+        out = np.full(grid.shape, LABEL_GLASS, np.uint8)
+        tissue = self.tissue(grid)
+        if tissue.any():
+            out[tissue] = LABEL_STROMA
+            weight = self.fat_weight(grid, tumour)
+            out[tissue & (weight > 0.5)] = LABEL_FAT
+            found = self.acini(grid, ~tumour & (weight < 0.5))
+            if found is not None:
+                ring, lumen = found
+                out[tissue & (ring | lumen)] = LABEL_BENIGN
+        out[tumour] = LABEL_TUMOUR
+        return out
+
+    def render_labels(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """The full label map region ``(h, w)`` at mask pixel ``(x, y)``."""
+        return self.labels(Grid(x * MASK_DOWNSAMPLE, y * MASK_DOWNSAMPLE, (h, w), MASK_DOWNSAMPLE))
+
+    def render_partial(self, x: int, y: int, w: int, h: int,
+                       labels: np.ndarray | None = None) -> np.ndarray:
+        """The partial label map region ``(h, w)`` at mask pixel ``(x, y)``: the full
+        labels (``labels``, when already rendered) where :meth:`annotation_field`
+        exceeds the label's threshold (:attr:`partial_thresholds`), :data:`UNANNOTATED`
+        elsewhere."""
+        grid = Grid(x * MASK_DOWNSAMPLE, y * MASK_DOWNSAMPLE, (h, w), MASK_DOWNSAMPLE)
+        labels = self.labels(grid) if labels is None else labels.copy()
+        annotated = self.annotation_field(grid) > self.partial_thresholds[labels]
+        labels[~annotated] = UNANNOTATED
+        return labels
+
+    def annotation_field(self, grid: Grid) -> np.ndarray:
+        """Smooth noise (about 0..1) whose high parts are the annotated blobs."""
+        (coarse, fine), keys = PARTIAL_SCALES_UM, self.label_keys
+        return (0.65 * grid.noise(keys["partial"], um(coarse))
+                + 0.35 * grid.noise(keys["partial_fine"], um(fine)))
+
+    @functools.cached_property
+    def partial_thresholds(self) -> np.ndarray:
+        """float32 threshold of :meth:`annotation_field` per label value (inf for 0).
+
+        Estimated from the labels and field at the centres of a grid of at most
+        :data:`STATS_CELLS` cells a side over the whole slide: one threshold annotating
+        :data:`PARTIAL_TISSUE` of the tissue, lowered for a tissue class of which it
+        would annotate less than :data:`PARTIAL_MIN` to annotate :data:`PARTIAL_RESCUE`
+        of that class; glass gets its own, annotating :data:`PARTIAL_GLASS` of it."""
+        width, height = self.layout.size
+        step = MASK_DOWNSAMPLE * max(1, -(-max(width, height) // (MASK_DOWNSAMPLE * STATS_CELLS)))
+        grid = Grid(0, 0, (-(-height // step), -(-width // step)), step)
+        labels, field = self.labels(grid), self.annotation_field(grid)
+        thresholds = np.full(len(LABEL_CLASSES) + 1, np.inf, np.float32)
+
+        def top(values, share):  # the threshold above which ``share`` of ``values`` lie
+            return np.float32(np.quantile(values, 1 - share)) if values.size else np.inf
+
+        common = top(field[labels != LABEL_GLASS], PARTIAL_TISSUE)
+        for value in (LABEL_TUMOUR, LABEL_BENIGN, LABEL_STROMA, LABEL_FAT):
+            values = field[labels == value]
+            thresholds[value] = common
+            if values.size and (values > common).mean() < PARTIAL_MIN:
+                thresholds[value] = min(common, top(values, PARTIAL_RESCUE))
+        thresholds[LABEL_GLASS] = top(field[labels == LABEL_GLASS], PARTIAL_GLASS)
+        return thresholds
 
     def _grain(self, channel: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         """Fine stain grain (0..6 haematoxylin, 0..4 eosin), periodic over 256 px."""
@@ -649,6 +777,30 @@ class SlideSpec:
     def annotation_path(self) -> str:
         return f"cohort/masks/{self.slide_id}_mask.tiff"
 
+    @property
+    def labels_path(self) -> str:
+        """The full multi-class label map (every slide)."""
+        return f"cohort/labels/{self.slide_id}_labels.tiff"
+
+    @property
+    def partial_path(self) -> str | None:
+        """The partial label map (train and val slides; ``None`` for test slides)."""
+        if self.split not in PARTIAL_SPLITS:
+            return None
+        return f"cohort/labels/{self.slide_id}_partial.tiff"
+
+    @property
+    def multiclass_annotation_path(self) -> str:
+        """The annotation of the multi-class manifest: partial labels where there are
+        some, else the full labels."""
+        return self.partial_path or self.labels_path
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Every file :func:`write_slide` writes for the slide."""
+        return tuple(p for p in (self.slide_path, self.annotation_path, self.labels_path,
+                                 self.partial_path) if p is not None)
+
 
 def get_preset(name: str) -> Preset:
     """The preset called ``name`` (ConfigError naming the choices otherwise)."""
@@ -665,14 +817,28 @@ def cohort_specs(preset_name: str) -> list[SlideSpec]:
             for i, (g, s) in enumerate(zip(p.grades, p.splits))]
 
 
-def manifest_text(preset_name: str) -> str:
+def manifest_text(preset_name: str, multiclass: bool = False) -> str:
     """The manifest :func:`make_cohort` writes for a preset (it does not depend on the
-    seed: the seed only changes pixels)."""
+    seed: the seed only changes pixels): the binary tumour masks, or with ``multiclass``
+    the label maps (:data:`MULTICLASS_MANIFEST_NAME`; partial for train and val slides,
+    full for test slides) whose classes are :func:`classes_text`."""
     lines = [",".join(MANIFEST_HEADER)]
     for spec in cohort_specs(preset_name):
-        lines.append(f"{spec.slide_id},{spec.slide_path},{spec.annotation_path},"
-                     f"{spec.grade},{spec.split}")
+        annotation = spec.multiclass_annotation_path if multiclass else spec.annotation_path
+        lines.append(f"{spec.slide_id},{spec.slide_path},{annotation},{spec.grade},{spec.split}")
     return "\n".join(lines) + "\n"
+
+
+LABEL_TABLE = ClassTable.of(LABEL_CLASSES, ignore=(UNANNOTATED,))
+
+
+def classes_text() -> str:
+    """The class table sidecar of the multi-class manifest (see :mod:`h2g.io.classes`):
+    the classes in index order, then the ``ignore`` row of unannotated pixels."""
+    rows = ["name,value,colour"]
+    rows += [f"{name},{value},{colour}" for name, value, colour in LABEL_CLASSES]
+    rows.append(f"ignore,{UNANNOTATED},")
+    return "\n".join(rows) + "\n"
 
 
 # Sides are multiples of 16, so pyramid levels are exactly 1/4 and 1/16 of level 0 and a
@@ -704,15 +870,39 @@ def slide_layout(preset_name: str, spec: SlideSpec, seed: int) -> SlideLayout:
 
 
 def write_slide(out_dir: Path, preset_name: str, spec: SlideSpec, seed: int,
-                progress=None) -> tuple[int, int]:
-    """Render one slide and its mask under ``out_dir``; returns the level-0 size."""
+                progress=None, only=None) -> tuple[int, int]:
+    """Render one slide, its tumour mask and its label maps (:attr:`SlideSpec.outputs`)
+    under ``out_dir``, or only those of them named in ``only``; returns the level-0 size.
+    Masks and label maps are lossless single-channel pyramids at downsample 4."""
     layout = slide_layout(preset_name, spec, seed)
     renderer = SlideRenderer(layout, key=(seed, spec.index))
-    replace_atomically(out_dir / spec.slide_path, lambda tmp: write_pyramid_tiles(
-        tmp, layout.size, renderer.render, mpp=MPP, progress=progress))
     mask_size = tuple(-(-side // MASK_DOWNSAMPLE) for side in layout.size)
-    replace_atomically(out_dir / spec.annotation_path, lambda tmp: write_pyramid_tiles(
-        tmp, mask_size, renderer.render_mask, mpp=MPP * MASK_DOWNSAMPLE, channels=1))
+    wanted = [p for p in spec.outputs if only is None or p in only]
+    # the partial map reuses the full one's regions when both are written and it is small
+    reuse = ({} if spec.partial_path in wanted and spec.labels_path in wanted
+             and mask_size[0] * mask_size[1] <= REUSE_LABEL_PIXELS else None)
+
+    def render_labels(x, y, w, h):
+        labels = renderer.render_labels(x, y, w, h)
+        if reuse is not None:
+            reuse[x, y, w, h] = labels
+        return labels
+
+    def render_partial(x, y, w, h):
+        labels = reuse.pop((x, y, w, h), None) if reuse is not None else None
+        return renderer.render_partial(x, y, w, h, labels=labels)
+
+    renders = {spec.slide_path: None, spec.annotation_path: renderer.render_mask,
+               spec.labels_path: render_labels, spec.partial_path: render_partial}
+    for path in wanted:  # the full labels before the partial ones
+        render = renders[path]
+        if render is None:
+            replace_atomically(out_dir / path, lambda tmp: write_pyramid_tiles(
+                tmp, layout.size, renderer.render, mpp=MPP, progress=progress))
+        else:
+            replace_atomically(out_dir / path, lambda tmp: write_pyramid_tiles(
+                tmp, mask_size, render, mpp=MPP * MASK_DOWNSAMPLE, channels=1,
+                progress=progress))
     return layout.size
 
 
@@ -723,55 +913,78 @@ def _tile_count(size: tuple[int, int], tile: int = 256) -> int:
                for ds in default_downsamples(width, height))
 
 
+def _output_tiles(size: tuple[int, int], spec: SlideSpec, paths) -> int:
+    """Tiles in the pyramids of ``paths`` (outputs of ``spec``, a slide of ``size``)."""
+    mask_size = tuple(-(-side // MASK_DOWNSAMPLE) for side in size)
+    return sum(_tile_count(size if path == spec.slide_path else mask_size) for path in paths)
+
+
+def _write_text(path: Path, text: str) -> None:
+    if not path.is_file() or path.read_text() != text:
+        replace_atomically(path, lambda tmp: tmp.write_text(text))
+
+
 def make_cohort(out_dir, preset: str = "smoke", seed: int = 0, progress: bool = True,
                 only_missing: bool = False, workers: int | None = None) -> Path:
     """Write the cohort of ``preset`` (``tiny``, ``smoke`` or ``full``) under ``out_dir``
     from ``seed`` and return its manifest's path.
 
-    With ``only_missing``, slides whose slide and mask files both exist are kept.
-    Slides are written by ``workers`` processes (default: up to 2, one per CPU); the
-    files do not depend on it."""
+    Besides the slides, tumour masks and :data:`MANIFEST_NAME`, it writes the
+    multi-class label maps, :data:`MULTICLASS_MANIFEST_NAME` and its class table.  With
+    ``only_missing``, only the files that do not exist are written (a slide's files are
+    the same whichever of them are written).  Slides are written by ``workers`` processes
+    (default: up to 2, one per CPU); the files do not depend on it."""
     out_dir = Path(out_dir)
-    specs = cohort_specs(preset)
-    if only_missing:
-        specs = [s for s in specs if not ((out_dir / s.slide_path).is_file()
-                                          and (out_dir / s.annotation_path).is_file())]
-    tiles = {s.slide_id: _tile_count(slide_size(preset, s, seed)) for s in specs}
+    todo = {s.slide_id: tuple(p for p in s.outputs
+                              if not (only_missing and (out_dir / p).is_file()))
+            for s in cohort_specs(preset)}
+    specs = [s for s in cohort_specs(preset) if todo[s.slide_id]]
+    only = {s.slide_id: todo[s.slide_id] if only_missing else None for s in specs}
+    tiles = {s.slide_id: _output_tiles(slide_size(preset, s, seed), s, todo[s.slide_id])
+             for s in specs}
     workers = min(len(specs), workers or min(2, os.cpu_count() or 1))
     with tqdm(total=sum(tiles.values()), unit="tile", desc=f"cohort {preset}",
               disable=not progress) as bar:
         if workers <= 1:
             for spec in specs:
-                write_slide(out_dir, preset, spec, seed, progress=bar.update)
+                write_slide(out_dir, preset, spec, seed, progress=bar.update,
+                            only=only[spec.slide_id])
         else:  # spawn: safe even when the caller has TensorFlow's threads running
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                jobs = {pool.submit(write_slide, out_dir, preset, spec, seed): spec
-                        for spec in specs}
+                jobs = {pool.submit(write_slide, out_dir, preset, spec, seed,
+                                    only=only[spec.slide_id]): spec for spec in specs}
                 for job in as_completed(jobs):
                     job.result()
                     bar.update(tiles[jobs[job].slide_id])
     manifest = out_dir / MANIFEST_NAME
-    text = manifest_text(preset)
-    if not manifest.is_file() or manifest.read_text() != text:
-        replace_atomically(manifest, lambda tmp: tmp.write_text(text))
+    _write_text(manifest, manifest_text(preset))
+    multiclass = out_dir / MULTICLASS_MANIFEST_NAME
+    _write_text(multiclass, manifest_text(preset, multiclass=True))
+    _write_text(sidecar_path(multiclass), classes_text())
     return manifest
 
 
 def ensure_cohort(manifest_path=DEFAULT_MANIFEST, seed: int = 0) -> Path:
     """Return ``manifest_path`` once every file it names exists.
 
-    A manifest that is exactly a preset's (:func:`manifest_text`) gets its missing
-    slides generated into its folder from ``seed``; any other manifest with missing
-    files raises the :class:`~h2g.core.errors.ManifestError` of :func:`load_manifest`."""
+    A manifest that is exactly a preset's (:func:`manifest_text`, binary or
+    multi-class) gets its missing files generated into its folder from ``seed``, and a
+    multi-class one its class table (:func:`classes_text`) when that is missing; any
+    other manifest with missing files raises the
+    :class:`~h2g.core.errors.ManifestError` of :func:`load_manifest`."""
     manifest_path = Path(manifest_path)
     manifest = load_manifest(manifest_path, check_files=False)
+    text = manifest_path.read_text()
+    sidecar = sidecar_path(manifest_path)
+    multiclass = any(text == manifest_text(name, multiclass=True) for name in PRESETS)
+    if multiclass and not sidecar.is_file():
+        _write_text(sidecar, classes_text())
     files = [p for r in manifest for p in (r.slide_path, r.annotation_path) if p is not None]
     if all(p.is_file() for p in files):
         return manifest_path
-    text = manifest_path.read_text()
     for name in PRESETS:
-        if text == manifest_text(name):
+        if text in (manifest_text(name), manifest_text(name, multiclass=True)):
             make_cohort(manifest_path.parent, name, seed, progress=True, only_missing=True)
             return manifest_path
     load_manifest(manifest_path)  # raises a ManifestError naming every missing file

@@ -1,5 +1,6 @@
-"""Figures of a run: example segmentations beside their ground truth (``figure_grid``)
-and the Dice box plot per design (``dice_boxplot``).  matplotlib through
+"""Figures of a run: example segmentations beside their ground truth (``figure_grid``;
+``label_map_grid`` for multi-class label maps) and the Dice box plot per design
+(``dice_boxplot``).  matplotlib through
 ``matplotlib.figure.Figure`` (Agg), never pyplot's global state."""
 from __future__ import annotations
 
@@ -44,6 +45,44 @@ def figure_grid(path: str | Path, rows: Sequence[tuple]) -> Path:
                 ax.imshow(np.asarray(panel, dtype=float), cmap="gray", vmin=0.0, vmax=1.0)
         axes[r, 0].set_ylabel(str(title))
     fig.tight_layout()
+    fig.savefig(path, format="png")
+    return Path(path)
+
+
+def label_map_grid(path: str | Path, rows: Sequence[tuple], classes) -> Path:
+    """PNG grid, one row per slide: ground truth and prediction label maps coloured by
+    the class table ``classes`` (unannotated truth pixels white), with a legend.
+
+    ``rows``: ``(title, prediction, truth)`` integer label maps of one shape (class
+    indices; 255 in the truth = unannotated)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    if not rows:
+        raise ValueError("label_map_grid needs at least one row")
+    palette = np.array([[int(c.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4)] for c in classes.colours], np.uint8)
+
+    def colour(labels):
+        labels = np.asarray(labels)
+        out = np.full((*labels.shape, 3), 255, np.uint8)
+        valid = (labels >= 0) & (labels < len(palette))
+        out[valid] = palette[labels[valid]]
+        return out
+
+    fig = Figure(figsize=(7, 3 * len(rows) + 0.8), dpi=100)
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for r, (title, prediction, truth) in enumerate(rows):
+        for c, (name, panel) in enumerate((("ground truth", truth), ("prediction", prediction))):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(name)
+            ax.imshow(colour(panel), interpolation="nearest")
+        axes[r, 0].set_ylabel(str(title))
+    handles = [Patch(color=palette[i] / 255.0, label=name) for i, name in enumerate(classes.names)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(6, len(handles)), frameon=False)
+    fig.tight_layout(rect=(0, 0.6 / (3 * len(rows) + 0.8), 1, 1))
     fig.savefig(path, format="png")
     return Path(path)
 

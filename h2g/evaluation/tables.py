@@ -149,7 +149,7 @@ def write_tables(
     out_dir: str | Path,
     per_slide: Sequence[dict],
     designs: Sequence[str],
-    resolution: int = 1024,
+    resolution: int | str = 1024,
     tukey_designs: Sequence[str] | None = None,
 ) -> dict[str, Path]:
     """Write the evaluation tables of ``designs`` (in that order) to ``out_dir``.
@@ -157,7 +157,8 @@ def write_tables(
     ``tables.md``: Table 1 (Design | Recall | Precision | DSC, mean ± sd), Table 2
     (DSC per grade), the Tukey HSD p-value matrix between ``tukey_designs`` (default:
     all of ``designs``; the paper tests its deep-learning designs only) and the
-    evaluation resolution.  CSV: ``table1.csv``, ``table2.csv`` (numbers at full
+    evaluation resolution (``resolution``: a side in pixels, or a phrase such as "each
+    design's own").  CSV: ``table1.csv``, ``table2.csv`` (numbers at full
     precision), ``tukey.csv`` (empty cells where not testable) and ``per_slide.csv``.
     Returns the written paths by name.  :class:`ConfigError` if a design has no rows.
     """
@@ -187,13 +188,14 @@ def write_tables(
     return paths
 
 
-def _markdown(summaries: list[DesignSummary], grades: list[str], tk: TukeyResult, resolution: int) -> str:
+def _markdown(summaries: list[DesignSummary], grades: list[str], tk: TukeyResult, resolution: int | str) -> str:
     n_slides = sorted({s.n for s in summaries})
+    where = f"at {resolution}x{resolution} pixels per slide" if isinstance(resolution, int) else f"at {resolution}"
     lines = [
         "# Test set segmentation performance",
         "",
-        f"Pixel-wise metrics of binary segmentations (threshold 0.5) at {resolution}x{resolution} pixels "
-        f"per slide, macro mean ± sample standard deviation over test slides (n = {', '.join(map(str, n_slides))}).",
+        f"Pixel-wise metrics of binary segmentations (threshold 0.5) {where}"
+        f", macro mean ± sample standard deviation over test slides (n = {', '.join(map(str, n_slides))}).",
         "",
         "## Table 1",
         "",

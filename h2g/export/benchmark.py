@@ -1,7 +1,9 @@
 """The runtime benchmark (the paper's Table 3): full-slide inference stage by stage
 (tissue detection, patch reading, patch inference, stitching, refinement), repeats with
 mean and sd, read-only and inference-only times, pipeline efficiency, peak memory and
-the engine setup, as JSON and Markdown.  TensorFlow-free."""
+the engine setup, as JSON and Markdown.  :func:`benchmark` times H2G-Net (patch
+classifier + refinement network), :func:`benchmark_windows` a sliding-window
+segmentation model whose metadata names its views (DMMN, ...).  TensorFlow-free."""
 from __future__ import annotations
 
 import platform
@@ -13,7 +15,7 @@ import numpy as np
 
 from h2g.core.errors import ExportError
 from h2g.core.resources import available_cores
-from h2g.export.deploy import segment
+from h2g.export.deploy import segment, segment_windows
 from h2g.inference.backends import Backend
 from h2g.inference.heatmap import PatchReader
 
@@ -28,6 +30,17 @@ STAGE_LABELS = {
     "refinement": "refinement (inputs + network)",
     "total": "total",
 }
+WINDOW_STAGES = ("tissue", "reading", "inference", "waiting", "stitching", "window_pipeline", "total")
+WINDOW_STAGE_LABELS = {
+    "tissue": "tissue detection (+ model probe, window grid)",
+    "reading": "window reading, every view (busy s, summed over readers)",
+    "inference": "inference (busy s)",
+    "waiting": "inference waiting for the readers",
+    "stitching": "stitching and blending",
+    "window_pipeline": "window reading + inference (wall, overlapped; stitches each batch)",
+    "total": "total",
+}
+ENGINE_FIELDS = ("engine", "version", "device", "threads", "precision")
 
 
 def mean_sd(values) -> dict:
@@ -43,6 +56,16 @@ def peak_memory_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
+def host() -> dict:
+    """Python version, machine and the CPU cores this process may use."""
+    return {"python": platform.python_version(), "machine": platform.machine(), "cpus": available_cores()}
+
+
+def efficiency(read_only: float, inference_only: float, pipeline_s: float) -> float | None:
+    """(read-only s + inference-only s) / overlapped pipeline s (None for a zero pipeline time)."""
+    return (read_only + inference_only) / pipeline_s if pipeline_s > 0 else None
+
+
 def read_only_seconds(slide, coords: np.ndarray, *, magnification: float, patch_size: int,
                       batch_size: int, readers: int) -> float:
     """Wall seconds to read every patch at ``coords`` with the pipeline's readers, no inference."""
@@ -54,15 +77,21 @@ def read_only_seconds(slide, coords: np.ndarray, *, magnification: float, patch_
     return time.perf_counter() - t0
 
 
-def inference_only_seconds(backend: Backend, batch: np.ndarray, n_patches: int, batch_size: int) -> float:
+def _head(batch, n: int):
+    """The first ``n`` samples of a batch: an array or ``{input name: array}``."""
+    return {k: v[:n] for k, v in batch.items()} if isinstance(batch, dict) else batch[:n]
+
+
+def inference_only_seconds(backend: Backend, batch, n_patches: int, batch_size: int) -> float:
     """Wall seconds to predict ``n_patches`` patches in batches of ``batch_size`` from
-    memory (``batch`` repeated; the last batch partial as in the pipeline)."""
+    memory (``batch``, an array or ``{input name: array}`` of ``batch_size`` samples,
+    repeated; the last batch partial as in the pipeline)."""
     full, rest = divmod(n_patches, batch_size)
     t0 = time.perf_counter()
     for _ in range(full):
         backend.predict(batch)
     if rest:
-        backend.predict(batch[:rest])
+        backend.predict(_head(batch, rest))
     return time.perf_counter() - t0
 
 
@@ -112,7 +141,7 @@ def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats
         "refinement_size": size,
         "warmup": 1,
         "repeats": repeats,
-        **{k: info[k] for k in ("engine", "version", "device", "threads", "precision")},
+        **{k: info[k] for k in ENGINE_FIELDS},
         "patch_backend": info,
         "refine_backend": refine_backend.info(),
         "stages": stages,
@@ -121,11 +150,111 @@ def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats
         "read_only_s": read_only,
         "inference_only_s": inference_only,
         "pipeline_s": pipeline_s,
-        "pipeline_efficiency": (read_only + inference_only) / pipeline_s if pipeline_s > 0 else None,
+        "pipeline_efficiency": efficiency(read_only, inference_only, pipeline_s),
         "refinement_share": stages["refinement"]["mean"] / stages["total"]["mean"],
         "peak_memory_mib": peak_memory_mib(),
-        "host": {"python": platform.python_version(), "machine": platform.machine(),
-                 "cpus": available_cores()},
+        "host": host(),
+        "runs": runs,
+    }
+
+
+def window_grid_of(slide, backend: Backend, metadata, stride: int | None = None):
+    """The :class:`~h2g.tiling.windows.WindowGrid` that :func:`segment_windows` runs with
+    ``metadata`` (its views as run) and ``stride`` (target-view px): the geometry of
+    :func:`h2g.inference.sliding.sliding_segmentation`."""
+    from h2g.inference.sliding import _probe, _whole
+    from h2g.tiling.tissue import detect_tissue
+    from h2g.tiling.windows import window_grid
+
+    target = metadata.view()
+    out_size, _ = _probe(backend, metadata.views)
+    scale = out_size / target.size  # raster px per target-view px
+    stride_o = _whole((stride or target.size) * scale, f"stride {stride or target.size}")
+    return window_grid(slide, magnification=target.magnification * scale, size=out_size, stride=stride_o,
+                       tissue=detect_tissue(slide))
+
+
+def read_windows_seconds(slide, centres: np.ndarray, views, *, batch_size: int, readers: int) -> float:
+    """Wall seconds to read every view of the windows around ``centres`` in batches on the
+    pipeline's reader pool, as far ahead as the pipeline reads (2 batches per reader), no
+    inference."""
+    from h2g.data.readers import ReadAhead
+    from h2g.inference.sliding import _read_batch
+
+    t0 = time.perf_counter()
+    with ReadAhead(lambda start: _read_batch(slide, centres[start:start + batch_size], views),
+                   range(0, len(centres), batch_size), readers=readers, depth=2 * readers) as batches:
+        for _ in batches:
+            pass
+    return time.perf_counter() - t0
+
+
+def _window_setup(warm, grid, stride: int | None, keep: int | None, blend: str) -> dict:
+    """What a sliding-window run segmented: the model's system / design, views, the
+    window geometry and the raster."""
+    meta, target = warm.metadata, warm.metadata.view()
+    stride = stride or target.size
+    return {
+        "system": meta.system, "design": meta.design, "role": meta.role,
+        "views": [v.to_dict() for v in meta.views], "target_view": target.name,
+        "classes": meta.class_names or [f"class{i}" for i in range(warm.raster.classes)],
+        "stride": stride, "keep": (keep or stride) if blend == "centre" else None, "blend": blend,
+        "windows": len(grid), "grid_shape": list(grid.grid_shape),
+        "raster": {"shape": list(warm.raster.shape), "downsample": warm.raster.downsample},
+    }
+
+
+def benchmark_windows(slide, backend: Backend, metadata=None, *, repeats: int = 10, stride: int | None = None,
+                      keep: int | None = None, blend: str = "centre", magnification: float | None = None,
+                      patch_size: int | None = None, batch_size: int = 8, readers: int = 2,
+                      progress: bool = False) -> dict:
+    """Time :func:`segment_windows` (a model whose ``metadata``, default the backend's,
+    names its views) on ``slide``: one warm-up, then ``repeats`` runs; then the
+    read-only time (every view of every window read on the same reader pool, no
+    inference) and the inference-only time (the same number of windows from memory).
+    ``pipeline_efficiency`` = (read-only s + inference-only s) / pipeline s, pipeline s
+    being the mean wall time of the overlapped reading + inference (which also stitches
+    each batch).  ``windows_per_second`` is over that overlapped stage."""
+    from h2g.inference.sliding import _feed_for, _read_batch
+
+    if repeats < 1:
+        raise ExportError(f"repeats must be >= 1, got {repeats}")
+    kw = dict(stride=stride, keep=keep, blend=blend, magnification=magnification, patch_size=patch_size,
+              batch_size=batch_size, readers=readers, progress=progress)
+    warm = segment_windows(slide, backend, metadata, **kw)
+    runs = [segment_windows(slide, backend, metadata, **kw).timings for _ in range(repeats)]
+    views = warm.metadata.views  # as run, after any --magnification / --patch-size override
+    grid = window_grid_of(slide, backend, warm.metadata, stride)
+    n = len(grid)
+    if n != warm.timings["windows"]:
+        raise ExportError(f"{backend.source}: the benchmark's window grid has {n} windows, the pipeline ran "
+                          f"{warm.timings['windows']}")
+    read_only = read_windows_seconds(slide, grid.centres, views, batch_size=batch_size, readers=readers)
+    inference_only = 0.0
+    if n:
+        feed = _feed_for(backend, _read_batch(slide, grid.centres[:batch_size], views))
+        inference_only = inference_only_seconds(backend, feed, n, batch_size)
+    stages = {s: mean_sd(r[s] for r in runs) for s in WINDOW_STAGES}
+    pipeline_s = stages["window_pipeline"]["mean"]
+    info = backend.info()
+    return {
+        "slide": str(slide.path),
+        "dimensions": list(slide.dimensions),
+        **_window_setup(warm, grid, stride, keep, blend),
+        "batch_size": batch_size,
+        "readers": readers,
+        "warmup": 1,
+        "repeats": repeats,
+        **{k: info[k] for k in ENGINE_FIELDS},
+        "backend": info,
+        "stages": stages,
+        "windows_per_second": mean_sd(n / r["window_pipeline"] for r in runs),
+        "read_only_s": read_only,
+        "inference_only_s": inference_only,
+        "pipeline_s": pipeline_s,
+        "pipeline_efficiency": efficiency(read_only, inference_only, pipeline_s),
+        "peak_memory_mib": peak_memory_mib(),
+        "host": host(),
         "runs": runs,
     }
 
@@ -144,6 +273,25 @@ def _cell(stat: dict) -> str:
     return f"{stat['mean']:.2f} ± {stat['sd']:.2f}"
 
 
+def _stage_table(stages: dict, keys, labels: dict) -> list[str]:
+    """Markdown lines: a blank line, then one row per stage (mean, sd)."""
+    return ["", "| Stage | Mean (s) | SD (s) |", "|---|---|---|",
+            *(f"| {labels[k]} | {stages[k]['mean']:.3f} | {stages[k]['sd']:.3f} |" for k in keys)]
+
+
+def _efficiency_line(result: dict) -> str:
+    eff = result["pipeline_efficiency"]
+    return (f"- read-only {result['read_only_s']:.3f} s + inference-only {result['inference_only_s']:.3f} s "
+            f"vs pipeline {result['pipeline_s']:.3f} s: pipeline efficiency "
+            + (f"{eff:.2f}" if eff is not None else "n/a"))
+
+
+def _engine_cells(result: dict) -> str:
+    """``engine version | device | precision | threads`` of a table row."""
+    return (f"{result['engine']} {result['version'].split('-')[0]} | {result['device']} | "
+            f"{result['precision']} | {result['threads']}")
+
+
 def benchmark_markdown(result: dict, peer: dict | None = None) -> str:
     """The benchmark in the layout of the paper's Table 3 (Patch-wise, Refinement, Total:
     mean ± sd seconds), followed by the per-stage breakdown and the overlap figures.
@@ -158,17 +306,14 @@ def benchmark_markdown(result: dict, peer: dict | None = None) -> str:
         "",
         "| Engine | Device | Precision | Threads | Patch-wise | Refinement | Total |",
         "|---|---|---|---|---|---|---|",
-        f"| {result['engine']} {result['version'].split('-')[0]} | {result['device']} | {result['precision']} | "
-        f"{result['threads']} | {_cell(s['patch_wise'])} | {_cell(s['refinement'])} | {_cell(s['total'])} |",
+        f"| {_engine_cells(result)} | {_cell(s['patch_wise'])} | {_cell(s['refinement'])} | {_cell(s['total'])} |",
     ]
     if peer is not None:
         ps = peer["stages"]
         cells = [_cell(ps[k]) if k in ps else "not timed" for k in ("patch_wise", "refinement", "total")]
         lines.append(f"| {peer['engine']} ({peer['version']}) | {peer['device']} | {peer['precision']} | "
                      f"{peer.get('threads') or '-'} | {' | '.join(cells)} |")
-    lines += ["", "| Stage | Mean (s) | SD (s) |", "|---|---|---|"]
-    lines += [f"| {STAGE_LABELS[k]} | {s[k]['mean']:.3f} | {s[k]['sd']:.3f} |" for k in STAGES]
-    eff = result["pipeline_efficiency"]
+    lines += _stage_table(s, STAGES, STAGE_LABELS)
     lines += [
         "",
         f"- patches/s: {_cell(result['patches_per_second'])} over reading + inference; "
@@ -181,9 +326,7 @@ def benchmark_markdown(result: dict, peer: dict | None = None) -> str:
                      f"({peer['patches']} patches) over its patch-wise stage (slide import to heatmap): "
                      f"ours is {ours / theirs:.2f}x")
     lines += [
-        f"- read-only {result['read_only_s']:.3f} s + inference-only {result['inference_only_s']:.3f} s "
-        f"vs pipeline {result['pipeline_s']:.3f} s: pipeline efficiency "
-        + (f"{eff:.2f}" if eff is not None else "n/a"),
+        _efficiency_line(result),
         f"- refinement share of total: {100 * result['refinement_share']:.2f} %",
         f"- patch classifier: {_engine_setup(result['patch_backend'])}; refinement: "
         f"{_engine_setup(result['refine_backend'])}; batch {result['batch_size']}, "
@@ -193,3 +336,39 @@ def benchmark_markdown(result: dict, peer: dict | None = None) -> str:
     ]
 
     return "\n".join(lines)
+
+
+def _model_name(result: dict) -> str:
+    """``"DMMN dmmn_m3"``: the system (upper case) and design, else the model file."""
+    name = " ".join(x for x in ((result["system"] or "").upper(), result["design"]) if x)
+    return name or result["backend"]["model"]
+
+
+def windows_markdown(result: dict) -> str:
+    """A sliding-window benchmark (:func:`benchmark_windows`) as Markdown: the engine row
+    (windows, windows/s, total), the per-stage breakdown and the overlap figures."""
+    s = result["stages"]
+    views = ", ".join(f"{v['name']} {v['size']} px at {v['magnification']:g}x" for v in result["views"])
+    raster = result["raster"]
+    return "\n".join([
+        f"# Runtime of sliding-window segmentation ({_model_name(result)})",
+        "",
+        f"Slide `{result['slide']}` ({result['dimensions'][0]} x {result['dimensions'][1]} px), "
+        f"{result['windows']} windows over tissue (stride {result['stride']} px of view {result['target_view']}, "
+        f"blend {result['blend']}), views {views}; raster {raster['shape'][1]} x {raster['shape'][0]} at "
+        f"downsample {raster['downsample']:g}; {result['repeats']} repeats after {result['warmup']} warm-up; "
+        "mean ± sd in seconds.",
+        "",
+        "| Engine | Device | Precision | Threads | Windows | Windows/s | Total |",
+        "|---|---|---|---|---|---|---|",
+        f"| {_engine_cells(result)} | {result['windows']} | {_cell(result['windows_per_second'])} | "
+        f"{_cell(s['total'])} |",
+        *_stage_table(s, WINDOW_STAGES, WINDOW_STAGE_LABELS),
+        "",
+        f"- windows/s: {_cell(result['windows_per_second'])} over reading + inference (overlapped)",
+        _efficiency_line(result),
+        f"- model: {_engine_setup(result['backend'])}; batch {result['batch_size']}, "
+        f"{result['readers']} reader threads",
+        f"- peak resident memory: {result['peak_memory_mib']:.0f} MiB",
+        "",
+    ])

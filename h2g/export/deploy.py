@@ -72,6 +72,19 @@ class Segmentation:
     threshold: float = 0.5
 
 
+def add_window_arguments(parser) -> None:
+    """``--stride``, ``--keep`` and ``--blend``: the sliding-window options shared by the
+    deployment CLIs (segment_slide, segment_cohort, benchmark)."""
+    from h2g.inference.sliding import BLENDS
+
+    parser.add_argument("--stride", type=int, default=None,
+                        help="sliding window: stride in target-view pixels (default: the view's size)")
+    parser.add_argument("--keep", type=int, default=None,
+                        help="sliding window, blend centre: central pixels kept per window (default: the stride)")
+    parser.add_argument("--blend", choices=BLENDS, default="centre",
+                        help="sliding window: how overlapping predictions combine (default centre)")
+
+
 def add_pipeline_arguments(parser, models_required: bool = True) -> None:
     """The command-line options that export/segment_slide.py and export/benchmark.py
     share: the two models, the engine and how the slide is cut into patches.

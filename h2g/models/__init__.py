@@ -12,14 +12,21 @@ unet_lr        n_classes, input_size=1024, width             ``image`` -> ``segm
 agunet         ... , deep_supervision                        ``image``, ``heatmap`` -> ``segmentation``
 dagunet        ... , deep_supervision                        ``image``, ``heatmap`` -> ``segmentation``
 doubleunet     ... , aspp_filters, deep_supervision          ``image``, ``heatmap`` -> ``segmentation``
+dsmn_s2        n_classes=6, input_size=256, width            ``x20`` -> ``segmentation``
+dmmn_ms        n_classes=6, input_size=256, width            ``x20``, ``x10``, ``x5`` -> ``segmentation``
+dmmn_m2s       n_classes=6, input_size=256, width            ``x20``, ``x10``, ``x5`` -> ``segmentation``
+dmmn_m3        n_classes=6, input_size=256, width            ``x20``, ``x10``, ``x5`` -> ``segmentation``
 =============  ===========================================  ===========================
 
 Classifiers map (B, S, S, 3) float32 in [0, 1] to (B, n_classes) softmax; refinement
 nets map ``image`` (B, S, S, 3) and ``heatmap`` (B, S, S, 1) to (B, S, S, n_classes)
-softmax.  Built with ``deep_supervision=True``, a model has further outputs (named in
-the builder's docstring) for training; :func:`inference_model` keeps ``segmentation``
-only.  Builders use Keras' global random state: call ``keras.utils.set_random_seed``
-first for reproducible initial weights.  Importing this package builds nothing.
+softmax; DMMN's networks (Ho et al., :mod:`h2g.models.dmmn`) map co-centred views
+``x20``, ``x10``, ``x5`` (B, S, S, 3) of one point at 20x, 10x and 5x (DSMN-S2: ``x20``
+only) to (B, S, S, n_classes) softmax on x20's grid.  Built with
+``deep_supervision=True``, a model has further outputs (named in the builder's
+docstring) for training; :func:`inference_model` keeps ``segmentation`` only.  Builders
+use Keras' global random state: call ``keras.utils.set_random_seed`` first for
+reproducible initial weights.  Importing this package builds nothing.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from h2g.core.errors import ConfigError
 from h2g.models.agunet import build_agunet
 from h2g.models.classifiers import build_inceptionv3, build_mobilenetv2
 from h2g.models.dagunet import build_dagunet
+from h2g.models.dmmn import build_dmmn_m2s, build_dmmn_m3, build_dmmn_ms, build_dsmn_s2
 from h2g.models.doubleunet import build_doubleunet
 from h2g.models.unet import build_unet, build_unet_lr
 
@@ -42,6 +50,10 @@ ARCHITECTURES = {
     "agunet": build_agunet,
     "dagunet": build_dagunet,
     "doubleunet": build_doubleunet,
+    "dsmn_s2": build_dsmn_s2,
+    "dmmn_ms": build_dmmn_ms,
+    "dmmn_m2s": build_dmmn_m2s,
+    "dmmn_m3": build_dmmn_m3,
 }
 
 # Section 3.2's parameter counts.  The paper gives none for UNet-LR (design II), the

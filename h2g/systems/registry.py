@@ -4,8 +4,8 @@ A system (H2G-Net, and DMMN, m-UNet, RAZN as they are added) is a subpackage of
 :mod:`h2g.systems` whose ``__init__`` defines ``SYSTEM = System(...)``: its name, the
 paper it reproduces, its designs (objects with ``name``, ``label``, ``system`` and
 ``deep_learning``) and its runner, ``"module:function"`` with the signature
-``run(designs, manifest_path, out, config, resume) -> (metrics by design name,
-per-slide test rows)``.  A new system plugs in by adding its package to
+``run(designs, manifest_path, out, config, resume, strategy=None) -> (metrics by design
+name, per-slide test rows)``, and optionally the manifest it runs on by default.  A new system plugs in by adding its package to
 :data:`SYSTEM_PACKAGES`; ``experiments/run.py`` then lists its designs, ``--design all``
 runs them and ``--system NAME`` runs that system's designs.
 
@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 from h2g.core.errors import ConfigError
 
-SYSTEM_PACKAGES = ("h2g.systems.h2g",)
+SYSTEM_PACKAGES = ("h2g.systems.h2g", "h2g.systems.dmmn")
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,14 @@ class System:
     source: str  # the paper, in ../shared/paper/
     designs: tuple  # in the paper's order
     runner: str  # "module:function"
+    default_manifest: str | None = None  # the embedded cohort's manifest it runs on (repo-relative)
+
+    @property
+    def manifest(self) -> Path:
+        """The manifest this system runs on when none is given."""
+        from h2g.io.manifest import DEFAULT_MANIFEST
+
+        return REPO / self.default_manifest if self.default_manifest else DEFAULT_MANIFEST
 
     def run(self, designs: Sequence, manifest_path: Path, out: Path, config, resume: bool = False,
             strategy=None):
@@ -95,10 +104,12 @@ def resolve(names: str | Sequence[str] = (), system: str | None = None) -> list:
     return [d for d in designs().values() if d.name in wanted]
 
 
-def run(chosen: Sequence, manifest_path: Path, out: Path, config, resume: bool = False,
+def run(chosen: Sequence, manifest_path: Path | None, out: Path, config, resume: bool = False,
         strategy=None) -> dict[str, dict]:
     """Run designs (of one or several systems); returns metrics by design name.  With
     more than one design, ``out`` also gets the combined tables and Dice box plot.
+    ``manifest_path`` None: each system on its own default (:attr:`System.manifest`:
+    the embedded cohort's binary or multi-class manifest, the same slides).
     ``strategy``: a ``tf.distribute`` strategy for every training stage."""
     from h2g.evaluation import figures, tables
 
@@ -107,11 +118,17 @@ def run(chosen: Sequence, manifest_path: Path, out: Path, config, resume: bool =
     for system in systems().values():
         mine = [d for d in chosen if d.system == system.name]
         if mine:
-            got, got_rows = system.run(mine, manifest_path, out, config, resume, strategy=strategy)
+            manifest = system.manifest if manifest_path is None else manifest_path
+            got, got_rows = system.run(mine, manifest, out, config, resume, strategy=strategy)
             results.update(got)
             rows.extend(got_rows)
     if len(chosen) > 1:
-        resolution = next(iter(results.values()))["resolution"][0]
+        sides = {str(r["resolution"]) for r in results.values()}
+        first = next(iter(results.values()))["resolution"]
+        if len(sides) > 1:
+            resolution = "each design's own resolution (metrics.json)"
+        else:
+            resolution = first[0] if isinstance(first, (list, tuple)) else str(first)
         tables.write_tables(Path(out), rows, [d.label for d in chosen], resolution=resolution,
                             tukey_designs=[d.label for d in chosen if d.deep_learning])
         figures.dice_boxplot(Path(out) / "dice_boxplot.png", rows)

@@ -22,7 +22,7 @@ What changes under a strategy, and what does not:
   micro-batch is still normalised on its own, as on one device.)
 - Gradient accumulation stays exact: Keras' own accumulation cannot run under a
   strategy (a synchronisation point inside a conditional, keras-team/keras#20582), so
-  :class:`AccumulatingAdam` all-reduces each micro-batch's gradient and then adds it to
+  :class:`AccumulatingAdam` (and ``AccumulatingSGD``) all-reduces each micro-batch's gradient and then adds it to
   the accumulators, or applies the accumulated mean, in cross-replica context.
 - Determinism holds per strategy: the same seed, strategy and replica count give the
   same weights; stage keys name the strategy, so results of different strategies never
@@ -237,24 +237,23 @@ def prebuilt(model: keras.Model, strategy, sample: Callable[[], tf.data.Dataset]
             layer.synchronized = False
 
 
-@keras.saving.register_keras_serializable(package="h2g")
-class AccumulatingAdam(keras.optimizers.Adam):
-    """Adam whose gradient accumulation also runs under a ``tf.distribute`` strategy.
+class _CrossReplicaAccumulation:
+    """Gradient accumulation that also runs under a ``tf.distribute`` strategy (mixed into
+    a Keras optimizer class).
 
     Each micro-batch's gradients are summed over the replicas (each replica's loss is
     already scaled by 1 / replicas, so the sum is the gradient of the global mean), then,
     in cross-replica context, added to the accumulators or - every
     ``gradient_accumulation_steps``-th micro-batch - averaged with them and applied.
-    Without a strategy, or without accumulation, it is Keras' Adam.  No gradient
-    clipping by global norm across replicas beyond Keras' own ``_clip_gradients``, and
-    no weight decay (the package does not use them)."""
+    Without a strategy, or without accumulation, it is the Keras optimizer.  Weight
+    decay is not supported in that combination (a clear error)."""
 
     def _backend_apply_gradients(self, grads, trainable_variables):
         context = tf.distribute.get_replica_context()
         if not self.gradient_accumulation_steps or context is None or not tf.distribute.has_strategy():
             return super()._backend_apply_gradients(grads, trainable_variables)
         if self.weight_decay:
-            raise ConfigError("AccumulatingAdam under a strategy does not support weight decay")
+            raise ConfigError("gradient accumulation under a distribution strategy does not support weight decay")
         steps = self.gradient_accumulation_steps
         accumulators = [self._accumulated_gradients[self._get_variable_index(v)].value
                         for v in trainable_variables]
@@ -278,11 +277,36 @@ class AccumulatingAdam(keras.optimizers.Adam):
         context.merge_call(cross_replica, args=(list(grads),))
 
 
-def adam(learning_rate: float, accumulation_steps: int = 1, strategy=None) -> keras.optimizers.Optimizer:
-    """The package's optimizer: Adam, accumulating over ``accumulation_steps``
-    micro-batches.  Keras' Adam unless both a strategy and accumulation are in use,
-    when it is :class:`AccumulatingAdam` (models saved with it then load only after
+@keras.saving.register_keras_serializable(package="h2g")
+class AccumulatingAdam(_CrossReplicaAccumulation, keras.optimizers.Adam):
+    """Adam with :class:`_CrossReplicaAccumulation`."""
+
+
+@keras.saving.register_keras_serializable(package="h2g")
+class AccumulatingSGD(_CrossReplicaAccumulation, keras.optimizers.SGD):
+    """SGD with :class:`_CrossReplicaAccumulation`."""
+
+
+OPTIMIZERS = {"adam": (keras.optimizers.Adam, AccumulatingAdam), "sgd": (keras.optimizers.SGD, AccumulatingSGD)}
+
+
+def make_optimizer(name: str, learning_rate: float, accumulation_steps: int = 1, strategy=None, *,
+                   momentum: float = 0.0, weight_decay: float | None = None) -> keras.optimizers.Optimizer:
+    """``"adam"`` or ``"sgd"`` (``momentum`` for SGD; ``weight_decay`` for either, Keras'
+    decoupled decay), accumulating over ``accumulation_steps`` micro-batches.  The Keras
+    class unless both a strategy and accumulation are in use, when it is the
+    ``Accumulating*`` variant (models saved with it then load only after
     ``import h2g.training.distribute``, which registers it)."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
     steps = accumulation_steps if accumulation_steps > 1 else None
-    kind = AccumulatingAdam if strategy is not None and steps else keras.optimizers.Adam
-    return kind(learning_rate=learning_rate, gradient_accumulation_steps=steps)
+    plain, accumulating = OPTIMIZERS[name]
+    kind = accumulating if strategy is not None and steps else plain
+    kw = {"momentum": momentum} if name == "sgd" else {}
+    return kind(learning_rate=learning_rate, gradient_accumulation_steps=steps,
+                weight_decay=weight_decay or None, **kw)
+
+
+def adam(learning_rate: float, accumulation_steps: int = 1, strategy=None) -> keras.optimizers.Optimizer:
+    """The package's default optimizer: :func:`make_optimizer` ``("adam", ...)``."""
+    return make_optimizer("adam", learning_rate, accumulation_steps, strategy)

@@ -212,8 +212,9 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
         steps_per_epoch: int, learning_rate: float, accumulation_steps: int = 1,
         monitor: str = "val_loss", mode: str = "min", patience: int | None = None,
         resume: bool = False, seed: int = 0, metrics=None, verbose="auto",
-        restore_best: bool = True, deterministic: bool = True, strategy=None) -> FitResult:
-    """Train ``model`` with Adam(``learning_rate``) on ``loss`` for ``epochs`` epochs of
+        restore_best: bool = True, deterministic: bool = True, strategy=None,
+        optimizer: str = "adam", momentum: float = 0.0, weight_decay: float | None = None) -> FitResult:
+    """Train ``model`` with Adam(``learning_rate``) (or SGD) on ``loss`` for ``epochs`` epochs of
     ``steps_per_epoch`` micro-batches, accumulating gradients over ``accumulation_steps``
     micro-batches; see the module docstring for the run folder and data contract.
 
@@ -224,6 +225,8 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
     ``restore_best`` the model ends with the weights of ``best.keras``.  ``verbose`` is
     passed to Keras (its progress bar).  ``deterministic=False`` skips
     ``enable_op_determinism`` (some GPU kernels have no deterministic version).
+    ``optimizer``: ``"adam"`` (default) or ``"sgd"`` with ``momentum``; ``weight_decay``
+    for either (:func:`h2g.training.distribute.make_optimizer`).
     ``strategy``: a ``tf.distribute`` strategy (see the module docstring); the run folder
     is written by every process that calls ``fit``: give non-chief workers their own
     (:func:`h2g.training.distribute.worker_folder`).
@@ -242,7 +245,9 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
     if deterministic:
         tf.config.experimental.enable_op_determinism()
     with distribute.scope(strategy):
-        model.compile(optimizer=distribute.adam(learning_rate, accumulation_steps, strategy), loss=loss, metrics=metrics)
+        model.compile(optimizer=distribute.make_optimizer(optimizer, learning_rate, accumulation_steps, strategy,
+                                                          momentum=momentum, weight_decay=weight_decay),
+                      loss=loss, metrics=metrics)
 
     if resume and (run_dir / STATE).is_file():
         with distribute.scope(strategy):

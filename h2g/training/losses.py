@@ -14,6 +14,10 @@ wrappers load with ``keras.models.load_model``.
 
 The paper does not name the loss of its refinement networks; the package offers plain
 categorical cross-entropy (Keras' own) and :func:`dice_loss`.
+
+DMMN (Ho et al.) trains on partial annotations with :func:`weighted_crossentropy`
+(:class:`WeightedCrossEntropy`): class weights ``w_c = 1 - N_c / sum N``
+(:func:`class_weights_from_counts`), unannotated pixels weighted 0.
 """
 from __future__ import annotations
 
@@ -158,3 +162,54 @@ def dice_loss(y_true, y_pred, smooth: float = 1.0):
     total = ops.sum(y_true, axis=axes) + ops.sum(y_pred, axis=axes)
     dice = (2.0 * intersection + smooth) / (total + smooth)
     return 1.0 - ops.mean(dice, axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="h2g")
+def weighted_crossentropy(y_true, y_pred, class_weights, ignore: int = 255, epsilon: float = EPSILON):
+    """Pixel-wise class-weighted cross-entropy with unannotated pixels weighted 0 (DMMN,
+    Ho et al. Section II-E): per pixel ``w[y] * -log p[y]`` where the label ``y`` is a
+    class, ``0`` where it is ``ignore``.
+
+    ``y_true``: integer label maps ``(B, H, W)`` (class indices, ``ignore`` unannotated);
+    ``y_pred``: probabilities ``(B, H, W, C)``; ``class_weights``: ``(C,)``.  Returns the
+    per-pixel loss map ``(B, H, W)``; Keras' mean over it divides by every pixel,
+    annotated or not, so a batch's loss is the weighted sum over its annotated pixels
+    divided by ``B * H * W``.  An ignored pixel contributes no gradient."""
+    n_classes = y_pred.shape[-1]
+    weights = ops.convert_to_tensor(class_weights, dtype=y_pred.dtype)
+    labels = ops.cast(y_true, "int32")
+    annotated = ops.not_equal(labels, ignore)
+    safe = ops.where(annotated, labels, ops.zeros_like(labels))
+    onehot = ops.one_hot(safe, n_classes, dtype=y_pred.dtype)
+    probs = ops.clip(y_pred, epsilon, 1.0 - epsilon)
+    ce = -ops.sum(onehot * ops.log(probs), axis=-1)
+    pixel_weight = ops.sum(onehot * weights, axis=-1) * ops.cast(annotated, y_pred.dtype)
+    return pixel_weight * ce
+
+
+@keras.saving.register_keras_serializable(package="h2g")
+class WeightedCrossEntropy(keras.losses.Loss):
+    """:func:`weighted_crossentropy` as a serialisable Keras loss (``class_weights`` a
+    list of floats, one per class)."""
+
+    def __init__(self, class_weights, ignore: int = 255, name: str = "weighted_crossentropy", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.class_weights = [float(w) for w in class_weights]
+        self.ignore = int(ignore)
+
+    def call(self, y_true, y_pred):
+        return weighted_crossentropy(y_true, y_pred, self.class_weights, self.ignore)
+
+    def get_config(self):
+        return {**super().get_config(), "class_weights": self.class_weights, "ignore": self.ignore}
+
+
+def class_weights_from_counts(counts) -> "np.ndarray":
+    """DMMN's class weights ``w_c = 1 - N_c / sum_k N_k`` from annotated pixel counts
+    ``N_c`` (float32).  :class:`ModelError` when nothing is annotated."""
+    import numpy as np
+
+    counts = np.asarray(counts, np.float64)
+    if counts.ndim != 1 or counts.sum() <= 0:
+        raise ModelError(f"class weights need annotated pixel counts per class, got {counts.tolist()}")
+    return (1.0 - counts / counts.sum()).astype(np.float32)

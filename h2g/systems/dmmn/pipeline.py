@@ -1,0 +1,315 @@
+"""DMMN's stages over one manifest (Ho et al., Section II), cached under ``out/_cache``.
+
+- **Samples** (Section II-B): the hierarchical sampler draws 256 px target patches at
+  20x from the grid of each training slide (patches with more than ``min_labelled``
+  annotated pixels, labelled by their majority class, so the class stage balances
+  classes); each sample is three co-centred views - ``x20`` (the target patch), ``x10``
+  (the centre 512 px of the 1024 px input region, downsampled x2) and ``x5`` (the whole
+  region, x4) - and the target is the label map of ``x20`` (255 = unannotated).
+- **Training** (Section II-E): weighted cross-entropy, ``w_c = 1 - N_c / sum_k N_k`` with
+  ``N_c`` the annotated pixels of class ``c`` in the training label maps, unannotated
+  pixels weight 0; SGD (lr 5e-5, momentum 0.99, weight decay 1e-4) in the ``paper``
+  preset; the epoch with the best validation mean IoU is kept.  Augmentation: flips,
+  rotations, elastic deformation, hue / saturation and brightness / contrast
+  (:func:`h2g.data.augment.multiview_augmenter`).
+- **Inference** (Section II-F): sliding window over the slide at 20x with stride 256, the
+  three views of each window read around its centre (reflection beyond the slide),
+  each window's 256 px prediction stitched into a class-probability raster
+  (:func:`h2g.inference.sliding.sliding_segmentation`, the same code as deployment).
+  Windows are placed over detected tissue (the paper skips Otsu on TNBC; its margins
+  experiment uses it): pixels no window covered count as ``glass`` (or ``background``)
+  when the class table has such a class, else they are not scored.
+- **Evaluation**: per class IoU, Dice, recall, precision and mean IoU over the test
+  slides' (full) label maps at the label maps' resolution, plus H2G-Net's binary tumour
+  recall / precision / Dice per slide, so DMMN rows sit in the H2G-Net tables.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from h2g.core.atomic import replace_atomically, write_json
+from h2g.core.config import Config
+from h2g.core.errors import ConfigError
+from h2g.core.stages import Stage, data_key
+from h2g.data.views import View
+from h2g.evaluation import metrics, tables
+from h2g.io.annotation import load_annotation
+from h2g.io.manifest import Manifest, SlideRecord, load_manifest
+from h2g.io.slide import open_slide
+from h2g.systems.dmmn.designs import Design
+
+log = logging.getLogger("h2g")
+
+VIEW_NAMES = ("x20", "x10", "x5")
+IGNORE = 255
+BACKGROUND_NAMES = ("glass", "background")  # the class of pixels no window covered, when the table has one
+
+
+def _rgb(colour: str) -> list[int]:
+    colour = colour.lstrip("#")
+    return [int(colour[i:i + 2], 16) for i in (0, 2, 4)]
+
+
+@dataclass
+class Pipeline:
+    """DMMN's stages over one manifest."""
+
+    manifest_path: Path
+    out: Path
+    config: Config
+    resume: bool = False
+    strategy: object = None
+    manifest: Manifest = field(init=False)
+
+    def __post_init__(self):
+        self.manifest_path = Path(self.manifest_path)
+        self.out = Path(self.out)
+        self.manifest = load_manifest(self.manifest_path)
+        self.classes = self.manifest.classes
+        self.data = data_key(self.manifest)
+        self.rows: list[dict] = []
+        self.scores: dict[str, metrics.ClassScores] = {}
+        self._samplers: dict[str, object] = {}
+        self._annotations: dict[str, object] = {}
+        mags = self.config.dmmn.magnifications
+        if len(mags) != 3 or not mags[0] > mags[1] > mags[2] > 0:
+            raise ConfigError(f"dmmn.magnifications must be three decreasing magnifications, got {mags}")
+
+    # ------------------------------------------------------------------ data
+    def views(self, design: Design) -> tuple[View, ...]:
+        c = self.config.dmmn
+        every = {name: View(name, float(m), c.size) for name, m in zip(VIEW_NAMES, c.magnifications)}
+        return tuple(every[name] for name in design.views)
+
+    def records(self, split: str) -> list[SlideRecord]:
+        return self.manifest.split(split)
+
+    def annotation(self, record: SlideRecord):
+        if record.slide_id not in self._annotations:
+            slide = open_slide(record.slide_path, mpp=record.mpp)
+            self._annotations[record.slide_id] = load_annotation(
+                record.annotation_path, slide, downsample=self.config.patches.annotation_downsample,
+                classes=self.classes)
+        return self._annotations[record.slide_id]
+
+    def _annotated(self, split: str) -> list[SlideRecord]:
+        records = [r for r in self.records(split) if r.annotation_path is not None]
+        if not records:
+            raise ConfigError(f"{self.manifest_path}: no {split} slide has an annotation; DMMN needs annotated "
+                              f"{split} slides")
+        return records
+
+    def sampler(self, split: str):
+        if split not in self._samplers:
+            from h2g.data.sampler import HierarchicalSampler, build_sources
+
+            c = self.config
+            sources = build_sources(
+                self._annotated(split),
+                magnification=c.dmmn.magnifications[0],
+                patch_size=c.dmmn.size,
+                tissue_threshold=c.dmmn.tissue_threshold,
+                tissue_magnification=c.patches.tissue_magnification,
+                saturation_threshold=c.patches.saturation_threshold,
+                annotation_downsample=c.patches.annotation_downsample,
+                classes=self.classes,
+                min_labelled=c.dmmn.min_labelled,
+            )
+            seed = c.seed if split == "train" else c.seed + 7919
+            self._samplers[split] = HierarchicalSampler(sources, stages=c.sampler.stages, seed=seed)
+        return self._samplers[split]
+
+    def _data(self, design: Design, split: str, *, training: bool, start_batch: int = 0, n_batches=None,
+              shard=None):
+        from h2g.data.augment import multiview_augmenter
+        from h2g.data.dataset import sample_dataset
+
+        c = self.config
+        sampler = self.sampler(split)
+        annotations = {s.slide_id: self.annotation(r) for r in self._annotated(split)
+                       for s in sampler.sources if s.slide_id == r.slide_id}
+        return sample_dataset(
+            sampler, self.views(design), target="pixels", target_view="x20",
+            batch_size=c.dmmn.batch_size, training=training,
+            augment=multiview_augmenter() if training and c.dmmn.augment else None,
+            start_batch=start_batch, n_batches=n_batches, readers=c.sampler.readers,
+            n_classes=self.classes.n_classes, annotations=annotations, shard=shard)
+
+    def class_weights(self) -> np.ndarray:
+        """``w_c = 1 - N_c / sum_k N_k`` over the annotated pixels of the training label maps."""
+        counts = np.zeros(self.classes.n_classes, np.int64)
+        for record in self._annotated("train"):
+            labels = self.annotation(record).labels
+            counts += np.bincount(labels[labels != IGNORE].ravel(), minlength=len(counts))[: len(counts)]
+        if counts.sum() == 0:
+            raise ConfigError(f"{self.manifest_path}: the training label maps have no annotated pixel")
+        from h2g.training.losses import class_weights_from_counts
+
+        return class_weights_from_counts(counts)
+
+    # ------------------------------------------------------------------ stages
+    def model_stage(self, design: Design) -> Stage:
+        """Train ``design``'s network; ``model.keras`` (best validation mIoU)."""
+        import keras
+
+        from h2g import models
+        from h2g.training import distribute, losses
+        from h2g.training import fit as training
+
+        c = self.config
+        stage = Stage(self.out, "dmmn", config=c, sections=("dmmn", "patches", "sampler"), seeded=True,
+                      data=self.data, params={"architecture": design.architecture,
+                                              "classes": list(self.classes.names),
+                                              **distribute.describe(self.strategy)})
+        if stage.done:
+            return stage
+        resumed = stage.prepare(self.resume)
+        log.info("training %s -> %s", design.label, stage.dir)
+        weights = self.class_weights()
+        keras.utils.set_random_seed(c.seed)
+        with distribute.scope(self.strategy):
+            model = models.build(design.architecture, n_classes=self.classes.n_classes, input_size=c.dmmn.size,
+                                 width=c.dmmn.width)
+        n = self.classes.n_classes
+        metric = keras.metrics.MeanIoU(num_classes=n, sparse_y_true=True, sparse_y_pred=False,
+                                       ignore_class=IGNORE, name="miou")
+        monitor, mode = ("val_miou", "max") if self.strategy is None else ("val_loss", "min")
+        result = training.fit(
+            model,
+            lambda start, shard=None: self._data(design, "train", training=True, start_batch=start, shard=shard),
+            self._data(design, "val", training=False, n_batches=c.dmmn.val_batches),
+            loss=losses.WeightedCrossEntropy(weights.tolist(), ignore=IGNORE),
+            metrics=[metric] if self.strategy is None else None,
+            run_dir=stage.dir, epochs=c.dmmn.epochs, steps_per_epoch=c.dmmn.train_batches,
+            learning_rate=c.dmmn.learning_rate, accumulation_steps=c.dmmn.accumulation_steps,
+            optimizer=c.dmmn.optimizer, momentum=c.dmmn.momentum, weight_decay=c.dmmn.weight_decay,
+            monitor=monitor, mode=mode, patience=c.dmmn.patience, resume=resumed, seed=c.seed,
+            strategy=self.strategy,
+        )
+        replace_atomically(stage.dir / "model.keras", models.inference_model(model).save)
+        stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value, "monitor": monitor,
+                      "class_weights": weights.tolist()})
+        return stage
+
+    def metadata(self, design: Design):
+        from h2g.export.metadata import ModelMetadata
+
+        classes = [{"name": name, "colour": _rgb(colour)} for name, colour in zip(self.classes.names,
+                                                                                  self.classes.colours)]
+        return ModelMetadata(system="dmmn", design=design.name, role="segmentation", views=self.views(design),
+                             classes=classes, output="pixel_probs",
+                             extras={"target": "x20", "stride": self.config.dmmn.stride})
+
+    # ------------------------------------------------------------------ inference / evaluation
+    def segment(self, design: Design, model_path: Path, record: SlideRecord):
+        """The class-probability :class:`~h2g.inference.raster.Raster` of one slide."""
+        from h2g.inference.backends import KerasBackend
+        from h2g.inference.sliding import sliding_segmentation
+        from h2g.tiling.tissue import detect_tissue
+
+        c = self.config
+        backend = KerasBackend(model_path)
+        with open_slide(record.slide_path, mpp=record.mpp) as slide:
+            tissue = detect_tissue(slide, magnification=c.patches.tissue_magnification,
+                                   saturation_threshold=c.patches.saturation_threshold)
+            return sliding_segmentation(slide, backend, self.views(design), target="x20", stride=c.dmmn.stride,
+                                        tissue=tissue, batch_size=c.dmmn.inference_batch,
+                                        readers=c.sampler.readers, progress=False)
+
+    def evaluate(self, raster, record: SlideRecord) -> tuple[np.ndarray, np.ndarray]:
+        """(predicted labels, truth labels) on the label map's grid; pixels no window
+        covered are ``background`` when the class table has one, else unscored."""
+        annotation = self.annotation(record)
+        truth = annotation.labels
+        resized = raster.resized(annotation.downsample)
+        names = [n.lower() for n in self.classes.names]
+        fill = next((names.index(n) for n in BACKGROUND_NAMES if n in names), -1)
+        pred = resized.label_map(fill=fill)
+        rows, cols = min(pred.shape[0], truth.shape[0]), min(pred.shape[1], truth.shape[1])
+        pred, truth = pred[:rows, :cols], truth[:rows, :cols].copy()
+        if fill < 0:
+            truth[pred < 0] = IGNORE
+            pred = np.where(pred < 0, 0, pred)
+        return pred.astype(np.int64), truth
+
+    def run(self, design: Design) -> dict:
+        """Train (or reuse) and evaluate ``design``; writes ``OUT/<design>/``: metrics.json
+        and config.json (together, at the end), class tables, binary tables, the model."""
+        from h2g.evaluation import figures
+        from h2g.export.metadata import write_sidecar
+
+        c = self.config
+        folder = self.out / design.name
+        stage = self.model_stage(design)
+        model_path = stage.dir / "model.keras"
+        tumour = self.classes.tumour_index
+        pooled, rows, unevaluated, examples = None, [], [], []
+        for record in tqdm(self.records("test"), desc=f"{design.name} test slides", unit="slide"):
+            if record.annotation_path is None:
+                unevaluated.append(record.slide_id)
+                continue
+            raster = self.segment(design, model_path, record)
+            pred, truth = self.evaluate(raster, record)
+            scores = metrics.class_metrics(pred, truth, self.classes, ignore=IGNORE)
+            pooled = scores if pooled is None else pooled + scores
+            row = {"design": design.label, "slide_id": record.slide_id, "grade": record.grade,
+                   "mean_iou": scores.mean_iou}
+            if tumour is not None:
+                row.update(metrics.tumour_scores(scores.confusion, tumour))
+            rows.append(row)
+            if len(examples) < c.eval.figure_slides:
+                examples.append((record.slide_id, pred, truth))
+        if unevaluated:
+            log.warning("%s: %d test slide(s) without an annotation are not evaluated: %s",
+                        design.name, len(unevaluated), ", ".join(unevaluated))
+        if not rows:
+            raise ConfigError(f"{self.manifest_path}: no test slide has an annotation; nothing to evaluate")
+        folder.mkdir(parents=True, exist_ok=True)
+        self.scores[design.label] = pooled
+        tables.write_class_tables(folder, {design.label: pooled})
+        result = {
+            "design": design.name, "system": design.system, "label": design.label,
+            "preset": c.preset, "seed": c.seed, "n_test_slides": len(rows),
+            "mean_iou": pooled.mean_iou,
+            "classes": {name: {"iou": float(pooled.iou[i]), "dice": float(pooled.dice[i]),
+                               "recall": float(pooled.recall[i]), "precision": float(pooled.precision[i]),
+                               "present": bool(pooled.present[i])}
+                        for i, name in enumerate(pooled.names)},
+            "mean_iou_by_slide": {r["slide_id"]: r["mean_iou"] for r in rows},
+            "resolution": f"the label maps' grid (downsample {c.patches.annotation_downsample:g})",
+            "unevaluated_slides": unevaluated,
+            "config": c.to_dict(),
+        }
+        if tumour is not None:
+            summary = tables.metrics_summary(rows, design.label)
+            result.update({k: v for k, v in summary.items() if k not in ("design",)})
+            tables.write_tables(folder, rows, [design.label],
+                                resolution=f"the label maps' grid (downsample {c.patches.annotation_downsample:g})")
+            self.rows.extend(rows)
+        models_dir = folder / "models"
+        models_dir.mkdir(exist_ok=True)
+        replace_atomically(models_dir / "segmenter.keras", lambda tmp: shutil.copyfile(model_path, tmp))
+        write_sidecar(models_dir / "segmenter.keras", self.metadata(design))
+        result["models"] = {"segmenter": str(models_dir / "segmenter.keras")}
+        figures.label_map_grid(folder / "examples.png", examples, self.classes)
+        write_json(folder / "config.json", {"design": design.name, "system": design.system,
+                                            "manifest": str(self.manifest_path), **c.to_dict()})
+        write_json(folder / "metrics.json", result)
+        return result
+
+
+def run_designs(designs: list[Design], manifest_path: Path, out: Path, config: Config, resume: bool = False,
+                strategy=None) -> tuple[dict[str, dict], list[dict]]:
+    """Run each DMMN design over one pipeline; with several, ``OUT/dmmn_class_tables.md``
+    compares them per class.  Returns the designs' metrics and per-slide binary rows."""
+    pipe = Pipeline(manifest_path, out, config, resume=resume, strategy=strategy)
+    results = {d.name: pipe.run(d) for d in designs}
+    if len(designs) > 1:
+        tables.write_class_tables(Path(out), pipe.scores, stem="dmmn_class_tables")
+    return results, pipe.rows
