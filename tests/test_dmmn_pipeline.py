@@ -123,3 +123,21 @@ def test_trained_m3_exports_and_deploys_without_tensorflow_like_the_pipeline(dmm
     reference = pipe.segment(get_design("dmmn_m3"), model, record).label_map(fill=-1)
     assert deployed.shape == reference.shape
     assert np.mean(deployed == reference) > 0.99
+
+
+def test_designs_of_two_systems_run_on_their_own_manifests_into_one_table(tiny_cohort, multiclass_manifest,
+                                                                          tmp_path, monkeypatch):
+    """With no manifest given (experiments/run.py's default) each system runs on its own
+    default - H2G-Net on the binary manifest, DMMN on the multi-class one of the same
+    slides - and the combined Table 1 has a row for each design."""
+    import h2g.io.manifest
+    from h2g.systems import registry
+
+    monkeypatch.setattr(h2g.io.manifest, "DEFAULT_MANIFEST", tiny_cohort)
+    monkeypatch.setattr(registry, "REPO", multiclass_manifest.parent)
+    results = run(resolve(["otsu", "dsmn_s2"]), None, tmp_path, dmmn_config())
+    assert json.loads((tmp_path / "otsu" / "config.json").read_text())["manifest"] == str(tiny_cohort)
+    assert json.loads((tmp_path / "dsmn_s2" / "config.json").read_text())["manifest"] == str(multiclass_manifest)
+    assert "classes" in results["dsmn_s2"] and "classes" not in results["otsu"]
+    table1 = (tmp_path / "table1.csv").read_text()
+    assert "Otsu" in table1 and "DSMN-S2" in table1
