@@ -103,8 +103,6 @@ def main(argv=None) -> int:
         raise ConfigError(f"--repeats must be >= 1, got {args.repeats}")
     plan = deployment_plan(args, args.model)
     if plan.kind == "h2g":
-        if args.stride or args.keep:
-            raise ConfigError("--stride and --keep apply to sliding-window models, not H2G-Net")
         result, markdown = run_h2g(args, plan.backends)
     else:
         result, markdown = run_windows(args, plan)

@@ -25,7 +25,6 @@ import sys
 from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, run_cli
-from h2g.core.errors import ConfigError
 from h2g.export.deploy import add_pipeline_arguments, add_window_arguments
 
 
@@ -74,8 +73,6 @@ def main(argv=None) -> int:
     check = argparse.Namespace(**{**options, "device": "CPU", "threads": 1})
     plan = deployment_plan(check, args.model)  # bad models fail here, once, not in every slide's task
     if plan.kind == "h2g":
-        if args.stride or args.keep:
-            raise ConfigError("--stride and --keep apply to sliding-window models, not H2G-Net")
         # What the metadata resolved to (recorded in cohort.json; the tasks resolve the same).
         options.update(magnification=check.magnification, patch_size=check.patch_size, size=check.size)
     workers = args.workers or max(1, int(available_cores() // args.cpus_per_slide))

@@ -28,7 +28,6 @@ import sys
 from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, run_cli
-from h2g.core.errors import ConfigError
 from h2g.export.deploy import add_pipeline_arguments, add_window_arguments
 
 MODEL_SUFFIXES = (".onnx", ".xml")
@@ -70,8 +69,6 @@ def main(argv=None) -> int:
     from h2g.io.slide import Slide
 
     plan = deployment_plan(args, args.models)
-    if plan.kind == "h2g" and (args.stride or args.keep):
-        raise ConfigError("--stride and --keep apply to sliding-window models, not H2G-Net")
     backends = plan.backends
     with Slide(args.slide, mpp=args.mpp) as slide:
         if plan.kind == "h2g":

@@ -309,6 +309,11 @@ def test_segment_slide_reports_bad_input_in_one_line(checker_path, deploy_models
                             "--patch-size", PATCH, "--size", 2 * REFINE_SIZE, "--quiet", tmp_path=tmp_path)
     assert wrong_size.returncode == 2 and "inference failed" in wrong_size.stderr
     assert len(wrong_size.stderr.strip().splitlines()) == 1
+    window_options = run_script("segment_slide.py", checker_path, "--patch-model", patch_onnx, "--refine-model",
+                                deploy_models["refine"][1], "--engine", "onnxruntime", "--out", tmp_path / "o",
+                                "--stride", 64, "--quiet", tmp_path=tmp_path)
+    assert window_options.returncode == 2
+    assert window_options.stderr.strip().endswith("--stride and --keep apply to sliding-window models, not H2G-Net")
     xml_with_ort = run_script("segment_slide.py", checker_path, "--patch-model", patch_xml, "--refine-model",
                               patch_xml, "--engine", "onnxruntime", "--out", tmp_path / "o", tmp_path=tmp_path)
     assert xml_with_ort.returncode == 2 and "expected a .onnx model file" in xml_with_ort.stderr

@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from h2g.core.atomic import replace_atomically
 from h2g.core.errors import ConfigError
-from h2g.io.classes import ClassTable, sidecar_path
+from h2g.io.classes import sidecar_path
 from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 from h2g.io.pyramid import default_downsamples, write_pyramid_tiles
 
@@ -827,9 +827,6 @@ def manifest_text(preset_name: str, multiclass: bool = False) -> str:
         annotation = spec.multiclass_annotation_path if multiclass else spec.annotation_path
         lines.append(f"{spec.slide_id},{spec.slide_path},{annotation},{spec.grade},{spec.split}")
     return "\n".join(lines) + "\n"
-
-
-LABEL_TABLE = ClassTable.of(LABEL_CLASSES, ignore=(UNANNOTATED,))
 
 
 def classes_text() -> str:

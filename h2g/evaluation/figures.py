@@ -60,7 +60,9 @@ def label_map_grid(path: str | Path, rows: Sequence[tuple], classes) -> Path:
 
     if not rows:
         raise ValueError("label_map_grid needs at least one row")
-    palette = np.array([[int(c.lstrip("#")[i:i + 2], 16) for i in (0, 2, 4)] for c in classes.colours], np.uint8)
+    from h2g.io.classes import colour_rgb
+
+    palette = np.array([colour_rgb(c) for c in classes.colours], np.uint8)
 
     def colour(labels):
         labels = np.asarray(labels)

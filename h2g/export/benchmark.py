@@ -158,31 +158,15 @@ def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats
     }
 
 
-def window_grid_of(slide, backend: Backend, metadata, stride: int | None = None):
-    """The :class:`~h2g.tiling.windows.WindowGrid` that :func:`segment_windows` runs with
-    ``metadata`` (its views as run) and ``stride`` (target-view px): the geometry of
-    :func:`h2g.inference.sliding.sliding_segmentation`."""
-    from h2g.inference.sliding import _probe, _whole
-    from h2g.tiling.tissue import detect_tissue
-    from h2g.tiling.windows import window_grid
-
-    target = metadata.view()
-    out_size, _ = _probe(backend, metadata.views)
-    scale = out_size / target.size  # raster px per target-view px
-    stride_o = _whole((stride or target.size) * scale, f"stride {stride or target.size}")
-    return window_grid(slide, magnification=target.magnification * scale, size=out_size, stride=stride_o,
-                       tissue=detect_tissue(slide))
-
-
 def read_windows_seconds(slide, centres: np.ndarray, views, *, batch_size: int, readers: int) -> float:
     """Wall seconds to read every view of the windows around ``centres`` in batches on the
     pipeline's reader pool, as far ahead as the pipeline reads (2 batches per reader), no
     inference."""
     from h2g.data.readers import ReadAhead
-    from h2g.inference.sliding import _read_batch
+    from h2g.inference.sliding import read_window_batch
 
     t0 = time.perf_counter()
-    with ReadAhead(lambda start: _read_batch(slide, centres[start:start + batch_size], views),
+    with ReadAhead(lambda start: read_window_batch(slide, centres[start:start + batch_size], views),
                    range(0, len(centres), batch_size), readers=readers, depth=2 * readers) as batches:
         for _ in batches:
             pass
@@ -215,7 +199,7 @@ def benchmark_windows(slide, backend: Backend, metadata=None, *, repeats: int = 
     ``pipeline_efficiency`` = (read-only s + inference-only s) / pipeline s, pipeline s
     being the mean wall time of the overlapped reading + inference (which also stitches
     each batch).  ``windows_per_second`` is over that overlapped stage."""
-    from h2g.inference.sliding import _feed_for, _read_batch
+    from h2g.inference.sliding import feed_for, plan_windows, read_window_batch
 
     if repeats < 1:
         raise ExportError(f"repeats must be >= 1, got {repeats}")
@@ -224,7 +208,9 @@ def benchmark_windows(slide, backend: Backend, metadata=None, *, repeats: int = 
     warm = segment_windows(slide, backend, metadata, **kw)
     runs = [segment_windows(slide, backend, metadata, **kw).timings for _ in range(repeats)]
     views = warm.metadata.views  # as run, after any --magnification / --patch-size override
-    grid = window_grid_of(slide, backend, warm.metadata, stride)
+    # the windows the runs segmented (plan_windows is the pipeline's own geometry; the
+    # tissue mask is detected again here, outside the timed runs)
+    grid = plan_windows(slide, backend, views, warm.metadata.view(), stride=stride, keep=keep, blend=blend).grid
     n = len(grid)
     if n != warm.timings["windows"]:
         raise ExportError(f"{backend.source}: the benchmark's window grid has {n} windows, the pipeline ran "
@@ -232,7 +218,7 @@ def benchmark_windows(slide, backend: Backend, metadata=None, *, repeats: int = 
     read_only = read_windows_seconds(slide, grid.centres, views, batch_size=batch_size, readers=readers)
     inference_only = 0.0
     if n:
-        feed = _feed_for(backend, _read_batch(slide, grid.centres[:batch_size], views))
+        feed = feed_for(backend, read_window_batch(slide, grid.centres[:batch_size], views))
         inference_only = inference_only_seconds(backend, feed, n, batch_size)
     stages = {s: mean_sd(r[s] for r in runs) for s in WINDOW_STAGES}
     pipeline_s = stages["window_pipeline"]["mean"]

@@ -127,14 +127,15 @@ def cohort_slides(source, split: str | None = None) -> list[CohortSlide]:
 
 def task_options(args=None, **overrides) -> dict:
     """The options of :data:`TASK_OPTIONS` from parsed command-line ``args`` (default: the
-    defaults of :func:`h2g.export.deploy.add_pipeline_arguments`, no stride / keep, blend
-    centre), with ``overrides``; paths as text, so that a job pickles anywhere."""
+    defaults of :func:`h2g.export.deploy.add_pipeline_arguments` and
+    :func:`~h2g.export.deploy.add_window_arguments`), with ``overrides``; paths as text, so that a job pickles anywhere."""
     if args is None:
-        from h2g.export.deploy import add_pipeline_arguments
+        from h2g.export.deploy import add_pipeline_arguments, add_window_arguments
 
         parser = argparse.ArgumentParser()
         add_pipeline_arguments(parser, models_required=False)
-        args = argparse.Namespace(**vars(parser.parse_args([])), stride=None, keep=None, blend="centre")
+        add_window_arguments(parser)
+        args = parser.parse_args([])
     options = {k: getattr(args, k) for k in TASK_OPTIONS}
     options.update(overrides)
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
@@ -151,20 +152,12 @@ def mask_area_mm2(mask: np.ndarray, extent: tuple[int, int], mpp: float) -> floa
     return float(np.count_nonzero(mask)) * pixel_um2 / 1e6
 
 
-def tumour_class(names) -> int | None:
-    """Index of the class named like tumour (:data:`h2g.io.classes.TUMOUR_NAMES`), or None."""
-    from h2g.io.classes import TUMOUR_NAMES, _normal_name
-
-    for i, name in enumerate(names):
-        if _normal_name(str(name)) in TUMOUR_NAMES:
-            return i
-    return None
-
-
 def raster_tumour_mm2(raster, class_names, mpp: float) -> float | None:
     """Area in mm^2 of the raster pixels whose arg-max is the tumour class (None: no class
     is named like tumour)."""
-    index = tumour_class(class_names)
+    from h2g.io.classes import tumour_index_of
+
+    index = tumour_index_of(class_names)
     if index is None:
         return None
     pixel_um2 = (raster.downsample * mpp) ** 2
@@ -274,8 +267,6 @@ def segment_one(slide_path, out_dir, models, options: dict, *, mpp: float | None
     try:
         args = argparse.Namespace(**options)  # a copy: the plan fills in sizes from the metadata
         plan = deployment_plan(args, models)
-        if plan.kind == "h2g" and (args.stride or args.keep):
-            raise ConfigError("--stride and --keep apply to sliding-window models, not H2G-Net")
         backends = plan.backends
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with Slide(slide_path, mpp=mpp if mpp is not None else args.mpp) as slide:

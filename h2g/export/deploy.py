@@ -371,6 +371,13 @@ class Plan:
     metadata: ModelMetadata | None = None
 
 
+def _h2g_plan(args) -> Plan:
+    """H2G-Net's plan; the sliding-window options (when ``args`` has them) must be unset."""
+    if getattr(args, "stride", None) or getattr(args, "keep", None):
+        raise ConfigError("--stride and --keep apply to sliding-window models, not H2G-Net")
+    return Plan("h2g", pipeline_backends(args))
+
+
 def deployment_plan(args, models=()) -> Plan:
     """Choose the pipeline from ``models`` (exported files) and the options of
     :func:`add_pipeline_arguments`: ``--patch-model`` + ``--refine-model``, or a patch
@@ -385,7 +392,7 @@ def deployment_plan(args, models=()) -> Plan:
             raise ConfigError("give the models either as arguments or with --patch-model / --refine-model")
         if not (args.patch_model and args.refine_model):
             raise ConfigError("H2G-Net needs both --patch-model and --refine-model")
-        return Plan("h2g", pipeline_backends(args))
+        return _h2g_plan(args)
     if not models:
         raise ConfigError("no model given (MODEL... or --patch-model / --refine-model)")
     metas = {m: model_metadata(m) for m in models}
@@ -396,7 +403,7 @@ def deployment_plan(args, models=()) -> Plan:
     roles = {meta.role: m for m, meta in metas.items()}
     if len(models) == 2 and set(roles) == {"patch_classifier", "refinement"}:
         args.patch_model, args.refine_model = roles["patch_classifier"], roles["refinement"]
-        return Plan("h2g", pipeline_backends(args))
+        return _h2g_plan(args)
     if len(models) == 1 and metas[models[0]].views and metas[models[0]].output == "pixel_probs":
         backend = make_backend(models[0], engine=args.engine, device=args.device, precision=args.precision,
                                threads=args.threads, hint=args.patch_hint)

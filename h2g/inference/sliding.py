@@ -37,6 +37,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -102,7 +103,7 @@ def _whole(value: float, what: str) -> int:
     return int(round(value))
 
 
-def _read_batch(slide, centres: np.ndarray, views: Sequence[View]) -> dict[str, np.ndarray]:
+def read_window_batch(slide, centres: np.ndarray, views: Sequence[View]) -> dict[str, np.ndarray]:
     """Every view of every window around ``centres`` as float32 in [0, 1]."""
     out = {v.name: np.empty((len(centres), v.size, v.size, 3), np.float32) for v in views}
     for i, (x, y) in enumerate(centres):
@@ -111,7 +112,7 @@ def _read_batch(slide, centres: np.ndarray, views: Sequence[View]) -> dict[str, 
     return out
 
 
-def _feed_for(backend: Backend, batch: dict[str, np.ndarray]):
+def feed_for(backend: Backend, batch: dict[str, np.ndarray]):
     """The batch as the backend takes it: by name, or the one array of a one-input model."""
     if len(backend.input_names) == 1 and len(batch) == 1:
         return next(iter(batch.values()))
@@ -123,12 +124,43 @@ def _feed_for(backend: Backend, batch: dict[str, np.ndarray]):
 
 def _probe(backend: Backend, views: Sequence[View]) -> tuple[int, int]:
     """Output side and class count of ``backend`` for one window (an all-zero feed)."""
-    out = backend.predict(_feed_for(backend, {v.name: np.zeros((1, v.size, v.size, 3), np.float32)
+    out = backend.predict(feed_for(backend, {v.name: np.zeros((1, v.size, v.size, 3), np.float32)
                                                for v in views}))
     if out.ndim != 4 or out.shape[1] != out.shape[2] or out.shape[-1] < 1:
         raise ExportError(f"{backend.source}: output of shape {tuple(out.shape)} is not (1, o, o, classes) "
                           "per-pixel class probabilities of a segmentation model")
     return int(out.shape[1]), int(out.shape[-1])
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Where :func:`sliding_segmentation` puts its windows: the window ``grid`` (on the
+    output raster's pixel grid), the model's output side ``out_size`` and ``classes``, and
+    ``keep`` (raster px kept per window with blend ``centre``, else None)."""
+
+    grid: object  # h2g.tiling.windows.WindowGrid
+    out_size: int
+    classes: int
+    keep: int | None
+
+
+def plan_windows(slide, backend: Backend, views: Sequence[View], target_view: View, *, stride: int | None = None,
+                 keep: int | None = None, blend: str = "centre", tissue=None,
+                 tissue_threshold: float = 0.0) -> WindowPlan:
+    """The windows ``backend`` fed ``views`` runs over ``slide`` (see the module doc's
+    geometry): probes the model once for its output size; ``tissue`` default: detected."""
+    from h2g.tiling.tissue import detect_tissue
+    from h2g.tiling.windows import window_grid
+
+    out_size, classes = _probe(backend, views)
+    scale = out_size / target_view.size  # raster px per target-view px
+    stride_o = _whole((stride or target_view.size) * scale, f"stride {stride or target_view.size}")
+    keep_o = _whole((keep or stride or target_view.size) * scale, f"keep {keep}") if blend == "centre" else None
+    if tissue is None:
+        tissue = detect_tissue(slide)
+    grid = window_grid(slide, magnification=target_view.magnification * scale, size=out_size,
+                       stride=stride_o, tissue=tissue, tissue_threshold=tissue_threshold)
+    return WindowPlan(grid, out_size, classes, keep_o)
 
 
 def sliding_segmentation(slide, backend: Backend, views: Sequence[View], *, target: str | None = None,
@@ -145,8 +177,6 @@ def sliding_segmentation(slide, backend: Backend, views: Sequence[View], *, targ
     from tqdm.auto import tqdm
 
     from h2g.data.readers import reader_pool
-    from h2g.tiling.tissue import detect_tissue
-    from h2g.tiling.windows import window_grid
 
     views = check_views(views)
     names = [v.name for v in views]
@@ -156,15 +186,10 @@ def sliding_segmentation(slide, backend: Backend, views: Sequence[View], *, targ
     if batch_size < 1 or readers < 1:
         raise ConfigError(f"batch_size and readers must be >= 1, got {batch_size} and {readers}")
     t0 = time.perf_counter()
-    out_size, classes = _probe(backend, views)
-    scale = out_size / target_view.size  # raster px per target-view px
-    stride_o = _whole((stride or target_view.size) * scale, f"stride {stride or target_view.size}")
-    keep_o = _whole((keep or stride or target_view.size) * scale, f"keep {keep}") if blend == "centre" else None
-    weights = blend_weights(out_size, blend, keep_o)
-    if tissue is None:
-        tissue = detect_tissue(slide)
-    grid = window_grid(slide, magnification=target_view.magnification * scale, size=out_size,
-                       stride=stride_o, tissue=tissue, tissue_threshold=tissue_threshold)
+    plan = plan_windows(slide, backend, views, target_view, stride=stride, keep=keep, blend=blend, tissue=tissue,
+                        tissue_threshold=tissue_threshold)
+    grid, out_size, classes = plan.grid, plan.out_size, plan.classes
+    weights = blend_weights(out_size, blend, plan.keep)
     raster = Raster.empty(slide.dimensions, grid.downsample, classes)
     stitcher = Stitcher(raster.shape, classes, weights)
     t1 = time.perf_counter()
@@ -175,7 +200,7 @@ def sliding_segmentation(slide, backend: Backend, views: Sequence[View], *, targ
     def read(start: int) -> dict[str, np.ndarray]:
         tr = time.perf_counter()
         try:
-            return _read_batch(slide, grid.centres[start:start + batch_size], views)
+            return read_window_batch(slide, grid.centres[start:start + batch_size], views)
         finally:
             with lock:
                 busy[0] += time.perf_counter() - tr
@@ -201,7 +226,7 @@ def sliding_segmentation(slide, backend: Backend, views: Sequence[View], *, targ
                 ti = time.perf_counter()
                 waiting += ti - tw
                 submit()
-                out = backend.predict(_feed_for(backend, batch))
+                out = backend.predict(feed_for(backend, batch))
                 ts = time.perf_counter()
                 inference += ts - ti
                 if out.shape[1:] != (out_size, out_size, classes):

@@ -113,10 +113,7 @@ class ClassTable:
     @property
     def tumour_index(self) -> int | None:
         """Index of the tumour class (see the module doc), ``None`` if there is none."""
-        for entry in self.entries:
-            if _normal_name(entry.name) in TUMOUR_NAMES:
-                return entry.index
-        return None
+        return tumour_index_of(self.names)
 
     @property
     def is_binary(self) -> bool:
@@ -160,6 +157,21 @@ class ClassTable:
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"bad class table mapping: {exc!r}") from None
         return cls(entries, ignore)
+
+
+def colour_rgb(colour: str) -> list[int]:
+    """``[r, g, b]`` (0..255) of a ``#rrggbb`` class colour."""
+    colour = colour.lstrip("#")
+    return [int(colour[i:i + 2], 16) for i in (0, 2, 4)]
+
+
+def tumour_index_of(names: Iterable[str]) -> int | None:
+    """Index of the first of ``names`` that names the tumour class (:data:`TUMOUR_NAMES`,
+    case, ``_`` and ``-`` ignored), ``None`` if none does."""
+    for index, name in enumerate(names):
+        if _normal_name(str(name)) in TUMOUR_NAMES:
+            return index
+    return None
 
 
 def _normal_name(name: str) -> str:

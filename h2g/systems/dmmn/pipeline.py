@@ -40,6 +40,7 @@ from h2g.core.stages import Stage, data_key
 from h2g.data.views import View
 from h2g.evaluation import metrics, tables
 from h2g.io.annotation import load_annotation
+from h2g.io.classes import IGNORE, colour_rgb
 from h2g.io.manifest import Manifest, SlideRecord, load_manifest
 from h2g.io.slide import open_slide
 from h2g.systems.dmmn.designs import Design
@@ -47,13 +48,7 @@ from h2g.systems.dmmn.designs import Design
 log = logging.getLogger("h2g")
 
 VIEW_NAMES = ("x20", "x10", "x5")
-IGNORE = 255
 BACKGROUND_NAMES = ("glass", "background")  # the class of pixels no window covered, when the table has one
-
-
-def _rgb(colour: str) -> list[int]:
-    colour = colour.lstrip("#")
-    return [int(colour[i:i + 2], 16) for i in (0, 2, 4)]
 
 
 @dataclass
@@ -132,8 +127,8 @@ class Pipeline:
 
         c = self.config
         sampler = self.sampler(split)
-        annotations = {s.slide_id: self.annotation(r) for r in self._annotated(split)
-                       for s in sampler.sources if s.slide_id == r.slide_id}
+        sampled = {source.slide_id for source in sampler.sources}
+        annotations = {r.slide_id: self.annotation(r) for r in self._annotated(split) if r.slide_id in sampled}
         return sample_dataset(
             sampler, self.views(design), target="pixels", target_view="x20",
             batch_size=c.dmmn.batch_size, training=training,
@@ -200,7 +195,7 @@ class Pipeline:
     def metadata(self, design: Design):
         from h2g.export.metadata import ModelMetadata
 
-        classes = [{"name": name, "colour": _rgb(colour)} for name, colour in zip(self.classes.names,
+        classes = [{"name": name, "colour": colour_rgb(colour)} for name, colour in zip(self.classes.names,
                                                                                   self.classes.colours)]
         return ModelMetadata(system="dmmn", design=design.name, role="segmentation", views=self.views(design),
                              classes=classes, output="pixel_probs",
