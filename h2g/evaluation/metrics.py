@@ -11,6 +11,8 @@
   classes *present* (in the truth or the prediction, on labelled pixels): a class absent
   from both is undefined there and left out rather than counted as a perfect 1.
 - :func:`tumour_metrics`: the binary tumour figures of a pair of label maps.
+- :func:`raster_labels`: a sliding-window probability raster as a label map on an
+  annotation's grid, beside the annotation's labels (what multi-class systems score).
 
 Label maps are counted chunk by chunk (no full-size int64 temporaries).  TensorFlow-free.
 """
@@ -193,3 +195,25 @@ def tumour_scores(confusion: np.ndarray, tumour_index: int) -> dict[str, float]:
     fp = int(confusion[:, tumour_index].sum()) - tp
     fn = int(confusion[tumour_index].sum()) - tp
     return _scores(tp, fp, fn)
+
+
+# ---------------------------------------------------------------- rasters vs label maps
+BACKGROUND_NAMES = ("glass", "background")  # the class of pixels no window covered, when the table has one
+
+
+def raster_labels(raster, annotation, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted labels, truth labels) of a probability raster
+    (:class:`h2g.inference.raster.Raster`) on ``annotation``'s label-map grid.  Pixels no
+    window covered are the ``glass`` / ``background`` class when ``class_names`` has one,
+    else they are not scored (truth set to :data:`IGNORE`)."""
+    truth = annotation.labels
+    resized = raster.resized(annotation.downsample)
+    names = [n.lower() for n in class_names]
+    fill = next((names.index(n) for n in BACKGROUND_NAMES if n in names), -1)
+    pred = resized.label_map(fill=fill)
+    rows, cols = min(pred.shape[0], truth.shape[0]), min(pred.shape[1], truth.shape[1])
+    pred, truth = pred[:rows, :cols], truth[:rows, :cols].copy()
+    if fill < 0:
+        truth[pred < 0] = IGNORE
+        pred = np.where(pred < 0, 0, pred)
+    return pred.astype(np.int64), truth
