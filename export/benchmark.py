@@ -59,7 +59,7 @@ def run_h2g(args, backends) -> tuple[dict, str]:
     from h2g.export.fast import fast_peer
     from h2g.io.slide import Slide
 
-    with Slide(args.slide, mpp=args.mpp) as slide:
+    with Slide(args.slide, mpp=args.mpp, reader=args.reader) as slide:
         result = benchmark(slide, *backends, repeats=args.repeats, size=args.size,
                            magnification=args.magnification, patch_size=args.patch_size,
                            batch_size=args.batch_size, readers=args.readers)
@@ -87,7 +87,7 @@ def run_windows(args, plan) -> tuple[dict, str]:
 
     if args.peer:
         raise ConfigError("--peer fast times H2G-Net's models, not a sliding-window model")
-    with Slide(args.slide, mpp=args.mpp) as slide:
+    with Slide(args.slide, mpp=args.mpp, reader=args.reader) as slide:
         result = benchmark_windows(slide, plan.backends[0], plan.metadata, repeats=args.repeats,
                                    stride=args.stride, keep=args.keep, blend=args.blend,
                                    magnification=args.magnification, patch_size=args.patch_size,

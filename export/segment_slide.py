@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
     plan = deployment_plan(args, args.models)
     backends = plan.backends
-    with Slide(args.slide, mpp=args.mpp) as slide:
+    with Slide(args.slide, mpp=args.mpp, reader=args.reader) as slide:
         if plan.kind == "h2g":
             seg = segment(slide, *backends, size=args.size, magnification=args.magnification,
                           patch_size=args.patch_size, batch_size=args.batch_size, readers=args.readers,

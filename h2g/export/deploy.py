@@ -113,6 +113,10 @@ def add_pipeline_arguments(parser, models_required: bool = True) -> None:
                         help="refinement resolution (default: the refinement model's input size, else 1024)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--readers", type=int, default=2, help="patch reader threads")
+    parser.add_argument("--reader", choices=("tiles", "openslide"), default="tiles",
+                        help="how patches are read: tiles (default) cuts them from decoded TIFF / SVS tiles "
+                             "where exact, and decodes JPEG tiles at reduced scale for a magnification without "
+                             "its own pyramid level, else OpenSlide; openslide always reads through OpenSlide")
 
 
 def _setting(given, from_model, default, what: str, source: str):
