@@ -206,3 +206,30 @@ def test_int8_needs_a_manifest(tmp_path):
         quantize.run_data(tmp_path / "model.keras", quantize.Int8Options())
     with pytest.raises(ConfigError, match="int8 engines"):
         quantize.quantize_entries([], quantize.Int8Options(engines=("tensorrt",)))
+
+
+def test_benchmark_times_the_int8_models_in_the_same_run(converted, tiny_cohort, tmp_path):
+    from test_export import run_script
+
+    report = quantize.quantize_entries(converted, quantize.Int8Options(samples=30, engines=("openvino",),
+                                                                       tolerance=1.0), progress=False)
+    folder = Path(report[0]["folder"])
+    slide = load_manifest(tiny_cohort).split("test")[0].slide_path
+    out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
+    done = run_script("benchmark.py", "--slide", slide, "--patch-model", folder / "patch_classifier.xml",
+                      "--refine-model", folder / "refiner.xml", "--repeats", 1, "--int8", "--json", out_json,
+                      "--markdown", out_md, tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out_json.read_text())
+    int8 = result["int8"]
+    assert int8["precision"].startswith("int8+") and not result["precision"].startswith("int8")
+    assert int8["patches"] == result["patches"] > 0
+    assert int8["patch_backend"]["model"].endswith("patch_classifier_int8.xml")
+    speedup = int8["patch_wise_patches_per_second"]["mean"] / result["patch_wise_patches_per_second"]["mean"]
+    assert f"**{speedup:.2f}x** the {result['precision']} models'" in out_md.read_text()
+
+    missing = run_script("benchmark.py", "--slide", slide, "--patch-model", folder / "patch_classifier.onnx",
+                         "--refine-model", folder / "refiner.onnx", "--engine", "onnxruntime", "--repeats", 1,
+                         "--int8", tmp_path=tmp_path)
+    if not (folder / "patch_classifier_int8.onnx").is_file():
+        assert missing.returncode == 2 and "export/convert.py --int8" in missing.stderr

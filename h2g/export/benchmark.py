@@ -339,8 +339,11 @@ def _engine_cells(result: dict) -> str:
 def benchmark_markdown(result: dict, peer: dict | None = None) -> str:
     """The benchmark in the layout of the paper's Table 3 (Patch-wise, Refinement, Total:
     mean ± sd seconds), followed by the per-stage breakdown and the overlap figures.
-    ``peer`` (same keys, e.g. FAST's timings) adds a row."""
+    ``peer`` (same keys, e.g. FAST's timings) adds a row; ``result["int8"]`` (the same
+    benchmark of the int8 models, timed in the same run) adds a row, its breakdown and
+    its speed-ups over the given models and the peer."""
     s = result["stages"]
+    int8 = result.get("int8")
     lines = [
         "# Runtime of the H2G-Net pipeline (layout of the paper's Table 3)",
         "",
@@ -352,6 +355,10 @@ def benchmark_markdown(result: dict, peer: dict | None = None) -> str:
         "|---|---|---|---|---|---|---|",
         f"| {_engine_cells(result)} | {_cell(s['patch_wise'])} | {_cell(s['refinement'])} | {_cell(s['total'])} |",
     ]
+    if int8 is not None:
+        t = int8["stages"]
+        lines.append(f"| {_engine_cells(int8)} | {_cell(t['patch_wise'])} | {_cell(t['refinement'])} | "
+                     f"{_cell(t['total'])} |")
     if peer is not None:
         ps = peer["stages"]
         cells = [_cell(ps[k]) if k in ps else "not timed" for k in ("patch_wise", "refinement", "total")]
@@ -378,6 +385,17 @@ def benchmark_markdown(result: dict, peer: dict | None = None) -> str:
         f"- peak resident memory: {result['peak_memory_mib']:.0f} MiB",
         "",
     ]
+    if int8 is not None:
+        ours = result["patch_wise_patches_per_second"]["mean"]
+        theirs = int8["patch_wise_patches_per_second"]["mean"]
+        lines += [f"## int8 models ({int8['patch_backend']['model']}, {int8['refine_backend']['model']})",
+                  *_stage_table(int8["stages"], STAGES, STAGE_LABELS), "",
+                  f"- patches/s over the patch-wise stage: {_cell(int8['patch_wise_patches_per_second'])}: "
+                  f"**{theirs / ours:.2f}x** the {result['precision']} models'"]
+        if peer is not None:
+            lines.append(f"- int8 vs peer {peer['engine']} ({peer['precision']}): "
+                         f"**{theirs / peer['patches_per_second']['mean']:.2f}x** patches/s")
+        lines += [_efficiency_line(int8), ""]
 
     return "\n".join(lines)
 

@@ -1,8 +1,8 @@
 """Deployment without TensorFlow: segment a slide with exported models, write its outputs,
 benchmark the pipeline (the paper's Table 3), and describe it as a FAST text pipeline.
 
-Everything here runs in a venv with only ONNX Runtime or OpenVINO (``pip install
-'h2g[deploy]'``); the models run through :mod:`h2g.inference.backends`'s backends, the same core
+Everything here runs in a venv with only ONNX Runtime or OpenVINO (the base install,
+``pip install h2g``, has no TensorFlow); the models run through :mod:`h2g.inference.backends`'s backends, the same core
 that makes the training-time heatmaps.
 
 Outputs of :func:`write_outputs` (``S`` = the refinement size, 1024 by default):
