@@ -275,10 +275,9 @@ def quantize_onnx(onnx_path: Path, feeds: list[dict], metadata: ModelMetadata, s
             quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(str(prepared), str(Path(work) / "int8.onnx"), _Reader(feeds),
                             quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
-                            # fold ranges every few samples instead of keeping every sample's
-                            # activations (a 1024 px U-Net's would not fit in memory)
-                            extra_options={"CalibMaxIntermediateOutputs": 4})
+                            weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
+            # (its calibration keeps only each sample's per-tensor min / max; its option
+            # CalibMaxIntermediateOutputs would discard them in ONNX Runtime 1.31)
         except Exception as exc:  # onnxruntime's quantiser raises many types
             raise ExportError(f"{onnx_path}: ONNX Runtime cannot quantise the model: {exc}") from None
         os.replace(Path(work) / "int8.onnx", target)
