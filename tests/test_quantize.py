@@ -233,3 +233,54 @@ def test_benchmark_times_the_int8_models_in_the_same_run(converted, tiny_cohort,
                          "--int8", tmp_path=tmp_path)
     if not (folder / "patch_classifier_int8.onnx").is_file():
         assert missing.returncode == 2 and "export/convert.py --int8" in missing.stderr
+
+
+def test_guard_of_a_multi_class_sliding_window_model(tiny_cohort, tmp_path):
+    """DSMN-S2 (one 20x view, the manifest's five classes): per-class IoU over the pooled
+    test pixels and the tumour Dice, f32 against int8, from the same segmentation the
+    deployment runs (checked against numpy counts of its label maps)."""
+    import keras
+
+    from h2g.data.views import View
+    from h2g.evaluation.metrics import raster_labels
+    from h2g.export.conversion import convert
+    from h2g.export.deploy import segment_windows
+    from h2g.export.metadata import ModelMetadata
+    from h2g.io.annotation import load_annotation
+    from h2g.models import build
+
+    manifest_path = tiny_cohort.parent / "data_manifest_multiclass.csv"
+    manifest = load_manifest(manifest_path)
+    names = manifest.classes.names
+    keras.utils.set_random_seed(0)
+    model = build("dsmn_s2", n_classes=len(names), input_size=128, width=0.0625)
+    folder = tmp_path / "dsmn_s2" / "models"
+    folder.mkdir(parents=True)
+    model.save(folder / "segmenter.keras")
+    classes = [{"name": n, "colour": [40 * i, 0, 0]} for i, n in enumerate(names)]
+    write_sidecar(folder / "segmenter.keras", ModelMetadata(system="dmmn", design="dsmn_s2", role="segmentation",
+                                                            views=(View("x20", 20.0, 128),), classes=classes,
+                                                            output="pixel_probs"))
+    (tmp_path / "dsmn_s2" / "config.json").write_text(json.dumps({"manifest": str(manifest_path), "seed": 0}))
+    with Slide(manifest.split("train")[0].slide_path) as slide:
+        entries = json.loads(convert([tmp_path / "dsmn_s2"], slide, progress=False).read_text())["models"]
+    result, = quantize.quantize_entries(entries, quantize.Int8Options(samples=20, engines=("onnxruntime",),
+                                                                      tolerance=1.0), progress=False)
+    assert result["kind"] == "sliding" and result["passed"] and set(result["iou_f32"]) <= set(names)
+    assert "windows (x20 128px at 20x)" in result["calibration"]["segmentation"]
+
+    counts = {"f32": np.zeros((len(names), len(names))), "int8": np.zeros((len(names), len(names)))}
+    for record in manifest.split("test"):
+        with Slide(record.slide_path) as slide:
+            annotation = load_annotation(record.annotation_path, slide, classes=manifest.classes)
+            for variant, name in (("f32", "segmenter.onnx"), ("int8", "segmenter_int8.onnx")):
+                seg = segment_windows(slide, OnnxRuntimeBackend(folder / name), progress=False)
+                pred, truth = raster_labels(seg.raster, annotation, names)
+                keep = truth != 255
+                np.add.at(counts[variant], (truth[keep], pred[keep]), 1)
+    for variant in ("f32", "int8"):
+        c = counts[variant]
+        for i, name in enumerate(names):
+            union = c[i].sum() + c[:, i].sum() - c[i, i]
+            if union:  # present in the truth or the prediction
+                assert result[f"iou_{variant}"][name] == pytest.approx(c[i, i] / union, abs=1e-9)
