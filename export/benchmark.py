@@ -107,9 +107,11 @@ def run_windows(args, plan) -> tuple[dict, str]:
     from h2g.export.benchmark import benchmark_windows, windows_markdown
     from h2g.io.slide import Slide
 
-    if args.peer or args.int8:
-        raise ConfigError("--peer fast and --int8 time H2G-Net's models, not a sliding-window model "
-                          "(benchmark its _int8 model with --model instead)")
+    if args.peer:
+        raise ConfigError("--peer fast times H2G-Net's models, not a sliding-window model")
+    if args.int8:
+        raise ConfigError("--int8 times H2G-Net's int8 models beside the given ones; benchmark a sliding-window "
+                          "model's <name>_int8 file with --model instead")
     with Slide(args.slide, mpp=args.mpp, reader=args.reader) as slide:
         result = benchmark_windows(slide, plan.backends[0], plan.metadata, repeats=args.repeats,
                                    stride=args.stride, keep=args.keep, blend=args.blend,
