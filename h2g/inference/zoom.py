@@ -1,0 +1,241 @@
+"""RAZN's conditional zoom inference (Dong et al., Section 2, m = 1, r = 2) over a slide,
+with any backends (Keras, ONNX Runtime, OpenVINO): the code the training pipeline
+evaluates with and deployment runs.
+
+Regions tile the slide's tissue on the *fine* grid: one window of rS px at ``r m0``
+(:func:`h2g.tiling.windows.window_grid`, stride rS) per region, the same field as ``x0``,
+S px at ``m0``, around the same centre (:class:`h2g.data.views.View` keeps views of one
+centre co-centred).  Per region:
+
+1. the policy network reads ``x0`` and gives ``p``, the probability of zooming in;
+2. ``p > threshold`` (default 0.5: the more likely action of the policy, also of the
+   bounded Bernoulli since ``p~ > 0.5`` iff ``p > 0.5`` for alpha > 0.5): ``x1`` (rS px
+   at ``r m0``) is read on demand, cut into r^2 patches of S px (:func:`split_zoom`),
+   segmented by the fine network and put back (:func:`stitch_zoom`); otherwise the
+   coarse network segments ``x0`` and its prediction is enlarged x r by nearest
+   neighbour (:func:`enlarge`: coarse pixel (u, v) covers fine pixels r u .. r u + r - 1);
+3. the region's rS x rS prediction is stitched into the slide's
+   :class:`~h2g.inference.raster.Raster` (downsample of ``r m0``).
+
+Every region's decision and wall time are kept (:class:`ZoomStats`): the fraction
+zoomed and the time per region, for the paper's relative inference time.
+
+TensorFlow-free (the Keras twins of the geometry are in :mod:`h2g.models.razn`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from h2g.core.errors import ConfigError, ExportError
+from h2g.data.views import View
+from h2g.inference.backends import Backend
+from h2g.inference.raster import Raster
+from h2g.inference.sliding import Stitcher, blend_weights, read_window_batch
+
+ZOOM_RATE = 2
+ROLES = ("policy", "coarse", "fine")
+
+
+def bounded_bernoulli(p, alpha: float = 0.8):
+    """Eq. 5: ``p~ = alpha p + (1 - alpha)(1 - p)``, in ``[1 - alpha, alpha]`` for p in [0, 1]."""
+    if not 0.5 <= alpha <= 1.0:
+        raise ConfigError(f"alpha must be in [0.5, 1], got {alpha}")
+    return alpha * p + (1.0 - alpha) * (1.0 - p)
+
+
+def split_zoom(x: np.ndarray, rate: int = ZOOM_RATE) -> np.ndarray:
+    """(B, rS, rS, C) -> (B r^2, S, S, C); quadrant (i, j) of sample b at ``b r^2 + i r + j``."""
+    b, h, w, c = x.shape
+    if h != w or h % rate:
+        raise ConfigError(f"a zoomed region must be square with a side divisible by {rate}, got {h}x{w}")
+    s = h // rate
+    return x.reshape(b, rate, s, rate, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b * rate * rate, s, s, c)
+
+
+def stitch_zoom(x: np.ndarray, rate: int = ZOOM_RATE) -> np.ndarray:
+    """The inverse of :func:`split_zoom`: (B r^2, S, S, C) -> (B, rS, rS, C)."""
+    n, s, _, c = x.shape
+    b = n // (rate * rate)
+    return x.reshape(b, rate, rate, s, s, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, rate * s, rate * s, c)
+
+
+def enlarge(x: np.ndarray, rate: int = ZOOM_RATE) -> np.ndarray:
+    """Coarse (B, S, S, C) -> (B, rS, rS, C), nearest neighbour."""
+    return np.repeat(np.repeat(x, rate, axis=1), rate, axis=2)
+
+
+def zoom_views(size: int, magnification: float, rate: int = ZOOM_RATE) -> tuple[View, View]:
+    """``x0`` (``size`` px at ``magnification``) and ``x1`` (``rate`` x that at ``rate`` x the magnification)."""
+    return View("x0", float(magnification), int(size)), View("x1", float(magnification) * rate, int(size) * rate)
+
+
+@dataclass
+class ZoomStats:
+    """Per region: ``p`` (policy), ``zoomed`` (bool) and ``seconds`` (reading excluded:
+    policy + the segmentation branch taken, batch of one region)."""
+
+    p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    zoomed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    seconds: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+    @property
+    def zoom_fraction(self) -> float:
+        return float(self.zoomed.mean()) if len(self.zoomed) else 0.0
+
+    def to_dict(self) -> dict:
+        return {"regions": int(len(self.zoomed)), "zoomed": int(self.zoomed.sum()),
+                "zoom_fraction": self.zoom_fraction}
+
+
+def _probability(out: np.ndarray, source: str) -> np.ndarray:
+    out = np.asarray(out, np.float32)
+    if out.ndim != 2 or out.shape[1] != 1:
+        raise ExportError(f"{source}: a policy network outputs (B, 1) zoom probabilities, got {out.shape}")
+    return out[:, 0]
+
+
+def segment_regions(policy: Backend, coarse: Backend, fine: Backend, x0: np.ndarray, x1_reader,
+                    threshold: float = 0.5, rate: int = ZOOM_RATE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One batch of regions: ``x0`` (B, S, S, 3) in [0, 1]; ``x1_reader(indices)`` reads
+    the zoomed views (k, rS, rS, 3) of the regions that zoom.  Returns ``(probs (B, rS,
+    rS, C), p (B,), zoomed (B,))``."""
+    p = _probability(policy.predict(x0), policy.source)
+    zoomed = p > threshold
+    keep = np.flatnonzero(~zoomed)
+    go = np.flatnonzero(zoomed)
+    parts = {}
+    if len(keep):
+        parts["coarse"] = enlarge(np.asarray(coarse.predict(x0[keep]), np.float32), rate)
+    if len(go):
+        patches = split_zoom(np.asarray(x1_reader(go), np.float32), rate)
+        parts["fine"] = stitch_zoom(np.asarray(fine.predict(patches), np.float32), rate)
+    shape = next(iter(parts.values())).shape[1:]
+    out = np.empty((len(x0),) + shape, np.float32)
+    if len(keep):
+        out[keep] = parts["coarse"]
+    if len(go):
+        out[go] = parts["fine"]
+    return out, p, zoomed
+
+
+def zoom_segmentation(slide, policy: Backend, coarse: Backend, fine: Backend, *, size: int,
+                      magnification: float, threshold: float = 0.5, tissue=None, tissue_threshold: float = 0.0,
+                      batch_size: int = 8, progress: bool = True, timings: dict | None = None,
+                      rate: int = ZOOM_RATE) -> tuple[Raster, ZoomStats]:
+    """RAZN over ``slide`` (module doc): regions of ``size`` px at ``magnification``;
+    returns the class-probability raster (at ``rate * magnification``) and the regions'
+    :class:`ZoomStats`.  ``timings`` receives seconds: ``tissue``, ``reading`` (x0 and
+    the zoomed x1), ``policy``, ``coarse``, ``fine``, ``stitching``, ``total``; and
+    ``regions``, ``zoomed``."""
+    from tqdm.auto import tqdm
+
+    from h2g.tiling.tissue import detect_tissue
+    from h2g.tiling.windows import window_grid
+
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    v0, v1 = zoom_views(size, magnification, rate)
+    t0 = time.perf_counter()
+    if tissue is None:
+        tissue = detect_tissue(slide)
+    grid = window_grid(slide, magnification=v1.magnification, size=v1.size, stride=v1.size, tissue=tissue,
+                       tissue_threshold=tissue_threshold)
+    classes = None
+    stitcher = raster = None
+    t = dict.fromkeys(("reading", "policy", "coarse", "fine", "stitching"), 0.0)
+    stats = ZoomStats(np.zeros(len(grid), np.float32), np.zeros(len(grid), bool), np.zeros(len(grid)))
+    tissue_s = time.perf_counter() - t0
+    with tqdm(total=len(grid), unit="region", desc="regions", disable=not progress, leave=False) as bar:
+        for start in range(0, len(grid), batch_size):
+            centres = grid.centres[start:start + batch_size]
+            tr = time.perf_counter()
+            x0 = read_window_batch(slide, centres, [v0])["x0"]
+            t["reading"] += time.perf_counter() - tr
+
+            def read_x1(indices):
+                tx = time.perf_counter()
+                try:
+                    return read_window_batch(slide, centres[indices], [v1])["x1"]
+                finally:
+                    t["reading"] += time.perf_counter() - tx
+
+            tp = time.perf_counter()
+            p = _probability(policy.predict(x0), policy.source)
+            t["policy"] += time.perf_counter() - tp
+            zoomed = p > threshold
+            out = None
+            for branch, mask in (("coarse", ~zoomed), ("fine", zoomed)):
+                idx = np.flatnonzero(mask)
+                if not len(idx):
+                    continue
+                if branch == "fine":
+                    patches = split_zoom(read_x1(idx), rate)
+                    tb = time.perf_counter()
+                    pred = stitch_zoom(np.asarray(fine.predict(patches), np.float32), rate)
+                else:
+                    tb = time.perf_counter()
+                    pred = enlarge(np.asarray(coarse.predict(x0[idx]), np.float32), rate)
+                t[branch] += time.perf_counter() - tb
+                if pred.shape[1:3] != (v1.size, v1.size):
+                    raise ExportError(f"{(fine if branch == 'fine' else coarse).source}: predictions of "
+                                      f"{pred.shape[1]} px for regions of {v1.size} px on the fine grid")
+                if out is None:
+                    out = np.empty((len(x0),) + pred.shape[1:], np.float32)
+                out[idx] = pred
+            ts = time.perf_counter()
+            if stitcher is None:
+                classes = out.shape[-1]
+                raster = Raster.empty(slide.dimensions, grid.downsample, classes)
+                stitcher = Stitcher(raster.shape, classes, blend_weights(v1.size))
+            for k, probs in enumerate(out):
+                stitcher.add(grid.top_left[start + k], probs)
+            t["stitching"] += time.perf_counter() - ts
+            stats.p[start:start + len(x0)] = p
+            stats.zoomed[start:start + len(x0)] = zoomed
+            bar.update(len(x0))
+    if raster is None:  # no region over tissue
+        n = _classes_of(coarse, v0)
+        raster = Raster.empty(slide.dimensions, grid.downsample, n)
+    else:
+        raster.probs, raster.covered = stitcher.result()
+    if timings is not None:
+        timings.update(tissue=tissue_s, **t, total=time.perf_counter() - t0, regions=len(grid),
+                       zoomed=int(stats.zoomed.sum()))
+    return raster, stats
+
+
+def _classes_of(backend: Backend, view: View) -> int:
+    return int(backend.predict(np.zeros((1, view.size, view.size, 3), np.float32)).shape[-1])
+
+
+def time_regions(policy: Backend, coarse: Backend, fine: Backend, x0: np.ndarray, x1: np.ndarray,
+                 threshold: float = 0.5, repeats: int = 3, rate: int = ZOOM_RATE) -> ZoomStats:
+    """Per-region wall time of RAZN's inference on regions already in memory (``x0``
+    (N, S, S, 3), ``x1`` (N, rS, rS, 3)): policy, then the branch it chooses, one region
+    at a time; the best of ``repeats`` per region."""
+    stats = ZoomStats(np.zeros(len(x0), np.float32), np.zeros(len(x0), bool), np.zeros(len(x0)))
+    for i in range(len(x0)):
+        best = np.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            _, p, zoomed = segment_regions(policy, coarse, fine, x0[i:i + 1], lambda idx: x1[i:i + 1][idx],
+                                           threshold, rate)
+            best = min(best, time.perf_counter() - t0)
+        stats.p[i], stats.zoomed[i], stats.seconds[i] = p[0], zoomed[0], best
+    return stats
+
+
+def time_calls(predict, feeds, repeats: int = 3) -> np.ndarray:
+    """Per-feed wall time of ``predict(feed)``, the best of ``repeats``."""
+    out = np.zeros(len(feeds))
+    for i, feed in enumerate(feeds):
+        best = np.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            predict(feed)
+            best = min(best, time.perf_counter() - t0)
+        out[i] = best
+    return out
