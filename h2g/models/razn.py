@@ -150,6 +150,7 @@ def enlarge(x, rate: int = ZOOM_RATE):
     return ops.repeat(ops.repeat(x, rate, axis=1), rate, axis=2)
 
 
+@keras.saving.register_keras_serializable(package="h2g")
 class SplitZoom(layers.Layer):
     def __init__(self, rate: int = ZOOM_RATE, **kw):
         super().__init__(**kw)
@@ -166,6 +167,7 @@ class SplitZoom(layers.Layer):
         return {**super().get_config(), "rate": self.rate}
 
 
+@keras.saving.register_keras_serializable(package="h2g")
 class StitchZoom(SplitZoom):
     def call(self, x):
         return stitch_zoom(x, self.rate)
@@ -175,12 +177,33 @@ class StitchZoom(SplitZoom):
                 shape[2] * self.rate, shape[3])
 
 
+@keras.saving.register_keras_serializable(package="h2g")
 class Enlarge(SplitZoom):
     def call(self, x):
         return enlarge(x, self.rate)
 
     def compute_output_shape(self, shape):
         return (shape[0], shape[1] * self.rate, shape[2] * self.rate, shape[3])
+
+
+@keras.saving.register_keras_serializable(package="h2g")
+class LogProbs(layers.Layer):
+    """``log(clip(p, 1e-7, 1))``."""
+
+    def call(self, p):
+        return ops.log(ops.clip(p, 1e-7, 1.0))
+
+
+@keras.saving.register_keras_serializable(package="h2g")
+class ScaleFusion(layers.Layer):
+    """``w[..., 0:1] * coarse + w[..., 1:2] * fine``: the attention-weighted sum of two scales."""
+
+    def call(self, inputs):
+        coarse, fine, weights = inputs
+        return coarse * weights[..., :1] + fine * weights[..., 1:]
+
+    def compute_output_shape(self, shapes):
+        return shapes[0]
 
 
 def unit_model(unit: str, fcn: keras.Model, attention_width: int = 16) -> keras.Model:
@@ -200,13 +223,11 @@ def unit_model(unit: str, fcn: keras.Model, attention_width: int = 16) -> keras.
     if unit == "ms":
         out = layers.Average(name="segmentation")([coarse, fine])
         return keras.Model({"x0": x0, "x1": x1}, out, name="razn_ms")
-    logs = [layers.Lambda(lambda p: ops.log(ops.clip(p, 1e-7, 1.0)), name=f"log_{s}")(p)
-            for s, p in (("coarse", coarse), ("fine", fine))]
+    logs = [LogProbs(name=f"log_{s}")(p) for s, p in (("coarse", coarse), ("fine", fine))]
     h = layers.Concatenate(name="att_in")(logs)
     h = layers.Conv2D(attention_width, 3, padding="same", activation="relu", name="att_conv")(h)
     weights = layers.Softmax(name="att_weights")(layers.Conv2D(2, 1, name="att_logits")(h))
-    fused = layers.Lambda(lambda t: t[0] * t[2][..., :1] + t[1] * t[2][..., 1:], name="segmentation")(
-        [coarse, fine, weights])
+    fused = ScaleFusion(name="segmentation")([coarse, fine, weights])
     return keras.Model({"x0": x0, "x1": x1}, fused, name="razn_attention")
 
 
