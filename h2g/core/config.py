@@ -132,7 +132,7 @@ class RAZNConfig:
     same way for ``steps`` batches, checkpointed every ``checkpoint_every``."""
 
     size: int = 256
-    magnification: float = 10.0  # x0; x1 is read at twice this
+    magnification: float = 20.0  # x0; x1 is read at twice this (40x: the scanners' full resolution)
     width: float = 1.0  # filter multiplier of ResNet18's 64-128-256-512
     alpha: float = 0.8
     attention_width: int = 512  # hidden filters of the Attention baseline's scale-attention head
@@ -209,9 +209,9 @@ def _smoke() -> Config:
         # DMMN at 1/8 width with Adam: the paper's SGD at lr 5e-5 needs days, not minutes
         dmmn=DMMNConfig(width=0.125, batch_size=8, train_batches=40, val_batches=4, epochs=8,
                         optimizer="adam", learning_rate=1e-3, weight_decay=0.0),
-        # RAZN at 1/8 width on 64 px regions at 2.5x (x1: 128 px at 5x); lr 1e-3: 0.01
+        # RAZN at 1/8 width on 64 px regions at 5x (x1: 128 px at 10x); lr 1e-3: 0.01
         # diverges in a few hundred steps of tiny nets
-        razn=RAZNConfig(size=64, magnification=2.5, width=0.125, attention_width=8, batch_size=8, steps=150,
+        razn=RAZNConfig(size=64, magnification=5.0, width=0.125, attention_width=8, batch_size=8, steps=150,
                         learning_rate=1e-3, decay_steps=100, checkpoint_every=50, timing_regions=50),
     )
 

@@ -211,31 +211,15 @@ def _classes_of(backend: Backend, view: View) -> int:
     return int(backend.predict(np.zeros((1, view.size, view.size, 3), np.float32)).shape[-1])
 
 
-def time_regions(policy: Backend, coarse: Backend, fine: Backend, x0: np.ndarray, x1: np.ndarray,
-                 threshold: float = 0.5, repeats: int = 3, rate: int = ZOOM_RATE) -> ZoomStats:
-    """Per-region wall time of RAZN's inference on regions already in memory (``x0``
-    (N, S, S, 3), ``x1`` (N, rS, rS, 3)): policy, then the branch it chooses, one region
-    at a time; the best of ``repeats`` per region."""
-    stats = ZoomStats(np.zeros(len(x0), np.float32), np.zeros(len(x0), bool), np.zeros(len(x0)))
-    for i in range(len(x0)):
-        best = np.inf
+def time_interleaved(calls, n: int, repeats: int = 5) -> np.ndarray:
+    """``(len(calls), n)`` wall seconds of ``calls[k](i)`` for items ``i < n``, the best of
+    ``repeats``; the calls are interleaved item by item, so a change of machine load
+    touches every call alike (the relative inference time divides them)."""
+    out = np.full((len(calls), n), np.inf)
+    for i in range(n):
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            _, p, zoomed = segment_regions(policy, coarse, fine, x0[i:i + 1], lambda idx: x1[i:i + 1][idx],
-                                           threshold, rate)
-            best = min(best, time.perf_counter() - t0)
-        stats.p[i], stats.zoomed[i], stats.seconds[i] = p[0], zoomed[0], best
-    return stats
-
-
-def time_calls(predict, feeds, repeats: int = 3) -> np.ndarray:
-    """Per-feed wall time of ``predict(feed)``, the best of ``repeats``."""
-    out = np.zeros(len(feeds))
-    for i, feed in enumerate(feeds):
-        best = np.inf
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            predict(feed)
-            best = min(best, time.perf_counter() - t0)
-        out[i] = best
+            for k, call in enumerate(calls):
+                t0 = time.perf_counter()
+                call(i)
+                out[k, i] = min(out[k, i], time.perf_counter() - t0)
     return out

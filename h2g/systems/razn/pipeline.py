@@ -16,9 +16,10 @@
 - **Evaluation**: per-class IoU pooled over the test slides on the label maps' grid, mean
   IoU, weighted IoU (frequency-weighted; and the paper's inverse-frequency wording) and
   the relative inference time: wall seconds per region (policy + the branch taken for
-  RAZN), one region at a time, over ``timing_regions`` test regions, divided by the mean
-  time of Scale 1's unit (the dilated FCN on ``x0``, enlarged) on the same regions in the
-  same process; mean and sd over regions.  The relative cost in FLOPs is reported
+  RAZN), one region at a time (each network a traced ``tf.function``; best of 5), over
+  ``timing_regions`` test regions, divided by the mean time of Scale 1's unit (the
+  dilated FCN on ``x0``, enlarged) on the same regions, timed interleaved with the
+  design's in the same process; mean and sd over regions.  The relative cost in FLOPs is reported
   beside it.  Each row also carries the binary tumour recall / precision / Dice per
   slide, so RAZN's designs join Table 1 of every system.
 """
@@ -261,30 +262,36 @@ class Pipeline:
         """Per-region wall time relative to Scale 1's mean on the same regions (module doc)."""
         import keras
 
-        from h2g.inference.backends import KerasBackend
-        from h2g.inference.zoom import enlarge, time_calls, time_regions
+        from h2g.inference.zoom import enlarge, segment_regions, time_interleaved
         from h2g.models import razn
 
         c = self.config
         x0, x1 = self.timing_regions()
-        keras.utils.set_random_seed(c.seed)
-        reference = KerasBackend(razn.unit_model("scale1", razn.build_resnet18_fcn(
-            self.classes.n_classes, c.razn.size, c.razn.width)))
-        if design.unit is None:
-            coarse = backends["coarse"]
-            ref = time_calls(lambda x: enlarge(coarse.predict(x)), [x0[i:i + 1] for i in range(len(x0))])
-            stats = time_regions(backends["policy"], coarse, backends["fine"], x0, x1, c.razn.zoom_threshold)
-            seconds = stats.seconds
-            extra = {"timing_zoom_fraction": stats.zoom_fraction}
+        extra = {}
+        backends = {k: _GraphBackend(b.model) for k, b in backends.items()}
+        if design.unit is None:  # Scale 1's unit is RAZN's coarse network, enlarged
+            policy, coarse, fine = (backends[r] for r in RAZN_MODELS)
+            reference = lambda i: enlarge(coarse.predict(x0[i:i + 1]))  # noqa: E731
+            run = lambda i: segment_regions(policy, coarse, fine, x0[i:i + 1],  # noqa: E731
+                                            lambda idx: x1[i:i + 1][idx], c.razn.zoom_threshold)
+            zoomed = np.asarray(policy.predict(x0))[:, 0] > c.razn.zoom_threshold
+            extra["timing_zoom_fraction"] = float(zoomed.mean())
         else:
-            ref = time_calls(reference.predict, [x0[i:i + 1] for i in range(len(x0))])
+            keras.utils.set_random_seed(c.seed)
+            scale1 = _GraphBackend(razn.unit_model("scale1", razn.build_resnet18_fcn(
+                self.classes.n_classes, c.razn.size, c.razn.width)))
+            reference = lambda i: scale1.predict(x0[i:i + 1])  # noqa: E731
             unit = backends["unit"]
-            feeds = [{"x0": x0[i:i + 1], "x1": x1[i:i + 1]} for i in range(len(x0))]
+            feed = {"x0": x0, "x1": x1}
             if len(design.views) == 1:
-                feeds = [f[design.views[0]] for f in feeds]
-            seconds = time_calls(unit.predict, feeds)
-            extra = {}
+                run = lambda i: unit.predict(feed[design.views[0]][i:i + 1])  # noqa: E731
+            else:
+                run = lambda i: unit.predict({k: v[i:i + 1] for k, v in feed.items()})  # noqa: E731
+        ref, seconds = time_interleaved([reference, run], len(x0))
         rel = seconds / ref.mean()
+        if design.unit is None:
+            extra["seconds_zoomed"] = float(seconds[zoomed].mean()) if zoomed.any() else None
+            extra["seconds_not_zoomed"] = float(seconds[~zoomed].mean()) if (~zoomed).any() else None
         return {"mean": float(rel.mean()), "sd": float(rel.std(ddof=1)) if len(rel) > 1 else 0.0,
                 "regions": int(len(rel)), "seconds_mean": float(seconds.mean()),
                 "scale1_seconds_mean": float(ref.mean()), **extra}
@@ -387,6 +394,20 @@ class Pipeline:
                                             "manifest": str(self.manifest_path), **c.to_dict()})
         write_json(folder / "metrics.json", result)
         return result
+
+
+class _GraphBackend:
+    """A Keras model called through one traced ``tf.function`` (graph mode): for timing,
+    where an eager call's Python overhead would hide the networks' cost."""
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self.model, self.source = model, model.name
+        self._call = tf.function(lambda feed: model(feed, training=False), reduce_retracing=True)
+
+    def predict(self, feed):
+        return np.asarray(self._call(feed))
 
 
 def table1_markdown(results: list[dict]) -> str:
