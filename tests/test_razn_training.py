@@ -127,3 +127,17 @@ def test_baseline_unit_trains_a_step():
     assert logs["loss"] == pytest.approx(logs["loss_segmentation"] + logs["loss_enlarge"] + logs["loss_stitch"],
                                          rel=1e-5)
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, unit.trainable_variables))
+
+
+def test_reward_by_hand_with_the_floor():
+    """R = a (J0 - J1) / max(J0, floor), checked on constant networks: coarse J0 =
+    -log(1/3), fine J1 = -log(p_true) of softmax(2 * one-hot); zoom draws with p~ = 0.8."""
+    keras.utils.set_random_seed(0)
+    policy = build_policy(S, width=0.125)
+    trainer = RaznTrainer(policy, _uniform_net(S, "c"), _onehot_net(S, 2.0, "f"), alpha=0.8, reward_floor=2.0,
+                          lr=0.0, seed=3)
+    inputs, y = _toy_batch(np.random.default_rng(0), 64)
+    logs = trainer.step(inputs["x0"], inputs["x1"], y, 0)
+    j0, j1 = np.log(3.0), -np.log(np.exp(2) / (np.exp(2) + 2))
+    assert logs["j0"] == pytest.approx(j0, rel=1e-5) and logs["j1"] == pytest.approx(j1, rel=1e-4)
+    assert logs["reward"] == pytest.approx(logs["zoom_rate"] * (j0 - j1) / 2.0, rel=1e-4)  # floor 2 > J0

@@ -135,6 +135,10 @@ class RAZNConfig:
     magnification: float = 20.0  # x0; x1 is read at twice this (40x: the scanners' full resolution)
     width: float = 1.0  # filter multiplier of ResNet18's 64-128-256-512
     alpha: float = 0.8
+    # the reward's denominator J0 is floored here (nats): a region the coarse net already
+    # gets nearly right (J0 -> 0, e.g. all glass) would otherwise give a reward of -1e3
+    # and swamp the batch's policy gradient (seen in smoke runs); not in the paper
+    reward_floor: float = 0.05
     attention_width: int = 512  # hidden filters of the Attention baseline's scale-attention head
     min_labelled: float = 0.01
     tissue_threshold: float = 0.05
@@ -211,8 +215,8 @@ def _smoke() -> Config:
                         optimizer="adam", learning_rate=1e-3, weight_decay=0.0),
         # RAZN at 1/8 width on 64 px regions at 5x (x1: 128 px at 10x); lr 1e-3: 0.01
         # diverges in a few hundred steps of tiny nets
-        razn=RAZNConfig(size=64, magnification=5.0, width=0.125, attention_width=8, batch_size=8, steps=150,
-                        learning_rate=1e-3, decay_steps=100, checkpoint_every=50, timing_regions=50),
+        razn=RAZNConfig(size=64, magnification=5.0, width=0.125, attention_width=8, batch_size=8, steps=300,
+                        learning_rate=1e-3, decay_steps=200, checkpoint_every=50, timing_regions=50),
     )
 
 

@@ -166,7 +166,8 @@ class Pipeline:
         schedule = dict(lr=c.razn.learning_rate, decay_steps=c.razn.decay_steps, decay_rate=c.razn.decay_rate,
                         seed=c.seed)
         if design.unit is None:
-            trainer = RaznTrainer(nets["policy"], nets["coarse"], nets["fine"], alpha=c.razn.alpha, **schedule)
+            trainer = RaznTrainer(nets["policy"], nets["coarse"], nets["fine"], alpha=c.razn.alpha,
+                                  reward_floor=c.razn.reward_floor, **schedule)
         else:
             trainer = UnitTrainer(nets["unit"], outputs=design.losses, **schedule)
         history = trainer.fit(self.batches, steps=c.razn.steps, run_dir=stage.dir / "training",

@@ -12,12 +12,15 @@ and the label map ``y`` (B, 2S, 2S) of ``x1`` (255 = unannotated, ignored):
    ``p`` = the policy's output on ``x0`` (Eq. 2); the uniform draws come from
    ``tf.random.stateless_uniform`` seeded by (seed, step), so a run is repeatable and a
    resumed run draws what the uninterrupted one drew;
-3. reward ``R = a (J0 - J1) / J0``: zooming is rewarded when the fine scale *lowers*
+3. reward ``R = a (J0 - J1) / max(J0, reward_floor)``: zooming is rewarded when the fine scale *lowers*
    the loss.  **The printed Eq. 4 has the difference the other way round**
    (``(J1 - J0) / J0``, and the text after it says the reward is positive when
    ``J1 > J0``): maximising that reward would teach the policy to zoom where zooming
    hurts, against the paper's own motivation ("define the reward such that it minimizes
-   the segmentation loss"); we implement the sign that does what the paper intends;
+   the segmentation loss"); we implement the sign that does what the paper intends.
+   The floor on the denominator (``reward_floor``, default 0.05 nats; 0 = the paper's
+   form) is ours: a region the coarse network already gets nearly right (J0 -> 0)
+   otherwise gives a reward of -1e3 and swamps the batch's policy gradient;
 4. REINFORCE update of the policy every step: minimise
    ``-mean(R log(a p~ + (1 - a)(1 - p~)))`` (Eq. 6-7, ``R`` held constant);
 5. the fine network is updated on the mean ``J1`` of the regions with ``a = 1``, the
@@ -178,9 +181,10 @@ class RaznTrainer(_Trainer):
     """Algorithm 1 (module doc) on ``policy`` (image -> p (B, 1)), ``coarse`` and ``fine``
     (image (B, S, S, 3) -> softmax (B, S, S, C))."""
 
-    def __init__(self, policy, coarse, fine, *, alpha: float = 0.8, **kw):
+    def __init__(self, policy, coarse, fine, *, alpha: float = 0.8, reward_floor: float = 0.05, **kw):
         super().__init__({"policy": policy, "coarse": coarse, "fine": fine}, **kw)
         self.alpha = float(alpha)
+        self.reward_floor = max(float(reward_floor), EPS)
         self._compute = tf.function(self._gradients, reduce_retracing=True)
 
     def _gradients(self, x0, x1, y, seed):
@@ -192,7 +196,7 @@ class RaznTrainer(_Trainer):
             pt = bounded(p, self.alpha)
             u = tf.random.stateless_uniform(tf.shape(p), seed)
             a = tf.cast(u < tf.stop_gradient(pt), tf.float32)
-            reward = tf.stop_gradient(a * (j0 - j1) / tf.maximum(j0, EPS))
+            reward = tf.stop_gradient(a * (j0 - j1) / tf.maximum(j0, self.reward_floor))
             log_prob = tf.math.log(tf.clip_by_value(a * pt + (1.0 - a) * (1.0 - pt), 1e-7, 1.0))
             policy_loss = -tf.reduce_mean(reward * log_prob)
             n1 = tf.reduce_sum(a)
