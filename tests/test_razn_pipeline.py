@@ -92,3 +92,14 @@ def test_export_served_by_segment_slide_matches_the_keras_pipeline(razn_run, tmp
     assert summary["zoom"]["zoomed"] == int(stats.zoomed.sum())
     assert deployed.shape == keras_raster.probs.shape
     np.testing.assert_allclose(deployed, keras_raster.probs, atol=1e-4)
+    # export/benchmark.py reports RAZN's stages from the same three files
+    spec = importlib.util.spec_from_file_location("benchmark_cli", "export/benchmark.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--slide", str(record.slide_path), "--model", *map(str, onnx), "--engine", "onnxruntime",
+                       "--repeats", "1", "--json", str(tmp_path / "bench.json"),
+                       "--markdown", str(tmp_path / "bench.md")]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["regions"] == summary["zoom"]["regions"] and result["zoomed"] == summary["zoom"]["zoomed"]
+    assert set(result["stages"]) == {"tissue", "reading", "policy", "coarse", "fine", "stitching", "total"}
+    assert "conditional zoom" in (tmp_path / "bench.md").read_text()

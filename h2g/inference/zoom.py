@@ -17,8 +17,9 @@ centre co-centred).  Per region:
 3. the region's rS x rS prediction is stitched into the slide's
    :class:`~h2g.inference.raster.Raster` (downsample of ``r m0``).
 
-Every region's decision and wall time are kept (:class:`ZoomStats`): the fraction
-zoomed and the time per region, for the paper's relative inference time.
+Every region's decision is kept (:class:`ZoomStats`: the fraction zoomed);
+:func:`time_interleaved` times regions one at a time for the paper's relative inference
+time.
 
 TensorFlow-free (the Keras twins of the geometry are in :mod:`h2g.models.razn`).
 """
@@ -74,12 +75,11 @@ def zoom_views(size: int, magnification: float, rate: int = ZOOM_RATE) -> tuple[
 
 @dataclass
 class ZoomStats:
-    """Per region: ``p`` (policy), ``zoomed`` (bool) and ``seconds`` (reading excluded:
-    policy + the segmentation branch taken, batch of one region)."""
+    """Per region (in the region grid's order): ``p`` (the policy's zoom probability)
+    and ``zoomed`` (bool)."""
 
     p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     zoomed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
-    seconds: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def zoom_fraction(self) -> float:
@@ -98,26 +98,36 @@ def _probability(out: np.ndarray, source: str) -> np.ndarray:
 
 
 def segment_regions(policy: Backend, coarse: Backend, fine: Backend, x0: np.ndarray, x1_reader,
-                    threshold: float = 0.5, rate: int = ZOOM_RATE) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                    threshold: float = 0.5, rate: int = ZOOM_RATE,
+                    timings: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One batch of regions: ``x0`` (B, S, S, 3) in [0, 1]; ``x1_reader(indices)`` reads
     the zoomed views (k, rS, rS, 3) of the regions that zoom.  Returns ``(probs (B, rS,
-    rS, C), p (B,), zoomed (B,))``."""
+    rS, C), p (B,), zoomed (B,))``; ``timings`` (when given) accumulates the seconds of
+    ``policy``, ``coarse`` and ``fine`` (reading excluded)."""
+    t = timings if timings is not None else {}
+    t0 = time.perf_counter()
     p = _probability(policy.predict(x0), policy.source)
+    t["policy"] = t.get("policy", 0.0) + time.perf_counter() - t0
     zoomed = p > threshold
-    keep = np.flatnonzero(~zoomed)
-    go = np.flatnonzero(zoomed)
-    parts = {}
-    if len(keep):
-        parts["coarse"] = enlarge(np.asarray(coarse.predict(x0[keep]), np.float32), rate)
-    if len(go):
-        patches = split_zoom(np.asarray(x1_reader(go), np.float32), rate)
-        parts["fine"] = stitch_zoom(np.asarray(fine.predict(patches), np.float32), rate)
-    shape = next(iter(parts.values())).shape[1:]
-    out = np.empty((len(x0),) + shape, np.float32)
-    if len(keep):
-        out[keep] = parts["coarse"]
-    if len(go):
-        out[go] = parts["fine"]
+    out = None
+    for branch, idx in (("coarse", np.flatnonzero(~zoomed)), ("fine", np.flatnonzero(zoomed))):
+        if not len(idx):
+            continue
+        if branch == "fine":
+            patches = split_zoom(np.asarray(x1_reader(idx), np.float32), rate)
+            tb = time.perf_counter()
+            pred = stitch_zoom(np.asarray(fine.predict(patches), np.float32), rate)
+        else:
+            tb = time.perf_counter()
+            pred = enlarge(np.asarray(coarse.predict(x0[idx]), np.float32), rate)
+        t[branch] = t.get(branch, 0.0) + time.perf_counter() - tb
+        expected = rate * x0.shape[1]
+        if pred.shape[1:3] != (expected, expected):
+            raise ExportError(f"{(fine if branch == 'fine' else coarse).source}: predictions of {pred.shape[1]} px "
+                              f"for regions of {expected} px on the fine grid")
+        if out is None:
+            out = np.empty((len(x0),) + pred.shape[1:], np.float32)
+        out[idx] = pred
     return out, p, zoomed
 
 
@@ -143,10 +153,9 @@ def zoom_segmentation(slide, policy: Backend, coarse: Backend, fine: Backend, *,
         tissue = detect_tissue(slide)
     grid = window_grid(slide, magnification=v1.magnification, size=v1.size, stride=v1.size, tissue=tissue,
                        tissue_threshold=tissue_threshold)
-    classes = None
     stitcher = raster = None
     t = dict.fromkeys(("reading", "policy", "coarse", "fine", "stitching"), 0.0)
-    stats = ZoomStats(np.zeros(len(grid), np.float32), np.zeros(len(grid), bool), np.zeros(len(grid)))
+    stats = ZoomStats(np.zeros(len(grid), np.float32), np.zeros(len(grid), bool))
     tissue_s = time.perf_counter() - t0
     with tqdm(total=len(grid), unit="region", desc="regions", disable=not progress, leave=False) as bar:
         for start in range(0, len(grid), batch_size):
@@ -162,29 +171,7 @@ def zoom_segmentation(slide, policy: Backend, coarse: Backend, fine: Backend, *,
                 finally:
                     t["reading"] += time.perf_counter() - tx
 
-            tp = time.perf_counter()
-            p = _probability(policy.predict(x0), policy.source)
-            t["policy"] += time.perf_counter() - tp
-            zoomed = p > threshold
-            out = None
-            for branch, mask in (("coarse", ~zoomed), ("fine", zoomed)):
-                idx = np.flatnonzero(mask)
-                if not len(idx):
-                    continue
-                if branch == "fine":
-                    patches = split_zoom(read_x1(idx), rate)
-                    tb = time.perf_counter()
-                    pred = stitch_zoom(np.asarray(fine.predict(patches), np.float32), rate)
-                else:
-                    tb = time.perf_counter()
-                    pred = enlarge(np.asarray(coarse.predict(x0[idx]), np.float32), rate)
-                t[branch] += time.perf_counter() - tb
-                if pred.shape[1:3] != (v1.size, v1.size):
-                    raise ExportError(f"{(fine if branch == 'fine' else coarse).source}: predictions of "
-                                      f"{pred.shape[1]} px for regions of {v1.size} px on the fine grid")
-                if out is None:
-                    out = np.empty((len(x0),) + pred.shape[1:], np.float32)
-                out[idx] = pred
+            out, p, zoomed = segment_regions(policy, coarse, fine, x0, read_x1, threshold, rate, timings=t)
             ts = time.perf_counter()
             if stitcher is None:
                 classes = out.shape[-1]
