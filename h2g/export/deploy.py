@@ -404,6 +404,9 @@ def deployment_plan(args, models=()) -> Plan:
     from h2g.export.zoom import by_role, is_razn
 
     if is_razn(metas):  # RAZN: policy + coarse + fine, the conditional zoom (h2g.export.zoom)
+        if getattr(args, "stride", None) or getattr(args, "keep", None):
+            raise ConfigError("--stride and --keep apply to sliding-window models, not RAZN (its regions tile "
+                              "the tissue)")
         paths = by_role(metas)
         backends = tuple(make_backend(paths[r], engine=args.engine, device=args.device, precision=args.precision,
                                       threads=args.threads, hint="latency") for r in ("policy", "coarse", "fine"))
