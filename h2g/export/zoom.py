@@ -26,7 +26,7 @@ ZOOM_STAGE_LABELS = {
     "policy": "policy network",
     "coarse": "coarse network (regions not zoomed)",
     "fine": "fine network (zoomed regions, 4 patches each)",
-    "stitching": "stitching",
+    "stitching": "stitching (+ the raster's weighted average)",
     "total": "total",
 }
 

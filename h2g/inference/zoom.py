@@ -187,7 +187,9 @@ def zoom_segmentation(slide, policy: Backend, coarse: Backend, fine: Backend, *,
         n = _classes_of(coarse, v0)
         raster = Raster.empty(slide.dimensions, grid.downsample, n)
     else:
+        ts = time.perf_counter()
         raster.probs, raster.covered = stitcher.result()
+        t["stitching"] += time.perf_counter() - ts
     if timings is not None:
         timings.update(tissue=tissue_s, **t, total=time.perf_counter() - t0, regions=len(grid),
                        zoomed=int(stats.zoomed.sum()))
