@@ -160,3 +160,17 @@ def test_tiny_networks_export_with_parity(trained_nets, tiny_cohort, tmp_path):
             assert parity["openvino_f32"]["max_abs_diff"] <= 1e-4
             if stem != "attention":
                 assert not parity["constant_output"], stem
+
+
+def test_weighted_iou_by_hand():
+    """Truth: 6 px of class 0, 2 px of class 1, none of class 2 (predicted once)."""
+    from h2g.evaluation.metrics import ClassScores, weighted_iou
+
+    confusion = np.array([[5, 0, 1],   # class 0: 5 right, 1 called class 2
+                          [1, 1, 0],   # class 1: 1 right, 1 called class 0
+                          [0, 0, 0]])
+    scores = ClassScores.from_confusion(confusion, ["a", "b", "c"])
+    iou_a, iou_b = 5 / (5 + 1 + 1), 1 / (1 + 0 + 1)
+    assert weighted_iou(scores, "frequency") == pytest.approx(0.75 * iou_a + 0.25 * iou_b)
+    assert weighted_iou(scores, "inverse") == pytest.approx(0.25 * iou_a + 0.75 * iou_b)  # 1/6 : 1/2
+    assert scores.mean_iou == pytest.approx((iou_a + iou_b + 0.0) / 3)  # class c present (predicted)
