@@ -98,21 +98,20 @@ def _batches(start):
 
 
 def test_resumed_run_gives_the_weights_of_an_uninterrupted_one(tmp_path):
+    """Fresh networks from the same seed restored from a checkpoint after 2 of 4 steps end
+    with the weights of a 4-step run (so training is also repeatable for a seed)."""
     tf.config.experimental.enable_op_determinism()
     whole = _real_trainer()
-    whole.fit(_batches, steps=6, run_dir=tmp_path / "whole", checkpoint_every=3, progress=False)
+    whole.fit(_batches, steps=4, run_dir=tmp_path / "whole", checkpoint_every=2, progress=False)
     part = _real_trainer()
-    part.fit(_batches, steps=3, run_dir=tmp_path / "part", checkpoint_every=3, progress=False)
+    part.fit(_batches, steps=2, run_dir=tmp_path / "part", checkpoint_every=2, progress=False)
     resumed = _real_trainer()  # a fresh process: new networks, restored from the checkpoint
-    log = resumed.fit(_batches, steps=6, run_dir=tmp_path / "part", checkpoint_every=3, resume=True,
+    log = resumed.fit(_batches, steps=4, run_dir=tmp_path / "part", checkpoint_every=2, resume=True,
                       progress=False)
-    assert log["step"] == [3.0, 6.0]
+    assert log["step"] == [2.0, 4.0]
     for a, b in zip(whole._variables(), resumed._variables()):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-    again = _real_trainer()
-    again.fit(_batches, steps=6, run_dir=tmp_path / "again", checkpoint_every=3, progress=False)
-    for a, b in zip(whole._variables(), again._variables()):  # same seed, same weights
-        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(whole._variables(), part._variables()))
 
 
 def test_baseline_unit_trains_a_step():
