@@ -174,3 +174,9 @@ def test_weighted_iou_by_hand():
     assert weighted_iou(scores, "frequency") == pytest.approx(0.75 * iou_a + 0.25 * iou_b)
     assert weighted_iou(scores, "inverse") == pytest.approx(0.25 * iou_a + 0.75 * iou_b)  # 1/6 : 1/2
     assert scores.mean_iou == pytest.approx((iou_a + iou_b + 0.0) / 3)  # class c present (predicted)
+
+
+def test_zoom_map_marks_each_region():
+    stats = zoom.ZoomStats(np.array([0.9, 0.1], np.float32), np.array([True, False]), np.array([[0, 0], [0, 4]]), 4)
+    m = stats.zoom_map((4, 10))
+    assert (m[:, :4] == 1).all() and (m[:, 4:8] == 0).all() and np.isnan(m[:, 8:]).all()

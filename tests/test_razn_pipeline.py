@@ -55,6 +55,7 @@ def test_designs_write_table1_rows(razn_run):
     roles = {json.loads((out / "razn" / "models" / f"{r}.meta.json").read_text())["role"]
              for r in ("policy", "coarse", "fine")}
     assert roles == {"policy", "coarse", "fine"}
+    assert (out / "razn" / "zoom.png").is_file() and not (out / "razn_scale1" / "zoom.png").exists()
 
 
 def test_finished_stage_is_reused_and_resume_is_a_no_op(razn_run):

@@ -75,11 +75,22 @@ def zoom_views(size: int, magnification: float, rate: int = ZOOM_RATE) -> tuple[
 
 @dataclass
 class ZoomStats:
-    """Per region (in the region grid's order): ``p`` (the policy's zoom probability)
-    and ``zoomed`` (bool)."""
+    """Per region (in the region grid's order): ``p`` (the policy's zoom probability),
+    ``zoomed`` (bool) and ``top_left`` (row, col) of the region on the raster's grid,
+    whose regions are ``size`` raster px a side."""
 
     p: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     zoomed: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    top_left: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.int64))
+    size: int = 0
+
+    def zoom_map(self, shape: tuple[int, int]) -> np.ndarray:
+        """``shape`` (the raster's) float map: 1 on zoomed regions, 0 on the others, NaN
+        where there is no region."""
+        out = np.full(shape, np.nan, np.float32)
+        for (r, c), z in zip(self.top_left, self.zoomed):
+            out[max(r, 0):r + self.size, max(c, 0):c + self.size] = float(z)
+        return out
 
     @property
     def zoom_fraction(self) -> float:
@@ -155,7 +166,8 @@ def zoom_segmentation(slide, policy: Backend, coarse: Backend, fine: Backend, *,
                        tissue_threshold=tissue_threshold)
     stitcher = raster = None
     t = dict.fromkeys(("reading", "policy", "coarse", "fine", "stitching"), 0.0)
-    stats = ZoomStats(np.zeros(len(grid), np.float32), np.zeros(len(grid), bool))
+    stats = ZoomStats(np.zeros(len(grid), np.float32), np.zeros(len(grid), bool),
+                      np.asarray(grid.top_left, np.int64).reshape(-1, 2), v1.size)
     tissue_s = time.perf_counter() - t0
     with tqdm(total=len(grid), unit="region", desc="regions", disable=not progress, leave=False) as bar:
         for start in range(0, len(grid), batch_size):

@@ -326,7 +326,7 @@ class Pipeline:
         stage = self.model_stage(design)
         backends = self.backends(design, stage)
         tumour = self.classes.tumour_index
-        pooled, rows, unevaluated, examples = None, [], [], []
+        pooled, rows, unevaluated, examples, zoom_maps = None, [], [], [], []
         zoomed = regions = 0
         for record in tqdm(self.manifest.split("test"), desc=f"{design.name} test slides", unit="slide"):
             if record.annotation_path is None:
@@ -336,6 +336,8 @@ class Pipeline:
             if stats is not None:
                 zoomed += int(stats.zoomed.sum())
                 regions += len(stats.zoomed)
+                if len(zoom_maps) < c.eval.figure_slides:
+                    zoom_maps.append((record.slide_id, raster.label_map(fill=-1), stats.zoom_map(raster.shape)))
             pred, truth = metrics.raster_labels(raster, self.annotation(record), self.classes.names)
             scores = metrics.class_metrics(pred, truth, self.classes, ignore=IGNORE)
             pooled = scores if pooled is None else pooled + scores
@@ -390,6 +392,8 @@ class Pipeline:
             write_sidecar(target, self.metadata(design, role))
             result["models"][stem] = str(target)
         figures.label_map_grid(folder / "examples.png", examples, self.classes)
+        if zoom_maps:
+            zoom_figure(folder / "zoom.png", zoom_maps, self.classes)
         write_text(folder / "table1.md", table1_markdown([result]))
         write_json(folder / "config.json", {"design": design.name, "system": design.system,
                                             "manifest": str(self.manifest_path), **c.to_dict()})
@@ -409,6 +413,31 @@ class _GraphBackend:
 
     def predict(self, feed):
         return np.asarray(self._call(feed))
+
+
+def zoom_figure(path: Path, rows: list, classes) -> Path:
+    """PNG, one row per slide: RAZN's predicted label map (class colours) and where its
+    policy zoomed (red: zoomed, blue: coarse, white: no region)."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+
+    colours = np.array([colour_rgb(c) for c in classes.colours], float) / 255
+    fig = Figure(figsize=(6, 3 * len(rows)), dpi=100)
+    axes = fig.subplots(len(rows), 2, squeeze=False)
+    for (slide_id, labels, zoom), (left, right) in zip(rows, axes):
+        image = np.ones(labels.shape + (3,))
+        image[labels >= 0] = colours[labels[labels >= 0]]
+        left.imshow(image)
+        right.imshow(np.ma.masked_invalid(zoom), cmap=ListedColormap(["#3060c0", "#d03030"]), vmin=0, vmax=1)
+        left.set_ylabel(slide_id)
+        for ax in (left, right):
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_title("prediction")
+    axes[0, 1].set_title("zoomed (red) / coarse (blue)")
+    fig.tight_layout()
+    replace_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
+    return path
 
 
 def table1_markdown(results: list[dict]) -> str:
