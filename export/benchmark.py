@@ -120,6 +120,17 @@ def run_windows(args, plan) -> tuple[dict, str]:
     return result, windows_markdown(result)
 
 
+def run_razn(args, plan) -> tuple[dict, str]:
+    """RAZN's three networks (``--model POLICY COARSE FINE``): h2g.export.zoom's benchmark."""
+    from h2g.export.zoom import benchmark_zoom, zoom_markdown
+    from h2g.io.slide import Slide
+
+    with Slide(args.slide, mpp=args.mpp, reader=args.reader) as slide:
+        result = benchmark_zoom(slide, *plan.backends, plan.metadata, repeats=args.repeats,
+                                batch_size=args.batch_size)
+    return result, zoom_markdown(result)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from h2g.export.deploy import deployment_plan
@@ -129,6 +140,8 @@ def main(argv=None) -> int:
     plan = deployment_plan(args, args.model)
     if plan.kind == "h2g":
         result, markdown = run_h2g(args, plan.backends)
+    elif plan.kind == "razn":
+        result, markdown = run_razn(args, plan)
     else:
         result, markdown = run_windows(args, plan)
     if args.markdown:

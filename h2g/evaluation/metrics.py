@@ -11,8 +11,6 @@
   classes *present* (in the truth or the prediction, on labelled pixels): a class absent
   from both is undefined there and left out rather than counted as a perfect 1.
 - :func:`tumour_metrics`: the binary tumour figures of a pair of label maps.
-- :func:`raster_labels`: a sliding-window probability raster as a label map on an
-  annotation's grid, beside the annotation's labels (what multi-class systems score).
 
 Label maps are counted chunk by chunk (no full-size int64 temporaries).  TensorFlow-free.
 """
@@ -197,15 +195,15 @@ def tumour_scores(confusion: np.ndarray, tumour_index: int) -> dict[str, float]:
     return _scores(tp, fp, fn)
 
 
-# ---------------------------------------------------------------- rasters vs label maps
+# ---------------------------------------------------------------- rasters and weighted IoU
 BACKGROUND_NAMES = ("glass", "background")  # the class of pixels no window covered, when the table has one
 
 
 def raster_labels(raster, annotation, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted labels, truth labels) of a probability raster
+    """(predicted labels, truth labels) of a class-probability raster
     (:class:`h2g.inference.raster.Raster`) on ``annotation``'s label-map grid.  Pixels no
-    window covered are the ``glass`` / ``background`` class when ``class_names`` has one,
-    else they are not scored (truth set to :data:`IGNORE`)."""
+    window covered are the ``glass`` / ``background`` class when ``class_names`` has
+    one, else they are not scored (truth set to :data:`IGNORE`)."""
     truth = annotation.labels
     resized = raster.resized(annotation.downsample)
     names = [n.lower() for n in class_names]
@@ -217,3 +215,22 @@ def raster_labels(raster, annotation, class_names: Sequence[str]) -> tuple[np.nd
         truth[pred < 0] = IGNORE
         pred = np.where(pred < 0, 0, pred)
     return pred.astype(np.int64), truth
+
+
+def weighted_iou(scores: ClassScores, weighting: str = "frequency") -> float:
+    """IoU averaged over the classes present in the truth, weighted by each class's share
+    of the annotated truth pixels (``"frequency"``: the usual frequency-weighted IoU) or
+    by the inverse of that share, normalised to sum to 1 (``"inverse"``: Dong et al.'s
+    wording, "the weight is proportional to the inverse of the frequency")."""
+    counts = scores.confusion.sum(axis=1).astype(np.float64)
+    present = counts > 0
+    if not present.any():
+        return float("nan")
+    if weighting == "frequency":
+        w = counts[present] / counts[present].sum()
+    elif weighting == "inverse":
+        w = 1.0 / counts[present]
+        w /= w.sum()
+    else:
+        raise ValueError(f"weighting must be 'frequency' or 'inverse', got {weighting!r}")
+    return float(np.sum(w * scores.iou[present]))

@@ -367,8 +367,9 @@ def write_raster_outputs(seg: WindowSegmentation, slide, out_dir, extra: dict | 
 # --------------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    """What :func:`deployment_plan` chose: ``kind`` "h2g" (``backends`` patch, refine) or
-    "sliding" (``backends`` one segmentation model)."""
+    """What :func:`deployment_plan` chose: ``kind`` "h2g" (``backends`` patch, refine),
+    "sliding" (``backends`` one segmentation model) or "razn" (``backends`` policy,
+    coarse, fine: :mod:`h2g.export.zoom`)."""
 
     kind: str
     backends: tuple
@@ -404,6 +405,16 @@ def deployment_plan(args, models=()) -> Plan:
     if missing:
         raise ExportError(f"{', '.join(missing)}: no h2g metadata in the model file (exported by an older "
                           "version?); give H2G-Net's models with --patch-model and --refine-model")
+    from h2g.export.zoom import by_role, is_razn
+
+    if is_razn(metas):  # RAZN: policy + coarse + fine, the conditional zoom (h2g.export.zoom)
+        if getattr(args, "stride", None) or getattr(args, "keep", None):
+            raise ConfigError("--stride and --keep apply to sliding-window models, not RAZN (its regions tile "
+                              "the tissue)")
+        paths = by_role(metas)
+        backends = tuple(make_backend(paths[r], engine=args.engine, device=args.device, precision=args.precision,
+                                      threads=args.threads, hint="latency") for r in ("policy", "coarse", "fine"))
+        return Plan("razn", backends, metas[paths["coarse"]])
     roles = {meta.role: m for m, meta in metas.items()}
     if len(models) == 2 and set(roles) == {"patch_classifier", "refinement"}:
         args.patch_model, args.refine_model = roles["patch_classifier"], roles["refinement"]
