@@ -1,4 +1,4 @@
-"""Reading patches from decoded TIFF tiles (``Slide(..., reader="tiles")``, h2g.io.tiles):
+"""Reading patches from decoded TIFF tiles (``Slide(..., reader="tiles" | "reduced")``, h2g.io.tiles):
 the same pixels as OpenSlide on a level's own grid (embedded cohort slides, a real Aperio
 JPEG slide and a real Aperio JPEG 2000 slide), reduced-scale JPEG decoding close to
 OpenSlide + area resize, each tile decoded once per pass, safe from several threads, and
@@ -56,8 +56,10 @@ def test_off_grid_regions_fall_back_to_openslide(cohort_slide, monkeypatch):
 
 
 def test_reduced_scale_decoding_is_close_to_openslide_and_area_resize(cohort_slide, monkeypatch):
-    plain, tiled = _pairs(cohort_slide)
-    with plain, tiled:
+    plain, tiled = Slide(cohort_slide), Slide(cohort_slide, reader="reduced")
+    with plain, tiled, Slide(cohort_slide, reader="tiles") as exact:
+        np.testing.assert_array_equal(exact.read_region((2048, 2048), (256, 256), 20),  # "tiles" never reduces
+                                      plain.read_region((2048, 2048), (256, 256), 20))
         used = []
         real_read = tiles.TiledLevel.read
         monkeypatch.setattr(tiles.TiledLevel, "read", lambda self, *a: used.append(a[-1]) or real_read(self, *a))

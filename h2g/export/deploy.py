@@ -113,10 +113,11 @@ def add_pipeline_arguments(parser, models_required: bool = True) -> None:
                         help="refinement resolution (default: the refinement model's input size, else 1024)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--readers", type=int, default=2, help="patch reader threads")
-    parser.add_argument("--reader", choices=("tiles", "openslide"), default="tiles",
-                        help="how patches are read: tiles (default) cuts them from decoded TIFF / SVS tiles "
-                             "where exact, and decodes JPEG tiles at reduced scale for a magnification without "
-                             "its own pyramid level, else OpenSlide; openslide always reads through OpenSlide")
+    parser.add_argument("--reader", choices=("tiles", "reduced", "openslide"), default="tiles",
+                        help="how patches are read: tiles (default) cuts them from decoded TIFF / SVS tiles on a "
+                             "level's pixel grid (OpenSlide's pixels, faster), else OpenSlide; reduced also decodes "
+                             "JPEG tiles at 1/2-1/8 scale for a magnification without its own level (pixels "
+                             "differ slightly from training's OpenSlide + area resize); openslide: OpenSlide only")
 
 
 def _setting(given, from_model, default, what: str, source: str):

@@ -17,11 +17,12 @@ naming the file.
 
 ``reader="tiles"`` (deployment's default, :mod:`h2g.io.tiles`) cuts regions straight out
 of the decoded tiles of a tiled TIFF / SVS level when the region sits on that level's
-pixel grid (the same pixels as OpenSlide, without its ARGB round trip), and decodes JPEG
-tiles at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) for a magnification that has no
-level of its own but is that much coarser than one (pixels then differ slightly from
-OpenSlide + area resize).  Anything else is read by OpenSlide.  ``reader="openslide"``
-(the default, and what training uses) always reads through OpenSlide.
+pixel grid: the same pixels as OpenSlide, without its ARGB round trip.
+``reader="reduced"`` also decodes JPEG tiles at 1/2, 1/4 or 1/8 size (libjpeg's DCT
+scaling) for a magnification that has no level of its own but is that much coarser than
+one; those pixels differ slightly from OpenSlide + area resize (what training saw), so it
+is opt-in.  Anything else is read by OpenSlide.  ``reader="openslide"`` (the default, and
+what training uses) always reads through OpenSlide.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ SNAP_FACTOR = 1.15
 BAND_ROWS = 1024
 BAND_THREADS = 2
 #: How regions are read: always through OpenSlide, or from decoded TIFF tiles where exact.
-READERS = ("openslide", "tiles")
+READERS = ("openslide", "tiles", "reduced")
 #: Suffixes of the slide formats OpenSlide reads; an unrecognised file with one of these
 #: is reported as corrupt rather than "not a slide".
 SLIDE_SUFFIXES = frozenset(
@@ -152,7 +153,7 @@ class Slide:
         self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
         self.reader = reader
         self._tiles = None
-        if reader == "tiles":
+        if reader in ("tiles", "reduced"):
             from h2g.io.tiles import TileSource
 
             self._tiles = TileSource.open(self.path, self.level_dimensions)
@@ -246,14 +247,14 @@ class Slide:
 
     def _read_tiles(self, x: int, y: int, w: int, h: int, downsample: float) -> np.ndarray | None:
         """The region from decoded tiles when it lies on the pixel grid of a level at
-        ``downsample`` or of a level 2, 4 or 8 times finer (reduced-scale JPEG decoding);
-        None when neither serves it exactly (OpenSlide then reads it)."""
+        ``downsample`` or (``reader="reduced"``) of a level 2, 4 or 8 times finer, decoded
+        at reduced scale; None when neither serves it (OpenSlide then reads it)."""
         if self._closed:
             raise SlideError(self.path, "the slide has been closed")
         for level, level_downsample in enumerate(self.level_downsamples):
             factor = downsample / level_downsample
             scale = round(factor)
-            if abs(factor - scale) > 1e-9 or scale not in (1, 2, 4, 8):
+            if abs(factor - scale) > 1e-9 or scale not in (1, 2, 4, 8) or (scale > 1 and self.reader != "reduced"):
                 continue
             if scale > 1 and any(abs(d - downsample) < 1e-9 for d in self.level_downsamples):
                 continue  # a level of its own exists: read that one

@@ -12,7 +12,7 @@ checks equality on the embedded cohort's slides and on a real Aperio JPEG slide)
 
 Reduced-scale decoding: a JPEG tile in YCbCr can be decoded at 1/2, 1/4 or 1/8 of its
 size by libjpeg's DCT scaling (PIL's ``draft``), which costs a fraction of a full decode.
-:class:`h2g.io.slide.Slide` uses it, when asked (``reader="tiles"``), for a magnification
+:class:`h2g.io.slide.Slide` uses it, when asked (``reader="reduced"``), for a magnification
 that has no pyramid level but is 2, 4 or 8 times coarser than one; the pixels then differ
 slightly from OpenSlide's full-size read + area resize (measured in the README).
 
