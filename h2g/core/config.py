@@ -138,6 +138,7 @@ class MUNetConfig:
     decoder_width: float = 1.0
     merge_filters: tuple[int, ...] = (256, 64)
     final_filters: int = 16
+    bn_momentum: float | None = None  # None: Keras' 0.99; short runs need faster moving statistics
     class_balance: tuple[float, ...] = (2.0, 1.0, 1.0)  # sampler's class stage: tumour, normal, other
     branch_weights: tuple[float, ...] = (1.0, 0.5, 0.5)  # final, high, low outputs
     min_labelled: float = 0.01
@@ -225,11 +226,11 @@ def _smoke() -> Config:
                         optimizer="adam", learning_rate=1e-3, weight_decay=0.0),
         # m-UNet with tiny EfficientNets on 128 px views, two short master rounds
         munet=MUNetConfig(size=128, base_encoder="w0.25d0.1", master_encoder="w0.35d0.2", decoder_width=0.125,
-                          merge_filters=(32, 16), final_filters=8, batch_size=8, train_batches=20, val_batches=3,
-                          base_epochs=4, base_learning_rate=2e-3, thresholds=(0.8, 0.6), learning_rates=(1e-3, 5e-4),
-                          epochs=(2, 2), dynamic_weights=(True, False),
+                          merge_filters=(32, 16), final_filters=8, bn_momentum=0.9, batch_size=8, train_batches=25,
+                          val_batches=3, base_epochs=8, base_learning_rate=2e-3, thresholds=(0.8, 0.6), learning_rates=(1e-3, 5e-4),
+                          epochs=(3, 3), dynamic_weights=(True, False),
                           augment=("basic+colour+noise", "basic+heavy+noise+hsv+jitter"), stride=128,
-                          inference_batch=8, auc_pixels=50_000),
+                          inference_batch=32, auc_pixels=50_000),
     )
 
 

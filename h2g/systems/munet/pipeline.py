@@ -78,6 +78,7 @@ class Pipeline:
         self._samplers: dict = {}
         self._annotations: dict = {}
         self._evaluated: dict[str, dict] = {}
+        self._backends: dict[str, object] = {}
         c = self.config.munet
         mags = c.magnifications
         if len(mags) != 2 or not mags[0] > mags[1] > 0:
@@ -167,7 +168,7 @@ class Pipeline:
             n_classes=self.classes.n_classes, annotations=annotations, shard=shard)
         if both:
             return data.map(lambda x, y: (x, {"segmentation": y[HI], "high": y[HI], "low": y[LO]}))
-        return data.map(lambda x, y: (x, y[HI]))
+        return data.map(lambda x, y: (x[HI], y[HI]))
 
     def static_weights(self) -> np.ndarray:
         """``1 - N_c / N`` over the annotated pixels of the training label maps."""
@@ -223,6 +224,8 @@ class Pipeline:
             model = models.build("unet_effnet", n_classes=self.classes.n_classes, input_size=c.munet.size,
                                  encoder=c.munet.base_encoder, weights=c.munet.weights,
                                  decoder_width=c.munet.decoder_width)
+            if c.munet.bn_momentum is not None:
+                models.set_batchnorm_momentum(model, c.munet.bn_momentum)
         result, weights = self._train(stage, model, self._annotated("train"), "train", both=False,
                                       augment=c.munet.base_augment, epochs=c.munet.base_epochs,
                                       learning_rate=c.munet.base_learning_rate, dynamic=False, resumed=resumed)
@@ -255,6 +258,10 @@ class Pipeline:
                 image = values[np.where(labels == IGNORE, len(values) - 1, labels)]
                 replace_atomically(target, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
             kept.append(float(np.mean(np.asarray(Image.open(target)) != table.ignore[0])))
+        if max(kept, default=0.0) == 0.0:
+            raise ConfigError(f"pseudo-labels of round {k + 1}: the previous model ({previous.dir}) is confident "
+                              f">= {threshold:g} on no pixel of the training slides; train it longer or lower "
+                              "munet.thresholds")
         stage.finish({"threshold": threshold, "labelled_fraction": kept})
         return stage
 
@@ -285,6 +292,8 @@ class Pipeline:
                                  encoder=c.master_encoder, weights=c.weights, decoder_width=c.decoder_width,
                                  ratio=self.ratio, merge_filters=tuple(c.merge_filters),
                                  final_filters=c.final_filters)
+            if c.bn_momentum is not None:
+                models.set_batchnorm_momentum(model, c.bn_momentum)
             if k > 0:  # later rounds continue from the previous round (lr decreasing)
                 model.load_weights(previous.dir / "full.weights.h5")
         result, weights = self._train(stage, model, self.pseudo_records(labels), f"round{k + 1}", both=True,
@@ -304,7 +313,9 @@ class Pipeline:
         from h2g.tiling.tissue import detect_tissue
 
         c = self.config
-        backend = KerasBackend(model_path)
+        if str(model_path) not in self._backends:
+            self._backends[str(model_path)] = KerasBackend(model_path)
+        backend = self._backends[str(model_path)]
         with open_slide(record.slide_path, mpp=record.mpp) as slide:
             tissue = detect_tissue(slide, magnification=c.patches.tissue_magnification,
                                    saturation_threshold=c.patches.saturation_threshold)
