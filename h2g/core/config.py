@@ -150,6 +150,7 @@ class MUNetConfig:
     base_learning_rate: float = 0.01
     base_augment: str = "basic"
     thresholds: tuple[float, ...] = (0.8, 0.7, 0.6, 0.5, 0.4)
+    keep_annotations: bool = True  # pseudo-label maps keep the manual labels where there are some
     learning_rates: tuple[float, ...] = (0.005, 0.001, 0.0007, 0.0005, 0.0001)
     epochs: tuple[int, ...] = (5, 5, 5, 5, 10)
     dynamic_weights: tuple[bool, ...] = (True, True, True, True, False)

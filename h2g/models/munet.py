@@ -67,7 +67,9 @@ def _check_weights(name: str, weights):
 
 def efficientnet_encoder(name: str, input_size: int, weights=None, prefix: str = "enc") -> keras.Model:
     """An EfficientNet feature extractor ``(S, S, 3)`` in [0, 1] -> its feature maps at
-    strides 2, 4, 8, 16, 32 (the last layer of each resolution)."""
+    strides 2, 4, 8, 16, 32 (the last layer of each resolution).  Its input rescaling
+    (1/255) is dropped (inputs are in [0, 1]) and its normalisation made a frozen affine
+    layer (:func:`_constant_normalisation`)."""
     from keras.src.applications import efficientnet
 
     width, depth = encoder_coefficients(name)
@@ -75,6 +77,7 @@ def efficientnet_encoder(name: str, input_size: int, weights=None, prefix: str =
     base = efficientnet.EfficientNet(width, depth, input_size, include_top=False, weights=weights,
                                      input_shape=(input_size, input_size, 3), name=f"{prefix}_efficientnet_{name}",
                                      weights_name=name if weights else None)
+    base = _constant_normalisation(base)
     found = {}
     for layer in base.layers:
         shape = layer.output.shape
@@ -87,9 +90,47 @@ def efficientnet_encoder(name: str, input_size: int, weights=None, prefix: str =
         raise ConfigError(f"input size {input_size} gives no EfficientNet features at strides {missing}; "
                           f"use a multiple of 32")
     inp = keras.Input((input_size, input_size, 3), name=f"{prefix}_input")
-    features = keras.Model(base.input, [found[s] for s in STRIDES], name=f"{prefix}_features")(
-        layers.Rescaling(255.0, name=f"{prefix}_to255")(inp))
+    features = keras.Model(base.input, [found[s] for s in STRIDES], name=f"{prefix}_features")(inp)
     return keras.Model(inp, features, name=prefix)
+
+
+def _constant_normalisation(base: keras.Model) -> keras.Model:
+    """``base`` with its ``Normalization`` layer replaced by the equal per-channel affine
+    map ``x * scale + offset`` (``scale = 1 / sqrt(var)``, ``offset = -mean * scale``) as a
+    frozen 1x1 depthwise convolution, other weights kept.  The Normalization layer holds
+    its statistics as tensors computed when it is built, which tf2onnx turns into extra
+    graph inputs instead of constants; weights are frozen into constants."""
+    import numpy as np
+
+    affine = {}
+
+    def clone(layer):
+        if isinstance(layer, layers.Rescaling):  # 1/255 on the input: ours are in [0, 1] already
+            scale = np.asarray(layer.scale, np.float64).reshape(-1)
+            offset = np.asarray(layer.offset, np.float64).reshape(-1)
+            if scale.size == 1 and abs(scale[0] * 255.0 - 1.0) < 1e-9 and not offset.any():
+                return layers.Identity(name=layer.name)
+            affine[layer.name] = ((scale * np.ones(3)).reshape(1, 1, -1, 1).astype("float32"),
+                                  (offset * np.ones(3)).astype("float32"))
+            return layers.DepthwiseConv2D(1, use_bias=True, trainable=False, name=layer.name)
+        if isinstance(layer, layers.Normalization):
+            mean = np.asarray(layer.mean, np.float64).reshape(-1)
+            std = np.maximum(np.sqrt(np.asarray(layer.variance, np.float64).reshape(-1)), keras.config.epsilon())
+            affine[layer.name] = ((1.0 / std).reshape(1, 1, -1, 1).astype("float32"),
+                                  (-mean / std).astype("float32"))
+            return layers.DepthwiseConv2D(1, use_bias=True, trainable=False, name=layer.name)
+        return layer.__class__.from_config(layer.get_config())
+
+    copy = keras.models.clone_model(base, clone_function=clone)
+    originals = {layer.name: layer for layer in base.layers}
+    for layer in copy.layers:
+        if layer.name in affine:
+            layer.set_weights(list(affine[layer.name]))
+            continue
+        original = originals.get(layer.name)
+        if original is not None and original.get_weights():
+            layer.set_weights(original.get_weights())
+    return copy
 
 
 def _conv_bn(x, filters: int, name: str, kernel: int = 3):

@@ -14,7 +14,10 @@
 - **Pseudo-labels** (``munet_pseudo<k>``): the previous model segments every training
   slide by sliding window (the code deployment runs); a pixel's label is its arg-max
   class where that probability is >= ``thresholds[k]``, unlabelled (255: no loss) below
-  it or where no window fell.  Written as PNG label maps in the class table's values.
+  it or where no window fell; with ``keep_annotations`` (our choice: the paper does not
+  say) the manual partial annotation wins where there is one, so a class the previous
+  model is never confident about is not lost.  Written as PNG label maps in the class
+  table's values.
 - **Master rounds** (``munet_round<k>``): m-UNet with ``master_encoder`` on the
   pseudo-labels, loss weighted CE + weighted Dice on the final, high and low outputs
   (``branch_weights``), dynamic per-batch or static class weights
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,8 +146,14 @@ class Pipeline:
                 saturation_threshold=c.patches.saturation_threshold,
                 annotation_downsample=c.patches.annotation_downsample, classes=self.classes,
                 min_labelled=c.munet.min_labelled, progress=False)
+            weights = self.class_balance()
+            absent = [i for i in range(len(weights)) if not any(len(s.class_indices(i)) for s in sources)]
+            if absent:  # e.g. no "other" patch among few validation slides, or in confident pseudo-labels
+                log.warning("m-UNet sampler %s: no %s patches; the class stage draws the other classes", key,
+                            ", ".join(self.classes.names[i] for i in absent))
+                weights = [0.0 if i in absent else w for i, w in enumerate(weights)]
             self._samplers[key] = HierarchicalSampler(sources, stages=c.sampler.stages, seed=seed,
-                                                      class_weights=self.class_balance())
+                                                      class_weights=weights)
         return self._samplers[key]
 
     def _data(self, records, key: str, *, both: bool, training: bool, augment: str | None, start_batch=0,
@@ -239,7 +249,8 @@ class Pipeline:
         threshold = float(c.munet.thresholds[k])
         stage = Stage(self.out, f"munet_pseudo{k + 1}", config=c, sections=("munet", "patches"), seeded=False,
                       data=self.data, upstream={"model": previous},
-                      params={"threshold": threshold, "views": "both" if both else "high"})
+                      params={"threshold": threshold, "views": "both" if both else "high",
+                              "keep_annotations": c.munet.keep_annotations})
         if stage.done:
             return stage
         stage.prepare(self.resume)
@@ -255,6 +266,9 @@ class Pipeline:
             if not target.is_file():
                 raster = self.segment(previous.dir / "model.keras", record, both)
                 labels = pseudo_labels(self.on_label_grid(raster, record), threshold)
+                if c.munet.keep_annotations and record.annotation_path is not None:
+                    truth = self.annotation(record).labels
+                    labels = np.where(truth != IGNORE, truth, labels).astype(np.uint8)
                 image = values[np.where(labels == IGNORE, len(values) - 1, labels)]
                 replace_atomically(target, lambda tmp: Image.fromarray(image).save(tmp, format="PNG"))
             kept.append(float(np.mean(np.asarray(Image.open(target)) != table.ignore[0])))
@@ -300,7 +314,9 @@ class Pipeline:
                                       augment=c.augment[k], epochs=int(c.epochs[k]),
                                       learning_rate=float(c.learning_rates[k]), dynamic=bool(c.dynamic_weights[k]),
                                       resumed=resumed)
-        replace_atomically(stage.dir / "full.weights.h5", model.save_weights)
+        tmp = stage.dir / f".tmp{os.getpid()}.weights.h5"  # Keras wants the .weights.h5 suffix
+        model.save_weights(tmp)
+        os.replace(tmp, stage.dir / "full.weights.h5")
         replace_atomically(stage.dir / "model.keras", models.inference_model(model).save)
         stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value,
                       "class_weights": weights or "dynamic", "threshold": float(c.thresholds[k])})
