@@ -153,8 +153,8 @@ def _decoder(features, filters: tuple[int, ...], n_classes: int, prefix: str):
 
 
 def centre_crop_resize(x, ratio: int, name: str, interpolation: str = "bilinear"):
-    """The centre ``1 / ratio`` of a ``(B, n, n, C)`` map (n divisible by ``2 * ratio``...
-    or at least by ``ratio`` with an even margin), upsampled by ``ratio`` back to ``n``:
+    """The centre ``1 / ratio`` of a ``(B, n, n, C)`` map (``n / ratio`` whole pixels and
+    an even margin, else a :class:`ConfigError`), upsampled by ``ratio`` back to ``n``:
     the low view's pixels that cover the high view's field, on the high view's grid."""
     n = int(x.shape[1])
     if n % ratio or (n - n // ratio) % 2:
