@@ -323,3 +323,46 @@ def test_munet_exports_with_parity_and_deploys_like_the_pipeline(munet_run, mult
     deployed = np.asarray(Image.open(tmp_path / "seg" / "labels.png")).astype(np.int64) - 1
     reference = pipe.segment(model, record, both=True).label_map(fill=-1)
     assert deployed.shape == reference.shape and np.mean(deployed == reference) > 0.99
+
+
+def test_targeted_hsv_changes_stained_pixels_only():
+    """Brown (DAB) and blue (haematoxylin) pixels move in saturation / value within the
+    Table 6 ranges; unstained pink, white and grey pixels are untouched."""
+    import cv2
+
+    from h2g.data.augment import targeted_hsv
+
+    colours = {"brown": (150, 90, 40), "blue": (70, 60, 170), "pink": (235, 160, 200), "white": (245, 245, 247),
+               "grey": (128, 128, 128)}
+    image = np.concatenate([np.full((4, 8, 3), c, np.uint8) for c in colours.values()])
+    before = cv2.cvtColor(image, cv2.COLOR_RGB2HSV).astype(int)
+    changed = set()
+    for seed in range(5):
+        out = targeted_hsv([image], np.random.default_rng(seed))[0]
+        after = cv2.cvtColor(out, cv2.COLOR_RGB2HSV).astype(int)
+        for i, name in enumerate(colours):
+            rows = slice(4 * i, 4 * i + 4)
+            if not np.array_equal(out[rows], image[rows]):
+                changed.add(name)
+            ds = after[rows, :, 1] - before[rows, :, 1]
+            assert ds.min() >= -40 - 2 and ds.max() <= 81 + 2
+    assert changed == {"brown", "blue"}
+
+
+@pytest.mark.slow
+def test_two_target_views_read_the_label_map_of_each(multistain_manifest):
+    """sample_dataset's several target views: each is the label map one target view alone gives."""
+    from h2g.data.dataset import read_samples
+    from h2g.systems.munet.pipeline import Pipeline
+
+    pipe = Pipeline(multistain_manifest, multistain_manifest.parent / "unused", munet_config())
+    records = pipe._annotated("train")
+    sampler = pipe.sampler("train", records, 0)
+    annotations = {r.slide_id: pipe.annotation(r) for r in records}
+    views = pipe.views(True)
+    _, both = read_samples(sampler, 0, 4, views, target="pixels", target_view=("x_hi", "x_lo"),
+                           annotations=annotations)
+    for name in ("x_hi", "x_lo"):
+        _, one = read_samples(sampler, 0, 4, views, target="pixels", target_view=name, annotations=annotations)
+        np.testing.assert_array_equal(both[name], one)
+    assert not np.array_equal(both["x_hi"], both["x_lo"])
