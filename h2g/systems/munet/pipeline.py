@@ -95,6 +95,10 @@ class Pipeline:
         if not all(len(v) == n for v in (c.learning_rates, c.epochs, c.dynamic_weights, c.augment)):
             raise ConfigError("munet.thresholds, learning_rates, epochs, dynamic_weights and augment need one entry "
                               f"per round ({n})")
+        from h2g.data.augment import parse_munet_augment
+
+        for spec in (c.base_augment, *c.augment):
+            parse_munet_augment(spec)  # a typo fails here, before any training
         if self.classes.tumour_index is None:
             raise ConfigError(f"{self.manifest_path}: m-UNet needs a tumour class in the class table")
 
