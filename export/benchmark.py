@@ -3,7 +3,7 @@
 
     python export/benchmark.py --slide S --patch-model M --refine-model R --engine openvino \\
         --device CPU --repeats 10 --json [OUT.json] [--threads N] [--precision f32|bf16|f16] \\
-        [--markdown OUT.md] [--peer fast]
+        [--markdown OUT.md] [--peer fast] [--int8]
     python export/benchmark.py --slide S --model M.onnx|M.xml [--engine openvino|onnxruntime] \\
         [--stride N] [--keep N] [--blend centre|tent] --repeats 10 [--json [OUT.json]] [--markdown OUT.md]
 
@@ -12,8 +12,10 @@ roles): one warm-up, then ``--repeats`` runs of the whole pipeline; per stage (t
 detection, patch reading, patch inference, stitching, refinement) and in total, mean and
 sd in seconds; patches/s; in the same run the read-only and inference-only times and
 ``pipeline_efficiency`` = (read-only s + inference-only s) / pipeline s; peak resident
-memory; engine, version, device, threads and precision.  ``--peer fast`` also times FAST
-(pyfast) on the same slide and models, or says how to install it.
+memory; engine, version, device, threads and precision; the ceiling of a perfectly
+overlapped pipeline and the pipeline's fraction of it.  ``--peer fast`` also times FAST
+(pyfast) on the same slide and models, or says how to install it.  ``--int8`` also times
+the models' int8 versions (``export/convert.py --int8``) in the same run.
 
 A segmentation model whose metadata names its views (``--model M``: DMMN, ...): the
 same for its sliding-window segmentation (tissue detection, window reading of every
@@ -50,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="write the results as JSON (stdout without a path)")
     p.add_argument("--markdown", type=Path, default=None, metavar="OUT.md", help="write a Table 3 style report")
     p.add_argument("--peer", choices=("fast",), default=None, help="also time FAST on the same slide")
+    p.add_argument("--int8", action="store_true",
+                   help="H2G-Net: also time the int8 models beside the given ones (<name>_int8.xml / .onnx, from "
+                        "export/convert.py --int8) in the same run, with their speed-up")
     return p.parse_args(argv)
 
 
@@ -59,11 +64,15 @@ def run_h2g(args, backends) -> tuple[dict, str]:
     from h2g.export.fast import fast_peer
     from h2g.io.slide import Slide
 
-    with Slide(args.slide, mpp=args.mpp) as slide:
+    with Slide(args.slide, mpp=args.mpp, reader=args.reader) as slide:
         result = benchmark(slide, *backends, repeats=args.repeats, size=args.size,
                            magnification=args.magnification, patch_size=args.patch_size,
                            batch_size=args.batch_size, readers=args.readers)
         power = slide.objective_power
+        if args.int8:
+            result["int8"] = benchmark(slide, *int8_backends(args), repeats=args.repeats, size=args.size,
+                                       magnification=args.magnification, patch_size=args.patch_size,
+                                       batch_size=args.batch_size, readers=args.readers)
     peer = None
     if args.peer == "fast":
         with tempfile.TemporaryDirectory() as work:
@@ -80,6 +89,19 @@ def run_h2g(args, backends) -> tuple[dict, str]:
     return result, benchmark_markdown(result, peer)
 
 
+def int8_backends(args):
+    """The patch and refinement backends of the ``_int8`` siblings of the given models."""
+    from h2g.export.deploy import pipeline_backends
+    from h2g.export.quantize import int8_path
+
+    twins = argparse.Namespace(**vars(args))
+    twins.patch_model, twins.refine_model = int8_path(args.patch_model), int8_path(args.refine_model)
+    missing = [str(p) for p in (twins.patch_model, twins.refine_model) if not Path(p).is_file()]
+    if missing:
+        raise ConfigError(f"--int8: {', '.join(missing)} not found; make them with export/convert.py --int8")
+    return pipeline_backends(twins)
+
+
 def run_windows(args, plan) -> tuple[dict, str]:
     """A sliding-window model's benchmark: the result and its Markdown."""
     from h2g.export.benchmark import benchmark_windows, windows_markdown
@@ -87,12 +109,26 @@ def run_windows(args, plan) -> tuple[dict, str]:
 
     if args.peer:
         raise ConfigError("--peer fast times H2G-Net's models, not a sliding-window model")
-    with Slide(args.slide, mpp=args.mpp) as slide:
+    if args.int8:
+        raise ConfigError("--int8 times H2G-Net's int8 models beside the given ones; benchmark a sliding-window "
+                          "model's <name>_int8 file with --model instead")
+    with Slide(args.slide, mpp=args.mpp, reader=args.reader) as slide:
         result = benchmark_windows(slide, plan.backends[0], plan.metadata, repeats=args.repeats,
                                    stride=args.stride, keep=args.keep, blend=args.blend,
                                    magnification=args.magnification, patch_size=args.patch_size,
                                    batch_size=args.batch_size, readers=args.readers)
     return result, windows_markdown(result)
+
+
+def run_razn(args, plan) -> tuple[dict, str]:
+    """RAZN's three networks (``--model POLICY COARSE FINE``): h2g.export.zoom's benchmark."""
+    from h2g.export.zoom import benchmark_zoom, zoom_markdown
+    from h2g.io.slide import Slide
+
+    with Slide(args.slide, mpp=args.mpp, reader=args.reader) as slide:
+        result = benchmark_zoom(slide, *plan.backends, plan.metadata, repeats=args.repeats,
+                                batch_size=args.batch_size)
+    return result, zoom_markdown(result)
 
 
 def main(argv=None) -> int:
@@ -104,6 +140,8 @@ def main(argv=None) -> int:
     plan = deployment_plan(args, args.model)
     if plan.kind == "h2g":
         result, markdown = run_h2g(args, plan.backends)
+    elif plan.kind == "razn":
+        result, markdown = run_razn(args, plan)
     else:
         result, markdown = run_windows(args, plan)
     if args.markdown:

@@ -14,7 +14,9 @@ The models' embedded metadata (written by export/convert.py) says what they are:
 - one segmentation model with views (DMMN, ...): sliding window over the tissue, each
   window's views read around its centre; writes ``probabilities.npy``, ``labels.tiff`` /
   ``labels.png`` (label image), ``probability_<class>.tiff``, ``overlay.png``,
-  ``classes.geojson`` (one QuPath annotation per class) and ``summary.json``.
+  ``classes.geojson`` (one QuPath annotation per class) and ``summary.json``;
+- RAZN's policy + coarse + fine networks: the conditional zoom per region (the same
+  outputs, and the regions zoomed in ``summary.json``).
 
 Magnification and patch size come from the metadata (``--magnification`` /
 ``--patch-size`` override them, with a warning when they disagree).  Runs without
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
 
     plan = deployment_plan(args, args.models)
     backends = plan.backends
-    with Slide(args.slide, mpp=args.mpp) as slide:
+    with Slide(args.slide, mpp=args.mpp, reader=args.reader) as slide:
         if plan.kind == "h2g":
             seg = segment(slide, *backends, size=args.size, magnification=args.magnification,
                           patch_size=args.patch_size, batch_size=args.batch_size, readers=args.readers,
@@ -82,10 +84,18 @@ def main(argv=None) -> int:
                   f"{args.size}x{args.size} view, {t['total']:.2f} s ({backends[0].name} {backends[0].device} "
                   f"{backends[0].precision}); outputs in {paths['summary'].parent}")
             return 0
-        seg = segment_windows(slide, backends[0], plan.metadata, stride=args.stride, keep=args.keep,
-                              blend=args.blend, magnification=args.magnification, patch_size=args.patch_size,
-                              batch_size=args.batch_size, readers=args.readers, progress=not args.quiet)
-        paths = write_raster_outputs(seg, slide, args.out, extra={"backend": backends[0].info()})
+        if plan.kind == "razn":  # policy + coarse + fine: the conditional zoom
+            from h2g.export.zoom import segment_zoom
+
+            seg = segment_zoom(slide, *backends, plan.metadata, batch_size=args.batch_size, progress=not args.quiet)
+            extra = {"backends": {r: b.info() for r, b in zip(("policy", "coarse", "fine"), backends)},
+                     "zoom": {k: seg.timings[k] for k in ("regions", "zoomed", "zoom_fraction")}}
+        else:
+            seg = segment_windows(slide, backends[0], plan.metadata, stride=args.stride, keep=args.keep,
+                                  blend=args.blend, magnification=args.magnification, patch_size=args.patch_size,
+                                  batch_size=args.batch_size, readers=args.readers, progress=not args.quiet)
+            extra = {"backend": backends[0].info()}
+        paths = write_raster_outputs(seg, slide, args.out, extra=extra)
     r, t = seg.raster, seg.timings
     print(f"{args.slide}: {t['windows']} windows, raster {r.shape[1]}x{r.shape[0]} at downsample "
           f"{r.downsample:g}, {t['total']:.2f} s ({backends[0].name} {backends[0].device} "

@@ -20,7 +20,7 @@ WINDOW_FIELDS = {
     "slide", "dimensions", "system", "design", "role", "views", "target_view", "classes", "stride", "keep",
     "blend", "windows", "grid_shape", "raster", "batch_size", "readers", "warmup", "repeats", "engine",
     "version", "device", "threads", "precision", "backend", "stages", "windows_per_second", "read_only_s",
-    "inference_only_s", "pipeline_s", "pipeline_efficiency", "peak_memory_mib", "host", "runs",
+    "inference_only_s", "pipeline_s", "pipeline_efficiency", "peak_memory_mib", "host", "runs", "ceiling", "reader",
 }
 STAGES = ("tissue", "reading", "inference", "waiting", "stitching", "window_pipeline", "total")
 

@@ -361,7 +361,7 @@ BENCH_FIELDS = {
     "refinement_size", "warmup", "repeats", "engine", "version", "device", "threads", "precision",
     "patch_backend", "refine_backend", "stages", "patches_per_second", "read_only_s", "inference_only_s",
     "pipeline_s", "pipeline_efficiency", "refinement_share", "peak_memory_mib", "host", "runs", "peer",
-    "patch_wise_patches_per_second",
+    "patch_wise_patches_per_second", "ceiling", "reader",
 }
 
 
@@ -384,6 +384,11 @@ def test_benchmark_writes_every_field(checker_path, deploy_models, tmp_path):
     assert result["pipeline_efficiency"] == pytest.approx(
         (result["read_only_s"] + result["inference_only_s"]) / result["pipeline_s"])
     assert result["peak_memory_mib"] > 10
+    c = result["ceiling"]  # the ceiling from the stages timed alone in this run
+    assert c["ceiling_s"] == pytest.approx(max(result["read_only_s"], result["inference_only_s"],
+                                               (c["read_only_cpu_s"] + c["inference_only_cpu_s"]) / c["cores"]))
+    assert c["fraction_of_ceiling"] == pytest.approx(c["ceiling_s"] / result["pipeline_s"])
+    assert result["reader"] == "tiles"
     fast_installed = subprocess.run([sys.executable, "-c", "import fast"], capture_output=True).returncode == 0
     if not fast_installed:
         assert "skipped" in result["peer"] and "pip install pyfast" in result["peer"]["skipped"]
@@ -396,7 +401,7 @@ def test_benchmark_writes_every_field(checker_path, deploy_models, tmp_path):
     assert pw == pytest.approx(result["patches"] / result["runs"][0]["patch_wise"])
     table = out_md.read_text()
     assert "| Engine | Device | Precision | Threads | Patch-wise | Refinement | Total |" in table
-    assert "pipeline efficiency" in table and "±" in table
+    assert "pipeline efficiency" in table and "±" in table and "of the ceiling" in table
 
 
 def test_benchmark_json_on_stdout_and_gpu_absent(checker_path, deploy_models, tmp_path):
@@ -690,3 +695,20 @@ def _export_on_path():
     sys.path.insert(0, str(REPO / "export"))
     yield
     sys.path.remove(str(REPO / "export"))
+
+
+def test_ceiling_of_a_perfectly_overlapped_pipeline():
+    from h2g.export.benchmark import Timed, ceiling
+
+    def timed(wall, cpu):
+        t = Timed()
+        t.wall, t.cpu = wall, cpu
+        return t
+
+    # reading 4 s on 1 core (4 CPU s), inference 6 s on 2 cores (12 CPU s): the cores
+    # need (4 + 12) / 2 = 8 s for both, more than either stage alone
+    c = ceiling(800, timed(4.0, 4.0), timed(6.0, 12.0), pipeline_s=10.0, cores=2)
+    assert c["ceiling_s"] == 8.0 and c["ceiling_per_s"] == 100.0 and c["pipeline_per_s"] == 80.0
+    assert c["fraction_of_ceiling"] == 0.8 and c["read_only_per_s"] == 200.0
+    # an idle core: the slower stage bounds it
+    assert ceiling(800, timed(4.0, 4.0), timed(6.0, 6.0), pipeline_s=6.0, cores=4)["fraction_of_ceiling"] == 1.0

@@ -14,6 +14,7 @@ H2G = ["otsu", "unet_lr", "inc_pw", "mob_pw", "mob_km_pw", "mob_pw_unet", "mob_p
        "mob_pw_doubleunet"]
 DMMN = ["dsmn_s2", "dmmn_ms", "dmmn_m2s", "dmmn_m3"]
 MUNET = ["unet_b0", "munet_b4"]
+RAZN = ["razn_scale1", "razn_scale2", "razn_ms", "razn_attention", "razn"]
 
 
 def test_h2g_registers_its_nine_designs_in_the_papers_order():
@@ -29,7 +30,7 @@ def test_dmmn_registers_its_four_architectures_on_the_multiclass_manifest():
     assert [d.label for d in dmmn.designs] == ["DSMN-S2", "DMMN-MS", "DMMN-M2S", "DMMN-M3"]
     assert dmmn.manifest == REPO / "data_manifest_multiclass.csv"
     assert registry.systems()["h2g"].manifest == REPO / "data_manifest.csv"
-    assert [d.name for d in registry.resolve("all")] == H2G + DMMN + MUNET
+    assert [d.name for d in registry.resolve("all")] == H2G + DMMN + MUNET + RAZN
     assert [d.name for d in registry.resolve(system="dmmn")] == DMMN
 
 
@@ -38,6 +39,13 @@ def test_munet_registers_its_two_designs_on_the_multistain_manifest():
     assert [d.name for d in munet.designs] == MUNET
     assert [d.label for d in munet.designs] == ["U-Net-B0", "m-UNet-B4"]
     assert munet.manifest == REPO / "data_manifest_multistain.csv"
+
+
+def test_razn_registers_its_table1_rows_on_the_multiclass_manifest():
+    razn = registry.systems()["razn"]
+    assert [d.name for d in razn.designs] == RAZN
+    assert [d.label for d in razn.designs] == ["Scale 1", "Scale 2", "MS", "Attention", "RAZN"]
+    assert razn.manifest == REPO / "data_manifest_multiclass.csv"
 
 
 def test_resolve_by_name_all_and_system():
@@ -61,7 +69,7 @@ def _cli(*args, timeout=120):
 def test_cli_lists_every_design_and_system():
     proc = _cli("--help")
     assert proc.returncode == 0
-    for name in [*H2G, *DMMN, "--system", "--set", "--strategy"]:
+    for name in [*H2G, *DMMN, *RAZN, "--system", "--set", "--strategy"]:
         assert name in proc.stdout, name
 
 

@@ -7,7 +7,9 @@
   run before TensorFlow is imported, which the CLIs do lazily.  A value the user set in
   the environment is kept.
   CLIs that use TensorFlow pass ``tensorflow=True`` so that its C++ start-up lines,
-  which no log level silences in TF 2.21, are swallowed too.
+  which no log level silences in TF 2.21, are swallowed too, and so that a deployment
+  install (the base package, no TensorFlow) gets one line naming the extra to install
+  (:func:`require_training_stack`) instead of an ImportError.
 - :func:`add_verbose_argument`: the ``-v`` option every CLI shares.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from h2g.core.errors import H2GError
 
@@ -58,6 +61,28 @@ def preload_tensorflow_quietly() -> None:
             os.close(saved)
 
 
+#: what the ``train`` extra adds (setup.cfg), by import name
+TRAINING_STACK = ("tensorflow", "keras", "tf2onnx", "onnx", "sklearn", "albumentations", "matplotlib")
+
+
+def missing_training_packages() -> list[str]:
+    """The import names of the training stack (the ``train`` extra) not installed here."""
+    import importlib.util
+
+    return [name for name in TRAINING_STACK if importlib.util.find_spec(name) is None]
+
+
+def require_training_stack(what: str = "this command") -> None:
+    """:class:`H2GError` naming the extra when the training stack is not installed (a
+    deployment install: ``pip install h2g`` without ``[train]``)."""
+    missing = missing_training_packages()
+    if missing:
+        raise H2GError(f"{what} trains or converts models and needs the training stack, which is not installed "
+                       f"here (missing: {', '.join(missing)}): pip install \"h2g[train]\" "
+                       "(from a checkout: pip install -e \".[train]\"); segmentation, cohort inference and "
+                       "benchmarks of exported models need only the base install")
+
+
 def add_verbose_argument(parser) -> None:
     parser.add_argument(*VERBOSE_FLAGS, dest="verbose", action="store_true",
                         help="also show TensorFlow's own log lines and debug messages")
@@ -71,9 +96,11 @@ def run_cli(main, argv=None, *, tensorflow: bool = False) -> int:
     args = sys.argv[1:] if argv is None else argv
     verbose = any(a in VERBOSE_FLAGS for a in args)
     quiet_tensorflow(verbose=verbose)
-    if tensorflow and not verbose and not any(a in ("-h", "--help") for a in args):
-        preload_tensorflow_quietly()
     try:
+        if tensorflow and not any(a in ("-h", "--help") for a in args):
+            require_training_stack(Path(sys.argv[0]).name or "this command")
+            if not verbose:
+                preload_tensorflow_quietly()
         code = main(argv)
     except H2GError as exc:
         print(f"error: {exc}", file=sys.stderr)

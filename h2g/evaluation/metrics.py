@@ -235,3 +235,44 @@ def threshold_scores(counts: np.ndarray) -> dict[str, np.ndarray]:
         return {"precision": np.where(tp + fp > 0, tp / (tp + fp), np.nan),
                 "recall": np.where(tp + fn > 0, tp / (tp + fn), np.nan),
                 "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan)}
+
+
+# ---------------------------------------------------------------- rasters and weighted IoU
+BACKGROUND_NAMES = ("glass", "background")  # the class of pixels no window covered, when the table has one
+
+
+def raster_labels(raster, annotation, class_names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted labels, truth labels) of a class-probability raster
+    (:class:`h2g.inference.raster.Raster`) on ``annotation``'s label-map grid.  Pixels no
+    window covered are the ``glass`` / ``background`` class when ``class_names`` has
+    one, else they are not scored (truth set to :data:`IGNORE`)."""
+    truth = annotation.labels
+    resized = raster.resized(annotation.downsample)
+    names = [n.lower() for n in class_names]
+    fill = next((names.index(n) for n in BACKGROUND_NAMES if n in names), -1)
+    pred = resized.label_map(fill=fill)
+    rows, cols = min(pred.shape[0], truth.shape[0]), min(pred.shape[1], truth.shape[1])
+    pred, truth = pred[:rows, :cols], truth[:rows, :cols].copy()
+    if fill < 0:
+        truth[pred < 0] = IGNORE
+        pred = np.where(pred < 0, 0, pred)
+    return pred.astype(np.int64), truth
+
+
+def weighted_iou(scores: ClassScores, weighting: str = "frequency") -> float:
+    """IoU averaged over the classes present in the truth, weighted by each class's share
+    of the annotated truth pixels (``"frequency"``: the usual frequency-weighted IoU) or
+    by the inverse of that share, normalised to sum to 1 (``"inverse"``: Dong et al.'s
+    wording, "the weight is proportional to the inverse of the frequency")."""
+    counts = scores.confusion.sum(axis=1).astype(np.float64)
+    present = counts > 0
+    if not present.any():
+        return float("nan")
+    if weighting == "frequency":
+        w = counts[present] / counts[present].sum()
+    elif weighting == "inverse":
+        w = 1.0 / counts[present]
+        w /= w.sum()
+    else:
+        raise ValueError(f"weighting must be 'frequency' or 'inverse', got {weighting!r}")
+    return float(np.sum(w * scores.iou[present]))

@@ -66,15 +66,56 @@ def efficiency(read_only: float, inference_only: float, pipeline_s: float) -> fl
     return (read_only + inference_only) / pipeline_s if pipeline_s > 0 else None
 
 
+class Timed:
+    """Wall and process CPU seconds (every thread) of a ``with`` block."""
+
+    wall = cpu = 0.0  # nothing timed yet
+
+    def __enter__(self):
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self._wall
+        self.cpu = time.process_time() - self._cpu
+
+
+def ceiling(n: int, read_only: Timed, inference_only: Timed, pipeline_s: float, cores: int) -> dict:
+    """The best a perfectly overlapped reading + inference pipeline could do on ``cores``
+    cores, from the two stages timed alone in the same run: it cannot be faster than
+    either stage alone, nor do both stages' CPU work in less than their CPU seconds spread
+    over every core, so ``ceiling_s = max(read-only s, inference-only s, (read CPU s +
+    inference CPU s) / cores)``.  Returns items/s of each stage alone, of the ceiling and
+    of the pipeline, and the pipeline's fraction of the ceiling (ceiling s / pipeline s).
+    An engine that spins idle threads inflates its CPU seconds, which lowers the ceiling:
+    a fraction above 1 says so."""
+    ceiling_s = max(read_only.wall, inference_only.wall, (read_only.cpu + inference_only.cpu) / max(1, cores))
+
+    def rate(seconds: float) -> float | None:
+        return n / seconds if seconds > 0 else None
+
+    return {
+        "cores": cores,
+        "read_only_per_s": rate(read_only.wall),
+        "inference_only_per_s": rate(inference_only.wall),
+        "read_only_cpu_s": read_only.cpu,
+        "inference_only_cpu_s": inference_only.cpu,
+        "ceiling_s": ceiling_s,
+        "ceiling_per_s": rate(ceiling_s),
+        "pipeline_per_s": rate(pipeline_s),
+        "fraction_of_ceiling": ceiling_s / pipeline_s if pipeline_s > 0 else None,
+    }
+
+
 def read_only_seconds(slide, coords: np.ndarray, *, magnification: float, patch_size: int,
-                      batch_size: int, readers: int) -> float:
-    """Wall seconds to read every patch at ``coords`` with the pipeline's readers, no inference."""
-    t0 = time.perf_counter()
-    with PatchReader(slide, coords, magnification=magnification, patch_size=patch_size,
-                     batch_size=batch_size, readers=readers) as reader:
+                      batch_size: int, readers: int) -> Timed:
+    """Wall and CPU seconds to read every patch at ``coords`` with the pipeline's readers,
+    no inference."""
+    with Timed() as timed, PatchReader(slide, coords, magnification=magnification, patch_size=patch_size,
+                                       batch_size=batch_size, readers=readers) as reader:
         for _ in reader:
             pass
-    return time.perf_counter() - t0
+    return timed
 
 
 def _head(batch, n: int):
@@ -82,17 +123,17 @@ def _head(batch, n: int):
     return {k: v[:n] for k, v in batch.items()} if isinstance(batch, dict) else batch[:n]
 
 
-def inference_only_seconds(backend: Backend, batch, n_patches: int, batch_size: int) -> float:
-    """Wall seconds to predict ``n_patches`` patches in batches of ``batch_size`` from
-    memory (``batch``, an array or ``{input name: array}`` of ``batch_size`` samples,
+def inference_only_seconds(backend: Backend, batch, n_patches: int, batch_size: int) -> Timed:
+    """Wall and CPU seconds to predict ``n_patches`` patches in batches of ``batch_size``
+    from memory (``batch``, an array or ``{input name: array}`` of ``batch_size`` samples,
     repeated; the last batch partial as in the pipeline)."""
     full, rest = divmod(n_patches, batch_size)
-    t0 = time.perf_counter()
-    for _ in range(full):
-        backend.predict(batch)
-    if rest:
-        backend.predict(_head(batch, rest))
-    return time.perf_counter() - t0
+    with Timed() as timed:
+        for _ in range(full):
+            backend.predict(batch)
+        if rest:
+            backend.predict(_head(batch, rest))
+    return timed
 
 
 def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats: int = 10,
@@ -120,7 +161,7 @@ def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats
     n = len(grid.coords)
     read_only = read_only_seconds(slide, grid.coords, magnification=magnification, patch_size=patch_size,
                                   batch_size=batch_size, readers=readers)
-    inference_only = 0.0
+    inference_only = Timed()
     if n:
         first = grid.coords[:batch_size]
         batch = np.stack([slide.read_region(tuple(c), (patch_size, patch_size), magnification)
@@ -147,10 +188,12 @@ def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats
         "stages": stages,
         "patches_per_second": mean_sd(n / r["patch_pipeline"] for r in runs),
         "patch_wise_patches_per_second": mean_sd(n / r["patch_wise"] for r in runs),
-        "read_only_s": read_only,
-        "inference_only_s": inference_only,
+        "read_only_s": read_only.wall,
+        "inference_only_s": inference_only.wall,
         "pipeline_s": pipeline_s,
-        "pipeline_efficiency": efficiency(read_only, inference_only, pipeline_s),
+        "pipeline_efficiency": efficiency(read_only.wall, inference_only.wall, pipeline_s),
+        "ceiling": ceiling(n, read_only, inference_only, pipeline_s, available_cores()),
+        "reader": slide.reader,
         "refinement_share": stages["refinement"]["mean"] / stages["total"]["mean"],
         "peak_memory_mib": peak_memory_mib(),
         "host": host(),
@@ -158,19 +201,19 @@ def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats
     }
 
 
-def read_windows_seconds(slide, centres: np.ndarray, views, *, batch_size: int, readers: int) -> float:
-    """Wall seconds to read every view of the windows around ``centres`` in batches on the
-    pipeline's reader pool, as far ahead as the pipeline reads (2 batches per reader), no
-    inference."""
+def read_windows_seconds(slide, centres: np.ndarray, views, *, batch_size: int, readers: int) -> Timed:
+    """Wall and CPU seconds to read every view of the windows around ``centres`` in
+    batches on the pipeline's reader pool, as far ahead as the pipeline reads (2 batches
+    per reader), no inference."""
     from h2g.data.readers import ReadAhead
     from h2g.inference.sliding import read_window_batch
 
-    t0 = time.perf_counter()
-    with ReadAhead(lambda start: read_window_batch(slide, centres[start:start + batch_size], views),
-                   range(0, len(centres), batch_size), readers=readers, depth=2 * readers) as batches:
+    with Timed() as timed, ReadAhead(lambda start: read_window_batch(slide, centres[start:start + batch_size], views),
+                                     range(0, len(centres), batch_size), readers=readers,
+                                     depth=2 * readers) as batches:
         for _ in batches:
             pass
-    return time.perf_counter() - t0
+    return timed
 
 
 def _window_setup(warm, grid, stride: int | None, keep: int | None, blend: str) -> dict:
@@ -216,7 +259,7 @@ def benchmark_windows(slide, backend: Backend, metadata=None, *, repeats: int = 
         raise ExportError(f"{backend.source}: the benchmark's window grid has {n} windows, the pipeline ran "
                           f"{warm.timings['windows']}")
     read_only = read_windows_seconds(slide, grid.centres, views, batch_size=batch_size, readers=readers)
-    inference_only = 0.0
+    inference_only = Timed()
     if n:
         feed = feed_for(backend, read_window_batch(slide, grid.centres[:batch_size], views))
         inference_only = inference_only_seconds(backend, feed, n, batch_size)
@@ -235,10 +278,12 @@ def benchmark_windows(slide, backend: Backend, metadata=None, *, repeats: int = 
         "backend": info,
         "stages": stages,
         "windows_per_second": mean_sd(n / r["window_pipeline"] for r in runs),
-        "read_only_s": read_only,
-        "inference_only_s": inference_only,
+        "read_only_s": read_only.wall,
+        "inference_only_s": inference_only.wall,
         "pipeline_s": pipeline_s,
-        "pipeline_efficiency": efficiency(read_only, inference_only, pipeline_s),
+        "pipeline_efficiency": efficiency(read_only.wall, inference_only.wall, pipeline_s),
+        "ceiling": ceiling(n, read_only, inference_only, pipeline_s, available_cores()),
+        "reader": slide.reader,
         "peak_memory_mib": peak_memory_mib(),
         "host": host(),
         "runs": runs,
@@ -265,11 +310,24 @@ def _stage_table(stages: dict, keys, labels: dict) -> list[str]:
             *(f"| {labels[k]} | {stages[k]['mean']:.3f} | {stages[k]['sd']:.3f} |" for k in keys)]
 
 
-def _efficiency_line(result: dict) -> str:
+def _efficiency_line(result: dict, unit: str = "patches") -> str:
     eff = result["pipeline_efficiency"]
-    return (f"- read-only {result['read_only_s']:.3f} s + inference-only {result['inference_only_s']:.3f} s "
+    line = (f"- read-only {result['read_only_s']:.3f} s + inference-only {result['inference_only_s']:.3f} s "
             f"vs pipeline {result['pipeline_s']:.3f} s: pipeline efficiency "
             + (f"{eff:.2f}" if eff is not None else "n/a"))
+    c = result.get("ceiling")
+    if not c or c["pipeline_per_s"] is None:
+        return line
+
+    def per_s(value):
+        return f"{value:.1f}" if value is not None else "n/a"
+
+    return line + "\n" + (
+        f"- {unit}/s, measured in this run: read-only {per_s(c['read_only_per_s'])} ({result['reader']} reader), "
+        f"inference-only {per_s(c['inference_only_per_s'])}, ceiling of a perfectly overlapped pipeline on "
+        f"{c['cores']} cores {per_s(c['ceiling_per_s'])} (max of the stages alone and their CPU seconds "
+        f"{c['read_only_cpu_s']:.2f} + {c['inference_only_cpu_s']:.2f} over the cores), pipeline "
+        f"{per_s(c['pipeline_per_s'])}: **{c['fraction_of_ceiling']:.2f} of the ceiling**")
 
 
 def _engine_cells(result: dict) -> str:
@@ -281,8 +339,11 @@ def _engine_cells(result: dict) -> str:
 def benchmark_markdown(result: dict, peer: dict | None = None) -> str:
     """The benchmark in the layout of the paper's Table 3 (Patch-wise, Refinement, Total:
     mean ± sd seconds), followed by the per-stage breakdown and the overlap figures.
-    ``peer`` (same keys, e.g. FAST's timings) adds a row."""
+    ``peer`` (same keys, e.g. FAST's timings) adds a row; ``result["int8"]`` (the same
+    benchmark of the int8 models, timed in the same run) adds a row, its breakdown and
+    its speed-ups over the given models and the peer."""
     s = result["stages"]
+    int8 = result.get("int8")
     lines = [
         "# Runtime of the H2G-Net pipeline (layout of the paper's Table 3)",
         "",
@@ -294,6 +355,10 @@ def benchmark_markdown(result: dict, peer: dict | None = None) -> str:
         "|---|---|---|---|---|---|---|",
         f"| {_engine_cells(result)} | {_cell(s['patch_wise'])} | {_cell(s['refinement'])} | {_cell(s['total'])} |",
     ]
+    if int8 is not None:
+        t = int8["stages"]
+        lines.append(f"| {_engine_cells(int8)} | {_cell(t['patch_wise'])} | {_cell(t['refinement'])} | "
+                     f"{_cell(t['total'])} |")
     if peer is not None:
         ps = peer["stages"]
         cells = [_cell(ps[k]) if k in ps else "not timed" for k in ("patch_wise", "refinement", "total")]
@@ -320,6 +385,17 @@ def benchmark_markdown(result: dict, peer: dict | None = None) -> str:
         f"- peak resident memory: {result['peak_memory_mib']:.0f} MiB",
         "",
     ]
+    if int8 is not None:
+        ours = result["patch_wise_patches_per_second"]["mean"]
+        theirs = int8["patch_wise_patches_per_second"]["mean"]
+        lines += [f"## int8 models ({int8['patch_backend']['model']}, {int8['refine_backend']['model']})",
+                  *_stage_table(int8["stages"], STAGES, STAGE_LABELS), "",
+                  f"- patches/s over the patch-wise stage: {_cell(int8['patch_wise_patches_per_second'])}: "
+                  f"**{theirs / ours:.2f}x** the {result['precision']} models'"]
+        if peer is not None:
+            lines.append(f"- int8 vs peer {peer['engine']} ({peer['precision']}): "
+                         f"**{theirs / peer['patches_per_second']['mean']:.2f}x** patches/s")
+        lines += [_efficiency_line(int8), ""]
 
     return "\n".join(lines)
 
@@ -352,7 +428,7 @@ def windows_markdown(result: dict) -> str:
         *_stage_table(s, WINDOW_STAGES, WINDOW_STAGE_LABELS),
         "",
         f"- windows/s: {_cell(result['windows_per_second'])} over reading + inference (overlapped)",
-        _efficiency_line(result),
+        _efficiency_line(result, "windows"),
         f"- model: {_engine_setup(result['backend'])}; batch {result['batch_size']}, "
         f"{result['readers']} reader threads",
         f"- peak resident memory: {result['peak_memory_mib']:.0f} MiB",

@@ -68,12 +68,12 @@ DONE_MARKER = "done.json"
 TABLE_NAME = "cohort.csv"
 SETTINGS_NAME = "cohort.json"
 #: Options that change a slide's outputs (recorded in cohort.json with the models' hashes).
-OUTPUT_SETTINGS = ("engine", "device", "precision", "mpp", "magnification", "patch_size", "size", "stride",
+OUTPUT_SETTINGS = ("engine", "device", "precision", "mpp", "reader", "magnification", "patch_size", "size", "stride",
                    "keep", "blend")
 TMP_MARK = ".tmp-"
 #: The options every slide's task gets (those of add_pipeline_arguments and the sliding window).
 TASK_OPTIONS = ("patch_model", "refine_model", "engine", "device", "precision", "threads", "patch_hint", "mpp",
-                "magnification", "patch_size", "size", "batch_size", "readers", "stride", "keep", "blend")
+                "magnification", "patch_size", "size", "batch_size", "readers", "reader", "stride", "keep", "blend")
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ def segment_one(slide_path, out_dir, models, options: dict, *, mpp: float | None
         plan = deployment_plan(args, models)
         backends = plan.backends
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        with Slide(slide_path, mpp=mpp if mpp is not None else args.mpp) as slide:
+        with Slide(slide_path, mpp=mpp if mpp is not None else args.mpp, reader=args.reader) as slide:
             slide_mpp = _slide_mpp(slide)
             if plan.kind == "h2g":
                 seg = segment(slide, *backends, size=args.size, magnification=args.magnification,

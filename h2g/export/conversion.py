@@ -403,12 +403,15 @@ def _target_dir(model: Path, roots: list[Path], out: Path | None) -> Path:
 
 
 def convert(paths, slide, out=None, *, opset: int = DEFAULT_OPSET, fp16: bool = False,
-            tolerance: float = TOLERANCE, progress: bool = True) -> Path:
+            tolerance: float = TOLERANCE, progress: bool = True, int8=None) -> Path:
     """Convert every ``.keras`` model under ``paths`` (see :func:`find_models`).  Outputs go
     next to each model, or under ``out`` (mirroring the folders given).  Writes the JSON
     report (``conversion_report.json`` in ``out``, or in the first folder / model folder
     given) and returns its path; raises :class:`ExportError` naming the models that failed
-    parity, after writing the report."""
+    parity, after writing the report.  ``int8`` (:class:`h2g.export.quantize.Int8Options`)
+    also quantises the deployable models to int8, calibrated on the run's training slides
+    and guarded on its test slides (the report's ``int8`` entries); a failed guard raises
+    :class:`ExportError` after the report is written, with the f32 models kept."""
     from tqdm.auto import tqdm
 
     roots = [Path(p) for p in paths]
@@ -425,10 +428,16 @@ def convert(paths, slide, out=None, *, opset: int = DEFAULT_OPSET, fp16: bool = 
     report_dir = out or (roots[0] if roots[0].is_dir() else models[0].parent)
     report_dir.mkdir(parents=True, exist_ok=True)
     report = report_dir / REPORT_NAME
-    write_text(report, json.dumps({"versions": versions(), "opset": opset, "tolerance": tolerance,
-                                   "parity_slide": str(slide.path), "passed": not failed,
-                                   "models": entries}, indent=2))
+    content = {"versions": versions(), "opset": opset, "tolerance": tolerance, "parity_slide": str(slide.path),
+               "passed": not failed, "models": entries}
+    write_text(report, json.dumps(content, indent=2))
     if failed:
         raise ExportError(f"parity check failed (max |diff| > {tolerance:g} or ids differ) for "
                           f"{', '.join(failed)}; see {report}")
+    if int8 is not None:
+        from h2g.export.quantize import check_guards, quantize_entries
+
+        content["int8"] = quantize_entries(entries, int8, progress=progress)
+        write_text(report, json.dumps(content, indent=2))
+        check_guards(content["int8"], report)
     return report

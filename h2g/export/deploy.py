@@ -1,8 +1,8 @@
 """Deployment without TensorFlow: segment a slide with exported models, write its outputs,
 benchmark the pipeline (the paper's Table 3), and describe it as a FAST text pipeline.
 
-Everything here runs in a venv with only ONNX Runtime or OpenVINO (``pip install
-'h2g[deploy]'``); the models run through :mod:`h2g.inference.backends`'s backends, the same core
+Everything here runs in a venv with only ONNX Runtime or OpenVINO (the base install,
+``pip install h2g``, has no TensorFlow); the models run through :mod:`h2g.inference.backends`'s backends, the same core
 that makes the training-time heatmaps.
 
 Outputs of :func:`write_outputs` (``S`` = the refinement size, 1024 by default):
@@ -113,6 +113,10 @@ def add_pipeline_arguments(parser, models_required: bool = True) -> None:
                         help="refinement resolution (default: the refinement model's input size, else 1024)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--readers", type=int, default=2, help="patch reader threads")
+    parser.add_argument("--reader", choices=("tiles", "openslide"), default="tiles",
+                        help="how patches are read: tiles (default) cuts them from decoded TIFF / SVS tiles "
+                             "where exact, and decodes JPEG tiles at reduced scale for a magnification without "
+                             "its own pyramid level, else OpenSlide; openslide always reads through OpenSlide")
 
 
 def _setting(given, from_model, default, what: str, source: str):
@@ -363,8 +367,9 @@ def write_raster_outputs(seg: WindowSegmentation, slide, out_dir, extra: dict | 
 # --------------------------------------------------------------------------------------
 @dataclass
 class Plan:
-    """What :func:`deployment_plan` chose: ``kind`` "h2g" (``backends`` patch, refine) or
-    "sliding" (``backends`` one segmentation model)."""
+    """What :func:`deployment_plan` chose: ``kind`` "h2g" (``backends`` patch, refine),
+    "sliding" (``backends`` one segmentation model) or "razn" (``backends`` policy,
+    coarse, fine: :mod:`h2g.export.zoom`)."""
 
     kind: str
     backends: tuple
@@ -400,6 +405,16 @@ def deployment_plan(args, models=()) -> Plan:
     if missing:
         raise ExportError(f"{', '.join(missing)}: no h2g metadata in the model file (exported by an older "
                           "version?); give H2G-Net's models with --patch-model and --refine-model")
+    from h2g.export.zoom import by_role, is_razn
+
+    if is_razn(metas):  # RAZN: policy + coarse + fine, the conditional zoom (h2g.export.zoom)
+        if getattr(args, "stride", None) or getattr(args, "keep", None):
+            raise ConfigError("--stride and --keep apply to sliding-window models, not RAZN (its regions tile "
+                              "the tissue)")
+        paths = by_role(metas)
+        backends = tuple(make_backend(paths[r], engine=args.engine, device=args.device, precision=args.precision,
+                                      threads=args.threads, hint="latency") for r in ("policy", "coarse", "fine"))
+        return Plan("razn", backends, metas[paths["coarse"]])
     roles = {meta.role: m for m, meta in metas.items()}
     if len(models) == 2 and set(roles) == {"patch_classifier", "refinement"}:
         args.patch_model, args.refine_model = roles["patch_classifier"], roles["refinement"]

@@ -73,14 +73,20 @@ class _BackendBase:
     streams = 1
     sub_batch: int | None = None
 
+    @property
+    def quantised(self) -> bool:
+        """The model was quantised to int8 (its metadata says so: ``export/convert.py --int8``)."""
+        return bool(self.metadata is not None and self.metadata.extras.get("quantization"))
+
     def info(self) -> dict:
-        """Engine, version, device, threads, precision and concurrency actually in use."""
+        """Engine, version, device, threads, precision and concurrency actually in use;
+        an int8 model's precision reads ``int8+<the precision of its other layers>``."""
         return {
             "engine": self.name,
             "version": self.version,
             "device": self.device,
             "threads": self.threads,
-            "precision": self.precision,
+            "precision": f"int8+{self.precision}" if self.quantised else self.precision,
             "model": self.source,
             "inputs": list(self.input_names),
             "hint": self.hint,

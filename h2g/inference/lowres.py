@@ -73,3 +73,21 @@ def refine(backend: Backend, image: np.ndarray, heat: np.ndarray | None = None) 
         raise ExportError(f"{backend.source}: output of shape {tuple(out.shape)} is not "
                           "(1, S, S, classes) segmentation probabilities")
     return out[0, ..., 1]
+
+
+def target_mask(annotation_path: Path, slide, size: int, downsample: float = 4.0) -> np.ndarray:
+    """The tumour annotation resized to ``size x size`` over the slide's full extent (the
+    frame of the low-resolution image): area-averaged, then tumour where >= 0.5.  The
+    truth that refined and low-resolution predictions are trained and scored against."""
+    from h2g.io.annotation import load_annotation
+
+    annotation = load_annotation(annotation_path, slide, downsample=downsample)
+    # crop/pad the mask to exactly the slide's extent at its downsample, so that it is
+    # aligned with the low-resolution image, which spans the slide's level-0 extent
+    width, height = slide.dimensions
+    mw, mh = int(round(width / annotation.downsample)), int(round(height / annotation.downsample))
+    mask = np.zeros((mh, mw), np.float32)
+    src = annotation.mask[:mh, :mw]
+    mask[: src.shape[0], : src.shape[1]] = src
+    resized = Image.fromarray(mask, mode="F").resize((size, size), Image.BOX)
+    return np.asarray(resized) >= 0.5

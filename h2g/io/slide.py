@@ -14,6 +14,14 @@ filter, so a 256 x 256 patch at 10x is right on a pyramid without a 10x level.
 Transparent pixels (outside the scanned area, or padding beyond the slide's edge) become
 white, like glass.  Every OpenSlide failure becomes a :class:`h2g.core.errors.SlideError`
 naming the file.
+
+``reader="tiles"`` (deployment's default, :mod:`h2g.io.tiles`) cuts regions straight out
+of the decoded tiles of a tiled TIFF / SVS level when the region sits on that level's
+pixel grid (the same pixels as OpenSlide, without its ARGB round trip), and decodes JPEG
+tiles at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) for a magnification that has no
+level of its own but is that much coarser than one (pixels then differ slightly from
+OpenSlide + area resize).  Anything else is read by OpenSlide.  ``reader="openslide"``
+(the default, and what training uses) always reads through OpenSlide.
 """
 from __future__ import annotations
 
@@ -36,6 +44,8 @@ SNAP_FACTOR = 1.15
 #: Whole levels taller than BAND_ROWS are read in bands of that many rows by BAND_THREADS threads.
 BAND_ROWS = 1024
 BAND_THREADS = 2
+#: How regions are read: always through OpenSlide, or from decoded TIFF tiles where exact.
+READERS = ("openslide", "tiles")
 #: Suffixes of the slide formats OpenSlide reads; an unrecognised file with one of these
 #: is reported as corrupt rather than "not a slide".
 SLIDE_SUFFIXES = frozenset(
@@ -107,11 +117,14 @@ def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class Slide:
     """An open whole-slide image.  Use as a context manager or call :meth:`close`.
 
-    ``mpp`` overrides the microns per level-0 pixel in the file's metadata.
+    ``mpp`` overrides the microns per level-0 pixel in the file's metadata; ``reader``
+    is ``"openslide"`` or ``"tiles"`` (see the module doc).
     """
 
-    def __init__(self, path, mpp: float | None = None):
+    def __init__(self, path, mpp: float | None = None, reader: str = "openslide"):
         self.path = Path(path)
+        if reader not in READERS:
+            raise SlideError(self.path, f"reader must be one of {', '.join(READERS)}, got {reader!r}")
         if mpp is not None and _positive(mpp) is None:
             raise SlideError(self.path, f"mpp override must be a positive number, got {mpp!r}")
         if not self.path.exists():
@@ -137,6 +150,12 @@ class Slide:
         self.level_count: int = self._osr.level_count
         self.level_dimensions = tuple(tuple(d) for d in self._osr.level_dimensions)
         self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
+        self.reader = reader
+        self._tiles = None
+        if reader == "tiles":
+            from h2g.io.tiles import TileSource
+
+            self._tiles = TileSource.open(self.path, self.level_dimensions)
         self._mpp_override = _positive(mpp)
         self._mpp_meta = _positive(props.get(openslide.PROPERTY_NAME_MPP_X)) or _positive(
             props.get(openslide.PROPERTY_NAME_MPP_Y))
@@ -216,10 +235,39 @@ class Slide:
         if x >= slide_w or y >= slide_h or x + width0 <= 0 or y + height0 <= 0:
             raise SlideError(self.path, f"region at ({x}, {y}) of {width0:g}x{height0:g} level-0 px "
                                         f"lies outside the slide ({slide_w}x{slide_h})")
+        if self._tiles is not None:
+            region = self._read_tiles(x, y, w, h, downsample)
+            if region is not None:
+                return region
         level = self.best_level_for(downsample)
         scale = downsample / self.level_downsamples[level]
         level_size = (max(1, round(w * scale)), max(1, round(h * scale)))
         return _resize(self._read((x, y), level, level_size), (w, h))
+
+    def _read_tiles(self, x: int, y: int, w: int, h: int, downsample: float) -> np.ndarray | None:
+        """The region from decoded tiles when it lies on the pixel grid of a level at
+        ``downsample`` or of a level 2, 4 or 8 times finer (reduced-scale JPEG decoding);
+        None when neither serves it exactly (OpenSlide then reads it)."""
+        if self._closed:
+            raise SlideError(self.path, "the slide has been closed")
+        for level, level_downsample in enumerate(self.level_downsamples):
+            factor = downsample / level_downsample
+            scale = round(factor)
+            if abs(factor - scale) > 1e-9 or scale not in (1, 2, 4, 8):
+                continue
+            if scale > 1 and any(abs(d - downsample) < 1e-9 for d in self.level_downsamples):
+                continue  # a level of its own exists: read that one
+            step = level_downsample * scale  # level-0 px per output px
+            if x % step or y % step:
+                continue
+            tiled = self._tiles.level(level, scale)
+            if tiled is None:
+                continue
+            try:
+                return tiled.read(int(x // step), int(y // step), w, h, scale)
+            except Exception as exc:  # tifffile / imagecodecs raise many types on corrupt data
+                raise SlideError(self.path, f"cannot decode image data of level {level}: {exc}") from None
+        return None
 
     def read_level(self, level: int) -> np.ndarray:
         """The whole pyramid level ``level`` as ``(h, w, 3)`` uint8 RGB (large levels are
@@ -269,6 +317,8 @@ class Slide:
         if not self._closed:
             self._closed = True
             self._osr.close()
+            if self._tiles is not None:
+                self._tiles.close()
 
     def __enter__(self) -> "Slide":
         return self

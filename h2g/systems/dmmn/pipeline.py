@@ -48,7 +48,7 @@ from h2g.systems.dmmn.designs import Design
 log = logging.getLogger("h2g")
 
 VIEW_NAMES = ("x20", "x10", "x5")
-BACKGROUND_NAMES = ("glass", "background")  # the class of pixels no window covered, when the table has one
+BACKGROUND_NAMES = metrics.BACKGROUND_NAMES  # the class of pixels no window covered, when the table has one
 
 
 @dataclass
@@ -218,20 +218,9 @@ class Pipeline:
                                         readers=c.sampler.readers, progress=False)
 
     def evaluate(self, raster, record: SlideRecord) -> tuple[np.ndarray, np.ndarray]:
-        """(predicted labels, truth labels) on the label map's grid; pixels no window
-        covered are ``background`` when the class table has one, else unscored."""
-        annotation = self.annotation(record)
-        truth = annotation.labels
-        resized = raster.resized(annotation.downsample)
-        names = [n.lower() for n in self.classes.names]
-        fill = next((names.index(n) for n in BACKGROUND_NAMES if n in names), -1)
-        pred = resized.label_map(fill=fill)
-        rows, cols = min(pred.shape[0], truth.shape[0]), min(pred.shape[1], truth.shape[1])
-        pred, truth = pred[:rows, :cols], truth[:rows, :cols].copy()
-        if fill < 0:
-            truth[pred < 0] = IGNORE
-            pred = np.where(pred < 0, 0, pred)
-        return pred.astype(np.int64), truth
+        """(predicted labels, truth labels) on the label map's grid
+        (:func:`h2g.evaluation.metrics.raster_labels`)."""
+        return metrics.raster_labels(raster, self.annotation(record), self.classes.names)
 
     def run(self, design: Design) -> dict:
         """Train (or reuse) and evaluate ``design``; writes ``OUT/<design>/``: metrics.json

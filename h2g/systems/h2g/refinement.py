@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from h2g.core.errors import ConfigError
-from h2g.io.annotation import load_annotation
+from h2g.inference.lowres import target_mask  # noqa: F401  (the refinement targets)
 
 
 @dataclass
@@ -28,21 +28,6 @@ class RefinementSample:
     image: np.ndarray  # (S, S, 3) float32 in [0, 1]
     heatmap: np.ndarray  # (S, S, 1) float32 in [0, 1]
     mask: np.ndarray | None  # (S, S) bool tumour ground truth, None without annotation
-
-
-def target_mask(annotation_path: Path, slide, size: int, downsample: float = 4.0) -> np.ndarray:
-    """The tumour annotation resized to ``size x size`` over the slide's full extent (the
-    frame of the low-resolution image): area-averaged, then tumour where >= 0.5."""
-    annotation = load_annotation(annotation_path, slide, downsample=downsample)
-    # crop/pad the mask to exactly the slide's extent at its downsample, so that it is
-    # aligned with the low-resolution image, which spans the slide's level-0 extent
-    width, height = slide.dimensions
-    mw, mh = int(round(width / annotation.downsample)), int(round(height / annotation.downsample))
-    mask = np.zeros((mh, mw), np.float32)
-    src = annotation.mask[:mh, :mw]
-    mask[: src.shape[0], : src.shape[1]] = src
-    resized = Image.fromarray(mask, mode="F").resize((size, size), Image.BOX)
-    return np.asarray(resized) >= 0.5
 
 
 def refinement_dataset(
