@@ -13,6 +13,7 @@ from h2g.systems import registry
 H2G = ["otsu", "unet_lr", "inc_pw", "mob_pw", "mob_km_pw", "mob_pw_unet", "mob_pw_agunet", "mob_pw_dagunet",
        "mob_pw_doubleunet"]
 DMMN = ["dsmn_s2", "dmmn_ms", "dmmn_m2s", "dmmn_m3"]
+MUNET = ["unet_b0", "munet_b4"]
 RAZN = ["razn_scale1", "razn_scale2", "razn_ms", "razn_attention", "razn"]
 
 
@@ -29,8 +30,15 @@ def test_dmmn_registers_its_four_architectures_on_the_multiclass_manifest():
     assert [d.label for d in dmmn.designs] == ["DSMN-S2", "DMMN-MS", "DMMN-M2S", "DMMN-M3"]
     assert dmmn.manifest == REPO / "data_manifest_multiclass.csv"
     assert registry.systems()["h2g"].manifest == REPO / "data_manifest.csv"
-    assert [d.name for d in registry.resolve("all")] == H2G + DMMN + RAZN
+    assert [d.name for d in registry.resolve("all")] == H2G + DMMN + MUNET + RAZN
     assert [d.name for d in registry.resolve(system="dmmn")] == DMMN
+
+
+def test_munet_registers_its_two_designs_on_the_multistain_manifest():
+    munet = registry.systems()["munet"]
+    assert [d.name for d in munet.designs] == MUNET
+    assert [d.label for d in munet.designs] == ["U-Net-B0", "m-UNet-B4"]
+    assert munet.manifest == REPO / "data_manifest_multistain.csv"
 
 
 def test_razn_registers_its_table1_rows_on_the_multiclass_manifest():

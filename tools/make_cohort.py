@@ -4,6 +4,7 @@
     python tools/make_cohort.py                       # smoke preset into the repository
     python tools/make_cohort.py --preset full         # one ~100k x 100k slide, cohort/full/
     python tools/make_cohort.py --preset tiny --out /tmp/tiny --seed 3
+    python tools/make_cohort.py --multistain          # + IHC slides, data_manifest_multistain.csv (m-UNet)
 
 The same seed gives the same files.  See :mod:`h2g.cohort` for what the slides contain.
 """
@@ -37,6 +38,9 @@ def main(argv=None) -> int:
                              "repository for smoke, cohort/<preset> otherwise)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--multistain", action="store_true",
+                        help="also render IHC versions of the layouts and write data_manifest_multistain.csv "
+                             "(h2g.data.multistain; the H&E files are unchanged)")
     args = parser.parse_args(argv)
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
@@ -49,6 +53,10 @@ def main(argv=None) -> int:
         raise ConfigError(f"--out {out}: cannot create the folder ({exc.strerror})") from None
     start = time.perf_counter()
     manifest = make_cohort(out, args.preset, args.seed, progress=not args.quiet)
+    if args.multistain:
+        from h2g.data.multistain import make_multistain
+
+        print(f"wrote {make_multistain(out, args.preset, args.seed, progress=not args.quiet, only_missing=True)}")
     print(f"wrote {manifest} in {time.perf_counter() - start:.1f} s")
     if args.preset != "smoke":  # say where the slides are (paths in the manifest are relative to it)
         for row in load_manifest(manifest).records:

@@ -276,3 +276,126 @@ def _check_refinement_inputs(image: np.ndarray, heatmap: np.ndarray, mask: np.nd
         raise ValueError(f"heatmap shape {heatmap.shape} does not match image size {size}")
     if mask.shape != size:
         raise ValueError(f"mask shape {mask.shape} does not match image size {size}")
+
+
+# ---------------------------------------------------------------------- m-UNet
+MUNET_AUGMENTATIONS = ("basic", "colour", "noise", "heavy", "hsv", "jitter")
+# m-UNet's Table 6: saturation / value shifts (0..255 units) of brown (DAB) and blue
+# (haematoxylin) nuclei in HSV
+TARGETED_HSV = {"brown": ((-30, 81), (-80, 81)), "blue": ((-40, 61), (-60, 61))}
+# OpenCV hue (0..179) ranges of the two colours, and the least saturation of a stained pixel
+HUE_RANGES = {"brown": (3, 30), "blue": (100, 160)}
+STAINED_SATURATION = 35
+JITTER = 0.06  # XY jitter: up to this fraction of the high view's side
+
+
+def parse_munet_augment(spec: str) -> tuple[str, ...]:
+    """``"basic+heavy+noise"`` -> its parts, checked against :data:`MUNET_AUGMENTATIONS`."""
+    from h2g.core.errors import ConfigError
+
+    parts = tuple(p.strip() for p in spec.split("+") if p.strip())
+    unknown = [p for p in parts if p not in MUNET_AUGMENTATIONS]
+    if unknown or not parts:
+        raise ConfigError(f"unknown m-UNet augmentation(s) {unknown or spec!r}; join some of "
+                          f"{', '.join(MUNET_AUGMENTATIONS)} with '+'")
+    return parts
+
+
+def targeted_hsv(images: list[np.ndarray], rng: np.random.Generator) -> list[np.ndarray]:
+    """m-UNet's targeted HSV augmentation: only the stained nuclei change.  Pixels whose
+    hue is brown (DAB) or blue (haematoxylin) and whose saturation is above
+    :data:`STAINED_SATURATION` get one saturation and one value shift per colour, drawn
+    from :data:`TARGETED_HSV` (the paper's Table 6); every other pixel is unchanged.
+    The same shifts go to every image (the views of one sample)."""
+    shifts = {c: (rng.uniform(*s), rng.uniform(*v)) for c, (s, v) in TARGETED_HSV.items()}
+    out = []
+    for image in images:
+        hsv = cv2.cvtColor(image, cv2.COLOR_RGB2HSV).astype(np.float32)
+        for colour, (lo, hi) in HUE_RANGES.items():
+            where = (hsv[..., 0] >= lo) & (hsv[..., 0] <= hi) & (hsv[..., 1] > STAINED_SATURATION)
+            ds, dv = shifts[colour]
+            hsv[..., 1][where] += ds
+            hsv[..., 2][where] += dv
+        hsv = np.clip(np.rint(hsv), 0, 255).astype(np.uint8)
+        out.append(cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB))
+    return out
+
+
+def _shift(array: np.ndarray, dx: int, dy: int, fill) -> np.ndarray:
+    """``array`` moved by (dx, dy) pixels; uncovered pixels ``fill`` (``"reflect"`` or a value)."""
+    if dx == 0 and dy == 0:
+        return array
+    h, w = array.shape[:2]
+    pad = ((abs(dy), abs(dy)), (abs(dx), abs(dx))) + ((0, 0),) * (array.ndim - 2)
+    padded = (np.pad(array, pad, mode="reflect") if fill == "reflect"
+              else np.pad(array, pad, constant_values=fill))
+    top, left = abs(dy) - dy, abs(dx) - dx
+    return np.ascontiguousarray(padded[top:top + h, left:left + w])
+
+
+def munet_pipeline(parts: tuple[str, ...], names: tuple[str, ...], targets: tuple[str, ...]) -> A.Compose:
+    """The albumentations part of :func:`munet_augmenter`: flips and 90-degree rotations
+    (about the centre, so co-centred views stay aligned), colour jitter, heavy colour
+    augmentation and noise, the same on every view; targets move with the views."""
+    steps = []
+    if "basic" in parts:
+        steps += [A.HorizontalFlip(p=0.5), A.VerticalFlip(p=0.5), A.RandomRotate90(p=0.5)]
+    if "colour" in parts:
+        steps.append(A.ColorJitter(brightness=0.15, contrast=0.15, saturation=0.15, hue=0.04, p=0.8))
+    if "heavy" in parts:
+        steps += [A.HueSaturationValue(hue_shift_limit=40, sat_shift_limit=60, val_shift_limit=30, p=0.8),
+                  A.RGBShift(r_shift_limit=30, g_shift_limit=30, b_shift_limit=30, p=0.5),
+                  A.RandomGamma(gamma_limit=(70, 150), p=0.5)]
+    if "noise" in parts:
+        steps += [A.GaussNoise(std_range=(0.01, 0.05), p=0.5), A.GaussianBlur(blur_limit=(3, 5), p=0.2)]
+    extra = {n: "image" for n in names[1:]}
+    extra.update({f"target_{n}": "mask" for n in targets})
+    return A.Compose(steps, additional_targets=extra)
+
+
+def munet_augmenter(spec: str, ratios: dict[str, float] | None = None):
+    """``augment(views, targets, seed) -> (views, targets)`` for m-UNet samples:
+    ``views`` ``{name: (S, S, 3) uint8}`` co-centred; ``targets`` ``{name: (S, S) uint8}``
+    (label maps of some views) or one label map of the first view, or None.  ``spec``
+    joins parts of :data:`MUNET_AUGMENTATIONS` with ``+`` (Table 8 of the paper):
+    ``basic`` flips / 90-degree rotations, ``colour`` jitter, ``heavy`` colour
+    augmentation, ``noise``, ``hsv`` the targeted HSV augmentation
+    (:func:`targeted_hsv`), ``jitter`` an XY shift of up to :data:`JITTER` of the view,
+    ``ratios[name]`` times smaller in view ``name`` (the view's magnification over the
+    first view's), so the views stay co-centred.  Deterministic per seed, any thread."""
+    parts = parse_munet_augment(spec)
+    ratios = dict(ratios or {})
+    pipelines: dict[tuple, _ThreadPipelines] = {}
+    lock = threading.Lock()
+
+    def augment(views: dict, targets, seed: int):
+        names = tuple(views)
+        single = targets is not None and not isinstance(targets, dict)
+        labels = {names[0]: targets} if single else dict(targets or {})
+        key = (names, tuple(labels))
+        with lock:
+            if key not in pipelines:
+                pipelines[key] = _ThreadPipelines(lambda: munet_pipeline(parts, names, tuple(labels)))
+        feed = {"image": np.asarray(views[names[0]]), **{n: np.asarray(views[n]) for n in names[1:]},
+                **{f"target_{n}": np.asarray(t, np.uint8) for n, t in labels.items()}}
+        out = pipelines[key].seeded(seed)(**feed)
+        result = {names[0]: out["image"], **{n: out[n] for n in names[1:]}}
+        labels = {n: out[f"target_{n}"] for n in labels}
+        rng = np.random.default_rng([int(seed), 0x45C])
+        if "hsv" in parts:
+            result = dict(zip(names, targeted_hsv([result[n] for n in names], rng)))
+        if "jitter" in parts:
+            size = result[names[0]].shape[0]
+            dx, dy = (int(v) for v in rng.integers(-int(JITTER * size), int(JITTER * size) + 1, 2))
+            for n in names:
+                r = ratios.get(n, 1.0)
+                result[n] = _shift(result[n], int(round(dx * r)), int(round(dy * r)), "reflect")
+                if n in labels:
+                    labels[n] = _shift(labels[n], int(round(dx * r)), int(round(dy * r)), 255)
+        result = {n: np.ascontiguousarray(v) for n, v in result.items()}
+        labels = {n: np.ascontiguousarray(v) for n, v in labels.items()}
+        if targets is None:
+            return result, None
+        return result, (labels[names[0]] if single else labels)
+
+    return augment

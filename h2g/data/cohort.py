@@ -984,5 +984,9 @@ def ensure_cohort(manifest_path=DEFAULT_MANIFEST, seed: int = 0) -> Path:
         if text in (manifest_text(name), manifest_text(name, multiclass=True)):
             make_cohort(manifest_path.parent, name, seed, progress=True, only_missing=True)
             return manifest_path
+    from h2g.data.multistain import ensure_multistain  # the IHC layer over these layouts
+
+    if ensure_multistain(manifest_path, seed) is not None:
+        return manifest_path
     load_manifest(manifest_path)  # raises a ManifestError naming every missing file
     return manifest_path

@@ -155,11 +155,14 @@ def read_samples(
     255 = ignore) from ``annotations[slide_id]``, or the source's ``annotation``.  With
     ``shard``, only that part of the batch is read (:func:`shard_of`)."""
     views = check_views(views)
-    target_spec = _target_view(views, target, target_view)
+    several = _several_targets(target, target_view)
+    specs = ([_target_view(views, target, name) for name in target_view] if several
+             else [_target_view(views, target, target_view)])
+    target_spec = specs[0]
     batch = shard_of(sampler.batch_arrays(batch_index, batch_size, stream), shard)
     n = len(batch.labels)
     images = {v.name: np.empty((n, v.size, v.size, 3), np.uint8) for v in views}
-    pixels = None if target_spec is None else np.empty((n, target_spec.size, target_spec.size), np.uint8)
+    pixels = None if target_spec is None else {s.name: np.empty((n, s.size, s.size), np.uint8) for s in specs}
 
     def read(i: int) -> None:
         source = sampler.sources[batch.slide_index[i]]
@@ -168,16 +171,31 @@ def read_samples(
         sample = read_sample(slide, centre, views)
         label_map = None
         if target_spec is not None:
-            label_map = read_label_view(_annotation(source, annotations), slide, centre, target_spec)
+            annotation = _annotation(source, annotations)
+            label_map = {s.name: read_label_view(annotation, slide, centre, s) for s in specs}
+            if not several:
+                label_map = label_map[target_spec.name]
         if augment is not None:
             sample, label_map = augment(sample, label_map, int(batch.seeds[i]))
         for name, image in sample.items():
             images[name][i] = image
         if pixels is not None:
-            pixels[i] = label_map
+            for name, labels in (label_map.items() if several else [(target_spec.name, label_map)]):
+                pixels[name][i] = labels
 
     _read_in_pool(n, read, readers)
-    return images, (batch.labels if pixels is None else pixels)
+    if pixels is None:
+        return images, batch.labels
+    return images, (pixels if several else pixels[target_spec.name])
+
+
+def _several_targets(target: str, target_view) -> bool:
+    """Whether ``target_view`` names several views (pixel targets of each: a dict)."""
+    if isinstance(target_view, (tuple, list)):
+        if target != "pixels" or not target_view:
+            raise ConfigError(f"several target views need target='pixels' and at least one name, got {target_view}")
+        return True
+    return False
 
 
 def _target_view(views: tuple[View, ...], target: str, target_view: str | None) -> View | None:
@@ -320,7 +338,9 @@ def sample_dataset(
     ``target="class"``: the patches' classes one-hot, ``(batch_size, n_classes)``
     float32 (``n_classes`` defaults to ``sampler.n_classes``, 2 for tumour masks).
     ``target="pixels"``: the label map of ``target_view`` (the only view by default),
-    ``(batch_size, S, S)`` int32 class indices, 255 where unlabelled; annotations come
+    ``(batch_size, S, S)`` int32 class indices, 255 where unlabelled (``target_view`` a
+    tuple of view names: ``{name: label map}``, the augmenter then gets and returns such
+    a dict); annotations come
     from ``annotations[slide_id]`` or the source's ``annotation`` attribute.
 
     ``augment`` (a :data:`SampleAugment`; :func:`each_view` adapts an image augmenter)
@@ -331,7 +351,9 @@ def sample_dataset(
 
     views = check_views(views)
     stream = _batch_indices(batch_size, training, start_batch, n_batches, readers)
-    target_spec = _target_view(views, target, target_view)
+    several = _several_targets(target, target_view)
+    specs = [_target_view(views, target, name) for name in target_view] if several else []
+    target_spec = specs[0] if several else _target_view(views, target, target_view)
     classes = _n_classes(sampler, n_classes)
     names = [v.name for v in views]
     size = _shard_size(batch_size, shard)
@@ -340,16 +362,23 @@ def sample_dataset(
         images, labels = read_samples(sampler, batch_index, batch_size, views, stream=stream, target=target,
                                       target_view=target_view, augment=augment, readers=readers,
                                       annotations=annotations, shard=shard)
+        if several:
+            return [images[name] for name in names] + [labels[s.name] for s in specs]
         return [images[name] for name in names] + [labels]
 
     def finish(*parts):
         inputs = {name: tf.cast(part, tf.float32) / 255.0 for name, part in zip(names, parts)}
+        if several:
+            return inputs, {s.name: tf.cast(part, tf.int32) for s, part in zip(specs, parts[len(names):])}
         if target_spec is None:
             return inputs, tf.one_hot(parts[-1], classes, dtype=tf.float32)
         return inputs, tf.cast(parts[-1], tf.int32)
 
     shapes = [[size, v.size, v.size, 3] for v in views]
-    if target_spec is None:
+    if several:
+        out_types = [tf.uint8] * (len(views) + len(specs))
+        shapes = shapes + [[size, s.size, s.size] for s in specs]
+    elif target_spec is None:
         out_types, shapes = [tf.uint8] * len(views) + [tf.int32], shapes + [[size]]
     else:
         out_types = [tf.uint8] * len(views) + [tf.uint8]

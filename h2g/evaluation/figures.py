@@ -113,3 +113,32 @@ def dice_boxplot(path: str | Path, per_slide: Sequence[dict], designs: Sequence[
     fig.tight_layout()
     fig.savefig(path, format="png")
     return Path(path)
+
+
+def group_iou_plot(path: str | Path, groups: dict, classes: Sequence[str], title: str = "") -> Path:
+    """PNG bar chart of IoU per group (``{"stain=er": ClassScores.to_dict(), ...}``),
+    one panel per group attribute (stain, scanner), one bar per class in ``classes``
+    (m-UNet's Table 3 as a plot)."""
+    from matplotlib.figure import Figure
+
+    attributes = list(dict.fromkeys(key.split("=", 1)[0] for key in groups))
+    if not attributes:
+        raise ConfigError("no groups to plot")
+    fig = Figure(figsize=(5.0 * len(attributes), 4.0), dpi=100)
+    axes = np.atleast_1d(fig.subplots(1, len(attributes)))
+    width = 0.8 / max(1, len(classes))
+    for ax, attribute in zip(axes, attributes):
+        keys = [k for k in groups if k.split("=", 1)[0] == attribute]
+        x = np.arange(len(keys))
+        for i, name in enumerate(classes):
+            values = [groups[k]["classes"][name]["iou"] for k in keys]
+            ax.bar(x + (i - (len(classes) - 1) / 2) * width, np.nan_to_num(values), width, label=name)
+        ax.set_xticks(x, [k.split("=", 1)[1] for k in keys])
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("IoU (test slides)")
+        ax.set_title(f"{title} by {attribute}".strip())
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return Path(path)

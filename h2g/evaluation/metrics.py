@@ -195,6 +195,48 @@ def tumour_scores(confusion: np.ndarray, tumour_index: int) -> dict[str, float]:
     return _scores(tp, fp, fn)
 
 
+def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean labels ``positive``
+    (Mann-Whitney U with mid-ranks for ties); NaN when one side is empty."""
+    scores = np.asarray(scores, np.float64).ravel()
+    positive = np.asarray(positive, bool).ravel()
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), np.float64)
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    mid = first + (counts + 1) / 2.0  # 1-based mid-rank of each tie group
+    ranks[order] = np.repeat(mid, counts)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def threshold_counts(prob: np.ndarray, positive: np.ndarray, thresholds) -> np.ndarray:
+    """``(T, 4)`` int64 counts ``tp, fp, fn, tn`` of ``prob > t`` against ``positive`` for
+    each threshold ``t`` (the one threshold rule of :func:`binarise`); sum them over
+    slides, then :func:`threshold_scores`."""
+    prob = np.asarray(prob).ravel()
+    positive = np.asarray(positive, bool).ravel()
+    out = np.zeros((len(thresholds), 4), np.int64)
+    n_pos = int(positive.sum())
+    for i, t in enumerate(thresholds):
+        pred = binarise(prob, t)
+        tp = int(np.count_nonzero(pred & positive))
+        fp = int(np.count_nonzero(pred)) - tp
+        out[i] = (tp, fp, n_pos - tp, len(prob) - n_pos - fp)
+    return out
+
+
+def threshold_scores(counts: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall (= sensitivity) and specificity per row of :func:`threshold_counts`."""
+    tp, fp, fn, tn = (np.asarray(counts, np.float64)[:, i] for i in range(4))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {"precision": np.where(tp + fp > 0, tp / (tp + fp), np.nan),
+                "recall": np.where(tp + fn > 0, tp / (tp + fn), np.nan),
+                "specificity": np.where(tn + fp > 0, tn / (tn + fp), np.nan)}
+
+
 # ---------------------------------------------------------------- rasters and weighted IoU
 BACKGROUND_NAMES = ("glass", "background")  # the class of pixels no window covered, when the table has one
 

@@ -16,6 +16,8 @@ dsmn_s2        n_classes=6, input_size=256, width            ``x20`` -> ``segmen
 dmmn_ms        n_classes=6, input_size=256, width            ``x20``, ``x10``, ``x5`` -> ``segmentation``
 dmmn_m2s       n_classes=6, input_size=256, width            ``x20``, ``x10``, ``x5`` -> ``segmentation``
 dmmn_m3        n_classes=6, input_size=256, width            ``x20``, ``x10``, ``x5`` -> ``segmentation``
+unet_effnet    n_classes=3, input_size=512, encoder, weights   ``x_hi`` -> ``segmentation``
+munet          ... , ratio, decoder_width                    ``x_hi``, ``x_lo`` -> ``segmentation``, ``high``, ``low``
 resnet18_fcn   n_classes, input_size=256, width              ``image`` -> ``segmentation`` (RAZN)
 razn_policy    input_size=256, width                         ``image`` -> ``zoom`` (B, 1)
 =============  ===========================================  ===========================
@@ -42,6 +44,7 @@ from h2g.models.classifiers import build_inceptionv3, build_mobilenetv2
 from h2g.models.dagunet import build_dagunet
 from h2g.models.dmmn import build_dmmn_m2s, build_dmmn_m3, build_dmmn_ms, build_dsmn_s2
 from h2g.models.doubleunet import build_doubleunet
+from h2g.models.munet import build_munet, build_unet_effnet
 from h2g.models.razn import build_policy, build_resnet18_fcn
 from h2g.models.unet import build_unet, build_unet_lr
 
@@ -57,6 +60,8 @@ ARCHITECTURES = {
     "dmmn_ms": build_dmmn_ms,
     "dmmn_m2s": build_dmmn_m2s,
     "dmmn_m3": build_dmmn_m3,
+    "unet_effnet": build_unet_effnet,
+    "munet": build_munet,
     "resnet18_fcn": build_resnet18_fcn,
     "razn_policy": build_policy,
 }

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 
 from h2g.core.errors import ConfigError
 
-SYSTEM_PACKAGES = ("h2g.systems.h2g", "h2g.systems.dmmn", "h2g.systems.razn")
+SYSTEM_PACKAGES = ("h2g.systems.h2g", "h2g.systems.dmmn", "h2g.systems.munet", "h2g.systems.razn")
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -213,3 +213,79 @@ def class_weights_from_counts(counts) -> "np.ndarray":
     if counts.ndim != 1 or counts.sum() <= 0:
         raise ModelError(f"class weights need annotated pixel counts per class, got {counts.tolist()}")
     return (1.0 - counts / counts.sum()).astype(np.float32)
+
+
+# ---------------------------------------------------------------------- m-UNet
+def normalised_weights(weights):
+    """Class weights scaled to sum to 1 (the paper normalises them "so that the losses
+    don't get scaled much")."""
+    weights = ops.convert_to_tensor(weights)
+    return weights / ops.maximum(ops.sum(weights), EPSILON)
+
+
+@keras.saving.register_keras_serializable(package="h2g")
+def dynamic_class_weights(y_true, n_classes: int, ignore: int = 255):
+    """m-UNet's per-batch class weights (its Eq. 1): ``W_c = 1 - n_c / n`` with ``n_c`` the
+    labelled pixels of class ``c`` in the batch and ``n`` all labelled pixels (``ignore``
+    excluded), normalised to sum 1.  ``y_true`` integer label maps ``(B, H, W)``; returns
+    ``(C,)`` float32.  A batch without labelled pixels gets uniform weights."""
+    labels = ops.reshape(ops.cast(y_true, "int32"), (-1,))
+    annotated = ops.cast(ops.not_equal(labels, ignore), "float32")
+    safe = ops.where(ops.not_equal(labels, ignore), labels, ops.zeros_like(labels))
+    counts = ops.sum(ops.one_hot(safe, n_classes, dtype="float32") * annotated[:, None], axis=0)
+    total = ops.sum(counts)
+    weights = 1.0 - counts / ops.maximum(total, 1.0)
+    return normalised_weights(weights)
+
+
+@keras.saving.register_keras_serializable(package="h2g")
+def weighted_ce_dice(y_true, y_pred, class_weights=None, ignore: int = 255, smooth: float = 1.0,
+                     epsilon: float = EPSILON):
+    """m-UNet's loss on one output (its Eqs. 5-6): weighted cross-entropy + weighted Dice
+    over the batch's labelled pixels (label ``ignore``, e.g. a pseudo-label below the
+    confidence threshold, counts nowhere: no loss, no gradient).
+
+    ``WCE = sum_i W[y_i] (-log p_i[y_i]) / n`` over the ``n`` labelled pixels;
+    ``WDL = 1 - sum_c W_c (2 sum_i y_ic p_ic + s) / (sum_i y_ic + sum_i p_ic + s)`` with
+    sums over labelled pixels; ``W`` = ``class_weights`` normalised to sum 1, or the
+    batch's :func:`dynamic_class_weights` when None.  Returns a scalar."""
+    n_classes = y_pred.shape[-1]
+    labels = ops.cast(y_true, "int32")
+    annotated = ops.cast(ops.not_equal(labels, ignore), y_pred.dtype)[..., None]
+    safe = ops.where(ops.not_equal(labels, ignore), labels, ops.zeros_like(labels))
+    onehot = ops.one_hot(safe, n_classes, dtype=y_pred.dtype) * annotated
+    if class_weights is None:
+        weights = ops.cast(dynamic_class_weights(labels, n_classes, ignore), y_pred.dtype)
+    else:
+        weights = ops.cast(normalised_weights(ops.convert_to_tensor(class_weights, dtype="float32")), y_pred.dtype)
+    probs = ops.clip(y_pred, epsilon, 1.0 - epsilon)
+    n = ops.maximum(ops.sum(annotated), 1.0)
+    ce = -ops.sum(onehot * ops.log(probs) * weights, axis=-1)
+    wce = ops.sum(ce) / n
+    axes = tuple(range(len(y_pred.shape) - 1))
+    p = y_pred * annotated
+    dice = (2.0 * ops.sum(onehot * p, axis=axes) + smooth) / (ops.sum(onehot, axis=axes) + ops.sum(p, axis=axes)
+                                                              + smooth)
+    wdl = 1.0 - ops.sum(weights * dice)
+    return wce + wdl
+
+
+@keras.saving.register_keras_serializable(package="h2g")
+class WeightedCEDice(keras.losses.Loss):
+    """:func:`weighted_ce_dice` as a serialisable Keras loss: ``class_weights`` a list
+    (static) or None (dynamic, per batch); ``scale`` the output's branch weight (m-UNet's
+    Eq. 7: the total loss is the branch-weighted sum over its outputs)."""
+
+    def __init__(self, class_weights=None, ignore: int = 255, scale: float = 1.0, name: str = "weighted_ce_dice",
+                 **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.class_weights = None if class_weights is None else [float(w) for w in class_weights]
+        self.ignore = int(ignore)
+        self.scale = float(scale)  # the output's static branch weight
+
+    def call(self, y_true, y_pred):
+        return self.scale * weighted_ce_dice(y_true, y_pred, self.class_weights, self.ignore)
+
+    def get_config(self):
+        return {**super().get_config(), "class_weights": self.class_weights, "ignore": self.ignore,
+                "scale": self.scale}
