@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,13 +37,13 @@ from tqdm.auto import tqdm
 from h2g.core.atomic import replace_atomically, write_json
 from h2g.core.config import Config
 from h2g.core.errors import ConfigError
-from h2g.core.stages import Stage, data_key
+from h2g.core.stages import Stage
 from h2g.data.views import View
 from h2g.evaluation import metrics, tables
-from h2g.io.annotation import load_annotation
 from h2g.io.classes import IGNORE, colour_rgb
-from h2g.io.manifest import Manifest, SlideRecord, load_manifest
+from h2g.io.manifest import SlideRecord
 from h2g.io.slide import open_slide
+from h2g.systems.labelled import LabelledPipeline
 from h2g.systems.dmmn.designs import Design
 
 log = logging.getLogger("h2g")
@@ -52,26 +53,13 @@ BACKGROUND_NAMES = metrics.BACKGROUND_NAMES  # the class of pixels no window cov
 
 
 @dataclass
-class Pipeline:
+class Pipeline(LabelledPipeline):
     """DMMN's stages over one manifest."""
 
-    manifest_path: Path
-    out: Path
-    config: Config
-    resume: bool = False
-    strategy: object = None
-    manifest: Manifest = field(init=False)
+    system_label: ClassVar[str] = "DMMN"
 
     def __post_init__(self):
-        self.manifest_path = Path(self.manifest_path)
-        self.out = Path(self.out)
-        self.manifest = load_manifest(self.manifest_path)
-        self.classes = self.manifest.classes
-        self.data = data_key(self.manifest)
-        self.rows: list[dict] = []
-        self.scores: dict[str, metrics.ClassScores] = {}
-        self._samplers: dict[str, object] = {}
-        self._annotations: dict[str, object] = {}
+        super().__post_init__()
         mags = self.config.dmmn.magnifications
         if len(mags) != 3 or not mags[0] > mags[1] > mags[2] > 0:
             raise ConfigError(f"dmmn.magnifications must be three decreasing magnifications, got {mags}")
@@ -81,24 +69,6 @@ class Pipeline:
         c = self.config.dmmn
         every = {name: View(name, float(m), c.size) for name, m in zip(VIEW_NAMES, c.magnifications)}
         return tuple(every[name] for name in design.views)
-
-    def records(self, split: str) -> list[SlideRecord]:
-        return self.manifest.split(split)
-
-    def annotation(self, record: SlideRecord):
-        if record.slide_id not in self._annotations:
-            slide = open_slide(record.slide_path, mpp=record.mpp)
-            self._annotations[record.slide_id] = load_annotation(
-                record.annotation_path, slide, downsample=self.config.patches.annotation_downsample,
-                classes=self.classes)
-        return self._annotations[record.slide_id]
-
-    def _annotated(self, split: str) -> list[SlideRecord]:
-        records = [r for r in self.records(split) if r.annotation_path is not None]
-        if not records:
-            raise ConfigError(f"{self.manifest_path}: no {split} slide has an annotation; DMMN needs annotated "
-                              f"{split} slides")
-        return records
 
     def sampler(self, split: str):
         if split not in self._samplers:
@@ -238,14 +208,8 @@ class Pipeline:
             if record.annotation_path is None:
                 unevaluated.append(record.slide_id)
                 continue
-            raster = self.segment(design, model_path, record)
-            pred, truth = self.evaluate(raster, record)
-            scores = metrics.class_metrics(pred, truth, self.classes, ignore=IGNORE)
+            row, scores, pred, truth = self.slide_scores(design.label, record, self.segment(design, model_path, record))
             pooled = scores if pooled is None else pooled + scores
-            row = {"design": design.label, "slide_id": record.slide_id, "grade": record.grade,
-                   "mean_iou": scores.mean_iou}
-            if tumour is not None:
-                row.update(metrics.tumour_scores(scores.confusion, tumour))
             rows.append(row)
             if len(examples) < c.eval.figure_slides:
                 examples.append((record.slide_id, pred, truth))

@@ -36,8 +36,9 @@ import dataclasses
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -45,13 +46,13 @@ from tqdm.auto import tqdm
 from h2g.core.atomic import replace_atomically, write_json, write_text
 from h2g.core.config import Config
 from h2g.core.errors import ConfigError
-from h2g.core.stages import Stage, data_key
+from h2g.core.stages import Stage
 from h2g.data.views import View
 from h2g.evaluation import metrics, tables
-from h2g.io.annotation import load_annotation
 from h2g.io.classes import IGNORE, colour_rgb
-from h2g.io.manifest import Manifest, SlideRecord, load_manifest
+from h2g.io.manifest import SlideRecord
 from h2g.io.slide import open_slide
+from h2g.systems.labelled import LabelledPipeline
 from h2g.systems.munet.designs import Design
 
 log = logging.getLogger("h2g")
@@ -61,26 +62,13 @@ OUTPUTS = ("segmentation", "high", "low")
 
 
 @dataclass
-class Pipeline:
+class Pipeline(LabelledPipeline):
     """m-UNet's stages over one manifest."""
 
-    manifest_path: Path
-    out: Path
-    config: Config
-    resume: bool = False
-    strategy: object = None
-    manifest: Manifest = field(init=False)
+    system_label: ClassVar[str] = "m-UNet"
 
     def __post_init__(self):
-        self.manifest_path = Path(self.manifest_path)
-        self.out = Path(self.out)
-        self.manifest = load_manifest(self.manifest_path)
-        self.classes = self.manifest.classes
-        self.data = data_key(self.manifest)
-        self.rows: list[dict] = []
-        self.scores: dict[str, metrics.ClassScores] = {}
-        self._samplers: dict = {}
-        self._annotations: dict = {}
+        super().__post_init__()
         self._evaluated: dict[str, dict] = {}
         self._backends: dict[str, object] = {}
         c = self.config.munet
@@ -114,15 +102,6 @@ class Pipeline:
             stains = set(self.config.munet.train_stains)
             records = [r for r in records if r.attributes.get("stain", "") in stains or "stain" not in r.attributes]
         return records
-
-    def annotation(self, record: SlideRecord):
-        key = (record.slide_id, str(record.annotation_path))
-        if key not in self._annotations:
-            slide = open_slide(record.slide_path, mpp=record.mpp)
-            self._annotations[key] = load_annotation(
-                record.annotation_path, slide, downsample=self.config.patches.annotation_downsample,
-                classes=self.classes)
-        return self._annotations[key]
 
     def _annotated(self, split: str) -> list[SlideRecord]:
         records = [r for r in self.records(split) if r.annotation_path is not None]
@@ -162,8 +141,6 @@ class Pipeline:
 
     def _data(self, records, key: str, *, both: bool, training: bool, augment: str | None, start_batch=0,
               n_batches=None, shard=None):
-        import tensorflow as tf
-
         from h2g.data.augment import munet_augmenter
         from h2g.data.dataset import sample_dataset
 

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,14 +37,14 @@ from tqdm.auto import tqdm
 from h2g.core.atomic import replace_atomically, write_json, write_text
 from h2g.core.config import Config
 from h2g.core.errors import ConfigError
-from h2g.core.stages import Stage, data_key
+from h2g.core.stages import Stage
 from h2g.data.views import View
 from h2g.evaluation import metrics, tables
 from h2g.inference.zoom import ZOOM_RATE, zoom_views
-from h2g.io.annotation import load_annotation
-from h2g.io.classes import IGNORE, colour_rgb
-from h2g.io.manifest import Manifest, SlideRecord, load_manifest
+from h2g.io.classes import colour_rgb
+from h2g.io.manifest import SlideRecord
 from h2g.io.slide import open_slide
+from h2g.systems.labelled import LabelledPipeline
 from h2g.systems.razn.designs import DESIGNS, Design
 
 log = logging.getLogger("h2g")
@@ -51,26 +52,13 @@ RAZN_MODELS = ("policy", "coarse", "fine")
 
 
 @dataclass
-class Pipeline:
+class Pipeline(LabelledPipeline):
     """RAZN's stages over one manifest."""
 
-    manifest_path: Path
-    out: Path
-    config: Config
-    resume: bool = False
-    strategy: object = None
-    manifest: Manifest = field(init=False)
+    system_label: ClassVar[str] = "RAZN"
 
     def __post_init__(self):
-        self.manifest_path = Path(self.manifest_path)
-        self.out = Path(self.out)
-        self.manifest = load_manifest(self.manifest_path)
-        self.classes = self.manifest.classes
-        self.data = data_key(self.manifest)
-        self.rows: list[dict] = []
-        self.scores: dict[str, metrics.ClassScores] = {}
-        self._samplers: dict[str, object] = {}
-        self._annotations: dict[str, object] = {}
+        super().__post_init__()
         c = self.config.razn
         if c.size % 8 or c.size < 8 or not c.magnification > 0:
             raise ConfigError(f"razn.size must be a positive multiple of 8 and razn.magnification positive, "
@@ -89,21 +77,6 @@ class Pipeline:
     def views(self, design: Design) -> tuple[View, ...]:
         both = {v.name: v for v in self.zoom_views}
         return tuple(both[n] for n in design.views)
-
-    def annotation(self, record: SlideRecord):
-        if record.slide_id not in self._annotations:
-            slide = open_slide(record.slide_path, mpp=record.mpp)
-            self._annotations[record.slide_id] = load_annotation(
-                record.annotation_path, slide, downsample=self.config.patches.annotation_downsample,
-                classes=self.classes)
-        return self._annotations[record.slide_id]
-
-    def _annotated(self, split: str) -> list[SlideRecord]:
-        records = [r for r in self.manifest.split(split) if r.annotation_path is not None]
-        if not records:
-            raise ConfigError(f"{self.manifest_path}: no {split} slide has an annotation; RAZN needs annotated "
-                              f"{split} slides")
-        return records
 
     def sampler(self, split: str = "train"):
         if split not in self._samplers:
@@ -338,13 +311,8 @@ class Pipeline:
                 regions += len(stats.zoomed)
                 if len(zoom_maps) < c.eval.figure_slides:
                     zoom_maps.append((record.slide_id, raster.label_map(fill=-1), stats.zoom_map(raster.shape)))
-            pred, truth = metrics.raster_labels(raster, self.annotation(record), self.classes.names)
-            scores = metrics.class_metrics(pred, truth, self.classes, ignore=IGNORE)
+            row, scores, pred, truth = self.slide_scores(design.label, record, raster)
             pooled = scores if pooled is None else pooled + scores
-            row = {"design": design.label, "slide_id": record.slide_id, "grade": record.grade,
-                   "mean_iou": scores.mean_iou}
-            if tumour is not None:
-                row.update(metrics.tumour_scores(scores.confusion, tumour))
             rows.append(row)
             if len(examples) < c.eval.figure_slides:
                 examples.append((record.slide_id, pred, truth))
