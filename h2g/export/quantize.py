@@ -123,6 +123,18 @@ def _pick(candidates: list, n: int, seed: int) -> list:
     return [candidates[i] for i in keep]
 
 
+def _read_picks(records, picks: list, read) -> list:
+    """``read(slide, place)`` of every ``(slide index, place)`` pick, in order, each
+    slide opened once (picks come sorted by slide)."""
+    from h2g.io.slide import open_slide
+
+    out = []
+    for k in sorted({k for k, _ in picks}):
+        with open_slide(records[k].slide_path, mpp=records[k].mpp) as slide:
+            out += [read(slide, place) for j, place in picks if j == k]
+    return out
+
+
 def _patch_feeds(records, view, n: int, seed: int) -> list[dict]:
     from h2g.io.slide import open_slide
     from h2g.tiling.grid import build_patch_grid
@@ -134,12 +146,8 @@ def _patch_feeds(records, view, n: int, seed: int) -> list[dict]:
             grid = build_patch_grid(slide, tissue=detect_tissue(slide), magnification=view.magnification,
                                     patch_size=view.size)
             candidates += [(k, tuple(int(v) for v in c)) for c in grid.coords]
-    feeds = []
-    for k, coord in _pick(candidates, n, seed):
-        with open_slide(records[k].slide_path, mpp=records[k].mpp) as slide:
-            patch = slide.read_region(coord, (view.size, view.size), view.magnification)
-        feeds.append({"image": patch[None]})
-    return feeds
+    return _read_picks(records, _pick(candidates, n, seed), lambda slide, coord: {
+        "image": slide.read_region(coord, (view.size, view.size), view.magnification)[None]})
 
 
 def _window_feeds(records, views, n: int, seed: int) -> list[dict]:
@@ -153,12 +161,11 @@ def _window_feeds(records, views, n: int, seed: int) -> list[dict]:
         with open_slide(record.slide_path, mpp=record.mpp) as slide:
             grid = window_grid(slide, magnification=target.magnification, size=target.size)
             candidates += [(k, tuple(float(v) for v in c)) for c in grid.centres]
-    feeds = []
-    for k, centre in _pick(candidates, n, seed):
-        with open_slide(records[k].slide_path, mpp=records[k].mpp) as slide:
-            read = read_views(slide, centre, views)
-        feeds.append({v.name: read[v.name][None] for v in views})
-    return feeds
+    def read(slide, centre):
+        views_read = read_views(slide, centre, views)
+        return {v.name: views_read[v.name][None] for v in views}
+
+    return _read_picks(records, _pick(candidates, n, seed), read)
 
 
 def _refinement_feeds(records, size: int, heatmap_backend, patch_view) -> list[dict]:
@@ -338,7 +345,12 @@ def _diff_stats(diffs: list[np.ndarray]) -> dict | None:
     return {"max": float(values.max()), "p99": float(np.percentile(values, 99)), "n": int(values.size)}
 
 
-def _predict(group: Group, engine: str, int8: bool, slide, data: RunData) -> dict:
+def _backends(group: Group, engine: str, int8: bool) -> dict:
+    """The group's models on ``engine`` (int8 or f32), compiled once for every slide."""
+    return {role: _backend(group.path(role, engine, int8), engine, int8) for role in group.entries}
+
+
+def _predict(group: Group, backends: dict, slide, data: RunData) -> dict:
     """One slide through ``group``'s models on ``engine``: probabilities to compare
     (``patch``: tissue-cell patch probabilities; ``pixel``: the final output) and the
     binary tumour prediction / label map to score."""
@@ -348,16 +360,12 @@ def _predict(group: Group, engine: str, int8: bool, slide, data: RunData) -> dic
 
     kind = group.kind
     if kind == "sliding":
-        backend = _backend(group.path("segmentation", engine, int8), engine, int8)
-        seg = segment_windows(slide, backend, progress=False)
+        seg = segment_windows(slide, backends["segmentation"], progress=False)
         return {"pixel": seg.raster.probs, "raster": seg.raster, "metadata": seg.metadata}
     out = {}
-    patch_backend = refine_backend = None
-    if "patch_classifier" in group.entries:
-        patch_backend = _backend(group.path("patch_classifier", engine, int8), engine, int8)
+    patch_backend, refine_backend = backends.get("patch_classifier"), backends.get("refinement")
+    if patch_backend is not None:
         view = ModelMetadata.from_dict(group.entries["patch_classifier"]["metadata"]).views[0]
-    if "refinement" in group.entries:
-        refine_backend = _backend(group.path("refinement", engine, int8), engine, int8)
     if kind == "h2g":
         seg = segment(slide, patch_backend, refine_backend, size=refine_backend.image_size or data.evaluation_size,
                       magnification=view.magnification, patch_size=view.size, progress=False)
@@ -374,24 +382,31 @@ def _predict(group: Group, engine: str, int8: bool, slide, data: RunData) -> dic
     return out
 
 
-def _scores(group: Group, prediction: dict, record, slide, data: RunData) -> dict:
+def _truth(group: Group, prediction: dict, record, slide, data: RunData):
+    """What a slide's predictions are scored against (read once for f32 and int8): the
+    label map for a sliding-window model, else the tumour mask at the output's size."""
+    if group.kind == "sliding":
+        from h2g.io.annotation import load_annotation
+
+        return load_annotation(record.annotation_path, slide, downsample=data.annotation_downsample,
+                               classes=data.classes)
+    from h2g.inference.lowres import target_mask
+
+    return target_mask(record.annotation_path, slide, prediction["size"], data.annotation_downsample)
+
+
+def _scores(group: Group, prediction: dict, truth) -> dict:
     from h2g.evaluation import metrics
 
     if group.kind == "sliding":
-        from h2g.io.annotation import load_annotation
         from h2g.io.classes import tumour_index_of
 
         names = prediction["metadata"].class_names or [str(i) for i in range(prediction["raster"].classes)]
-        annotation = load_annotation(record.annotation_path, slide, downsample=data.annotation_downsample,
-                                     classes=data.classes)
-        pred, truth = metrics.raster_labels(prediction["raster"], annotation, names)
-        confusion = metrics.confusion_matrix(pred, truth, len(names))
+        pred, labels = metrics.raster_labels(prediction["raster"], truth, names)
+        confusion = metrics.confusion_matrix(pred, labels, len(names))
         tumour = tumour_index_of(names)
         dice = metrics.tumour_scores(confusion, tumour)["dice"] if tumour is not None else None
         return {"dice": dice, "confusion": confusion, "names": names}
-    from h2g.inference.lowres import target_mask
-
-    truth = target_mask(record.annotation_path, slide, prediction["size"], data.annotation_downsample)
     return {"dice": metrics.segmentation_metrics(metrics.binarise(prediction["pixel"]), truth)["dice"]}
 
 
@@ -406,13 +421,15 @@ def guard(group: Group, engine: str, data: RunData, tolerance: float = TOLERANCE
 
     from h2g.io.slide import open_slide
 
+    f32_backends, int8_backends = _backends(group, engine, False), _backends(group, engine, True)
     per_slide, patch_diffs, pixel_diffs = [], [], []
     for record in tqdm(data.test, desc=f"int8 guard ({engine})", unit="slide", disable=not progress):
         with open_slide(record.slide_path, mpp=record.mpp) as slide:
-            f32 = _predict(group, engine, False, slide, data)
-            int8 = _predict(group, engine, True, slide, data)
-            row = {"slide_id": record.slide_id, "f32": _scores(group, f32, record, slide, data),
-                   "int8": _scores(group, int8, record, slide, data)}
+            f32 = _predict(group, f32_backends, slide, data)
+            int8 = _predict(group, int8_backends, slide, data)
+            truth = _truth(group, f32, record, slide, data)
+            row = {"slide_id": record.slide_id, "f32": _scores(group, f32, truth),
+                   "int8": _scores(group, int8, truth)}
         if "patch" in f32:
             cells = (f32["patch"] != 0) | (int8["patch"] != 0)  # cells with a patch (0 off tissue)
             patch_diffs.append(np.abs(f32["patch"][cells] - int8["patch"][cells]))

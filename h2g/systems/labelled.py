@@ -9,16 +9,20 @@ first, and names itself in :attr:`system_label` for its error messages.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar
 
+from h2g.core.atomic import write_json
 from h2g.core.config import Config
 from h2g.core.errors import ConfigError
-from h2g.evaluation import metrics
+from h2g.evaluation import metrics, tables
 from h2g.io.classes import IGNORE
 from h2g.core.stages import data_key
 from h2g.io.manifest import Manifest, SlideRecord, load_manifest
+
+log = logging.getLogger("h2g")
 
 
 @dataclass
@@ -85,3 +89,55 @@ class LabelledPipeline:
         if tumour is not None:
             row.update(metrics.tumour_scores(scores.confusion, tumour))
         return row, scores, pred, truth
+
+    def score_test_slides(self, design, raster_of: Callable[[SlideRecord], object]):
+        """Every annotated test slide's ``raster_of(record)`` scored by
+        :meth:`slide_scores`: ``(pooled ClassScores, Table 1 rows, unevaluated slide ids,
+        examples)``, the examples being the first ``eval.figure_slides`` ``(slide id,
+        pred, truth)``.
+        Test slides without a label map are named in a warning; none annotated is a
+        :class:`ConfigError`."""
+        from tqdm.auto import tqdm
+
+        pooled, rows, unevaluated, examples = None, [], [], []
+        for record in tqdm(self.records("test"), desc=f"{design.name} test slides", unit="slide"):
+            if record.annotation_path is None:
+                unevaluated.append(record.slide_id)
+                continue
+            row, scores, pred, truth = self.slide_scores(design.label, record, raster_of(record))
+            pooled = scores if pooled is None else pooled + scores
+            rows.append(row)
+            if len(examples) < self.config.eval.figure_slides:
+                examples.append((record.slide_id, pred, truth))
+        if unevaluated:
+            log.warning("%s: %d test slide(s) without an annotation are not evaluated: %s",
+                        design.name, len(unevaluated), ", ".join(unevaluated))
+        if not rows:
+            raise ConfigError(f"{self.manifest_path}: no test slide has an annotation; nothing to evaluate")
+        return pooled, rows, unevaluated, examples
+
+    @staticmethod
+    def class_entries(pooled) -> dict:
+        """``{class: {iou, dice, recall, precision, present}}`` of pooled class scores."""
+        return {name: {"iou": float(pooled.iou[i]), "dice": float(pooled.dice[i]),
+                       "recall": float(pooled.recall[i]), "precision": float(pooled.precision[i]),
+                       "present": bool(pooled.present[i])}
+                for i, name in enumerate(pooled.names)}
+
+    def join_table1(self, folder: Path, design, rows: list[dict], result: dict, resolution: str) -> None:
+        """With a tumour class: the binary tumour summary into ``result``, Tables 1-2 of
+        ``rows`` into ``folder``, and ``rows`` kept for the combined tables."""
+        if self.classes.tumour_index is None:
+            return
+        summary = tables.metrics_summary(rows, design.label)
+        result.update({k: v for k, v in summary.items() if k not in ("design",)})
+        tables.write_tables(folder, rows, [design.label], resolution=resolution)
+        self.rows.extend(rows)
+
+    def write_result(self, folder: Path, design, result: dict) -> dict:
+        """``config.json`` (design, system, manifest and the config) and, last,
+        ``metrics.json`` (``result``) into ``folder``; returns ``result``."""
+        write_json(folder / "config.json", {"design": design.name, "system": design.system,
+                                            "manifest": str(self.manifest_path), **self.config.to_dict()})
+        write_json(folder / "metrics.json", result)
+        return result

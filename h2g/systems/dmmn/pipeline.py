@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from h2g.core.atomic import replace_atomically, write_json
+from h2g.core.atomic import replace_atomically
 from h2g.core.config import Config
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
@@ -202,22 +201,8 @@ class Pipeline(LabelledPipeline):
         folder = self.out / design.name
         stage = self.model_stage(design)
         model_path = stage.dir / "model.keras"
-        tumour = self.classes.tumour_index
-        pooled, rows, unevaluated, examples = None, [], [], []
-        for record in tqdm(self.records("test"), desc=f"{design.name} test slides", unit="slide"):
-            if record.annotation_path is None:
-                unevaluated.append(record.slide_id)
-                continue
-            row, scores, pred, truth = self.slide_scores(design.label, record, self.segment(design, model_path, record))
-            pooled = scores if pooled is None else pooled + scores
-            rows.append(row)
-            if len(examples) < c.eval.figure_slides:
-                examples.append((record.slide_id, pred, truth))
-        if unevaluated:
-            log.warning("%s: %d test slide(s) without an annotation are not evaluated: %s",
-                        design.name, len(unevaluated), ", ".join(unevaluated))
-        if not rows:
-            raise ConfigError(f"{self.manifest_path}: no test slide has an annotation; nothing to evaluate")
+        pooled, rows, unevaluated, examples = self.score_test_slides(design, lambda r: self.segment(design, model_path, r))
+        resolution = f"the label maps' grid (downsample {c.patches.annotation_downsample:g})"
         folder.mkdir(parents=True, exist_ok=True)
         self.scores[design.label] = pooled
         tables.write_class_tables(folder, {design.label: pooled})
@@ -225,31 +210,20 @@ class Pipeline(LabelledPipeline):
             "design": design.name, "system": design.system, "label": design.label,
             "preset": c.preset, "seed": c.seed, "n_test_slides": len(rows),
             "mean_iou": pooled.mean_iou,
-            "classes": {name: {"iou": float(pooled.iou[i]), "dice": float(pooled.dice[i]),
-                               "recall": float(pooled.recall[i]), "precision": float(pooled.precision[i]),
-                               "present": bool(pooled.present[i])}
-                        for i, name in enumerate(pooled.names)},
+            "classes": self.class_entries(pooled),
             "mean_iou_by_slide": {r["slide_id"]: r["mean_iou"] for r in rows},
-            "resolution": f"the label maps' grid (downsample {c.patches.annotation_downsample:g})",
+            "resolution": resolution,
             "unevaluated_slides": unevaluated,
             "config": c.to_dict(),
         }
-        if tumour is not None:
-            summary = tables.metrics_summary(rows, design.label)
-            result.update({k: v for k, v in summary.items() if k not in ("design",)})
-            tables.write_tables(folder, rows, [design.label],
-                                resolution=f"the label maps' grid (downsample {c.patches.annotation_downsample:g})")
-            self.rows.extend(rows)
+        self.join_table1(folder, design, rows, result, resolution)
         models_dir = folder / "models"
         models_dir.mkdir(exist_ok=True)
         replace_atomically(models_dir / "segmenter.keras", lambda tmp: shutil.copyfile(model_path, tmp))
         write_sidecar(models_dir / "segmenter.keras", self.metadata(design))
         result["models"] = {"segmenter": str(models_dir / "segmenter.keras")}
         figures.label_map_grid(folder / "examples.png", examples, self.classes)
-        write_json(folder / "config.json", {"design": design.name, "system": design.system,
-                                            "manifest": str(self.manifest_path), **c.to_dict()})
-        write_json(folder / "metrics.json", result)
-        return result
+        return self.write_result(folder, design, result)
 
 
 def run_designs(designs: list[Design], manifest_path: Path, out: Path, config: Config, resume: bool = False,

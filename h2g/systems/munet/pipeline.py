@@ -43,7 +43,7 @@ from typing import ClassVar
 import numpy as np
 from tqdm.auto import tqdm
 
-from h2g.core.atomic import replace_atomically, write_json, write_text
+from h2g.core.atomic import replace_atomically, write_text
 from h2g.core.config import Config
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
@@ -436,20 +436,14 @@ class Pipeline(LabelledPipeline):
             "mean_iou_by_slide": {r["slide_id"]: r["mean_iou"] for r in rows},
             "resolution": resolution, "config": c.to_dict(),
         }
-        summary = tables.metrics_summary(rows, design.label)
-        result.update({k: v for k, v in summary.items() if k not in ("design",)})
-        tables.write_tables(folder, rows, [design.label], resolution=resolution)
-        self.rows.extend(rows)
+        self.join_table1(folder, design, rows, result, resolution)  # m-UNet's table always has a tumour class
         models_dir = folder / "models"
         models_dir.mkdir(exist_ok=True)
         replace_atomically(models_dir / "segmenter.keras", lambda tmp: shutil.copyfile(model_path, tmp))
         write_sidecar(models_dir / "segmenter.keras", self.metadata(design))
         result["models"] = {"segmenter": str(models_dir / "segmenter.keras")}
         figures.label_map_grid(folder / "examples.png", evaluated["examples"], self.classes)
-        write_json(folder / "config.json", {"design": design.name, "system": design.system,
-                                            "manifest": str(self.manifest_path), **c.to_dict()})
-        write_json(folder / "metrics.json", result)
-        return result
+        return self.write_result(folder, design, result)
 
 
 def pseudo_labels(probs_covered, threshold: float) -> np.ndarray:

@@ -32,9 +32,8 @@ from pathlib import Path
 from typing import ClassVar
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from h2g.core.atomic import replace_atomically, write_json, write_text
+from h2g.core.atomic import replace_atomically, write_text
 from h2g.core.config import Config
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
@@ -298,29 +297,19 @@ class Pipeline(LabelledPipeline):
         folder = self.out / design.name
         stage = self.model_stage(design)
         backends = self.backends(design, stage)
-        tumour = self.classes.tumour_index
-        pooled, rows, unevaluated, examples, zoom_maps = None, [], [], [], []
-        zoomed = regions = 0
-        for record in tqdm(self.manifest.split("test"), desc=f"{design.name} test slides", unit="slide"):
-            if record.annotation_path is None:
-                unevaluated.append(record.slide_id)
-                continue
+        zoom_maps, counts = [], {"zoomed": 0, "regions": 0}
+
+        def raster_of(record):  # the raster, keeping the zoom decisions
             raster, stats = self.segment(design, backends, record)
             if stats is not None:
-                zoomed += int(stats.zoomed.sum())
-                regions += len(stats.zoomed)
+                counts["zoomed"] += int(stats.zoomed.sum())
+                counts["regions"] += len(stats.zoomed)
                 if len(zoom_maps) < c.eval.figure_slides:
                     zoom_maps.append((record.slide_id, raster.label_map(fill=-1), stats.zoom_map(raster.shape)))
-            row, scores, pred, truth = self.slide_scores(design.label, record, raster)
-            pooled = scores if pooled is None else pooled + scores
-            rows.append(row)
-            if len(examples) < c.eval.figure_slides:
-                examples.append((record.slide_id, pred, truth))
-        if unevaluated:
-            log.warning("%s: %d test slide(s) without an annotation are not evaluated: %s",
-                        design.name, len(unevaluated), ", ".join(unevaluated))
-        if not rows:
-            raise ConfigError(f"{self.manifest_path}: no test slide has an annotation; nothing to evaluate")
+            return raster
+
+        pooled, rows, unevaluated, examples = self.score_test_slides(design, raster_of)
+        zoomed, regions = counts["zoomed"], counts["regions"]
         zoom_fraction = zoomed / regions if design.unit is None and regions else None
         timing = self.relative_time(design, backends)
         folder.mkdir(parents=True, exist_ok=True)
@@ -332,10 +321,7 @@ class Pipeline(LabelledPipeline):
             "mean_iou": pooled.mean_iou,
             "weighted_iou": metrics.weighted_iou(pooled, "frequency"),
             "inverse_weighted_iou": metrics.weighted_iou(pooled, "inverse"),
-            "classes": {name: {"iou": float(pooled.iou[i]), "dice": float(pooled.dice[i]),
-                               "recall": float(pooled.recall[i]), "precision": float(pooled.precision[i]),
-                               "present": bool(pooled.present[i])}
-                        for i, name in enumerate(pooled.names)},
+            "classes": self.class_entries(pooled),
             "relative_time": timing,
             "relative_flops": self.relative_flops(design, zoom_fraction),
             "zoom_fraction": zoom_fraction,
@@ -344,11 +330,7 @@ class Pipeline(LabelledPipeline):
             "unevaluated_slides": unevaluated,
             "config": c.to_dict(),
         }
-        if tumour is not None:
-            summary = tables.metrics_summary(rows, design.label)
-            result.update({k: v for k, v in summary.items() if k not in ("design",)})
-            tables.write_tables(folder, rows, [design.label], resolution=result["resolution"])
-            self.rows.extend(rows)
+        self.join_table1(folder, design, rows, result, result["resolution"])
         models_dir = folder / "models"
         models_dir.mkdir(exist_ok=True)
         result["models"] = {}
@@ -363,10 +345,7 @@ class Pipeline(LabelledPipeline):
         if zoom_maps:
             zoom_figure(folder / "zoom.png", zoom_maps, self.classes)
         write_text(folder / "table1.md", table1_markdown([result]))
-        write_json(folder / "config.json", {"design": design.name, "system": design.system,
-                                            "manifest": str(self.manifest_path), **c.to_dict()})
-        write_json(folder / "metrics.json", result)
-        return result
+        return self.write_result(folder, design, result)
 
 
 class _GraphBackend:
