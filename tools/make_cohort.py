@@ -2,11 +2,13 @@
 """Generate the embedded synthetic cohort (slides, tumour masks, manifest).
 
     python tools/make_cohort.py                       # smoke preset into the repository
+    python tools/make_cohort.py --preset standard     # 12 slides of 30k-36k px a side, cohort/standard/
     python tools/make_cohort.py --preset full         # one ~100k x 100k slide, cohort/full/
     python tools/make_cohort.py --preset tiny --out /tmp/tiny --seed 3
     python tools/make_cohort.py --multistain          # + IHC slides, data_manifest_multistain.csv (m-UNet)
 
-The same seed gives the same files.  See :mod:`h2g.cohort` for what the slides contain.
+The same seed gives the same files.  See :mod:`h2g.data.cohort` for what the slides contain
+(:mod:`h2g.data.lesions`: the tumour mimics; :mod:`h2g.data.artefacts`: stains and artefacts).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import ConfigError
-from h2g.data.cohort import PRESETS, make_cohort
+from h2g.data.cohort import PRESETS, cohort_specs, make_cohort
 from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 
 
@@ -57,7 +59,9 @@ def main(argv=None) -> int:
         from h2g.data.multistain import make_multistain
 
         print(f"wrote {make_multistain(out, args.preset, args.seed, progress=not args.quiet, only_missing=True)}")
-    print(f"wrote {manifest} in {time.perf_counter() - start:.1f} s")
+    files = [Path(manifest).parent / path for spec in cohort_specs(args.preset) for path in spec.outputs]
+    size = sum(f.stat().st_size for f in files if f.is_file())
+    print(f"wrote {manifest} in {time.perf_counter() - start:.1f} s ({size / 2**20:.0f} MiB of slides and label maps)")
     if args.preset != "smoke":  # say where the slides are (paths in the manifest are relative to it)
         for row in load_manifest(manifest).records:
             print(f"{row.slide_id}: {row.slide_path}")

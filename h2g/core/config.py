@@ -251,8 +251,8 @@ def _smoke() -> Config:
         cluster=ClusterConfig(n_batches=8, batch_size=32, weights=None, feature_size=64),
         heatmap=HeatmapConfig(batch_size=64, readers=2),
         refine=RefineConfig(
-            size=512, width=0.5, batch_size=4, accumulation_steps=1,
-            epochs=30, patience=15, steps_per_epoch=6, bn_momentum=0.9,
+            size=256, width=0.5, batch_size=4, accumulation_steps=1,
+            epochs=60, patience=30, steps_per_epoch=6, bn_momentum=0.9,
         ),
         # DMMN at 1/8 width with Adam: the paper's SGD at lr 5e-5 needs days, not minutes
         dmmn=DMMNConfig(width=0.125, batch_size=8, train_batches=40, val_batches=4, epochs=8,

@@ -1,43 +1,55 @@
-"""The embedded synthetic cohort: H&E-like breast tissue slides with tumour masks.
+"""The embedded synthetic cohort: H&E-like breast tissue slides with their annotations.
 
 :func:`make_cohort` writes, deterministically from a seed, pyramidal tiled JPEG TIFF
-slides (0.25 um/px at level 0, OpenSlide "generic-tiff"), lossless tumour masks at
-downsample 4 and a manifest (see :mod:`h2g.manifest`) with grades 1-3 and a
-train/val/test split, and, for DMMN (multi-class segmentation trained on partial
-annotations), lossless multi-class label maps at downsample 4 with their own manifest
-and class table (:data:`LABEL_CLASSES`: 1 tumour, 2 benign, 3 stroma, 4 fat, 5 glass,
-0 unannotated)::
+slides (0.25 um/px at level 0, OpenSlide "generic-tiff") and, all derived from one layout
+per slide (:meth:`SlideRenderer.regions`), lossless annotations at downsample 4:
 
     <out>/data_manifest.csv                       # binary tumour masks (H2G-Net)
-    <out>/data_manifest_multiclass.csv            # label maps: partial for train/val, full for test
+    <out>/data_manifest_multiclass.csv            # label maps: partial for train/val, full for test (DMMN, RAZN)
     <out>/data_manifest_multiclass.classes.csv    # its class table (h2g.io.classes)
+    <out>/data_manifest_bach.csv                  # BACH-like normal / benign / in situ / invasive maps
+    <out>/data_manifest_bach.classes.csv
     <out>/cohort/slides/<id>.tiff
-    <out>/cohort/masks/<id>_mask.tiff
-    <out>/cohort/labels/<id>_labels.tiff           # full label map, every slide
+    <out>/cohort/masks/<id>_mask.tiff             # 255 = invasive tumour
+    <out>/cohort/labels/<id>_labels.tiff           # full label map, every slide (LABEL_CLASSES)
     <out>/cohort/labels/<id>_partial.tiff          # partial label map, train and val slides
+    <out>/cohort/labels/<id>_bach.tiff             # BACH-like map (BACH_CLASSES)
+
+(:mod:`h2g.data.multistain` renders IHC versions of the same layouts for m-UNet.)
 
 How a slide is drawn:
 
 - *layout*, on a coarse grid: smooth random fields give tissue islands on glass, one or a
-  few large smooth tumour regions inside the tissue (the annotation), and fat lobules;
+  few large smooth tumour regions inside the tissue (the annotation: invasive
+  carcinoma), fat lobules, and tumour *mimics* away from the tumour
+  (:mod:`h2g.data.lesions`): adenosis, sclerosing lesions, DCIS and lymphoid aggregates
+  that match the tumour at low resolution and differ at 10-20x, and circumscribed
+  nodules of tumour-like cells that only their shape and capsule give away;
 - *structure*, at 1 um/px (level-0 / 4), for each region of level 0 being written: wavy
   collagen stroma, fat cells, normal acini, grade-dependent tumour (tubules for grade 1,
-  nests for grade 2, solid sheets for grade 3) and, inside the annotated region, patches of
-  inflamed stroma that look like stroma at patch scale, so that a patch classifier alone
-  is imperfect and the whole-slide context matters;
-- *nuclei*, at level 0: per-type nucleus sprites on a jittered grid, their type and
-  density taken from the structure.
+  nests for grade 2, solid sheets for grade 3), the mimics, and, inside the annotated
+  region, patches of inflamed stroma that look like stroma at patch scale;
+- *nuclei*, at level 0: per-type nucleus sprites (:mod:`h2g.data.nuclei`: lymphocytes,
+  fibroblasts, benign, myoepithelial, grade 1-3 tumour nuclei, mitoses) on a jittered
+  grid, their type and density taken from the structure;
+- *look* (:mod:`h2g.data.artefacts`): with a preset's ``artefacts``, each slide has its
+  own stain vectors and strengths, glass colour and section-thickness field, and some
+  slides out-of-focus patches, a fold or a pen circle.
 
-The label maps come from the same pieces as the structure (tumour exactly where the
-tumour mask is; adipocytes, normal acini and glass as drawn; stroma for the rest of the
-tissue).  The partial maps keep them where a smooth noise field of the slide's own keys
-(a SeedSequence apart from the pixels' streams, so slides and masks are unchanged by
-them) exceeds a per-slide threshold: irregular blobs over ~40% of the tissue, each class
-at least ~20% annotated, a quarter of the glass (:meth:`SlideRenderer.render_partial`).
+The label maps come from the same regions (:data:`LABEL_OF_REGION`,
+:data:`BACH_OF_REGION`; the tumour mask is exactly the invasive region).  The partial maps
+keep them where a smooth noise field of the slide's own keys (a SeedSequence apart from
+the pixels' streams, so slides and masks are unchanged by them) exceeds a per-slide
+threshold: irregular blobs over ~40% of the tissue, each class at least ~20% annotated, a
+quarter of the glass (:meth:`SlideRenderer.render_partial`).
 
-Everything is a pure function of the position and the slide's seed, so the slide is
-rendered tile row by tile row (:func:`h2g.io.pyramid.write_pyramid_tiles`) with bounded
-memory at any size, and the same seed gives byte-identical files.
+Everything is a pure function of the position and the slide's seed
+(:mod:`h2g.data.fields`), so the slide is rendered tile row by tile row
+(:func:`h2g.io.pyramid.write_pyramid_tiles`) with bounded memory at any size, and the same
+seed gives byte-identical files.  Presets (:data:`PRESETS`): ``tiny`` (tests), ``smoke``
+(the quick start: 24 slides of 6-10k px), ``standard`` (12 slides of 30-36k px, tumour on
+1-30 % of the tissue) and ``full`` (one ~100k px slide for runtime benchmarks, without
+mimics or artefacts).
 """
 from __future__ import annotations
 
@@ -54,130 +66,26 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from h2g.core.atomic import replace_atomically
+from h2g.data import lesions
+from h2g.data.artefacts import (BACKGROUND, EOSIN, FOLD_GAIN, HAEMATOXYLIN, MAX_OD, SlideLook, draw_look,
+                                gaussian_blur, plain_look)
+from h2g.data.fields import MPP, Grid, fraction as _fraction, hash01, smoothstep as _smoothstep, um
+from h2g.data.nuclei import (ADIPOCYTE, BENIGN, CANVAS, CELL, GRADE1, GRADE2, GRADE3, LYMPHOCYTE,
+                             MITOSIS, MITOTIC_RATE, MYOEPITHELIAL, NONE, NORMAL, ORIENTATIONS, ORIENTED,
+                             SPINDLE, VARIANTS, sprite_bank)
 from h2g.core.errors import ConfigError
 from h2g.io.classes import sidecar_path
 from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 from h2g.io.pyramid import default_downsamples, write_pyramid_tiles
 
-MPP = 0.25                # microns per level-0 pixel
 MASK_DOWNSAMPLE = 4       # level-0 px per mask px
 STRUCTURE = 4             # level-0 px per structure px (1 um)
-CELL = 40                 # level-0 px between nucleus grid points (10 um)
-CANVAS = 2 * CELL         # a nucleus sprite's canvas; same-parity cells tile it exactly
 COARSE_CELLS = 128        # the layout grid has about this many cells on the long side
 
 MANIFEST_NAME = "data_manifest.csv"
 MULTICLASS_MANIFEST_NAME = "data_manifest_multiclass.csv"  # its classes: <stem>.classes.csv
 PARTIAL_SPLITS = ("train", "val")  # slides whose multi-class annotation is partial
 MANIFEST_HEADER = ("slide_id", "slide_path", "annotation_path", "grade", "split")
-
-
-def um(microns: float) -> float:
-    """Microns as level-0 pixels."""
-    return microns / MPP
-
-
-# ---------------------------------------------------------------- position hashing, noise
-
-def _mix(h: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser (a bijective scramble of 64-bit integers)."""
-    h = h ^ (h >> np.uint64(30))
-    h = h * np.uint64(0xBF58476D1CE4E5B9)
-    h = h ^ (h >> np.uint64(27))
-    h = h * np.uint64(0x94D049BB133111EB)
-    return h ^ (h >> np.uint64(31))
-
-
-def hash01(key: int, ix, iy) -> np.ndarray:
-    """A uniform number in [0, 1) per integer position ``(ix, iy)`` (broadcast), fixed by
-    ``key``: the same position always gets the same number, whatever is asked with it."""
-    ix = np.asarray(ix, np.int64).astype(np.uint64)
-    iy = np.asarray(iy, np.int64).astype(np.uint64)
-    h = _mix(ix * np.uint64(0x9E3779B97F4A7C15) + np.uint64(key % 2**64))
-    h = _mix(h ^ (iy * np.uint64(0xC2B2AE3D27D4EB4F)))
-    return (h >> np.uint64(40)).astype(np.float32) * np.float32(2.0**-24)
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A grid of ``shape`` (rows, cols) pixels of ``step`` level-0 px, the first covering
-    ``[x0, x0 + step) x [y0, y0 + step)``."""
-
-    x0: float
-    y0: float
-    shape: tuple[int, int]
-    step: float
-
-    def centres(self) -> tuple[np.ndarray, np.ndarray]:
-        """Level-0 (x, y) of the pixel centres as a row (1, cols) and a column (rows, 1)."""
-        rows, cols = self.shape
-        xs = self.x0 + (np.arange(cols, dtype=np.float32) + 0.5) * self.step
-        ys = self.y0 + (np.arange(rows, dtype=np.float32) + 0.5) * self.step
-        return xs[None, :], ys[:, None]
-
-    def resample(self, values: np.ndarray, spacing: float, origin=(0.0, 0.0),
-                 resample=Image.BICUBIC) -> np.ndarray:
-        """``values`` (one per ``spacing`` level-0 px, pixel ``[0, 0]`` covering
-        ``origin``) interpolated at this grid: a pure function of position."""
-        rows, cols = self.shape
-        ox, oy = origin
-        box = ((self.x0 - ox) / spacing, (self.y0 - oy) / spacing,
-               (self.x0 + cols * self.step - ox) / spacing,
-               (self.y0 + rows * self.step - oy) / spacing)
-        image = Image.fromarray(np.ascontiguousarray(values, np.float32), "F")
-        return np.asarray(image.resize((cols, rows), resample, box=box))
-
-    def noise(self, key: int, spacing: float) -> np.ndarray:
-        """Smooth value noise (lattice ``spacing`` level-0 px, values about 0..1)."""
-        rows, cols = self.shape
-        i0 = int(np.floor(self.x0 / spacing)) - 2
-        i1 = int(np.ceil((self.x0 + cols * self.step) / spacing)) + 2
-        j0 = int(np.floor(self.y0 / spacing)) - 2
-        j1 = int(np.ceil((self.y0 + rows * self.step) / spacing)) + 2
-        lattice = hash01(key, np.arange(i0, i1)[None, :], np.arange(j0, j1)[:, None])
-        return self.resample(lattice, spacing, (i0 * spacing, j0 * spacing))
-
-    def worley(self, key: int, cell: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Cellular noise over a jittered grid of ``cell`` level-0 px: the distances to the
-        nearest and second-nearest feature points and a uniform number of the nearest
-        point's cell."""
-        xs, ys = self.centres()
-        cx = np.floor(xs[0] / cell).astype(np.int64)
-        cy = np.floor(ys[:, 0] / cell).astype(np.int64)
-        gx = np.arange(cx[0] - 1, cx[-1] + 2)[None, :]
-        gy = np.arange(cy[0] - 1, cy[-1] + 2)[:, None]
-        fx = ((gx + 0.1 + 0.8 * hash01(key, gx, gy)) * cell).astype(np.float32)
-        fy = ((gy + 0.1 + 0.8 * hash01(key + 1, gx, gy)) * cell).astype(np.float32)
-        ident = hash01(key + 2, gx, gy)
-        f1 = np.full(self.shape, np.inf, np.float32)
-        f2 = f1.copy()
-        nearest = np.zeros(self.shape, np.float32)
-        d, dy2, closer = np.empty_like(f1), np.empty_like(f1), np.empty(self.shape, bool)
-        for oy in (-1, 0, 1):
-            rows = cy - gy[0, 0] + oy
-            fx_rows, fy_rows, id_rows = fx[rows], fy[rows], ident[rows]
-            for ox in (-1, 0, 1):
-                cols = cx - gx[0, 0] + ox
-                np.subtract(xs, np.take(fx_rows, cols, axis=1), out=d)
-                np.square(d, out=d)
-                np.subtract(ys, np.take(fy_rows, cols, axis=1), out=dy2)
-                np.square(dy2, out=dy2)
-                d += dy2
-                np.less(d, f1, out=closer)
-                np.copyto(nearest, np.take(id_rows, cols, axis=1), where=closer)
-                np.minimum(f2, np.maximum(f1, d, out=dy2), out=f2)
-                np.minimum(f1, d, out=f1)
-        return np.sqrt(f1), np.sqrt(f2), nearest
-
-
-def _smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
-    t = np.clip((x - edge0) / (edge1 - edge0), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _fraction(u: np.ndarray, salt: float) -> np.ndarray:
-    """Another uniform number derived from the uniform ``u`` (for several per cell)."""
-    return (u * salt) % 1.0
 
 
 # --------------------------------------------------------------------------- layout
@@ -210,14 +118,22 @@ class SlideLayout:
     tissue: np.ndarray
     tumour: np.ndarray
     fat: np.ndarray
+    lesion: np.ndarray | None = None       # > 0 inside a tumour mimic (h2g.data.lesions)
+    lesion_kind: np.ndarray | None = None  # region kind of each cell's nearest lesion
+    look: SlideLook = plain_look()
 
     TUMOUR_MARGIN_UM = 60.0  # the tumour keeps this far inside the tissue's edge
 
     @classmethod
     def draw(cls, rng: np.random.Generator, size: tuple[int, int], grade: int,
-             attempts: int = 100) -> "SlideLayout":
-        """A random layout with tissue on ~35-55% of the slide, tumour on ~20-40% of the
-        tissue, and at least one clearly tumour and one clearly non-tumour 10x patch."""
+             attempts: int = 100, tumour_share: tuple[float, float] = (0.2, 0.4),
+             lesion_share: tuple[float, float] = (0.0, 0.0), nodules: tuple[int, int] = (0, 0),
+             artefacts: bool = False) -> "SlideLayout":
+        """A random layout with tissue on ~35-55% of the slide, tumour on ``tumour_share``
+        of the tissue, and at least one clearly tumour and one clearly non-tumour 10x
+        patch; then tumour mimics (:mod:`h2g.data.lesions`) on ``lesion_share`` of the
+        tissue plus ``nodules`` circumscribed nodules, and, with ``artefacts``, the
+        slide's own stain colours, blur, fold and pen marks (:mod:`h2g.data.artefacts`)."""
         width, height = size
         longest = max(size)
         spacing = max(16.0, longest / COARSE_CELLS)
@@ -237,7 +153,7 @@ class SlideLayout:
             f = _smooth_field(rng, shape, longest / 12 / spacing)
             tissue = inside & (t > 0)
             interior = inside & (t > margin)
-            wanted = int(rng.uniform(0.2, 0.4) * tissue.sum())
+            wanted = int(rng.uniform(*tumour_share) * tissue.sum())
             if wanted < 1 or interior.sum() <= wanted:
                 continue
             threshold = np.sort(u[interior])[-wanted]
@@ -246,8 +162,26 @@ class SlideLayout:
             f = _as_distance(f - np.quantile(f[normal], 1 - rng.uniform(0.15, 0.4)), spacing)
             layout = cls(size, grade, spacing, origin, t, tumour, f)
             if layout.has_both_classes():
-                return layout
+                return layout._with_lesions(rng, inside, lesion_share, nodules, artefacts)
         raise RuntimeError(f"no usable layout for a {width}x{height} slide in {attempts} tries")
+
+    def _with_lesions(self, rng, inside, lesion_share, nodules, artefacts) -> "SlideLayout":
+        """This layout plus its lesions and look, drawn from ``rng`` after the rest (a
+        preset without them draws the same tissue and tumour as before they existed)."""
+        longest = max(self.size)
+        if lesion_share[1] > 0 or nodules[1] > 0:
+            self.lesion, self.lesion_kind = lesions.draw_lesion_layout(
+                rng, self.tissue, self.tumour, inside, self.spacing, longest,
+                rng.uniform(*lesion_share), int(rng.integers(nodules[0], nodules[1] + 1)),
+                _smooth_field, _as_distance)
+            self.fat = np.minimum(self.fat, -self.lesion)  # no fat inside lesions
+        if artefacts:
+            rows, cols = self.tissue.shape
+            cells = np.stack(np.meshgrid(self.origin[0] + (np.arange(cols) + 0.5) * self.spacing,
+                                         self.origin[1] + (np.arange(rows) + 0.5) * self.spacing), -1)
+            self.look = draw_look(rng, self.size, cells[inside & (self.tissue > 0)],
+                                  cells[inside & (self.tumour > 0)])
+        return self
 
     def has_both_classes(self, patch: int = 1024, minimum: int = 1) -> bool:
         """Whether at least ``minimum`` patches of ``patch`` level-0 px (256 px at 10x) are
@@ -272,83 +206,6 @@ class SlideLayout:
         return clear_tumour.sum() >= minimum and clear_normal.sum() >= minimum
 
 
-# ---------------------------------------------------------------------- nucleus sprites
-
-NONE, LYMPHOCYTE, SPINDLE, ADIPOCYTE, NORMAL, GRADE1, GRADE2, GRADE3 = range(8)
-VARIANTS = 32           # sprites per nucleus type (per orientation for spindles)
-ORIENTATIONS = 8        # spindle orientation bins over 180 degrees
-
-# type: (half length px, aspect (min, max), stain (min, max), wobble, chromatin, rim,
-#        nucleolus probability)
-_NUCLEI = {
-    LYMPHOCYTE: ((11, 14), (0.85, 1.0), (0.82, 0.95), 0.04, 0.10, 0.0, 0.0),
-    SPINDLE: ((17, 26), (0.2, 0.3), (0.62, 0.8), 0.03, 0.12, 0.0, 0.0),
-    ADIPOCYTE: ((12, 18), (0.2, 0.3), (0.6, 0.75), 0.03, 0.10, 0.0, 0.0),
-    NORMAL: ((12, 15), (0.75, 0.95), (0.58, 0.7), 0.03, 0.15, 0.0, 0.1),
-    GRADE1: ((13, 17), (0.75, 0.95), (0.58, 0.72), 0.04, 0.18, 0.1, 0.3),
-    GRADE2: ((16, 23), (0.7, 0.95), (0.52, 0.82), 0.08, 0.28, 0.25, 0.6),
-    GRADE3: ((19, 27), (0.6, 0.95), (0.42, 0.95), 0.09, 0.38, 0.4, 0.9),
-}
-
-
-@functools.lru_cache(maxsize=2)
-def sprite_bank(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Nucleus sprites ``(K, CANVAS, CANVAS)`` uint8 (haematoxylin, 255 = darkest) and
-    the index of each type's first sprite, shared by a cohort's slides.  Sprite 0 is
-    blank; each type has ``VARIANTS`` sprites (spindles: per orientation bin), randomly
-    shaped, textured and placed within ``CELL / 4`` of the canvas centre (less for the
-    largest nuclei, which must fit in the canvas)."""
-    rng = np.random.default_rng([seed, 0x5B417E])
-    kinds, angles = [], []
-    base = np.zeros(len(_NUCLEI) + 1, np.int64)
-    count = 1
-    for kind in _NUCLEI:
-        base[kind] = count
-        n = VARIANTS * (ORIENTATIONS if kind == SPINDLE else 1)
-        kinds += [kind] * n
-        if kind == SPINDLE:
-            angles.append(np.repeat(np.arange(ORIENTATIONS) * np.pi / ORIENTATIONS, VARIANTS)
-                          + rng.normal(0, 0.08, n))
-        else:
-            angles.append(rng.uniform(0, np.pi, n))
-        count += n
-    kinds = np.array(kinds)
-    angle = np.concatenate(angles).astype(np.float32)[:, None, None]
-    table = np.array([(*_NUCLEI[k][0], *_NUCLEI[k][1], *_NUCLEI[k][2], *_NUCLEI[k][3:])
-                      for k in kinds], np.float32)
-    n = len(kinds)
-
-    def draw(lo, hi, size=None):
-        return rng.uniform(lo, hi, size).astype(np.float32)[..., None, None]
-
-    half = draw(table[:, 0], table[:, 1])
-    minor = half * draw(table[:, 2], table[:, 3])
-    stain = draw(table[:, 4], table[:, 5])
-    wobble, chromatin, rim, nucleolus = (table[:, i, None, None] for i in range(6, 10))
-    reach = half * (1 + 3 * wobble)  # the nucleus stays inside its canvas
-    centre = CANVAS / 2 + draw(-1, 1, (2, n)) * np.clip(CANVAS / 2 - 1 - reach, 0, CELL / 4)
-    yy, xx = (np.mgrid[0:CANVAS, 0:CANVAS] + 0.5).astype(np.float32)
-    dx, dy = xx - centre[0], yy - centre[1]
-    cos, sin = np.cos(angle), np.sin(angle)
-    u = (dx * cos + dy * sin) / half
-    v = (dy * cos - dx * sin) / minor
-    phi = np.arctan2(v, u)
-    edge = 1.0 + sum(wobble * draw(0.3, 1.0, (n,)) * np.cos(k * phi + draw(0, 2 * np.pi, (n,)))
-                     for k in (2, 3, 4))
-    t = np.hypot(u, v) / edge
-    alpha = np.clip((1.0 - t) * minor + 0.5, 0.0, 1.0)
-    texture = ndimage.gaussian_filter(rng.standard_normal((n, CANVAS, CANVAS), np.float32),
-                                      (0, 1.3, 1.3))
-    texture /= texture.std(axis=(1, 2), keepdims=True)
-    value = stain * (1 + chromatin * texture) * (1 - rim * (1 - np.clip(t, 0, 1) ** 4))
-    dot = draw(-0.35, 0.35, (2, n))
-    has_dot = rng.random((n, 1, 1)) < nucleolus
-    value += has_dot * 0.35 * np.exp(-((u - dot[0]) ** 2 * half ** 2
-                                       + (v - dot[1]) ** 2 * minor ** 2) / (2 * 2.2 ** 2))
-    sprites = np.clip(alpha * value * 255, 0, 248).astype(np.uint8)  # + grain <= 255
-    return np.concatenate([np.zeros((1, CANVAS, CANVAS), np.uint8), sprites]), base
-
-
 # ------------------------------------------------------------------------- structure
 
 @dataclass
@@ -368,17 +225,38 @@ class Structure:
 # one hash key per random field of a slide
 _KEYS = ("rough", "fat_rough", "fat", "fibre_a", "fibre_b", "fibre_mix", "fibre_gap",
          "fibre_density", "lymph", "lobule", "acini", "tumour_stroma", "tumour_stroma_fine",
-         "glands", "stain", "nuclei", "variant")
+         "glands", "stain", "nuclei", "variant", "mitosis", "lesion_glands", "lesion_ducts",
+         "lesion_cribriform", "lesion_nodule", "fold", "ink", "mottle", "mottle_fine")
+
+# What each pixel of a slide is (SlideRenderer.regions): every label map derives from it.
+# Indices 6.. are the tumour mimics of h2g.data.lesions.
+REGION_NAMES = ("glass", "stroma", "inflamed_stroma", "fat", "normal_lobule", "invasive",
+                "adenosis", "sclerosing", "dcis", "lymphoid", "nodule")
+GLASS_R, STROMA_R, INFLAMED_R, FAT_R, LOBULE_R, INVASIVE_R = range(6)
+assert all(REGION_NAMES[k] == name for k, name in lesions.LESION_NAMES.items())
 
 # Multi-class label maps (DMMN): the pixel values of cohort/labels/*.tiff, 0 = unannotated.
-UNANNOTATED, LABEL_TUMOUR, LABEL_BENIGN, LABEL_STROMA, LABEL_FAT, LABEL_GLASS = range(6)
+UNANNOTATED, LABEL_TUMOUR, LABEL_BENIGN, LABEL_STROMA, LABEL_FAT, LABEL_GLASS, LABEL_IN_SITU = range(7)
 LABEL_CLASSES = (  # (name, pixel value, colour) in class-index order; "background" is reserved
     ("tumour", LABEL_TUMOUR, "#c80000"),
     ("benign", LABEL_BENIGN, "#00a050"),
     ("stroma", LABEL_STROMA, "#f08cc8"),
     ("fat", LABEL_FAT, "#f0d200"),
     ("glass", LABEL_GLASS, "#dcdcdc"),
+    ("in_situ", LABEL_IN_SITU, "#8c3cc8"),
 )
+# The multi-class label of each region kind: lesions are labelled as regions; normal
+# lobules on their acini's rings and lumens (the rest of a lobule is stroma).
+LABEL_OF_REGION = np.array([LABEL_GLASS, LABEL_STROMA, LABEL_STROMA, LABEL_FAT, LABEL_BENIGN, LABEL_TUMOUR,
+                            LABEL_BENIGN, LABEL_BENIGN, LABEL_IN_SITU, LABEL_STROMA, LABEL_BENIGN], np.uint8)
+# BACH-like four classes (RAZN; Aresta et al. 2019): what is not a lesion is normal, glass too.
+BACH_NORMAL, BACH_BENIGN, BACH_IN_SITU, BACH_INVASIVE = 1, 2, 3, 4
+BACH_CLASSES = (("normal", BACH_NORMAL, "#f0f0f0"), ("benign", BACH_BENIGN, "#00a050"),
+                ("in_situ", BACH_IN_SITU, "#8c3cc8"), ("invasive", BACH_INVASIVE, "#c80000"))
+BACH_OF_REGION = np.array([BACH_NORMAL, BACH_NORMAL, BACH_NORMAL, BACH_NORMAL, BACH_NORMAL, BACH_INVASIVE,
+                           BACH_BENIGN, BACH_BENIGN, BACH_IN_SITU, BACH_NORMAL, BACH_BENIGN], np.uint8)
+BACH_MANIFEST_NAME = "data_manifest_bach.csv"
+
 # hash keys of the partial annotation, from their own SeedSequence (the slide's other
 # streams, hence its pixels and mask, are untouched by them)
 _LABEL_KEYS = ("partial", "partial_fine")
@@ -397,7 +275,7 @@ class SlideRenderer:
 
     def __init__(self, layout: SlideLayout, key: tuple[int, int]):
         """``key`` = (cohort seed, slide index); the seed alone picks the sprite bank."""
-        self.layout = layout
+        self.layout, self.key = layout, key
         seeds = np.random.SeedSequence([*key, 0xC0FFEE])
         state = seeds.generate_state(len(_KEYS), np.uint64)
         self.keys = {name: int(k) for name, k in zip(_KEYS, state)}
@@ -410,7 +288,7 @@ class SlideRenderer:
         self.fibre_angles = (angle, angle + np.pi / 2 + rng.uniform(-0.5, 0.5))
         # fine grain added to the stain amounts: 0..6 haematoxylin, 0..4 eosin
         self.grain = np.stack([rng.integers(0, top, (256, 256), dtype=np.uint8) for top in (7, 5)])
-        self.lut = stain_lut()
+        self.lut = layout.look.lut()
 
     # -- structure at 1 um/px
     def tumour(self, grid: Grid) -> np.ndarray:
@@ -424,6 +302,17 @@ class SlideRenderer:
         return (grid.resample(layout.tissue, layout.spacing, layout.origin)
                 + um(24) * (grid.noise(self.keys["rough"], um(45)) - 0.5)) > 0
 
+    def lesions(self, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+        """The lesions on ``grid``: the region kind per pixel (0 outside any lesion; see
+        :mod:`h2g.data.lesions`) and the signed distance inside (level-0 px)."""
+        layout = self.layout
+        if layout.lesion is None:
+            return np.zeros(grid.shape, np.uint8), np.full(grid.shape, -1e6, np.float32)
+        depth = grid.resample(layout.lesion, layout.spacing, layout.origin)
+        kinds = grid.resample(layout.lesion_kind.astype(np.float32), layout.spacing, layout.origin,
+                              resample=Image.NEAREST)
+        return np.where(depth > 0, np.rint(kinds), 0).astype(np.uint8), depth
+
     def structure(self, grid: Grid) -> Structure:
         """Stains and nucleus types on ``grid`` (normally 1 um/px)."""
         keys = self.keys
@@ -435,12 +324,22 @@ class SlideRenderer:
         if not tissue.any():
             return st
         tumour = self.tumour(grid)
+        kinds, depth = self.lesions(grid)
+        lesion = kinds > 0
         self._stroma(grid, st)
-        fat = self._fat(grid, tumour, st)
-        self._acini(grid, ~tumour & (fat < 0.5), st)
+        fat = self._fat(grid, tumour | lesion, st)
+        self._acini(grid, ~tumour & ~lesion & (fat < 0.5), st)
+        if lesion.any():
+            lesions.draw_lesions(grid, keys, self.layout.grade, kinds, depth, st)
         if tumour.any():
             self._tumour(grid, tumour, st)
-        variation = 0.9 + 0.2 * grid.noise(keys["stain"], um(400))
+        # mottled cytoplasm and matrix over a few microns, then the section's thickness
+        # (lattices of 8 and 32 level-0 px: dyadic steps of the 4 px grid, so tiles agree exactly)
+        mottle = 0.6 * grid.noise(keys["mottle"], um(8)) + 0.4 * grid.noise(keys["mottle_fine"], um(2))
+        st.e *= 0.8 + 0.4 * mottle
+        st.h += 0.05 * mottle * (st.kind != ADIPOCYTE)
+        thickness = self.layout.look.thickness
+        variation = 1 - thickness + 2 * thickness * grid.noise(keys["stain"], um(400))
         st.e *= variation
         st.h *= variation
         glass = ~tissue
@@ -469,10 +368,10 @@ class SlideRenderer:
         st.e[:] = 0.42 * density * (1 - 0.6 * cleft)
         st.h[:] = 0.04
         st.kind[:] = SPINDLE
-        st.p_type[:] = 0.08
+        st.p_type[:] = 0.12
         st.orientation[:] = np.where(mix > 0.5, directions[0], directions[1])
         inflamed = _smoothstep(0.62, 0.8, grid.noise(keys["lymph"], um(110)))
-        st.p_lymph[:] = 0.01 + 0.5 * inflamed
+        st.p_lymph[:] = 0.03 + 0.5 * inflamed
 
     def fat_weight(self, grid: Grid, tumour: np.ndarray) -> np.ndarray:
         """How much of each pixel of ``grid`` is fat (0..1; adipocytes where > 0.5): the
@@ -530,23 +429,8 @@ class SlideRenderer:
              + 0.35 * grid.noise(keys["tumour_stroma_fine"], um(60)))
         st.p_lymph[tumour] = np.maximum(st.p_lymph[tumour],
                                         0.03 + 0.45 * _smoothstep(0.55, 0.75, q[tumour]))
-        if grade == 1:    # tubules: a ring of epithelium round a lumen in every cell
-            f1, f2, ident = grid.worley(keys["glands"], um(45))
-            lumen_r = um(3 + 6 * ident)
-            outer = lumen_r + um(12 + 5 * _fraction(ident, 104.7))
-            epithelium = (f1 > lumen_r) & (f1 < outer) & (f2 - f1 > um(2.5))
-            lumen = f1 <= lumen_r
-            colour, density = (0.30, 0.20), 0.85
-        elif grade == 2:  # nests, some with a small lumen
-            f1, f2, ident = grid.worley(keys["glands"], um(60))
-            lumen = (_fraction(ident, 7919.0) < 0.35) & (f1 < um(2 + 3 * ident))
-            epithelium = (f1 < um(20 + 12 * ident)) & (f2 - f1 > um(2.5)) & ~lumen
-            colour, density = (0.29, 0.22), 0.85
-        else:             # solid sheets split by thin fibrous septa
-            f1, f2, _ = grid.worley(keys["glands"], um(140))
-            epithelium = f2 - f1 > um(3)
-            lumen = np.zeros_like(epithelium)
-            colour, density = (0.27, 0.24), 0.72
+        epithelium, lumen = lesions.carcinoma(grid, keys["glands"], grade)
+        colour, density = lesions.TUMOUR_EPITHELIUM[grade]
         carcinoma = tumour & (q <= 0.6)
         epithelium &= carcinoma
         lumen &= carcinoma
@@ -558,7 +442,26 @@ class SlideRenderer:
 
     # -- level 0
     def render(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """The level-0 RGB region ``(h, w, 3)`` at ``(x, y)``."""
+        """The level-0 RGB region ``(h, w, 3)`` at ``(x, y)``: the stained section
+        (:meth:`stained`), out of focus where the look's blur reaches, under the pen."""
+        look = self.layout.look
+        blur = look.blur_weight(x, y, w, h)
+        if blur is None or not blur.any():
+            rgb = self.stained(x, y, w, h)
+        else:
+            m = int(np.ceil(3 * look.blur_sigma))
+            big = self.stained(x - m, y - m, w + 2 * m, h + 2 * m)
+            sharp = big[m:m + h, m:m + w].astype(np.float32)
+            soft = gaussian_blur(big, look.blur_sigma)[m:m + h, m:m + w]
+            rgb = np.rint(sharp + (soft - sharp) * blur[..., None]).astype(np.uint8)
+        alpha = look.pen_alpha(x, y, w, h, lambda: Grid(x, y, (h, w), 1).noise(self.keys["ink"], um(150)))
+        if alpha is not None:
+            a = alpha[..., None]
+            rgb = np.rint(rgb * (1 - a) + look.ink() * a).astype(np.uint8)
+        return rgb
+
+    def stained(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """The level-0 RGB region of the stained section alone (with its fold)."""
         sx0, sy0 = x // STRUCTURE - 3, y // STRUCTURE - 3  # room for the blur and bilinear
         cols = -(-(x + w) // STRUCTURE) + 3 - sx0
         rows = -(-(y + h) // STRUCTURE) + 3 - sy0
@@ -576,6 +479,12 @@ class SlideRenderer:
         np.maximum(haem, self._nuclei(x, y, w, h), out=haem)
         haem += self._grain(0, x, y, w, h)
         eosin += self._grain(1, x, y, w, h)
+        fold = self.layout.look.fold_weight(
+            Grid(x, y, (h, w), 1), lambda g: um(30) * (g.noise(self.keys["fold"], um(300)) - 0.5))
+        if fold is not None:
+            gain = 1 + (FOLD_GAIN - 1) * fold
+            haem = np.clip(haem * gain, 0, 255).astype(np.uint8)
+            eosin = np.clip(eosin * gain, 0, 255).astype(np.uint8)
         return stain_rgb(haem, eosin, self.lut)
 
     def render_mask(self, x: int, y: int, w: int, h: int) -> np.ndarray:
@@ -584,24 +493,44 @@ class SlideRenderer:
         return self.tumour(grid).astype(np.uint8) * 255
 
     # -- multi-class label maps (DMMN), on the mask grid
-    def labels(self, grid: Grid) -> np.ndarray:
-        """The label map on ``grid`` (uint8 pixel values of :data:`LABEL_CLASSES`), from
-        the pieces :meth:`structure` draws: tumour wherever the annotation is (exactly
-        :meth:`tumour`), glass off the tissue, fat where the fat weight is > 0.5
-        (adipocytes), benign on the rings and lumens of normal acini, stroma elsewhere."""
+    def regions(self, grid: Grid) -> np.ndarray:
+        """What each pixel of ``grid`` is: uint8 indices into :data:`REGION_NAMES`, from
+        the pieces :meth:`structure` draws (every label map derives from it): glass off
+        the tissue; in the tissue stroma, inflamed stroma, fat where the fat weight is >
+        0.5 (adipocytes), the rings and lumens of normal acini, the lesions' kinds; and
+        invasive tumour wherever the annotation is (exactly :meth:`tumour`)."""
         tumour = self.tumour(grid)
-        out = np.full(grid.shape, LABEL_GLASS, np.uint8)
+        out = np.full(grid.shape, GLASS_R, np.uint8)
         tissue = self.tissue(grid)
         if tissue.any():
-            out[tissue] = LABEL_STROMA
-            weight = self.fat_weight(grid, tumour)
-            out[tissue & (weight > 0.5)] = LABEL_FAT
-            found = self.acini(grid, ~tumour & (weight < 0.5))
+            kinds, _ = self.lesions(grid)
+            lesion = tissue & (kinds > 0)
+            out[tissue] = STROMA_R
+            inflamed = _smoothstep(0.62, 0.8, grid.noise(self.keys["lymph"], um(110))) > 0.5
+            out[tissue & inflamed] = INFLAMED_R
+            weight = self.fat_weight(grid, tumour | (kinds > 0))
+            out[tissue & (weight > 0.5)] = FAT_R
+            found = self.acini(grid, ~tumour & (kinds == 0) & (weight < 0.5))
             if found is not None:
                 ring, lumen = found
-                out[tissue & (ring | lumen)] = LABEL_BENIGN
-        out[tumour] = LABEL_TUMOUR
+                out[tissue & (ring | lumen)] = LOBULE_R
+            out[lesion] = kinds[lesion]
+        out[tumour] = INVASIVE_R
         return out
+
+    def labels(self, grid: Grid) -> np.ndarray:
+        """The label map on ``grid`` (uint8 pixel values of :data:`LABEL_CLASSES`): the
+        regions (:meth:`regions`) through :data:`LABEL_OF_REGION`, so tumour is exactly
+        :meth:`tumour`, benign the normal acini and the benign mimics, in situ the DCIS."""
+        return LABEL_OF_REGION[self.regions(grid)]
+
+    def bach_labels(self, grid: Grid) -> np.ndarray:
+        """The four-class BACH-like map on ``grid`` (:data:`BACH_CLASSES`)."""
+        return BACH_OF_REGION[self.regions(grid)]
+
+    def render_bach(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """The BACH-like label map region ``(h, w)`` at mask pixel ``(x, y)``."""
+        return self.bach_labels(Grid(x * MASK_DOWNSAMPLE, y * MASK_DOWNSAMPLE, (h, w), MASK_DOWNSAMPLE))
 
     def render_labels(self, x: int, y: int, w: int, h: int) -> np.ndarray:
         """The full label map region ``(h, w)`` at mask pixel ``(x, y)``."""
@@ -644,7 +573,7 @@ class SlideRenderer:
             return np.float32(np.quantile(values, 1 - share)) if values.size else np.inf
 
         common = top(field[labels != LABEL_GLASS], PARTIAL_TISSUE)
-        for value in (LABEL_TUMOUR, LABEL_BENIGN, LABEL_STROMA, LABEL_FAT):
+        for value in (LABEL_TUMOUR, LABEL_BENIGN, LABEL_STROMA, LABEL_FAT, LABEL_IN_SITU):
             values = field[labels == value]
             thresholds[value] = common
             if values.size and (values > common).mean() < PARTIAL_MIN:
@@ -699,27 +628,19 @@ class SlideRenderer:
         draw = hash01(self.keys["nuclei"], ix, iy)
         kind = np.where(draw < st.p_type, st.kind,
                         np.where(draw < st.p_type + st.p_lymph, LYMPHOCYTE, NONE))
+        for grade_kind, rate in MITOTIC_RATE.items():  # a few tumour nuclei in mitosis
+            kind = np.where((kind == grade_kind) & (hash01(self.keys["mitosis"], ix, iy) < rate),
+                            MITOSIS, kind)
         variant = (hash01(self.keys["variant"], ix, iy) * VARIANTS).astype(np.int64)
-        variant += (kind == SPINDLE) * st.orientation.astype(np.int64) * VARIANTS
+        variant += np.isin(kind, ORIENTED) * st.orientation.astype(np.int64) * VARIANTS
         return np.where(kind == NONE, 0, self.bank_base[kind] + variant)
 
 
 # ------------------------------------------------------------------------- colours
 
-BACKGROUND = np.array([245.0, 245.0, 247.0])   # glass
-HAEMATOXYLIN = np.array([0.55, 0.78, 0.30])     # optical density per unit stain
-EOSIN = np.array([0.10, 0.85, 0.36])
-MAX_OD = (2.1, 1.3)                              # OD of stain amount 1 (H, E)
-
-
 def stain_lut() -> np.ndarray:
-    """RGB (65536, 3) uint8 of each ``haematoxylin << 8 | eosin`` pair of 0..255 stain
-    amounts, by Beer-Lambert absorption of the two stains over the glass colour."""
-    amount = np.arange(256) / 255.0
-    hv = HAEMATOXYLIN / np.linalg.norm(HAEMATOXYLIN) * MAX_OD[0]
-    ev = EOSIN / np.linalg.norm(EOSIN) * MAX_OD[1]
-    od = amount[:, None, None] * hv + amount[None, :, None] * ev
-    return np.round(BACKGROUND * np.exp(-od)).astype(np.uint8).reshape(-1, 3)
+    """The plain look's stain table (:meth:`h2g.data.artefacts.SlideLook.lut`)."""
+    return plain_look().lut()
 
 
 def stain_rgb(haematoxylin: np.ndarray, eosin: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -732,13 +653,20 @@ def stain_rgb(haematoxylin: np.ndarray, eosin: np.ndarray, lut: np.ndarray) -> n
 
 @dataclass(frozen=True)
 class Preset:
-    """A cohort's shape: one grade and split per slide, and the range of level-0 sides."""
+    """A cohort's shape: one grade and split per slide, the range of level-0 sides, the
+    share of the tissue that is tumour and that is tumour mimics (plus a number of
+    circumscribed nodules per slide), and whether slides get their own stain colours and
+    scanning artefacts (:mod:`h2g.data.artefacts`)."""
 
     name: str
     prefix: str
     grades: tuple[int, ...]
     splits: tuple[str, ...]
     sides: tuple[int, int]
+    tumour_share: tuple[float, float] = (0.2, 0.4)
+    lesion_share: tuple[float, float] = (0.0, 0.0)
+    nodules: tuple[int, int] = (0, 0)
+    artefacts: bool = False
 
 
 def _balanced(per_split: dict[str, int]) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -754,8 +682,14 @@ def _balanced(per_split: dict[str, int]) -> tuple[tuple[int, ...], tuple[str, ..
 
 PRESETS = {
     "tiny": Preset("tiny", "t", (1, 2, 3, 1, 2, 3),
-                   ("train", "train", "train", "val", "test", "test"), (4096, 4608)),
-    "smoke": Preset("smoke", "s", *_balanced({"train": 4, "val": 2, "test": 2}), (4096, 9216)),
+                   ("train", "train", "train", "val", "test", "test"), (4096, 4608),
+                   lesion_share=(0.1, 0.2), nodules=(0, 1)),
+    "smoke": Preset("smoke", "s", *_balanced({"train": 4, "val": 2, "test": 2}), (6144, 10240),
+                    lesion_share=(0.1, 0.2), nodules=(0, 2), artefacts=True),
+    # closer to real scale: 7.5-9 mm square sections, realistic tumour shares
+    "standard": Preset("standard", "m", *_balanced({"train": 2, "val": 1, "test": 1}), (30_000, 36_000),
+                       tumour_share=(0.01, 0.3), lesion_share=(0.1, 0.25), nodules=(1, 4), artefacts=True),
+    # one ~100k x 100k slide for runtime benchmarks (the look of the cohort before mimics)
     "full": Preset("full", "f", (2,), ("test",), (96_000, 104_000)),
 }
 
@@ -790,6 +724,11 @@ class SlideSpec:
         return f"cohort/labels/{self.slide_id}_partial.tiff"
 
     @property
+    def bach_path(self) -> str:
+        """The four-class BACH-like label map (every slide)."""
+        return f"cohort/labels/{self.slide_id}_bach.tiff"
+
+    @property
     def multiclass_annotation_path(self) -> str:
         """The annotation of the multi-class manifest: partial labels where there are
         some, else the full labels."""
@@ -799,7 +738,7 @@ class SlideSpec:
     def outputs(self) -> tuple[str, ...]:
         """Every file :func:`write_slide` writes for the slide."""
         return tuple(p for p in (self.slide_path, self.annotation_path, self.labels_path,
-                                 self.partial_path) if p is not None)
+                                 self.partial_path, self.bach_path) if p is not None)
 
 
 def get_preset(name: str) -> Preset:
@@ -817,23 +756,25 @@ def cohort_specs(preset_name: str) -> list[SlideSpec]:
             for i, (g, s) in enumerate(zip(p.grades, p.splits))]
 
 
-def manifest_text(preset_name: str, multiclass: bool = False) -> str:
+def manifest_text(preset_name: str, multiclass: bool = False, bach: bool = False) -> str:
     """The manifest :func:`make_cohort` writes for a preset (it does not depend on the
     seed: the seed only changes pixels): the binary tumour masks, or with ``multiclass``
     the label maps (:data:`MULTICLASS_MANIFEST_NAME`; partial for train and val slides,
     full for test slides) whose classes are :func:`classes_text`."""
     lines = [",".join(MANIFEST_HEADER)]
     for spec in cohort_specs(preset_name):
-        annotation = spec.multiclass_annotation_path if multiclass else spec.annotation_path
+        annotation = (spec.bach_path if bach else spec.multiclass_annotation_path if multiclass
+                      else spec.annotation_path)
         lines.append(f"{spec.slide_id},{spec.slide_path},{annotation},{spec.grade},{spec.split}")
     return "\n".join(lines) + "\n"
 
 
-def classes_text() -> str:
-    """The class table sidecar of the multi-class manifest (see :mod:`h2g.io.classes`):
-    the classes in index order, then the ``ignore`` row of unannotated pixels."""
+def classes_text(bach: bool = False) -> str:
+    """The class table sidecar of the multi-class manifest (see :mod:`h2g.io.classes`),
+    or with ``bach`` of the BACH-like one: the classes in index order, then the
+    ``ignore`` row of unannotated pixels."""
     rows = ["name,value,colour"]
-    rows += [f"{name},{value},{colour}" for name, value, colour in LABEL_CLASSES]
+    rows += [f"{name},{value},{colour}" for name, value, colour in (BACH_CLASSES if bach else LABEL_CLASSES)]
     rows.append(f"ignore,{UNANNOTATED},")
     return "\n".join(rows) + "\n"
 
@@ -861,7 +802,9 @@ def slide_size(preset_name: str, spec: SlideSpec, seed: int) -> tuple[int, int]:
 def slide_layout(preset_name: str, spec: SlideSpec, seed: int) -> SlideLayout:
     """The layout (size, tissue, tumour, fat) of one slide, from ``seed`` and its index."""
     rng, size = _slide_stream(preset_name, spec, seed)
-    return SlideLayout.draw(rng, size, spec.grade)
+    p = get_preset(preset_name)
+    return SlideLayout.draw(rng, size, spec.grade, tumour_share=p.tumour_share, lesion_share=p.lesion_share,
+                            nodules=p.nodules, artefacts=p.artefacts)
 
 
 
@@ -890,7 +833,8 @@ def write_slide(out_dir: Path, preset_name: str, spec: SlideSpec, seed: int,
         return renderer.render_partial(x, y, w, h, labels=labels)
 
     renders = {spec.slide_path: None, spec.annotation_path: renderer.render_mask,
-               spec.labels_path: render_labels, spec.partial_path: render_partial}
+               spec.labels_path: render_labels, spec.partial_path: render_partial,
+               spec.bach_path: renderer.render_bach}
     for path in wanted:  # the full labels before the partial ones
         render = renders[path]
         if render is None:
@@ -959,6 +903,9 @@ def make_cohort(out_dir, preset: str = "smoke", seed: int = 0, progress: bool = 
     multiclass = out_dir / MULTICLASS_MANIFEST_NAME
     _write_text(multiclass, manifest_text(preset, multiclass=True))
     _write_text(sidecar_path(multiclass), classes_text())
+    bach = out_dir / BACH_MANIFEST_NAME
+    _write_text(bach, manifest_text(preset, bach=True))
+    _write_text(sidecar_path(bach), classes_text(bach=True))
     return manifest
 
 
@@ -975,13 +922,14 @@ def ensure_cohort(manifest_path=DEFAULT_MANIFEST, seed: int = 0) -> Path:
     text = manifest_path.read_text()
     sidecar = sidecar_path(manifest_path)
     multiclass = any(text == manifest_text(name, multiclass=True) for name in PRESETS)
-    if multiclass and not sidecar.is_file():
-        _write_text(sidecar, classes_text())
+    bach = any(text == manifest_text(name, bach=True) for name in PRESETS)
+    if (multiclass or bach) and not sidecar.is_file():
+        _write_text(sidecar, classes_text(bach=bach))
     files = [p for r in manifest for p in (r.slide_path, r.annotation_path) if p is not None]
     if all(p.is_file() for p in files):
         return manifest_path
     for name in PRESETS:
-        if text in (manifest_text(name), manifest_text(name, multiclass=True)):
+        if text in (manifest_text(name), manifest_text(name, multiclass=True), manifest_text(name, bach=True)):
             make_cohort(manifest_path.parent, name, seed, progress=True, only_missing=True)
             return manifest_path
     from h2g.data.multistain import ensure_multistain  # the IHC layer over these layouts
