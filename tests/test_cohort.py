@@ -367,9 +367,9 @@ def test_cli_names_the_slides_of_non_smoke_presets(tiny_cohort, tmp_path, capsys
 # (The file bytes also depend on the JPEG/zlib codecs: should a codec upgrade change them,
 # test_rendered_pixels_are_unchanged still pins the pixels themselves.)
 FROZEN_FILES = {
-    "cohort/slides/t02.tiff": "207065e156c4c19d44a1ae2cd610f5043832d1d36ace4317c8209909bd7a0ddd",
+    "cohort/slides/t02.tiff": "937d8b0f1d30d0d4bcb983297f58f3e9bb536c8c277423f6fc1889231c0d330c",
     "cohort/masks/t02_mask.tiff": "317478d7fca8217b75836f39e123e8a810886bc2df7d9d71a13465890a453114",
-    "cohort/slides/t05.tiff": "1ee0438152fe85ca714cf05d5d4ffc387d6d99b024ee3768ca648d73b25af4c7",
+    "cohort/slides/t05.tiff": "580464d8726f0bff5ddf17d4e82aa2641e9e1ce80caaac155c1c8de12aad4a27",
     "cohort/masks/t05_mask.tiff": "bf572fe394b0f917b04ae9ba6817ce436ed36990c6d708b1df7048a49706893e",
     "data_manifest.csv": "05acc457e9cddbc0da6373c33b33bb6a5aca8fa39e089b3507c8f13150ec282f",
 }

@@ -174,7 +174,7 @@ def draw_lesion_layout(rng: np.random.Generator, tissue: np.ndarray, tumour: np.
     kinds = np.zeros(tissue.shape, np.uint8)
     # the share asked for, or most of the room away from the tumour where that is less
     wanted = min(int(share * (inside & (tissue > 0)).sum()), int(0.8 * far.sum()))
-    field = smooth_field(rng, tissue.shape, longest / 18 / spacing)
+    field = smooth_field(rng, tissue.shape, longest / 10 / spacing)  # blobs as large as the tumour's
     if wanted > 0:
         threshold = np.sort(field[far])[-wanted]
         lesion = np.minimum(as_distance(field - threshold, spacing), bound).astype(np.float32)
