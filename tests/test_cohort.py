@@ -380,8 +380,8 @@ FROZEN_PIXELS = {
     4: ("e036cb519690e6ada3e7d92a02e9f328dd619ec428403088df054263407f73c7",
         "a06e07cced477ce4ae4a87abc5cbed354fe1cf319b340236a0df039ad78942e3"),
 }
-CLASS_NAMES = ("tumour", "benign", "stroma", "fat", "glass", "in_situ")
-TUMOUR, BENIGN, STROMA, FAT, GLASS, IN_SITU = 1, 2, 3, 4, 5, 6  # pixel values in the label TIFFs
+CLASS_NAMES = ("tumour", "benign", "stroma", "fat", "glass")
+TUMOUR, BENIGN, STROMA, FAT, GLASS = 1, 2, 3, 4, 5  # pixel values in the label TIFFs
 
 
 def _sha256(path: Path) -> str:
@@ -423,7 +423,7 @@ def test_label_files_are_lossless_maps_on_the_mask_grid(tiny):
                 assert tif.pages[0].is_tiled and [page.shape for page in tif.pages] == levels
                 labels = tif.pages[0].asarray()
             assert labels.dtype == np.uint8 and labels.shape == mask.shape
-            assert set(np.unique(labels)) <= set(range(7)), path
+            assert set(np.unique(labels)) <= set(range(6)), path
 
 
 def test_full_labels_tumour_is_exactly_the_binary_mask(tiny):
@@ -460,7 +460,7 @@ def test_partial_labels_are_blobs_of_the_full_ones(tiny):
             & annotated[1:-1, :-2] & annotated[1:-1, 2:]
         assert inner.sum() > 0.95 * annotated[1:-1, 1:-1].sum(), spec.slide_id
         classes_annotated |= present
-    assert {0, TUMOUR, BENIGN, STROMA, FAT, GLASS} <= classes_annotated <= {0, *range(1, 7)}
+    assert classes_annotated == {0, TUMOUR, BENIGN, STROMA, FAT, GLASS}
 
 
 def test_label_classes_agree_with_the_slide_pixels(tiny):
@@ -549,7 +549,7 @@ def test_committed_multiclass_manifest_is_what_the_smoke_preset_writes():
     assert sidecar_path(path).read_text() == cohort.classes_text()
     manifest = load_manifest(path, check_files=False)
     assert manifest.classes.names == CLASS_NAMES
-    assert [e.values for e in manifest.classes.entries] == [(1,), (2,), (3,), (4,), (5,), (6,)]
+    assert [e.values for e in manifest.classes.entries] == [(1,), (2,), (3,), (4,), (5,)]
     binary = load_manifest(DEFAULT_MANIFEST, check_files=False)
     assert [(r.slide_id, r.grade, r.split) for r in manifest] == [
         (r.slide_id, r.grade, r.split) for r in binary]

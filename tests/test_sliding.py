@@ -179,12 +179,20 @@ def test_blend_weights_and_stitching_by_hand():
 
 
 # ---------------------------------------------------------------------------- whole slides
+def _segment_blocks(slide, *args, **kwargs):
+    """:func:`sliding_segmentation` over the colour-block slide, whose green and blue blocks
+    are classes here, not pen ink: tissue detected without dropping ink."""
+    from h2g.tiling.tissue import detect_tissue
+
+    return sliding_segmentation(slide, *args, tissue=detect_tissue(slide, drop_ink=False), **kwargs)
+
+
 @pytest.mark.parametrize("blend,stride", [("centre", None), ("tent", 32)])
 def test_a_colour_model_reproduces_the_known_class_map(block_slide, blend, stride):
     from h2g.inference.backends import KerasBackend
 
     timings: dict = {}
-    raster = sliding_segmentation(block_slide, KerasBackend(colour_segmenter()), [View("image", 10, WINDOW)],
+    raster = _segment_blocks(block_slide, KerasBackend(colour_segmenter()), [View("image", 10, WINDOW)],
                                   stride=stride, blend=blend, batch_size=8, progress=False, timings=timings)
     assert raster.shape == (384, 768) and raster.downsample == 4 and raster.extent == SIZE
     want = expected_labels(4)
@@ -205,7 +213,7 @@ def test_a_colour_model_reproduces_the_known_class_map(block_slide, blend, strid
 def test_multi_view_feeds_are_co_centred(block_slide):
     from h2g.inference.backends import KerasBackend
 
-    raster = sliding_segmentation(block_slide, KerasBackend(context_segmenter()), CONTEXT_VIEWS,
+    raster = _segment_blocks(block_slide, KerasBackend(context_segmenter()), CONTEXT_VIEWS,
                                   batch_size=4, progress=False)
     want = expected_labels(4)
     tissue = want >= 0
@@ -230,7 +238,7 @@ def test_reflection_padded_window_at_the_slide_border(tmp_path):
 
 def test_views_must_match_the_model_inputs(block_slide):
     with pytest.raises(ExportError, match="are not the views"):
-        sliding_segmentation(block_slide, Recorder(["a", "b"], 64), CONTEXT_VIEWS, progress=False)
+        _segment_blocks(block_slide, Recorder(["a", "b"], 64), CONTEXT_VIEWS, progress=False)
     with pytest.raises(ConfigError, match="whole number"):
-        sliding_segmentation(block_slide, Recorder(["image"], 32), [View("image", 10, 64)], stride=33,
+        _segment_blocks(block_slide, Recorder(["image"], 32), [View("image", 10, 64)], stride=33,
                              progress=False)

@@ -236,19 +236,20 @@ GLASS_R, STROMA_R, INFLAMED_R, FAT_R, LOBULE_R, INVASIVE_R = range(6)
 assert all(REGION_NAMES[k] == name for k, name in lesions.LESION_NAMES.items())
 
 # Multi-class label maps (DMMN): the pixel values of cohort/labels/*.tiff, 0 = unannotated.
-UNANNOTATED, LABEL_TUMOUR, LABEL_BENIGN, LABEL_STROMA, LABEL_FAT, LABEL_GLASS, LABEL_IN_SITU = range(7)
+UNANNOTATED, LABEL_TUMOUR, LABEL_BENIGN, LABEL_STROMA, LABEL_FAT, LABEL_GLASS = range(6)
 LABEL_CLASSES = (  # (name, pixel value, colour) in class-index order; "background" is reserved
     ("tumour", LABEL_TUMOUR, "#c80000"),
     ("benign", LABEL_BENIGN, "#00a050"),
     ("stroma", LABEL_STROMA, "#f08cc8"),
     ("fat", LABEL_FAT, "#f0d200"),
     ("glass", LABEL_GLASS, "#dcdcdc"),
-    ("in_situ", LABEL_IN_SITU, "#8c3cc8"),
 )
 # The multi-class label of each region kind: lesions are labelled as regions; normal
-# lobules on their acini's rings and lumens (the rest of a lobule is stroma).
+# lobules on their acini's rings and lumens (the rest of a lobule is stroma).  DCIS is
+# non-invasive epithelium: "benign" here (every class must occur in a small cohort's
+# validation split), "in_situ" in the BACH-like map.
 LABEL_OF_REGION = np.array([LABEL_GLASS, LABEL_STROMA, LABEL_STROMA, LABEL_FAT, LABEL_BENIGN, LABEL_TUMOUR,
-                            LABEL_BENIGN, LABEL_BENIGN, LABEL_IN_SITU, LABEL_STROMA, LABEL_BENIGN], np.uint8)
+                            LABEL_BENIGN, LABEL_BENIGN, LABEL_BENIGN, LABEL_STROMA, LABEL_BENIGN], np.uint8)
 # BACH-like four classes (RAZN; Aresta et al. 2019): what is not a lesion is normal, glass too.
 BACH_NORMAL, BACH_BENIGN, BACH_IN_SITU, BACH_INVASIVE = 1, 2, 3, 4
 BACH_CLASSES = (("normal", BACH_NORMAL, "#f0f0f0"), ("benign", BACH_BENIGN, "#00a050"),
@@ -521,7 +522,7 @@ class SlideRenderer:
     def labels(self, grid: Grid) -> np.ndarray:
         """The label map on ``grid`` (uint8 pixel values of :data:`LABEL_CLASSES`): the
         regions (:meth:`regions`) through :data:`LABEL_OF_REGION`, so tumour is exactly
-        :meth:`tumour`, benign the normal acini and the benign mimics, in situ the DCIS."""
+        :meth:`tumour`, benign the normal acini, the benign mimics and the DCIS."""
         return LABEL_OF_REGION[self.regions(grid)]
 
     def bach_labels(self, grid: Grid) -> np.ndarray:
@@ -573,7 +574,7 @@ class SlideRenderer:
             return np.float32(np.quantile(values, 1 - share)) if values.size else np.inf
 
         common = top(field[labels != LABEL_GLASS], PARTIAL_TISSUE)
-        for value in (LABEL_TUMOUR, LABEL_BENIGN, LABEL_STROMA, LABEL_FAT, LABEL_IN_SITU):
+        for value in (LABEL_TUMOUR, LABEL_BENIGN, LABEL_STROMA, LABEL_FAT):
             values = field[labels == value]
             thresholds[value] = common
             if values.size and (values > common).mean() < PARTIAL_MIN:

@@ -84,7 +84,7 @@ SCANNERS = {
 # 3 classes (the paper's): the cohort's label values clubbed; "other" = acini / ducts
 MULTISTAIN_CLASSES = (("normal", (cohort.LABEL_STROMA, cohort.LABEL_FAT, cohort.LABEL_GLASS), "#f0f0f0"),
                       ("tumour", (cohort.LABEL_TUMOUR,), "#c80000"),
-                      ("other", (cohort.LABEL_BENIGN, cohort.LABEL_IN_SITU), "#00a050"))
+                      ("other", (cohort.LABEL_BENIGN,), "#00a050"))
 
 
 def classes_text() -> str:

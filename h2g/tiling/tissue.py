@@ -78,12 +78,16 @@ def detect_tissue(
     magnification: float = 1.25,
     saturation_threshold: int = 20,
     closings: Sequence[int] = (5, 3),
+    drop_ink: bool = True,
 ) -> TissueMask:
     """The paper's tissue detector on ``slide`` (an :class:`h2g.io.slide.Slide`) read at
     ``magnification``: saturation > ``saturation_threshold`` and not pen ink
-    (:func:`pen_ink`), then a closing with each square size in ``closings`` in turn."""
+    (:func:`pen_ink`; ``drop_ink=False`` keeps it, for images that are not H&E), then a
+    closing with each square size in ``closings`` in turn."""
     image = slide.read_magnification(magnification)
-    mask = (saturation(image) > saturation_threshold) & ~pen_ink(image)
+    mask = saturation(image) > saturation_threshold
+    if drop_ink:
+        mask &= ~pen_ink(image)
     for size in closings:
         mask = close_mask(mask, size)
     return TissueMask(mask=mask, downsample=slide.downsample_for(magnification))
