@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_pipeline_arguments(p, models_required=False)
     add_window_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--keep-ink", action="store_true",
+                   help="sliding-window models: keep green / blue / black pixels in the tissue mask "
+                        "(by default they are dropped as pen ink; use this for images that are not H&E)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     models = [x for x in args.inputs if x.suffix.lower() in MODEL_SUFFIXES]
@@ -91,9 +94,13 @@ def main(argv=None) -> int:
             extra = {"backends": {r: b.info() for r, b in zip(("policy", "coarse", "fine"), backends)},
                      "zoom": {k: seg.timings[k] for k in ("regions", "zoomed", "zoom_fraction")}}
         else:
+            from h2g.tiling.tissue import detect_tissue
+
+            tissue = detect_tissue(slide, drop_ink=False) if args.keep_ink else None
             seg = segment_windows(slide, backends[0], plan.metadata, stride=args.stride, keep=args.keep,
                                   blend=args.blend, magnification=args.magnification, patch_size=args.patch_size,
-                                  batch_size=args.batch_size, readers=args.readers, progress=not args.quiet)
+                                  batch_size=args.batch_size, readers=args.readers, tissue=tissue,
+                                  progress=not args.quiet)
             extra = {"backend": backends[0].info()}
         paths = write_raster_outputs(seg, slide, args.out, extra=extra)
     r, t = seg.raster, seg.timings

@@ -549,8 +549,9 @@ def test_multi_view_model_exports_with_parity_and_deploys_from_its_metadata(tmp_
     for engine, model in (("onnxruntime", entry["onnx"]), ("openvino", entry["openvino"])):
         out = tmp_path / engine
         extra = ["--precision", "f32"] if engine == "openvino" else []
+        # --keep-ink: the green blocks are a class here, not pen ink
         done = run_script("segment_slide.py", model, "--slide", slide_path, "--out", out, "--engine", engine,
-                          "--quiet", *extra, tmp_path=tmp_path)
+                          "--quiet", "--keep-ink", *extra, tmp_path=tmp_path)
         assert done.returncode == 0, done.stderr
         np.testing.assert_array_equal(np.asarray(Image.open(out / "labels.png")), expected)
         summary = json.loads((out / "summary.json").read_text())
