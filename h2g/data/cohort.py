@@ -69,7 +69,7 @@ from h2g.core.atomic import replace_atomically
 from h2g.data import lesions
 from h2g.data.artefacts import (BACKGROUND, EOSIN, FOLD_GAIN, HAEMATOXYLIN, MAX_OD, SlideLook, draw_look,
                                 gaussian_blur, plain_look)
-from h2g.data.fields import MPP, Grid, fraction as _fraction, hash01, smoothstep as _smoothstep, um
+from h2g.data.fields import MPP, Grid, as_distance, fraction as _fraction, hash01, smooth_field, smoothstep as _smoothstep, um
 from h2g.data.nuclei import (ADIPOCYTE, BENIGN, CANVAS, CELL, GRADE1, GRADE2, GRADE3, LYMPHOCYTE,
                              MITOSIS, MITOTIC_RATE, MYOEPITHELIAL, NONE, NORMAL, ORIENTATIONS, ORIENTED,
                              SPINDLE, VARIANTS, sprite_bank)
@@ -89,20 +89,6 @@ MANIFEST_HEADER = ("slide_id", "slide_path", "annotation_path", "grade", "split"
 
 
 # --------------------------------------------------------------------------- layout
-
-def _smooth_field(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
-    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
-    return (field - field.mean()) / field.std()
-
-
-def _as_distance(field: np.ndarray, spacing: float) -> np.ndarray:
-    """``field`` rescaled so that near its zero level it reads as a signed distance in
-    level-0 px (divided by its median gradient there)."""
-    gy, gx = np.gradient(field, spacing)
-    slope = np.hypot(gx, gy)
-    near = np.abs(field) < np.quantile(np.abs(field), 0.1)
-    return (field / np.median(slope[near])).astype(np.float32)
-
 
 @dataclass
 class SlideLayout:
@@ -147,19 +133,19 @@ class SlideLayout:
         border = 12.0 * np.clip(radius - 0.55, 0.0, None) ** 2  # keeps tissue off the edges
         margin = um(cls.TUMOUR_MARGIN_UM)
         for _ in range(attempts):
-            t = _smooth_field(rng, shape, longest / 7 / spacing) - border
-            t = _as_distance(t - np.quantile(t[inside], 1 - rng.uniform(0.35, 0.55)), spacing)
-            u = _smooth_field(rng, shape, longest / 9 / spacing)
-            f = _smooth_field(rng, shape, longest / 12 / spacing)
+            t = smooth_field(rng, shape, longest / 7 / spacing) - border
+            t = as_distance(t - np.quantile(t[inside], 1 - rng.uniform(0.35, 0.55)), spacing)
+            u = smooth_field(rng, shape, longest / 9 / spacing)
+            f = smooth_field(rng, shape, longest / 12 / spacing)
             tissue = inside & (t > 0)
             interior = inside & (t > margin)
             wanted = int(rng.uniform(*tumour_share) * tissue.sum())
             if wanted < 1 or interior.sum() <= wanted:
                 continue
             threshold = np.sort(u[interior])[-wanted]
-            tumour = np.minimum(_as_distance(u - threshold, spacing), t - margin)
+            tumour = np.minimum(as_distance(u - threshold, spacing), t - margin)
             normal = tissue & (tumour <= 0)
-            f = _as_distance(f - np.quantile(f[normal], 1 - rng.uniform(0.15, 0.4)), spacing)
+            f = as_distance(f - np.quantile(f[normal], 1 - rng.uniform(0.15, 0.4)), spacing)
             layout = cls(size, grade, spacing, origin, t, tumour, f)
             if layout.has_both_classes():
                 return layout._with_lesions(rng, inside, lesion_share, nodules, artefacts)
@@ -173,7 +159,7 @@ class SlideLayout:
             self.lesion, self.lesion_kind = lesions.draw_lesion_layout(
                 rng, self.tissue, self.tumour, inside, self.spacing, longest,
                 rng.uniform(*lesion_share), int(rng.integers(nodules[0], nodules[1] + 1)),
-                _smooth_field, _as_distance)
+                )
             self.fat = np.minimum(self.fat, -self.lesion)  # no fat inside lesions
         if artefacts:
             rows, cols = self.tissue.shape
@@ -348,6 +334,10 @@ class SlideRenderer:
             values[glass] = 0
         return st
 
+    def inflamed(self, grid: Grid) -> np.ndarray:
+        """How inflamed the stroma is on ``grid`` (0..1; lymphocyte patches)."""
+        return _smoothstep(0.62, 0.8, grid.noise(self.keys["lymph"], um(110)))
+
     def _stroma(self, grid: Grid, st: Structure) -> None:
         """Collagen: pink with thin, wavy, broken pale clefts running in two directions
         mixed by a slow field; sparse spindle nuclei along the fibres and patches of
@@ -371,8 +361,7 @@ class SlideRenderer:
         st.kind[:] = SPINDLE
         st.p_type[:] = 0.12
         st.orientation[:] = np.where(mix > 0.5, directions[0], directions[1])
-        inflamed = _smoothstep(0.62, 0.8, grid.noise(keys["lymph"], um(110)))
-        st.p_lymph[:] = 0.03 + 0.5 * inflamed
+        st.p_lymph[:] = 0.03 + 0.5 * self.inflamed(grid)
 
     def fat_weight(self, grid: Grid, tumour: np.ndarray) -> np.ndarray:
         """How much of each pixel of ``grid`` is fat (0..1; adipocytes where > 0.5): the
@@ -507,7 +496,7 @@ class SlideRenderer:
             kinds, _ = self.lesions(grid)
             lesion = tissue & (kinds > 0)
             out[tissue] = STROMA_R
-            inflamed = _smoothstep(0.62, 0.8, grid.noise(self.keys["lymph"], um(110))) > 0.5
+            inflamed = self.inflamed(grid) > 0.5
             out[tissue & inflamed] = INFLAMED_R
             weight = self.fat_weight(grid, tumour | (kinds > 0))
             out[tissue & (weight > 0.5)] = FAT_R

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 MPP = 0.25                # microns per level-0 pixel
 
@@ -125,3 +126,17 @@ def smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
 def fraction(u: np.ndarray, salt: float) -> np.ndarray:
     """Another uniform number derived from the uniform ``u`` (for several per cell)."""
     return (u * salt) % 1.0
+
+
+def smooth_field(rng: np.random.Generator, shape, sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma, mode="reflect")
+    return (field - field.mean()) / field.std()
+
+
+def as_distance(field: np.ndarray, spacing: float) -> np.ndarray:
+    """``field`` rescaled so that near its zero level it reads as a signed distance in
+    level-0 px (divided by its median gradient there)."""
+    gy, gx = np.gradient(field, spacing)
+    slope = np.hypot(gx, gy)
+    near = np.abs(field) < np.quantile(np.abs(field), 0.1)
+    return (field / np.median(slope[near])).astype(np.float32)

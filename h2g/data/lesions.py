@@ -28,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from h2g.data.fields import Grid, fraction, smoothstep, um
+from h2g.data.fields import Grid, as_distance, fraction, smooth_field, smoothstep, um
 from h2g.data.nuclei import BENIGN, GRADE1, LYMPHOCYTE, MYOEPITHELIAL, NONE, NORMAL, ORIENTATIONS, SPINDLE
 
 # Region kinds of the layout's lesions (indices into h2g.data.cohort.REGION_NAMES).
@@ -158,8 +158,7 @@ def draw_lesions(grid: Grid, keys: dict, grade: int, kinds: np.ndarray, depth: n
 # ------------------------------------------------------------------------------- layout
 
 def draw_lesion_layout(rng: np.random.Generator, tissue: np.ndarray, tumour: np.ndarray, inside: np.ndarray,
-                       spacing: float, longest: float, share: float, nodules: int,
-                       smooth_field, as_distance) -> tuple[np.ndarray, np.ndarray]:
+                       spacing: float, longest: float, share: float, nodules: int) -> tuple[np.ndarray, np.ndarray]:
     """Lesions on the layout's coarse grid: a signed-distance field (> 0 inside a lesion,
     level-0 px) and the region kind of each cell (every cell gets its nearest lesion's
     kind, so that resampling the map never invents a kind at a lesion's edge).
