@@ -73,6 +73,48 @@ def test_binarise_is_strict_and_rejects_nan():
 
 
 # ---------------------------------------------------------------- per-class metrics
+def test_dice_by_threshold_hand_computed():
+    """Four pixels, truth 1 1 0 0, probabilities 0.9 0.3 0.6 0.1: at 0.2 the prediction
+    is 1 1 1 0 (TP 2, FP 1: Dice 4/5), at 0.5 it is 1 0 1 0 (TP 1, FP 1, FN 1: 1/2), at
+    0.95 it is empty (0); with an empty truth and prediction, 1."""
+    prob = np.array([[0.9, 0.3], [0.6, 0.1]])
+    truth = np.array([[1, 1], [0, 0]], bool)
+    np.testing.assert_allclose(metrics.dice_by_threshold(prob, truth, [0.2, 0.5, 0.95]), [0.8, 0.5, 0.0])
+    assert metrics.dice_by_threshold(np.zeros((2, 2)), np.zeros((2, 2), bool), [0.5])[0] == 1.0
+    with pytest.raises(ValueError, match="shape"):
+        metrics.dice_by_threshold(prob, truth[:1], [0.5])
+
+
+def test_dice_by_threshold_matches_sklearn():
+    rng = np.random.default_rng(3)
+    prob = rng.random((40, 30))
+    truth = rng.random((40, 30)) < 0.3 + 0.4 * prob
+    thresholds = [0.1, 0.35, 0.5, 0.8]
+    expected = [f1_score(truth.ravel(), (prob > t).ravel()) for t in thresholds]
+    np.testing.assert_allclose(metrics.dice_by_threshold(prob, truth, thresholds), expected)
+
+
+def test_threshold_sweep_summary_and_table(tmp_path):
+    """Means over slides per threshold, the best (lowest threshold on a tie), AUCs with a
+    one-class slide (NaN) left out; the table names every design with its numbers."""
+    sweep = tables.threshold_sweep([[0.2, 0.6, 0.0], [0.4, 0.6, 0.0]], [0.9, float("nan"), 0.7],
+                                   thresholds=(0.3, 0.5, 0.7))
+    np.testing.assert_allclose(sweep["dice_mean"], [0.3, 0.6, 0.0])
+    assert sweep["best_threshold"] == 0.5 and sweep["best_dice"] == pytest.approx(0.6)
+    assert sweep["pixel_auc_mean"] == pytest.approx(0.8) and sweep["pixel_auc_sd"] == pytest.approx(np.std([0.9, 0.7], ddof=1))
+    tie = tables.threshold_sweep([[0.5, 0.5, 0.1]], [0.6], thresholds=(0.3, 0.5, 0.7))
+    assert tie["best_threshold"] == 0.3
+    paths = tables.write_threshold_table(tmp_path, {"A": sweep, "B": tie})
+    text = paths["thresholds_md"].read_text()
+    assert "| A | 0.300 | 0.600 | 0.000 | 0.600 at 0.5 | 0.800 |" in text
+    with open(paths["thresholds_csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert [r["design"] for r in rows] == ["A", "B"] and float(rows[1]["dice_0.3"]) == 0.5
+    other = dict(tie, thresholds=[0.1, 0.2, 0.3])
+    with pytest.raises(ConfigError, match="different thresholds"):
+        tables.write_threshold_table(tmp_path, {"A": sweep, "C": other})
+
+
 def test_class_metrics_hand_computed_with_ignore_and_an_absent_class():
     # classes 0, 1, 2, 3; 255 ignored; class 3 in neither map
     truth = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])

@@ -46,6 +46,14 @@ def test_every_design_runs_and_writes_its_results(smoke_run):
     tables = (out / "tables.md").read_text()
     assert all(results[n]["label"] in tables for n in ALL)
     assert "| Otsu |" not in tables.split("Tukey")[-1]
+    # the threshold sweep agrees with the tables at the paper's threshold of 0.5
+    sweep_table = (out / "thresholds.md").read_text()
+    for name in ALL:
+        sweep = results[name]["threshold_sweep"]
+        assert f"| {results[name]['label']} |" in sweep_table
+        assert sweep["dice_mean"][sweep["thresholds"].index(0.5)] == pytest.approx(results[name]["dice_mean"])
+        assert sweep["best_dice"] >= results[name]["dice_mean"] - 1e-12
+        assert 0.0 <= sweep["pixel_auc_mean"] <= 1.0
 
 
 def test_designs_share_the_stages_they_have_in_common(smoke_run):

@@ -228,6 +228,21 @@ def threshold_counts(prob: np.ndarray, positive: np.ndarray, thresholds) -> np.n
     return out
 
 
+def dice_by_threshold(prob: np.ndarray, truth: np.ndarray, thresholds) -> np.ndarray:
+    """``(T,)`` Dice of ``prob > t`` against the boolean ``truth`` for each threshold
+    ``t`` (the rule of :func:`binarise`; both empty scores 1, as in
+    :func:`segmentation_metrics`).  A threshold-free view of a probability map: a
+    design whose maps rank tumour well but sit below 0.5 scores 0 at the paper's
+    threshold and well at a lower one."""
+    prob, truth = np.asarray(prob), np.asarray(truth)
+    if prob.shape != truth.shape:
+        raise ValueError(f"probability shape {prob.shape} differs from ground truth shape {truth.shape}")
+    counts = threshold_counts(prob, truth, thresholds).astype(np.float64)
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    denominator = 2.0 * tp + fp + fn
+    return np.where(denominator > 0, 2.0 * tp / np.maximum(denominator, 1.0), 1.0)
+
+
 def threshold_scores(counts: np.ndarray) -> dict[str, np.ndarray]:
     """Precision, recall (= sensitivity) and specificity per row of :func:`threshold_counts`."""
     tp, fp, fn, tn = (np.asarray(counts, np.float64)[:, i] for i in range(4))

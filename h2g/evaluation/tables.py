@@ -281,6 +281,66 @@ def write_class_tables(
     return paths
 
 
+#: Thresholds of the sweep in ``thresholds.md`` (the paper scores at 0.5 only).
+SWEEP_THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def threshold_sweep(per_slide_dice: Sequence[Sequence[float]], aucs: Sequence[float],
+                    thresholds: Sequence[float] = SWEEP_THRESHOLDS) -> dict:
+    """The sweep part of a design's ``metrics.json`` from per-slide Dice at each
+    threshold (``(slides, T)``, :func:`h2g.evaluation.metrics.dice_by_threshold`) and
+    per-slide pixel AUCs: ``thresholds``, ``dice_mean`` / ``dice_sd`` per threshold
+    (over slides), ``best_threshold`` / ``best_dice`` (the best mean, the lowest
+    threshold on a tie) and ``pixel_auc_mean`` / ``pixel_auc_sd`` (slides with one
+    class only have no AUC and are left out; NaN when none is left)."""
+    dice = np.asarray(per_slide_dice, np.float64).reshape(-1, len(thresholds))
+    if dice.shape[0] == 0:
+        raise ValueError("no slides to sweep")
+    means = [MeanSD.of(dice[:, i]) for i in range(len(thresholds))]
+    best = int(np.argmax([m.mean for m in means]))
+    finite = [a for a in aucs if math.isfinite(a)]
+    auc = MeanSD.of(finite) if finite else MeanSD(float("nan"), float("nan"), 0)
+    return {"thresholds": [float(t) for t in thresholds],
+            "dice_mean": [m.mean for m in means], "dice_sd": [m.sd for m in means],
+            "best_threshold": float(thresholds[best]), "best_dice": means[best].mean,
+            "pixel_auc_mean": auc.mean, "pixel_auc_sd": auc.sd}
+
+
+def write_threshold_table(out_dir: str | Path, sweeps: Mapping[str, dict]) -> dict[str, Path]:
+    """``thresholds.md`` and ``thresholds.csv``: for each design (label -> the dict of
+    :func:`threshold_sweep`), mean Dice over test slides at every threshold, the best
+    one and the mean pixel AUC.  Shows whether an ordering at the paper's threshold of
+    0.5 holds at every threshold, or only because one design's probabilities sit on the
+    wrong side of 0.5."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grids = {tuple(s["thresholds"]) for s in sweeps.values()}
+    if len(grids) != 1:
+        raise ConfigError("designs were swept over different thresholds; cannot tabulate them together")
+    thresholds = next(iter(grids))
+    header = ["Design", *(f"{t:g}" for t in thresholds), "best", "pixel AUC"]
+    body = [[label, *(f"{d:.3f}" for d in s["dice_mean"]), f"{s['best_dice']:.3f} at {s['best_threshold']:g}",
+             f"{s['pixel_auc_mean']:.3f}"] for label, s in sweeps.items()]
+    text = "\n".join([
+        "# Dice by threshold",
+        "",
+        "Mean Dice over test slides of the tumour probability thresholded at each value "
+        "(the tables score at 0.5, the paper's threshold), the best of them, and the mean "
+        "pixel-wise ROC AUC of the probability map.",
+        "",
+        _md_table(header, body),
+        "",
+    ])
+    paths = {"thresholds_md": out_dir / "thresholds.md", "thresholds_csv": out_dir / "thresholds.csv"}
+    paths["thresholds_md"].write_text(text, encoding="utf-8")
+    _write_csv(paths["thresholds_csv"],
+               ["design", *(f"dice_{t:g}" for t in thresholds), "best_threshold", "best_dice", "pixel_auc_mean",
+                "pixel_auc_sd"],
+               [[label, *s["dice_mean"], s["best_threshold"], s["best_dice"], s["pixel_auc_mean"], s["pixel_auc_sd"]]
+                for label, s in sweeps.items()])
+    return paths
+
+
 def _md_table(header: list[str], body: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in body]

@@ -132,4 +132,7 @@ def run(chosen: Sequence, manifest_path: Path | None, out: Path, config, resume:
         tables.write_tables(Path(out), rows, [d.label for d in chosen], resolution=resolution,
                             tukey_designs=[d.label for d in chosen if d.deep_learning])
         figures.dice_boxplot(Path(out) / "dice_boxplot.png", rows)
+        sweeps = {r["label"]: r["threshold_sweep"] for r in results.values() if "threshold_sweep" in r}
+        if sweeps:
+            tables.write_threshold_table(Path(out), sweeps)
     return results

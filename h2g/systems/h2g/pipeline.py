@@ -10,7 +10,9 @@ probabilities is its kind's entry in :data:`PREDICTORS`.
 
 Each design's results go to ``OUT/<design>/``: ``metrics.json`` and ``config.json``
 (written together, last), ``per_slide.csv``, tables, figures and copies of the models it
-used.
+used.  Besides the paper's figures at threshold 0.5, ``metrics.json`` and
+``thresholds.md`` hold the Dice at thresholds 0.1-0.9 and the pixel AUC of the
+probability maps (:func:`h2g.evaluation.tables.threshold_sweep`).
 """
 from __future__ import annotations
 
@@ -355,21 +357,25 @@ class Pipeline:
         c = self.config
         folder = self.out / design.name
         pairs, used = self.predictions(design)
-        rows, unevaluated = [], []
+        rows, unevaluated, swept, aucs = [], [], [], []
         for sample, prob in pairs:
             if sample.mask is None:
                 unevaluated.append(sample.slide_id)
                 continue
             m = metrics.segmentation_metrics(metrics.binarise(prob, c.eval.threshold), sample.mask)
             rows.append({"design": design.label, "slide_id": sample.slide_id, "grade": sample.grade, **m})
+            swept.append(metrics.dice_by_threshold(prob, sample.mask, tables.SWEEP_THRESHOLDS))
+            aucs.append(metrics.roc_auc(prob, sample.mask))
         if unevaluated:
             log.warning("%s: %d test slide(s) without an annotation are not evaluated: %s",
                         design.name, len(unevaluated), ", ".join(unevaluated))
         if not rows:
             raise ConfigError(f"{self.manifest_path}: no test slide has an annotation; nothing to evaluate")
         summary = tables.metrics_summary(rows, design.label)
+        sweep = tables.threshold_sweep(swept, aucs)
         result = {
             **summary,
+            "threshold_sweep": sweep,
             "design": design.name,
             "system": design.system,
             "label": design.label,
@@ -383,6 +389,7 @@ class Pipeline:
         }
         folder.mkdir(parents=True, exist_ok=True)
         tables.write_tables(folder, rows, [design.label], resolution=c.refine.size)
+        tables.write_threshold_table(folder, {design.label: sweep})
         models_dir = folder / "models"
         for role, path in used.items():
             models_dir.mkdir(exist_ok=True)
