@@ -237,10 +237,8 @@ def dice_by_threshold(prob: np.ndarray, truth: np.ndarray, thresholds) -> np.nda
     prob, truth = np.asarray(prob), np.asarray(truth)
     if prob.shape != truth.shape:
         raise ValueError(f"probability shape {prob.shape} differs from ground truth shape {truth.shape}")
-    counts = threshold_counts(prob, truth, thresholds).astype(np.float64)
-    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
-    denominator = 2.0 * tp + fp + fn
-    return np.where(denominator > 0, 2.0 * tp / np.maximum(denominator, 1.0), 1.0)
+    counts = threshold_counts(prob, truth, thresholds)
+    return np.array([_scores(int(tp), int(fp), int(fn))["dice"] for tp, fp, fn, _ in counts])
 
 
 def threshold_scores(counts: np.ndarray) -> dict[str, np.ndarray]:
