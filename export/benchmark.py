@@ -67,12 +67,12 @@ def run_h2g(args, backends) -> tuple[dict, str]:
     with Slide(args.slide, mpp=args.mpp, reader=args.reader) as slide:
         result = benchmark(slide, *backends, repeats=args.repeats, size=args.size,
                            magnification=args.magnification, patch_size=args.patch_size,
-                           batch_size=args.batch_size, readers=args.readers)
+                           heatmap_stride=args.heatmap_stride, batch_size=args.batch_size, readers=args.readers)
         power = slide.objective_power
         if args.int8:
             result["int8"] = benchmark(slide, *int8_backends(args), repeats=args.repeats, size=args.size,
                                        magnification=args.magnification, patch_size=args.patch_size,
-                                       batch_size=args.batch_size, readers=args.readers)
+                                       heatmap_stride=args.heatmap_stride, batch_size=args.batch_size, readers=args.readers)
     peer = None
     if args.peer == "fast":
         with tempfile.TemporaryDirectory() as work:

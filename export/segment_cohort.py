@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     plan = deployment_plan(check, args.model)  # bad models fail here, once, not in every slide's task
     if plan.kind == "h2g":
         # What the metadata resolved to (recorded in cohort.json; the tasks resolve the same).
-        options.update(magnification=check.magnification, patch_size=check.patch_size, size=check.size)
+        options.update(magnification=check.magnification, patch_size=check.patch_size, size=check.size,
+                       heatmap_stride=check.heatmap_stride)
     workers = args.workers or max(1, int(available_cores() // args.cpus_per_slide))
     used = []
 

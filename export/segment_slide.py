@@ -78,8 +78,8 @@ def main(argv=None) -> int:
     with Slide(args.slide, mpp=args.mpp, reader=args.reader) as slide:
         if plan.kind == "h2g":
             seg = segment(slide, *backends, size=args.size, magnification=args.magnification,
-                          patch_size=args.patch_size, batch_size=args.batch_size, readers=args.readers,
-                          progress=not args.quiet)
+                          patch_size=args.patch_size, heatmap_stride=args.heatmap_stride,
+                          batch_size=args.batch_size, readers=args.readers, progress=not args.quiet)
             paths = write_outputs(seg, slide, args.out, extra={"patch_backend": backends[0].info(),
                                                                "refine_backend": backends[1].info()})
             t = seg.timings

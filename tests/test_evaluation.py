@@ -368,3 +368,45 @@ def test_dice_boxplot(tmp_path):
         assert im.format == "PNG" and im.size[0] >= 400
     with pytest.raises(ConfigError, match="Q"):
         figures.dice_boxplot(tmp_path / "bad.png", scored_rows(5), designs=["X", "Q"])
+
+
+def test_patch_tumour_fractions_hand_computed():
+    """One tumour pixel at level-0 (x=3, y=2) of an 8x8 slide: with 2 px cells and 4 px
+    patches (centred, reaching 1 px past each cell side) exactly the patches of cells
+    (rows 0-1) x (cols 1-2) contain it, each 1/16 of their area; with 4 px cells and
+    patches, only cell (0, 0)."""
+    from types import SimpleNamespace
+
+    from h2g.evaluation.heatmap_ceiling import patch_tumour_fractions
+
+    mask = np.zeros((8, 8), bool)
+    mask[2, 3] = True
+    annotation = SimpleNamespace(mask=mask, downsample=1.0)
+    expected = np.zeros((4, 4))
+    expected[0:2, 1:3] = 1 / 16
+    np.testing.assert_allclose(patch_tumour_fractions(annotation, (8, 8), 2, 4), expected)
+    expected = np.zeros((2, 2))
+    expected[0, 0] = 1 / 16
+    np.testing.assert_allclose(patch_tumour_fractions(annotation, (8, 8), 4, 4), expected)
+
+
+def test_heatmap_ceiling_is_near_one_on_the_grid_and_rises_with_a_finer_stride(tmp_path):
+    """A tumour rectangle on patch boundaries: a perfect classifier's heatmap is (almost)
+    the truth.  A tumour square of 1.5 patches, off the grid: the patch grid caps the
+    heatmap's Dice, and half stride raises the cap."""
+    from synthetic import make_mask, make_slide
+
+    from h2g.evaluation.heatmap_ceiling import slide_ceiling
+    from h2g.io.slide import Slide
+
+    size, patch = (1024, 768), 32  # 32 px at 10x = 128 level-0 px
+    slide_path = make_slide(tmp_path / "s.tiff", size=size, compression=None, downsamples=(1, 4))
+    aligned = make_mask(tmp_path / "aligned.tiff", size, [(256, 256, 384, 256)])
+    small = make_mask(tmp_path / "small.tiff", size, [(400, 300, 200, 200)])
+    kw = dict(size=256, patch_size=patch, tumour_threshold=0.25)
+    with Slide(slide_path) as slide:
+        on_grid = slide_ceiling(slide, aligned, **kw)
+        coarse = slide_ceiling(slide, small, **kw)
+        fine = slide_ceiling(slide, small, stride=patch // 2, **kw)
+    assert on_grid["soft"] > 0.95 and on_grid["label"] > 0.95
+    assert coarse["soft"] < 0.85 and fine["soft"] > coarse["soft"] + 0.04

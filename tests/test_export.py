@@ -293,6 +293,43 @@ def test_segment_slide_runs_without_tensorflow_and_matches_keras(engine, checker
             assert overlay.mpp == pytest.approx(mpp * width / w, rel=0.01)
 
 
+def test_refiner_metadata_carries_the_heatmap_stride_to_deployment(checker_path, deploy_models, tmp_path):
+    """A refinement net trained on half-stride heatmaps records the stride; segment_slide.py
+    then cuts the heatmap at that stride unless --heatmap-stride overrides it (a warning)."""
+    import shutil
+
+    from h2g.export.metadata import embed_onnx, h2g_refinement_metadata
+
+    patch_model, patch_onnx, _ = deploy_models["patch"]
+    refine_onnx = tmp_path / "refine_stride.onnx"
+    shutil.copy(deploy_models["refine"][1], refine_onnx)
+    meta = h2g_refinement_metadata(REFINE_SIZE, design="mob_pw_unet", heatmap_stride=PATCH // 2)
+    assert meta.extras["heatmap_stride"] == PATCH // 2
+    assert "heatmap_stride" not in h2g_refinement_metadata(REFINE_SIZE, heatmap=False, heatmap_stride=8).extras
+    embed_onnx(refine_onnx, meta)
+    common = ("--patch-model", patch_onnx, "--refine-model", refine_onnx, "--engine", "onnxruntime",
+              "--patch-size", PATCH, "--batch-size", 4, "--quiet")
+    with Slide(checker_path) as slide:
+        fine = slide_heatmap(slide, KerasBackend(patch_model), patch_size=PATCH, stride=PATCH // 2, progress=False)
+        coarse = slide_heatmap(slide, KerasBackend(patch_model), patch_size=PATCH, progress=False)
+    assert fine.grid_shape[0] > coarse.grid_shape[0]
+    done = run_script("segment_slide.py", checker_path, *common, "--out", tmp_path / "a", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "a" / "heatmap.npy"), fine.probs, atol=1e-4)
+    done = run_script("segment_slide.py", checker_path, *common, "--heatmap-stride", PATCH, "--out", tmp_path / "b",
+                      tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "--heatmap-stride 32 overrides the model's 16" in done.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "b" / "heatmap.npy"), coarse.probs, atol=1e-4)
+    # the benchmark times the pipeline as deployed: the refiner's stride, every one of its patches
+    bench = tmp_path / "bench.json"
+    done = run_script("benchmark.py", "--slide", checker_path, *common[:-1], "--repeats", 1, "--json", bench,
+                      tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(bench.read_text())
+    assert result["heatmap_stride"] == PATCH // 2 and result["patches"] == fine.n_patches
+
+
 def test_segment_slide_reports_bad_input_in_one_line(checker_path, deploy_models, tmp_path):
     patch_onnx, patch_xml = deploy_models["patch"][1:]
     missing = run_script("segment_slide.py", checker_path, "--patch-model", tmp_path / "nope.onnx",
@@ -361,7 +398,7 @@ BENCH_FIELDS = {
     "refinement_size", "warmup", "repeats", "engine", "version", "device", "threads", "precision",
     "patch_backend", "refine_backend", "stages", "patches_per_second", "read_only_s", "inference_only_s",
     "pipeline_s", "pipeline_efficiency", "refinement_share", "peak_memory_mib", "host", "runs", "peer",
-    "patch_wise_patches_per_second", "ceiling", "reader",
+    "patch_wise_patches_per_second", "ceiling", "reader", "heatmap_stride",
 }
 
 
@@ -377,6 +414,7 @@ def test_benchmark_writes_every_field(checker_path, deploy_models, tmp_path):
     assert set(result) == BENCH_FIELDS
     assert (result["engine"], result["device"], result["threads"], result["precision"]) == ("openvino", "CPU", 1, "f32")
     assert result["repeats"] == 1 and len(result["runs"]) == 1 and result["patches"] > 0
+    assert result["heatmap_stride"] == PATCH  # no stride in the models' metadata: the paper's grid
     for stage in ("tissue", "reading", "inference", "stitching", "patch_pipeline", "patch_wise", "refinement", "total"):
         assert set(result["stages"][stage]) == {"mean", "sd"} and result["stages"][stage]["mean"] >= 0
     stages = result["stages"]

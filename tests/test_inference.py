@@ -121,6 +121,50 @@ def test_heatmap_cells_land_where_patches_were_read(checker, colour_files, engin
         assert timings[stage] >= 0
 
 
+def test_half_stride_centres_one_patch_on_each_finer_cell(checker, colour_files):
+    """Stride PATCH/2: cells half a patch wide, each valued by the patch centred on it,
+    which straddles up to four checker cells (and white glass past the edge); the
+    expected value is the colour model on the area-weighted mean colour of that
+    footprint, computed here from the checker's colours."""
+    from h2g.tiling.grid import build_patch_grid
+
+    heat = slide_heatmap(checker, KerasBackend(colour_files[0]), patch_size=PATCH, stride=PATCH // 2,
+                         batch_size=5, progress=False)
+    step = CELL // 2
+    width, height = checker.dimensions
+    assert heat.step == step and heat.grid_shape == (-(-height // step), -(-width // step))
+    cells = build_patch_grid(checker, tissue=heat.tissue, patch_size=PATCH // 2)
+    assert heat.n_patches == len(cells.coords) > 40
+    expected = np.zeros(heat.grid_shape)
+    for x, y in cells.coords:
+        left, top = x + step // 2 - CELL // 2, y + step // 2 - CELL // 2  # the centred patch
+        total = np.zeros(3)
+        for r in range(-1, 5):
+            for c in range(-1, 6):  # overlap of the footprint with each checker cell (and glass)
+                x0, x1 = max(left, c * CELL), min(left + CELL, (c + 1) * CELL)
+                y0, y1 = max(top, r * CELL), min(top + CELL, (r + 1) * CELL)
+                if x1 <= x0 or y1 <= y0:
+                    continue
+                on_slide = 0 <= r and 0 <= c and (c * CELL < width) and (r * CELL < height)
+                # the part of this checker cell inside the slide, the rest is glass
+                sx1, sy1 = min(x1, width), min(y1, height)
+                inside = max(0, sx1 - x0) * max(0, sy1 - y0) if on_slide else 0
+                rgb = np.array(cell_colour(r, c)) / 255.0 if on_slide else np.ones(3)
+                total += inside * rgb + ((x1 - x0) * (y1 - y0) - inside) * np.ones(3)
+        expected[y // step, x // step] = colour_probability(total / CELL ** 2)
+    np.testing.assert_allclose(heat.probs, expected, atol=1e-5)
+
+
+def test_a_stride_equal_to_the_patch_is_the_papers_grid_and_bad_strides_are_refused(checker, colour_files):
+    backend = KerasBackend(colour_files[0])
+    a = slide_heatmap(checker, backend, patch_size=PATCH, progress=False)
+    b = slide_heatmap(checker, backend, patch_size=PATCH, stride=PATCH, progress=False)
+    assert a.step == b.step and np.array_equal(a.probs, b.probs)
+    for bad in (0, PATCH + 1, 2.5):
+        with pytest.raises(ConfigError, match="stride"):
+            slide_heatmap(checker, backend, patch_size=PATCH, stride=bad, progress=False)
+
+
 def test_cells_outside_the_tissue_mask_stay_zero(checker, colour_files):
     model = colour_files[0]
     full = detect_tissue(checker)

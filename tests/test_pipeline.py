@@ -66,6 +66,28 @@ def test_designs_share_the_stages_they_have_in_common(smoke_run):
     assert count == {"cluster": 1, "classifier": 3, "heatmaps": 3, "refiner": 5}
 
 
+def test_smoke_heatmaps_use_half_patch_stride_and_deployment_is_told(smoke_run, tiny_cohort):
+    """The smoke preset's heatmap stride (128 px at 10x, half a patch) gives cells half a
+    patch's level-0 extent, and the sidecars of the saved models carry the stride so that
+    deployment cuts heatmaps the way the refiner was trained; UNet-LR has no heatmap."""
+    import numpy as np
+
+    from h2g.export.metadata import read_sidecar
+    from h2g.io.manifest import load_manifest
+    from h2g.io.slide import open_slide
+
+    out, _ = smoke_run
+    record = load_manifest(tiny_cohort).records[0]
+    with open_slide(record.slide_path, mpp=record.mpp) as slide:
+        patch_extent = int(round(256 * slide.downsample_for(10.0)))
+    for folder in (out / "_cache").glob("heatmaps-*"):
+        assert int(np.load(folder / f"{record.slide_id}.npz")["step"]) == patch_extent // 2
+    models = out / "mob_pw_unet" / "models"
+    assert read_sidecar(models / "refiner.keras").extras["heatmap_stride"] == 128
+    assert read_sidecar(models / "patch_classifier.keras").extras["heatmap_stride"] == 128
+    assert "heatmap_stride" not in read_sidecar(out / "unet_lr" / "models" / "refiner.keras").extras
+
+
 def test_otsu_segments_all_tissue(smoke_run):
     """Otsu finds tissue, not tumour: it catches (almost) all tumour at low precision."""
     _, results = smoke_run

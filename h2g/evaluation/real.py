@@ -457,6 +457,7 @@ class RunPredictor:
         heatmap = slide_heatmap(slide, self.patch, tissue=tissue, tissue_threshold=s("patches", "tissue_threshold"),
                                 magnification=s("patches", "magnification"),
                                 patch_size=int(s("patches", "patch_size")),
+                                stride=self.run.config.get("heatmap", {}).get("stride"),
                                 batch_size=int(s("heatmap", "batch_size")), readers=int(s("heatmap", "readers")),
                                 progress=False, timings=timings)
         t0 = time.perf_counter()

@@ -138,18 +138,21 @@ def inference_only_seconds(backend: Backend, batch, n_patches: int, batch_size: 
 
 def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats: int = 10,
               size: int = 1024, magnification: float = 10, patch_size: int = 256,
-              batch_size: int = 32, readers: int = 2, progress: bool = False) -> dict:
+              heatmap_stride: int | None = None, batch_size: int = 32, readers: int = 2,
+              progress: bool = False) -> dict:
     """Time :func:`segment` on ``slide``: one warm-up, then ``repeats`` runs; then, in the
     same process, the read-only time (all patches read, no inference) and the
     inference-only time (the same number of patches from memory).
     ``pipeline_efficiency`` = (read-only s + inference-only s) / pipeline s, where
     pipeline s is the mean wall time of the overlapped reading + inference (>= 1 when the
-    overlap is perfect on cores both stages keep busy)."""
-    from h2g.tiling.grid import build_patch_grid
+    overlap is perfect on cores both stages keep busy).  ``heatmap_stride``: as
+    :func:`segment` (None: the paper's non-overlapping patches)."""
+    from h2g.data.readers import read_patch
+    from h2g.inference.heatmap import heatmap_grid
 
     if repeats < 1:
         raise ExportError(f"repeats must be >= 1, got {repeats}")
-    kw = dict(size=size, magnification=magnification, patch_size=patch_size,
+    kw = dict(size=size, magnification=magnification, patch_size=patch_size, heatmap_stride=heatmap_stride,
               batch_size=batch_size, readers=readers, progress=progress)
     warm = segment(slide, patch_backend, refine_backend, **kw)
     runs = []
@@ -157,15 +160,15 @@ def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats
         timings = segment(slide, patch_backend, refine_backend, **kw).timings
         timings["patch_wise"] = timings["tissue"] + timings["patch_pipeline"] + timings["stitching"]
         runs.append(timings)
-    grid = build_patch_grid(slide, tissue=warm.heatmap.tissue, magnification=magnification, patch_size=patch_size)
-    n = len(grid.coords)
-    read_only = read_only_seconds(slide, grid.coords, magnification=magnification, patch_size=patch_size,
+    grid, corners = heatmap_grid(slide, warm.heatmap.tissue, magnification=magnification, patch_size=patch_size,
+                                 stride=heatmap_stride)
+    n = len(corners)
+    read_only = read_only_seconds(slide, corners, magnification=magnification, patch_size=patch_size,
                                   batch_size=batch_size, readers=readers)
     inference_only = Timed()
     if n:
-        first = grid.coords[:batch_size]
-        batch = np.stack([slide.read_region(tuple(c), (patch_size, patch_size), magnification)
-                          for c in first]).astype(np.float32) / 255.0
+        batch = np.stack([read_patch(slide, int(x), int(y), magnification=magnification, patch_size=patch_size)
+                          for x, y in corners[:batch_size]]).astype(np.float32) / 255.0
         inference_only = inference_only_seconds(patch_backend, batch, n, batch_size)
     stages = {s: mean_sd(r[s] for r in runs) for s in STAGES}
     pipeline_s = stages["patch_pipeline"]["mean"]
@@ -177,6 +180,7 @@ def benchmark(slide, patch_backend: Backend, refine_backend: Backend, *, repeats
         "grid_shape": list(grid.grid_shape),
         "magnification": magnification,
         "patch_size": patch_size,
+        "heatmap_stride": heatmap_stride or patch_size,
         "batch_size": batch_size,
         "readers": readers,
         "refinement_size": size,
@@ -348,7 +352,9 @@ def benchmark_markdown(result: dict, peer: dict | None = None) -> str:
         "# Runtime of the H2G-Net pipeline (layout of the paper's Table 3)",
         "",
         f"Slide `{result['slide']}` ({result['dimensions'][0]} x {result['dimensions'][1]} px, "
-        f"{result['patches']} patches of {result['patch_size']} px at {result['magnification']:g}x), "
+        f"{result['patches']} patches of {result['patch_size']} px at {result['magnification']:g}x"
+        + (f", {result['heatmap_stride']} px apart" if result.get("heatmap_stride", result["patch_size"])
+           != result["patch_size"] else "") + "), "
         f"{result['repeats']} repeats after {result['warmup']} warm-up; mean ± sd in seconds.",
         "",
         "| Engine | Device | Precision | Threads | Patch-wise | Refinement | Total |",

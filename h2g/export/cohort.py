@@ -68,12 +68,13 @@ DONE_MARKER = "done.json"
 TABLE_NAME = "cohort.csv"
 SETTINGS_NAME = "cohort.json"
 #: Options that change a slide's outputs (recorded in cohort.json with the models' hashes).
-OUTPUT_SETTINGS = ("engine", "device", "precision", "mpp", "reader", "magnification", "patch_size", "size", "stride",
-                   "keep", "blend")
+OUTPUT_SETTINGS = ("engine", "device", "precision", "mpp", "reader", "magnification", "patch_size", "heatmap_stride",
+                   "size", "stride", "keep", "blend")
 TMP_MARK = ".tmp-"
 #: The options every slide's task gets (those of add_pipeline_arguments and the sliding window).
 TASK_OPTIONS = ("patch_model", "refine_model", "engine", "device", "precision", "threads", "patch_hint", "mpp",
-                "magnification", "patch_size", "size", "batch_size", "readers", "reader", "stride", "keep", "blend")
+                "magnification", "patch_size", "heatmap_stride", "size", "batch_size", "readers", "reader", "stride",
+                "keep", "blend")
 
 
 @dataclass(frozen=True)
@@ -273,8 +274,8 @@ def segment_one(slide_path, out_dir, models, options: dict, *, mpp: float | None
             slide_mpp = _slide_mpp(slide)
             if plan.kind == "h2g":
                 seg = segment(slide, *backends, size=args.size, magnification=args.magnification,
-                              patch_size=args.patch_size, batch_size=args.batch_size, readers=args.readers,
-                              progress=False)
+                              patch_size=args.patch_size, heatmap_stride=args.heatmap_stride,
+                              batch_size=args.batch_size, readers=args.readers, progress=False)
                 paths = write_outputs(seg, slide, tmp, extra={"patch_backend": backends[0].info(),
                                                               "refine_backend": backends[1].info()})
                 patches = seg.heatmap.n_patches

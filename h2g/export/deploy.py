@@ -109,6 +109,9 @@ def add_pipeline_arguments(parser, models_required: bool = True) -> None:
                         help="patch magnification (default: the model's metadata, else 10x)")
     parser.add_argument("--patch-size", type=int, default=None,
                         help="patch size (default: the model's metadata, else 256)")
+    parser.add_argument("--heatmap-stride", type=int, default=None,
+                        help="H2G-Net: px between patch centres (default: the refinement model's metadata, "
+                             "else the patch size: non-overlapping patches)")
     parser.add_argument("--size", type=int, default=None,
                         help="refinement resolution (default: the refinement model's input size, else 1024)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -146,6 +149,13 @@ def pipeline_backends(args) -> tuple[Backend, Backend]:
                                    "--patch-size", backends[0].source))
     if args.size is None:  # the resolution the refinement model was trained at
         args.size = backends[1].image_size or 1024
+    # the stride the refinement net was trained on (else the one its classifier's heatmaps used)
+    trained = next((m.extras["heatmap_stride"] for m in (backends[1].metadata, meta)
+                    if m is not None and m.extras.get("heatmap_stride") is not None), None)
+    args.heatmap_stride = _setting(getattr(args, "heatmap_stride", None), trained, None, "--heatmap-stride",
+                                   backends[1].source)
+    if args.heatmap_stride is not None:
+        args.heatmap_stride = int(args.heatmap_stride)
     return backends
 
 
@@ -157,9 +167,11 @@ def _binarise(prob: np.ndarray, threshold: float, source: str) -> np.ndarray:
 
 
 def segment(slide, patch_backend: Backend, refine_backend: Backend, *, size: int = 1024,
-            magnification: float = 10, patch_size: int = 256, batch_size: int = 32,
-            readers: int = 2, threshold: float = 0.5, tissue=None, progress: bool = True) -> Segmentation:
-    """The H2G-Net pipeline on ``slide``: heatmap (:func:`h2g.inference.heatmap.slide_heatmap`),
+            magnification: float = 10, patch_size: int = 256, heatmap_stride: int | None = None,
+            batch_size: int = 32, readers: int = 2, threshold: float = 0.5, tissue=None,
+            progress: bool = True) -> Segmentation:
+    """The H2G-Net pipeline on ``slide``: heatmap (:func:`h2g.inference.heatmap.slide_heatmap`,
+    patches ``heatmap_stride`` px apart: None for the paper's non-overlapping grid),
     refinement inputs, refinement, ``prob > threshold``.  ``timings`` holds seconds per
     stage: tissue, reading, inference, waiting, patch_pipeline, stitching, refinement,
     total.  A slide with no patch over tissue is not refined: a warning, an all-zero
@@ -167,8 +179,8 @@ def segment(slide, patch_backend: Backend, refine_backend: Backend, *, size: int
     timings: dict = {}
     t0 = time.perf_counter()
     heatmap = slide_heatmap(slide, patch_backend, tissue=tissue, magnification=magnification,
-                            patch_size=patch_size, batch_size=batch_size, readers=readers,
-                            progress=progress, timings=timings)
+                            patch_size=patch_size, stride=heatmap_stride, batch_size=batch_size,
+                            readers=readers, progress=progress, timings=timings)
     t1 = time.perf_counter()
     image, heat = refinement_inputs(slide, heatmap, size=size)
     no_tissue = heatmap.n_patches == 0

@@ -128,21 +128,29 @@ class ModelMetadata:
 # H2G-Net defaults (models saved before sidecars existed)
 # --------------------------------------------------------------------------------------
 def h2g_patch_metadata(patch_size: int = 256, magnification: float = 10.0, role: str = "patch_classifier",
-                       design: str = "") -> ModelMetadata:
+                       design: str = "", heatmap_stride: int | None = None) -> ModelMetadata:
     """H2G-Net's patch classifier (or cluster model): one ``image`` view, white padding
-    (its patches keep OpenSlide's glass beyond the slide, as in training)."""
+    (its patches keep OpenSlide's glass beyond the slide, as in training).  A classifier
+    whose heatmaps were made with overlapping patches records their ``heatmap_stride``."""
+    extras = {"heatmap_stride": int(heatmap_stride)} if heatmap_stride is not None and role != "cluster" else {}
     return ModelMetadata(system="h2g", design=design, role=role,
                          views=(View("image", magnification, int(patch_size), "white"),),
                          classes=H2G_CLASSES if role != "cluster" else (),
-                         output="clusters" if role == "cluster" else "class_probs")
+                         output="clusters" if role == "cluster" else "class_probs", extras=extras)
 
 
-def h2g_refinement_metadata(size: int | None, heatmap: bool = True, design: str = "") -> ModelMetadata:
+def h2g_refinement_metadata(size: int | None, heatmap: bool = True, design: str = "",
+                            heatmap_stride: int | None = None) -> ModelMetadata:
     """H2G-Net's refinement network (``image`` + ``heatmap``) or low-resolution U-Net
-    (``image``): whole-slide inputs resized to ``size`` x ``size``, no views."""
+    (``image``): whole-slide inputs resized to ``size`` x ``size``, no views.  A network
+    trained on overlapping-patch heatmaps records their ``heatmap_stride`` (patch px),
+    which deployment then uses; absent means the paper's non-overlapping patches."""
     inputs = ["image", "heatmap"] if heatmap else ["image"]
+    extras = {"whole_slide": True, "input_size": size, "inputs": inputs}
+    if heatmap and heatmap_stride is not None:
+        extras["heatmap_stride"] = int(heatmap_stride)
     return ModelMetadata(system="h2g", design=design, role="refinement", classes=H2G_CLASSES,
-                         output="pixel_probs", extras={"whole_slide": True, "input_size": size, "inputs": inputs})
+                         output="pixel_probs", extras=extras)
 
 
 # --------------------------------------------------------------------------------------

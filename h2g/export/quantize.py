@@ -168,7 +168,7 @@ def _window_feeds(records, views, n: int, seed: int) -> list[dict]:
     return _read_picks(records, _pick(candidates, n, seed), read)
 
 
-def _refinement_feeds(records, size: int, heatmap_backend, patch_view) -> list[dict]:
+def _refinement_feeds(records, size: int, heatmap_backend, patch_view, heatmap_stride=None) -> list[dict]:
     from h2g.inference.heatmap import slide_heatmap
     from h2g.inference.lowres import refinement_inputs
     from h2g.io.slide import open_slide
@@ -179,7 +179,7 @@ def _refinement_feeds(records, size: int, heatmap_backend, patch_view) -> list[d
             heatmap = None
             if heatmap_backend is not None:
                 heatmap = slide_heatmap(slide, heatmap_backend, magnification=patch_view.magnification,
-                                        patch_size=patch_view.size, progress=False)
+                                        patch_size=patch_view.size, stride=heatmap_stride, progress=False)
             image, heat = refinement_inputs(slide, heatmap, size=size)
         for flip in (False, True):
             im, ht = (image[:, ::-1], heat[:, ::-1]) if flip else (image, heat)
@@ -197,7 +197,7 @@ def calibration_feeds(metadata: ModelMetadata, input_names, data: RunData, n: in
     float32 already."""
     if metadata.role == "refinement":
         feeds = _refinement_feeds(data.train, size, heatmap_backend if "heatmap" in input_names else None,
-                                  patch_view)
+                                  patch_view, metadata.extras.get("heatmap_stride"))
         return feeds, (f"low-resolution images {size} px of {len(data.train)} training slides"
                        + (" + the f32 patch classifier's heatmaps" if "heatmap" in input_names else "")
                        + ", and their mirrors")
@@ -367,12 +367,15 @@ def _predict(group: Group, backends: dict, slide, data: RunData) -> dict:
     if patch_backend is not None:
         view = ModelMetadata.from_dict(group.entries["patch_classifier"]["metadata"]).views[0]
     if kind == "h2g":
+        stride = ModelMetadata.from_dict(group.entries["refinement"]["metadata"]).extras.get("heatmap_stride")
         seg = segment(slide, patch_backend, refine_backend, size=refine_backend.image_size or data.evaluation_size,
-                      magnification=view.magnification, patch_size=view.size, progress=False)
+                      magnification=view.magnification, patch_size=view.size, heatmap_stride=stride,
+                      progress=False)
         out.update(patch=seg.heatmap.probs, pixel=seg.prob, size=seg.prob.shape[0])
     elif kind == "patch":
+        stride = ModelMetadata.from_dict(group.entries["patch_classifier"]["metadata"]).extras.get("heatmap_stride")
         heatmap = slide_heatmap(slide, patch_backend, magnification=view.magnification, patch_size=view.size,
-                                progress=False)
+                                stride=stride, progress=False)
         _, heat = refinement_inputs(slide, heatmap, size=data.evaluation_size)
         out.update(patch=heatmap.probs, pixel=heat[..., 0], size=data.evaluation_size)
     else:  # an image-only low-resolution network

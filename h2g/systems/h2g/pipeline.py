@@ -216,7 +216,8 @@ class Pipeline:
         from h2g.inference.heatmap import slide_heatmap
 
         c = self.config
-        stage = self._stage("heatmaps", ("patches",), seeded=False, upstream={"classifier": classifier})
+        stage = self._stage("heatmaps", ("patches",), seeded=False, upstream={"classifier": classifier},
+                            stride=c.heatmap.stride)
         if stage.done:
             return stage
         stage.prepare(resume=True)
@@ -229,7 +230,7 @@ class Pipeline:
             heat = slide_heatmap(
                 slide, backend, tissue=self._tissue(slide), tissue_threshold=c.patches.tissue_threshold,
                 magnification=c.patches.magnification, patch_size=c.patches.patch_size,
-                batch_size=c.heatmap.batch_size, readers=c.heatmap.readers, progress=False,
+                stride=c.heatmap.stride, batch_size=c.heatmap.batch_size, readers=c.heatmap.readers, progress=False,
             )
             write_heatmap_overlay(stage.dir / f"{record.slide_id}.png", slide, heat.probs)
             save_npz(target, probs=heat.probs, step=heat.step)
@@ -348,8 +349,10 @@ class Pipeline:
         ``<model>.meta.json``, embedded into the ONNX / OpenVINO files by export)."""
         c = self.config
         if role == "patch_classifier":
-            return h2g_patch_metadata(c.patches.patch_size, c.patches.magnification, design=design.name)
-        return h2g_refinement_metadata(c.refine.size, heatmap=design.needs_heatmaps, design=design.name)
+            return h2g_patch_metadata(c.patches.patch_size, c.patches.magnification, design=design.name,
+                                      heatmap_stride=c.heatmap.stride)
+        return h2g_refinement_metadata(c.refine.size, heatmap=design.needs_heatmaps, design=design.name,
+                                       heatmap_stride=c.heatmap.stride)
 
     def run(self, design: Design) -> dict:
         """Run ``design``; writes ``OUT/<design>/``: metrics.json and config.json
