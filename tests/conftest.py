@@ -30,7 +30,12 @@ def tiny_cohort(tmp_path_factory) -> Path:
 
 
 def tiny_config(seed: int = 0):
-    """The smoke preset shrunk further so a whole design runs in seconds in tests."""
+    """The smoke preset shrunk further so a whole design runs in seconds in tests.
+
+    Heatmaps on the paper's grid of non-overlapping patches (``heatmap.stride=None``): the
+    smoke preset's half stride reads four times the patches, and every H2G-Net pipeline
+    test would pay for it; ``test_pipeline.smoke_config`` keeps the smoke stride where it
+    is tested."""
     import dataclasses
 
     from h2g.core.config import load_config
@@ -39,6 +44,7 @@ def tiny_config(seed: int = 0):
     return c.replace(
         classifier=dataclasses.replace(c.classifier, batch_size=16, train_batches=6, val_batches=2, epochs=2),
         cluster=dataclasses.replace(c.cluster, n_batches=2, batch_size=16, n_clusters=3),
+        heatmap=dataclasses.replace(c.heatmap, stride=None),
         refine=dataclasses.replace(c.refine, size=256, width=0.25, batch_size=2, epochs=2, patience=2),
         eval=dataclasses.replace(c.eval, figure_slides=2),
     )

@@ -350,6 +350,12 @@ def _backends(group: Group, engine: str, int8: bool) -> dict:
     return {role: _backend(group.path(role, engine, int8), engine, int8) for role in group.entries}
 
 
+def _heatmap_stride(group: Group, role: str) -> int | None:
+    """The heatmap stride the ``role`` model of ``group`` was trained with (its
+    metadata's ``heatmap_stride``; None: the paper's non-overlapping patches)."""
+    return ModelMetadata.from_dict(group.entries[role]["metadata"]).extras.get("heatmap_stride")
+
+
 def _predict(group: Group, backends: dict, slide, data: RunData) -> dict:
     """One slide through ``group``'s models on ``engine``: probabilities to compare
     (``patch``: tissue-cell patch probabilities; ``pixel``: the final output) and the
@@ -367,13 +373,13 @@ def _predict(group: Group, backends: dict, slide, data: RunData) -> dict:
     if patch_backend is not None:
         view = ModelMetadata.from_dict(group.entries["patch_classifier"]["metadata"]).views[0]
     if kind == "h2g":
-        stride = ModelMetadata.from_dict(group.entries["refinement"]["metadata"]).extras.get("heatmap_stride")
+        stride = _heatmap_stride(group, "refinement")
         seg = segment(slide, patch_backend, refine_backend, size=refine_backend.image_size or data.evaluation_size,
                       magnification=view.magnification, patch_size=view.size, heatmap_stride=stride,
                       progress=False)
         out.update(patch=seg.heatmap.probs, pixel=seg.prob, size=seg.prob.shape[0])
     elif kind == "patch":
-        stride = ModelMetadata.from_dict(group.entries["patch_classifier"]["metadata"]).extras.get("heatmap_stride")
+        stride = _heatmap_stride(group, "patch_classifier")
         heatmap = slide_heatmap(slide, patch_backend, magnification=view.magnification, patch_size=view.size,
                                 stride=stride, progress=False)
         _, heat = refinement_inputs(slide, heatmap, size=data.evaluation_size)
