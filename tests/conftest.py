@@ -34,8 +34,8 @@ def tiny_config(seed: int = 0):
 
     Heatmaps on the paper's grid of non-overlapping patches (``heatmap.stride=None``): the
     smoke preset's half stride reads four times the patches, and every H2G-Net pipeline
-    test would pay for it; ``test_pipeline.smoke_config`` keeps the smoke stride where it
-    is tested."""
+    test would pay for it; ``test_pipeline``'s half-stride test sets the smoke stride
+    (``heatmap.stride=128``) where it is tested."""
     import dataclasses
 
     from h2g.core.config import load_config

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from h2g.core.errors import ConfigError
+from h2g.evaluation.tables import MeanSD
 
 
 @dataclass(frozen=True)
@@ -38,17 +39,22 @@ class SeedRun:
 
 @dataclass(frozen=True)
 class OverSeeds:
-    """A value over seeds: its per-seed values, mean and sample sd (ddof 1; 0 for one)."""
+    """A value over seeds: its per-seed values, and their mean and sample sd
+    (:class:`h2g.evaluation.tables.MeanSD`: ddof 1; 0 for one seed)."""
 
     values: tuple[float, ...]
 
     @property
+    def summary(self) -> MeanSD:
+        return MeanSD.of(self.values)
+
+    @property
     def mean(self) -> float:
-        return float(np.mean(self.values))
+        return self.summary.mean
 
     @property
     def sd(self) -> float:
-        return float(np.std(self.values, ddof=1)) if len(self.values) > 1 else 0.0
+        return self.summary.sd
 
 
 def load_run(folder: Path) -> SeedRun:
@@ -132,7 +138,7 @@ def summary_markdown(runs: Sequence[SeedRun], pairs: Sequence[tuple[str, str]] =
     for name in common_designs(runs):
         d = design_dice(runs, name)
         lines.append(f"| {labels.get(name, name)} | " + " | ".join(f"{v:.3f}" for v in d.values)
-                     + f" | {d.mean:.3f} ± {d.sd:.3f} |")
+                     + f" | {d.summary} |")
     if pairs:
         lines += ["", "| Difference | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± sd | above in |",
                   "|---" * (len(seeds) + 3) + "|"]
