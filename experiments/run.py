@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, run_cli
-from h2g.core.config import PRESETS, load_config
+from h2g.core.config import PRESET_NAMES
 from h2g.io.manifest import DEFAULT_MANIFEST
 from h2g.systems import registry
 
@@ -30,7 +30,7 @@ def parse_args(argv):
     p.add_argument("--design", nargs="+", default=[], choices=[*registry.designs(), "all"], metavar="NAME",
                    help=f"design name(s) or 'all': {', '.join(registry.designs())}")
     p.add_argument("--system", choices=list(registry.systems()), help="run every design of one system")
-    p.add_argument("--preset", default="smoke", choices=sorted(PRESETS))
+    p.add_argument("--preset", default="smoke", choices=sorted(PRESET_NAMES))
     p.add_argument("--manifest", type=Path, default=None,
                    help="slide manifest CSV (default: the embedded cohort, generated on first use: "
                         "data_manifest.csv for H2G-Net, data_manifest_multiclass.csv for DMMN)")
@@ -60,12 +60,12 @@ def main(argv=None) -> int:
     from h2g.training import distribute
 
     chosen = registry.resolve(args.design, system=args.system)
-    config = load_config(args.preset, seed=args.seed).override(args.overrides)
+    config = registry.load_config(args.preset, seed=args.seed).override(args.overrides)
     strategy = distribute.make_strategy(args.strategy, args.replicas)  # before anything runs on TensorFlow
     manifests = ({registry.systems()[d.system].manifest for d in chosen} if args.manifest is None
                  else {args.manifest})
     if args.manifest is None or args.manifest.resolve() == DEFAULT_MANIFEST.resolve():
-        from h2g.data.cohort import ensure_cohort
+        from h2g.data.embedded import ensure_cohort
 
         for manifest in sorted(manifests | {DEFAULT_MANIFEST}):  # the embedded cohort: generated once
             ensure_cohort(manifest, seed=0)

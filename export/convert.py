@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="max |int8 - f32| of the test slides' mean tumour Dice and per-class IoU (default 0.01)")
     q.add_argument("--int8-engines", nargs="+", choices=("openvino", "onnxruntime"), default=None,
                    help="engines to quantise for (default both)")
+    q.add_argument("--int8-overflow-fix", choices=("enable", "first_layer", "disable"), default=None,
+                   help="NNCF's overflow fix (default enable: every layer's weights at 7 bits, so that the int8 IR "
+                        "is right on CPUs without VNNI too; first_layer is NNCF's own default)")
     q.add_argument("--manifest", type=Path, default=None,
                    help="the run's manifest (default: the one its config.json names)")
     q.add_argument("--seed", type=int, default=None, help="calibration sample seed (default: the run's seed)")
@@ -64,7 +67,8 @@ def main(argv=None) -> int:
     from h2g.export.quantize import Int8Options, summary_lines
     from h2g.io.slide import Slide
 
-    int8_only = [f"--{k.replace('_', '-')}" for k in ("calibration_samples", "int8_tolerance", "int8_engines")
+    int8_only = [f"--{k.replace('_', '-')}" for k in ("calibration_samples", "int8_tolerance", "int8_engines",
+                                                      "int8_overflow_fix")
                  if getattr(args, k) is not None]
     if int8_only and not args.int8:
         raise ConfigError(f"{', '.join(int8_only)} apply only with --int8")
@@ -74,7 +78,8 @@ def main(argv=None) -> int:
         int8 = Int8Options(manifest=args.manifest, seed=args.seed,
                            samples=args.calibration_samples or defaults.samples,
                            tolerance=args.int8_tolerance if args.int8_tolerance is not None else defaults.tolerance,
-                           engines=tuple(args.int8_engines or defaults.engines))
+                           engines=tuple(args.int8_engines or defaults.engines),
+                           overflow_fix=args.int8_overflow_fix or defaults.overflow_fix)
     with Slide(args.slide or default_parity_slide(), mpp=args.mpp) as slide:
         report = convert(args.paths, slide, args.out, opset=args.opset, fp16=args.fp16,
                          tolerance=args.tolerance, progress=not args.quiet, int8=int8)

@@ -25,20 +25,18 @@ import sys
 from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, run_cli
-from h2g.export.deploy import add_pipeline_arguments, add_window_arguments
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from h2g.export.deploy import add_deploy_arguments
     from h2g.export.executors import EXECUTORS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_verbose_argument(p)
     p.add_argument("source", type=Path, help="manifest CSV (every split unless --split) or folder of slides")
     p.add_argument("--model", type=Path, nargs="+", action="extend", default=[],
-                   help="exported models (.onnx / .xml): a patch classifier + refinement network, or one "
-                        "segmentation model with views")
-    add_pipeline_arguments(p, models_required=False)
-    add_window_arguments(p)
+                   help="exported models (.onnx / .xml) of one system: what runs comes from their metadata")
+    add_deploy_arguments(p)
     p.add_argument("--out", type=Path, required=True, help="output folder (one sub-folder per slide)")
     p.add_argument("--split", default=None, help="only this split of the manifest")
     p.add_argument("--address", default=None,
@@ -62,20 +60,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    import dataclasses
+
     from h2g.core.resources import available_cores
-    from h2g.export.cohort import cohort_slides, run_cohort, summary_lines, task_options
-    from h2g.export.deploy import deployment_plan
+    from h2g.export.cohort import cohort_slides, run_cohort, summary_lines
+    from h2g.export.deploy import deployment
     from h2g.export.executors import make_executor
 
     slides = cohort_slides(args.source, args.split)
+    plan = deployment(args, args.model)
     # Inference threads: the task's CPUs, not the whole node's.
-    options = task_options(args, threads=args.threads or max(1, int(args.cpus_per_slide)))
-    check = argparse.Namespace(**{**options, "device": "CPU", "threads": 1})
-    plan = deployment_plan(check, args.model)  # bad models fail here, once, not in every slide's task
-    if plan.kind == "h2g":
-        # What the metadata resolved to (recorded in cohort.json; the tasks resolve the same).
-        options.update(magnification=check.magnification, patch_size=check.patch_size, size=check.size,
-                       heatmap_stride=check.heatmap_stride)
+    plan = dataclasses.replace(plan, engine=dataclasses.replace(
+        plan.engine, threads=args.threads or max(1, int(args.cpus_per_slide))))
     workers = args.workers or max(1, int(available_cores() // args.cpus_per_slide))
     used = []
 
@@ -85,7 +81,7 @@ def main(argv=None) -> int:
                                   memory_per_slide=args.memory_per_slide))
         return used[-1]
 
-    rows = run_cohort(slides, args.out, args.model, options, executor, retries=args.retries, progress=not args.quiet)
+    rows = run_cohort(slides, args.out, plan, executor, retries=args.retries, progress=not args.quiet)
     print(f"cohort of {args.source}" + (f" on {used[0].name}:" if used else " (nothing left to run):"))
     print("\n".join(summary_lines(rows, args.out)))
     return 1 if any(r["status"] == "failed" for r in rows) else 0

@@ -38,7 +38,7 @@ def tiny_config(seed: int = 0):
     (``heatmap.stride=128``) where it is tested."""
     import dataclasses
 
-    from h2g.core.config import load_config
+    from h2g.systems.registry import load_config
 
     c = load_config("smoke", seed=seed)
     return c.replace(
@@ -48,3 +48,30 @@ def tiny_config(seed: int = 0):
         refine=dataclasses.replace(c.refine, size=256, width=0.25, batch_size=2, epochs=2, patience=2),
         eval=dataclasses.replace(c.eval, figure_slides=2),
     )
+
+
+@pytest.fixture(scope="session")
+def checker_path(tmp_path_factory) -> Path:
+    """A 40x checker slide of 4.5 x 3.25 patches (helpers.CELL), pixel-exact."""
+    from helpers import CELL
+    from synthetic import make_slide
+
+    path = tmp_path_factory.mktemp("slides") / "checker.tiff"
+    return make_slide(path, size=(4 * CELL + CELL // 2, 3 * CELL + CELL // 4), pattern="checker",
+                      cell=CELL, compression=None, downsamples=(1, 4))
+
+
+@pytest.fixture(scope="session")
+def deploy_models(tmp_path_factory):
+    """The colour classifier and the threshold refiner (helpers) as ONNX and OpenVINO IR:
+    ``{"patch" | "refine": (keras model, onnx path, xml path)}``."""
+    from helpers import REFINE_SIZE, colour_model, threshold_refiner
+
+    from h2g.export.conversion import signature, to_onnx, to_openvino
+
+    folder = tmp_path_factory.mktemp("deploy_models")
+    files = {}
+    for name, model in (("patch", colour_model()), ("refine", threshold_refiner(REFINE_SIZE))):
+        onnx_path = to_onnx(model, signature(model, name), folder / f"{name}.onnx")
+        files[name] = (model, onnx_path, to_openvino(onnx_path, folder / f"{name}.xml"))
+    return files

@@ -7,7 +7,7 @@ import json
 
 import pytest
 from synthetic import make_slide
-from test_export import run_script
+from helpers import run_script
 
 from h2g.data.views import View
 from h2g.io.slide import Slide
@@ -17,10 +17,11 @@ from h2g.tiling.windows import window_grid
 SIZE = 64  # every view's side (px)
 STRIDE = 32  # target-view (x20) px: windows overlap by half
 WINDOW_FIELDS = {
-    "slide", "dimensions", "system", "design", "role", "views", "target_view", "classes", "stride", "keep",
-    "blend", "windows", "grid_shape", "raster", "batch_size", "readers", "warmup", "repeats", "engine",
-    "version", "device", "threads", "precision", "backend", "stages", "windows_per_second", "read_only_s",
-    "inference_only_s", "pipeline_s", "pipeline_efficiency", "peak_memory_mib", "host", "runs", "ceiling", "reader",
+    "slide", "dimensions", "system", "design", "segmenter", "unit", "count", "views", "target_view", "classes",
+    "stride", "keep", "blend", "windows", "raster", "batch_size", "readers", "warmup", "repeats", "engine",
+    "version", "device", "threads", "precision", "backends", "stages", "per_second", "total_per_second",
+    "read_only_s", "inference_only_s", "pipeline_s", "pipeline_efficiency", "peak_memory_mib", "host", "runs",
+    "ceiling", "reader",
 }
 STAGES = ("tissue", "reading", "inference", "waiting", "stitching", "window_pipeline", "total")
 
@@ -31,7 +32,7 @@ def dmmn_onnx(tmp_path_factory):
     import keras
 
     from h2g.export.conversion import signature, to_onnx
-    from h2g.export.metadata import ModelMetadata, embed_onnx
+    from h2g.inference.metadata import ModelMetadata, embed_onnx
     from h2g.models import build
 
     keras.utils.set_random_seed(0)
@@ -63,7 +64,7 @@ def test_benchmark_times_a_multi_view_sliding_window_model(dmmn_onnx, small_slid
 
     with Slide(small_slide) as slide:  # independently: the windows over tissue at 20x, stride 32
         expected = window_grid(slide, magnification=20.0, size=SIZE, stride=STRIDE, tissue=detect_tissue(slide))
-    assert result["windows"] == len(expected) > 0 and result["grid_shape"] == list(expected.grid_shape)
+    assert result["windows"] == result["count"] == len(expected) > 0
     assert all(run["windows"] == len(expected) for run in result["runs"])
 
     assert (result["system"], result["design"], result["target_view"]) == ("dmmn", "dmmn_m3", "x20")
@@ -84,7 +85,7 @@ def test_benchmark_times_a_multi_view_sliding_window_model(dmmn_onnx, small_slid
             assert 0 <= run[name] <= run["total"]
     assert stages["total"]["mean"] >= stages["tissue"]["mean"] + stages["window_pipeline"]["mean"]
 
-    assert result["windows_per_second"]["mean"] == pytest.approx(
+    assert result["per_second"]["mean"] == pytest.approx(
         sum(result["windows"] / r["window_pipeline"] for r in result["runs"]) / 2)
     assert result["read_only_s"] > 0 and result["inference_only_s"] > 0
     assert result["pipeline_s"] == pytest.approx(stages["window_pipeline"]["mean"])
@@ -102,7 +103,7 @@ def test_benchmark_times_a_multi_view_sliding_window_model(dmmn_onnx, small_slid
 def test_sliding_window_options_are_refused_for_h2g_and_peer_for_windows(dmmn_onnx, small_slide, tmp_path):
     peer = run_script("benchmark.py", "--slide", small_slide, "--model", dmmn_onnx, "--engine", "onnxruntime",
                       "--repeats", 1, "--peer", "fast", tmp_path=tmp_path)
-    assert peer.returncode == 2 and "--peer fast times H2G-Net's models" in peer.stderr
+    assert peer.returncode == 2 and "--peer fast times H2G-Net's patch classifier" in peer.stderr
     assert "Traceback" not in peer.stderr
     both = run_script("benchmark.py", "--slide", small_slide, "--model", dmmn_onnx, "--patch-model", dmmn_onnx,
                       "--refine-model", dmmn_onnx, "--repeats", 1, tmp_path=tmp_path)

@@ -18,7 +18,7 @@ import tifffile
 
 from h2g.core.cli import run_cli
 from h2g.core.errors import ConfigError, ManifestError
-from h2g.data import cohort, lesions
+from h2g.data import cohort, embedded, lesions
 from h2g.io.classes import IGNORE, sidecar_path
 from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 from h2g.io.pyramid import write_pyramid_tiles
@@ -236,7 +236,7 @@ def test_ensure_cohort_regenerates_missing_files_identically(tiny, tmp_path):
     (copy / spec.slide_path).unlink()
     kept = copy / cohort.cohort_specs("tiny")[0].slide_path
     before = kept.stat().st_mtime_ns
-    assert cohort.ensure_cohort(copy / "data_manifest.csv", seed=0) == copy / "data_manifest.csv"
+    assert embedded.ensure_cohort(copy / "data_manifest.csv", seed=0) == copy / "data_manifest.csv"
     assert filecmp.cmp(copy / spec.slide_path, tiny / spec.slide_path, shallow=False)
     assert kept.stat().st_mtime_ns == before  # complete slides are left alone
     assert not list(copy.rglob("*.tmp")) and not list(copy.rglob(".pyramid-*"))
@@ -245,7 +245,7 @@ def test_ensure_cohort_regenerates_missing_files_identically(tiny, tmp_path):
 def test_ensure_cohort_leaves_a_complete_cohort_alone(tiny):
     manifest = tiny / "data_manifest.csv"
     stamps = {p: p.stat().st_mtime_ns for p in tiny.rglob("*.tiff")}
-    assert cohort.ensure_cohort(manifest) == manifest
+    assert embedded.ensure_cohort(manifest) == manifest
     assert {p: p.stat().st_mtime_ns for p in tiny.rglob("*.tiff")} == stamps
 
 
@@ -254,7 +254,7 @@ def test_ensure_cohort_does_not_generate_for_other_manifests(tmp_path):
     manifest.write_text("slide_id,slide_path,annotation_path,grade,split\n"
                         "x,slides/x.svs,,1,train\n")
     with pytest.raises(ManifestError, match="x.svs"):
-        cohort.ensure_cohort(manifest)
+        embedded.ensure_cohort(manifest)
     assert not (tmp_path / "cohort").exists()
 
 
@@ -564,7 +564,7 @@ def test_ensure_cohort_completes_a_multiclass_cohort_without_touching_slides(tin
     manifest = copy / "data_manifest_multiclass.csv"
     sidecar_path(manifest).unlink()
     stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*.tiff")}
-    assert cohort.ensure_cohort(manifest, seed=0) == manifest
+    assert embedded.ensure_cohort(manifest, seed=0) == manifest
     for name in (train.partial_path, test.labels_path):
         assert filecmp.cmp(copy / name, tiny / name, shallow=False), name
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # only the missing files written

@@ -18,21 +18,14 @@ import pytest
 from conftest import REPO
 from PIL import Image
 from synthetic import make_slide
-from test_export import REFINE_SIZE, checker_path, deploy_models  # noqa: F401  (fixtures)
-from test_inference import CELL, PATCH
+from helpers import CELL, PATCH, REFINE_SIZE, Recorder, load_cli
 
 from h2g.core.cli import run_cli
-from h2g.export.cohort import mask_area_mm2, raster_tumour_mm2
 from h2g.inference.raster import Raster
+from h2g.inference.segmenter import raster_tumour_mm2
+from h2g.systems.h2g.segmenter import mask_area_mm2
 
 MPP = 0.25  # the synthetic slides' microns per pixel
-
-
-def load_cli(name: str):
-    spec = importlib.util.spec_from_file_location(f"cli_{name}", REPO / "export" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +147,9 @@ def test_a_second_run_skips_every_finished_slide_without_rewriting_it(ray_run, c
 
     # Other settings into the same folder: refused (exit 2, one line), nothing touched.
     code = run_cli(load_cli("segment_cohort").main,
-                   cohort_argv(cohort, deploy_models, out, "--magnification", "5"))
+                   cohort_argv(cohort, deploy_models, out, "--magnification", "5", "--force"))
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "magnification" in err and "cohort.json" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "cohort.json" in err and "other" in err
     assert output_files(out) == before
 
 
@@ -197,39 +190,41 @@ def test_process_pool_without_ray_gives_the_same_outputs(cohort, deploy_models, 
 
 def test_a_failing_slide_leaves_no_folder_that_looks_done(cohort, deploy_models, tmp_path, monkeypatch):  # noqa: F811
     import h2g.io.overlay
-    from h2g.export.cohort import run_task, task_options
+    from h2g.export.cohort import run_task
+    from h2g.export.deploy import Deployment
+    from h2g.inference.segmenter import EngineOptions
 
     def broken(path, *args, **kw):
         Path(path).write_bytes(b"half a TIFF")
         raise OSError("disk full")
 
     monkeypatch.setattr(h2g.io.overlay, "write_pyramid", broken)
-    options = task_options(None, patch_model=str(deploy_models["patch"][1]), refine_model=str(deploy_models["refine"][1]),
-                           engine="onnxruntime", patch_size=PATCH, size=REFINE_SIZE, threads=1)
+    plan = Deployment({"patch_classifier": deploy_models["patch"][1], "refinement": deploy_models["refine"][1]},
+                      EngineOptions(engine="onnxruntime", threads=1), settings={"patch_size": PATCH, "size": REFINE_SIZE})
     row = run_task({"slide_id": "block", "path": str(cohort.parent / "block.tiff"), "mpp": None,
-                    "out_dir": str(tmp_path / "block"), "models": [], "options": options})
+                    "out_dir": str(tmp_path / "block"), "plan": plan})
     assert row["status"] == "failed" and row["error"] == "OSError: disk full"
     assert list(tmp_path.iterdir()) == []  # no slide folder, no temporary one
 
 
 def test_a_multi_class_model_runs_by_sliding_window_with_its_tumour_area(tmp_path, monkeypatch):
-    """segment_one follows the plan's kind: a segmentation model with views (here a
+    """segment_one runs the plan's segmenter: a segmentation model with views (here a
     recorder predicting class 0, named "Tumour", everywhere) runs by sliding window; its
     tumour area is the tissue the windows covered."""
-    from test_sliding import Recorder
-
-    import h2g.export.deploy
     from h2g.data.views import View
-    from h2g.export.cohort import segment_one, task_options
-    from h2g.export.metadata import ModelMetadata
+    from h2g.export import cohort
+    from h2g.export.deploy import Deployment
+    from h2g.inference.metadata import ModelMetadata
+    from h2g.inference.segmenter import SlidingSegmenter
 
     slide = make_slide(tmp_path / "s.tiff", size=(2560, 1536), tissue=(512, 256, 1024, 512), compression=None)
     meta = ModelMetadata(role="segmentation", views=(View("image", 10, 64),), output="pixel_probs",
                          classes=({"name": "Tumour", "colour": (200, 0, 0)}, {"name": "stroma", "colour": (0, 150, 0)}))
-    plan = h2g.export.deploy.Plan("sliding", (Recorder(["image"], 64),), meta)
-    monkeypatch.setattr(h2g.export.deploy, "deployment_plan", lambda args, models: plan)
-    row = segment_one(slide, tmp_path / "out" / "s", ["model.onnx"], task_options(None))
-    assert row["kind"] == "sliding" and row["patches"] == 8  # the 2 x 4 windows over the tissue block
+    segmenter = SlidingSegmenter({"segmentation": Recorder(["image"], 64)}, metadata={"segmentation": meta})
+    monkeypatch.setattr(cohort, "worker_segmenter", lambda plan: segmenter)
+    row = cohort.segment_one(slide, tmp_path / "out" / "s", Deployment(("model.onnx",)))
+    assert row["patches"] == 8  # the 2 x 4 windows over the tissue block
+    assert row["mpp"] == MPP and row["mpp_source"] == "metadata"
     # The block's 1024 x 512 level-0 px at 0.25 um/px: 32768 um^2.
     assert row["tumour_mm2"] == pytest.approx(1024 * 512 * MPP**2 / 1e6)
     summary = json.loads((tmp_path / "out" / "s" / "summary.json").read_text())
@@ -248,3 +243,38 @@ def test_tumour_area_of_masks_and_multi_class_rasters():
     raster = Raster(probs, 16, (80, 48), covered)  # a pixel: (16 x 0.25 um)^2 = 16 um^2
     assert raster_tumour_mm2(raster, ["stroma", "benign", "Invasive_Tumor"], 0.25) == pytest.approx(16 / 1e6)
     assert raster_tumour_mm2(raster, ["stroma", "benign", "fat"], 0.25) is None
+
+
+def test_mpp_is_a_fallback_and_force_mpp_an_override(deploy_models, tmp_path, capsys):  # noqa: F811
+    """--mpp scales only a slide whose file states no scale: a 0.25 um/px slide beside one
+    without a scale keeps its own patches and tumour area; --force-mpp rescales both.
+    cohort.csv records which mpp each slide was read at, and where it came from."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    scaled = make_slide(folder / "scaled.tiff", size=(4 * CELL, 3 * CELL), tissue=(CELL, CELL, 2 * CELL, CELL),
+                        compression=None, downsamples=(1, 4))
+    make_slide(folder / "bare.tiff", size=(4 * CELL, 3 * CELL), tissue=(CELL, CELL, 2 * CELL, CELL), mpp=None,
+               compression=None, downsamples=(1, 4))
+    patch_onnx, refine_onnx = deploy_models["patch"][1], deploy_models["refine"][1]
+
+    def run(out, *extra):
+        argv = [str(folder), "--patch-model", str(patch_onnx), "--refine-model", str(refine_onnx), "--engine",
+                "onnxruntime", "--patch-size", str(PATCH), "--size", str(REFINE_SIZE), "--out", str(out),
+                "--executor", "process", "--workers", "1", "--quiet", *extra]
+        code = run_cli(load_cli("segment_cohort").main, argv)
+        capsys.readouterr()
+        return code, read_table(out)
+
+    code, alone = run(tmp_path / "alone")  # no --mpp: the bare slide cannot be scaled
+    assert code == 1 and alone["scaled"]["status"] == "done" and alone["bare"]["status"] == "failed"
+    assert "mpp" in alone["bare"]["error"]
+    code, fallback = run(tmp_path / "fallback", "--mpp", "0.5")
+    assert code == 0
+    assert (fallback["scaled"]["mpp"], fallback["scaled"]["mpp_source"]) == ("0.25", "metadata")
+    assert (fallback["bare"]["mpp"], fallback["bare"]["mpp_source"]) == ("0.5", "fallback")
+    for column in ("patches", "tumour_mm2"):  # the scaled slide is untouched by the fallback
+        assert fallback["scaled"][column] == alone["scaled"][column]
+    code, forced = run(tmp_path / "forced", "--force-mpp", "0.5")
+    assert code == 0 and all(forced[s]["mpp"] == "0.5" and forced[s]["mpp_source"] == "override" for s in forced)
+    # at 0.5 um/px a 10x patch spans half the level-0 pixels: four times the patches
+    assert int(forced["scaled"]["patches"]) == 4 * int(alone["scaled"]["patches"])

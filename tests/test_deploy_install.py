@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 from synthetic import make_slide
-from test_inference import CELL, PATCH, colour_model, threshold_refiner
+from helpers import CELL, PATCH, colour_model, threshold_refiner
 
 from h2g.export.conversion import signature, to_onnx, to_openvino
 

@@ -225,7 +225,7 @@ def test_onnx_parity(name, tmp_path):
 
     from h2g.data.views import View
     from h2g.export.conversion import TOLERANCE, signature, to_onnx
-    from h2g.export.metadata import ModelMetadata
+    from h2g.inference.metadata import ModelMetadata
 
     model = tiny(name)
     feed = feed_for(name, batch=2, seed=5)

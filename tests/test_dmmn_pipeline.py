@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import tifffile
 from conftest import tiny_config
+from helpers import run_script
 
 from h2g.systems.registry import resolve, run
 
@@ -99,7 +100,6 @@ def test_trained_m3_exports_and_deploys_without_tensorflow_like_the_pipeline(dmm
     export/segment_slide.py (TensorFlow blocked) segments a test slide from the model's
     metadata alone into the label map the training pipeline's own (Keras) inference gives."""
     from PIL import Image
-    from test_export import run_script
 
     from h2g.export.conversion import convert_model
     from h2g.io.slide import Slide
@@ -120,7 +120,8 @@ def test_trained_m3_exports_and_deploys_without_tensorflow_like_the_pipeline(dmm
                       "--engine", "onnxruntime", "--quiet", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
     deployed = np.asarray(Image.open(tmp_path / "seg" / "labels.png")).astype(np.int64) - 1  # -1: not segmented
-    reference = pipe.segment(get_design("dmmn_m3"), model, record).label_map(fill=-1)
+    with Slide(record.slide_path) as slide:
+        reference = pipe.segmenter(get_design("dmmn_m3"), model).segment(slide).raster.label_map(fill=-1)
     assert deployed.shape == reference.shape
     assert np.mean(deployed == reference) > 0.99
 

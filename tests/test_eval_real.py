@@ -138,7 +138,7 @@ def test_scoring_with_stub_predictors(real_data, tmp_path, region_id):
 
 def _fake_run(folder, design="mob_pw_unet", models=True):
     (folder / "models").mkdir(parents=True)
-    from h2g.core.config import load_config
+    from h2g.systems.registry import load_config
 
     (folder / "config.json").write_text(json.dumps({"design": design, **load_config("smoke").to_dict()}))
     (folder / "metrics.json").write_text("{}")

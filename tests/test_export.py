@@ -18,7 +18,7 @@ import pytest
 from conftest import REAL_DATA, REPO
 from PIL import Image
 from synthetic import make_slide
-from test_inference import CELL, PATCH, colour_model, threshold_refiner
+from helpers import PATCH, REFINE_SIZE, Recorder, colour_model, context_metadata, context_segmenter, expected_labels, make_block_slide, run_script, threshold_refiner
 
 from h2g.core.cli import run_cli
 from h2g.core.errors import ExportError
@@ -44,23 +44,6 @@ TINY = {
     "dagunet": dict(input_size=256, width=1 / 16),
     "doubleunet": dict(input_size=256, width=1 / 16, aspp_filters=4),
 }
-REFINE_SIZE = 64
-
-
-def run_script(script: str, *args, block_tensorflow: bool = True, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Run ``export/<script>`` in a fresh interpreter; with ``block_tensorflow`` an import
-    of tensorflow or keras fails there, as in a deployment venv without them."""
-    env = dict(os.environ)
-    if block_tensorflow:
-        blocker = tmp_path / "no_tensorflow"
-        blocker.mkdir(exist_ok=True)
-        for name in ("tensorflow", "keras", "tf2onnx"):
-            (blocker / f"{name}.py").write_text(f"raise ImportError('{name} is not installed here')\n")
-        env["PYTHONPATH"] = os.pathsep.join([str(blocker), str(REPO)])
-    return subprocess.run([sys.executable, str(REPO / "export" / script), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
-
-
 def keras_args(model, feed: dict):
     """``feed`` in the structure ``model`` is called with."""
     if isinstance(model.input, dict):
@@ -104,25 +87,6 @@ def parity_slide(tmp_path_factory):
                                                   size=(4096, 3072), pattern="noise")
     with Slide(path) as slide:
         yield slide
-
-
-@pytest.fixture(scope="module")
-def checker_path(tmp_path_factory) -> Path:
-    """A 40x checker slide of 4.5 x 3.25 patches (as in test_inference), pixel-exact."""
-    path = tmp_path_factory.mktemp("slides") / "checker.tiff"
-    return make_slide(path, size=(4 * CELL + CELL // 2, 3 * CELL + CELL // 4), pattern="checker",
-                      cell=CELL, compression=None, downsamples=(1, 4))
-
-
-@pytest.fixture(scope="module")
-def deploy_models(tmp_path_factory):
-    """The colour classifier and the threshold refiner as ONNX and OpenVINO IR."""
-    folder = tmp_path_factory.mktemp("deploy_models")
-    files = {}
-    for name, model in (("patch", colour_model()), ("refine", threshold_refiner(REFINE_SIZE))):
-        onnx_path = to_onnx(model, signature(model, name), folder / f"{name}.onnx")
-        files[name] = (model, onnx_path, to_openvino(onnx_path, folder / f"{name}.xml"))
-    return files
 
 
 # ---------------------------------------------------------------------------- conversion
@@ -272,7 +236,7 @@ def test_segment_slide_runs_without_tensorflow_and_matches_keras(engine, checker
     np.testing.assert_allclose(np.load(out / "heatmap.npy"), expected.probs, atol=1e-4)
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["patch_backend"]["engine"] == engine and summary["patches"] == expected.n_patches
+    assert summary["backends"]["patch_classifier"]["engine"] == engine and summary["patches"] == expected.n_patches
     mask = np.asarray(Image.open(out / "segmentation.png")) > 127
     assert mask.shape == (REFINE_SIZE, REFINE_SIZE)
     np.testing.assert_array_equal(mask, heat[..., 0] > 0.5)  # the threshold refiner's segmentation
@@ -298,7 +262,7 @@ def test_refiner_metadata_carries_the_heatmap_stride_to_deployment(checker_path,
     then cuts the heatmap at that stride unless --heatmap-stride overrides it (a warning)."""
     import shutil
 
-    from h2g.export.metadata import embed_onnx, h2g_refinement_metadata
+    from h2g.inference.metadata import embed_onnx, h2g_refinement_metadata
 
     patch_model, patch_onnx, _ = deploy_models["patch"]
     refine_onnx = tmp_path / "refine_stride.onnx"
@@ -319,7 +283,7 @@ def test_refiner_metadata_carries_the_heatmap_stride_to_deployment(checker_path,
     done = run_script("segment_slide.py", checker_path, *common, "--heatmap-stride", PATCH, "--out", tmp_path / "b",
                       tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "--heatmap-stride 32 overrides the model's 16" in done.stderr
+    assert "heatmap stride 32 overrides the 16 the refinement network was trained on" in done.stderr
     np.testing.assert_allclose(np.load(tmp_path / "b" / "heatmap.npy"), coarse.probs, atol=1e-4)
     # the benchmark times the pipeline as deployed: the refiner's stride, every one of its patches
     bench = tmp_path / "bench.json"
@@ -339,18 +303,18 @@ def test_segment_slide_reports_bad_input_in_one_line(checker_path, deploy_models
     swapped = run_script("segment_slide.py", checker_path, "--patch-model", patch_onnx, "--refine-model",
                          patch_onnx, "--engine", "onnxruntime", "--out", tmp_path / "o", "--patch-size", PATCH,
                          "--size", PATCH, "--quiet", tmp_path=tmp_path)  # a classifier as the refinement net
-    assert swapped.returncode == 2 and "output of shape (1, 2) is not (1, S, S, classes)" in swapped.stderr
+    assert swapped.returncode == 2 and "an image-only network (UNet-LR) takes no patch classifier" in swapped.stderr
     assert len(swapped.stderr.strip().splitlines()) == 1
     wrong_size = run_script("segment_slide.py", checker_path, "--patch-model", patch_onnx, "--refine-model",
                             deploy_models["refine"][1], "--engine", "onnxruntime", "--out", tmp_path / "o",
                             "--patch-size", PATCH, "--size", 2 * REFINE_SIZE, "--quiet", tmp_path=tmp_path)
-    assert wrong_size.returncode == 2 and "inference failed" in wrong_size.stderr
+    assert wrong_size.returncode == 2 and "refinement size 128 differs from the 64" in wrong_size.stderr
     assert len(wrong_size.stderr.strip().splitlines()) == 1
     window_options = run_script("segment_slide.py", checker_path, "--patch-model", patch_onnx, "--refine-model",
                                 deploy_models["refine"][1], "--engine", "onnxruntime", "--out", tmp_path / "o",
                                 "--stride", 64, "--quiet", tmp_path=tmp_path)
     assert window_options.returncode == 2
-    assert window_options.stderr.strip().endswith("--stride and --keep apply to sliding-window models, not H2G-Net")
+    assert window_options.stderr.strip().endswith("--stride does not apply to H2G-Net")
     xml_with_ort = run_script("segment_slide.py", checker_path, "--patch-model", patch_xml, "--refine-model",
                               patch_xml, "--engine", "onnxruntime", "--out", tmp_path / "o", tmp_path=tmp_path)
     assert xml_with_ort.returncode == 2 and "expected a .onnx model file" in xml_with_ort.stderr
@@ -394,11 +358,11 @@ def test_geojson_outlines_regions_holes_and_single_pixels():
 
 # ---------------------------------------------------------------------------- benchmark
 BENCH_FIELDS = {
-    "slide", "dimensions", "patches", "grid_shape", "magnification", "patch_size", "batch_size", "readers",
-    "refinement_size", "warmup", "repeats", "engine", "version", "device", "threads", "precision",
-    "patch_backend", "refine_backend", "stages", "patches_per_second", "read_only_s", "inference_only_s",
-    "pipeline_s", "pipeline_efficiency", "refinement_share", "peak_memory_mib", "host", "runs", "peer",
-    "patch_wise_patches_per_second", "ceiling", "reader", "heatmap_stride",
+    "slide", "dimensions", "system", "design", "segmenter", "unit", "count", "patches", "grid_shape",
+    "magnification", "patch_size", "batch_size", "readers", "refinement_size", "warmup", "repeats", "engine",
+    "version", "device", "threads", "precision", "backends", "stages", "per_second", "total_per_second",
+    "read_only_s", "inference_only_s", "pipeline_s", "pipeline_efficiency", "refinement_share",
+    "peak_memory_mib", "host", "runs", "peer", "patch_wise_per_second", "ceiling", "reader", "heatmap_stride",
 }
 
 
@@ -433,12 +397,12 @@ def test_benchmark_writes_every_field(checker_path, deploy_models, tmp_path):
         assert "peer FAST skipped" in done.stderr
     elif "skipped" not in result["peer"]:  # FAST ran: its own patch count and timings
         peer = result["peer"]
-        assert peer["patches"] > 0 and len(peer["runs"]) == 1 and peer["patches_per_second"]["mean"] > 0
+        assert peer["patches"] > 0 and len(peer["runs"]) == 1 and peer["per_second"]["mean"] > 0
         assert "ours is" in out_md.read_text()
-    pw = result["patch_wise_patches_per_second"]["mean"]
+    pw = result["patch_wise_per_second"]["mean"]
     assert pw == pytest.approx(result["patches"] / result["runs"][0]["patch_wise"])
     table = out_md.read_text()
-    assert "| Engine | Device | Precision | Threads | Patch-wise | Refinement | Total |" in table
+    assert "| Engine | Device | Precision | Threads | Patches | Patches/s | Patch-wise | Refinement | Total |" in table
     assert "pipeline efficiency" in table and "±" in table and "of the ceiling" in table
 
 
@@ -561,10 +525,8 @@ def test_multi_view_model_exports_with_parity_and_deploys_from_its_metadata(tmp_
     """A 3-class two-view segmentation model: ONNX / OpenVINO parity on real views, its
     metadata in both files, and segment_slide.py run with the model and the slide only."""
     import keras
-    from test_metadata import context_metadata
-    from test_sliding import context_segmenter, expected_labels, make_block_slide
 
-    from h2g.export.metadata import write_sidecar
+    from h2g.inference.metadata import write_sidecar
 
     keras.utils.set_random_seed(0)
     slide_path = make_block_slide(tmp_path / "blocks.tiff")
@@ -601,10 +563,16 @@ def test_multi_view_model_exports_with_parity_and_deploys_from_its_metadata(tmp_
         assert names == {"Red", "Green", "Blue"}
         with Slide(out / "labels.tiff") as labels:  # overlays the slide: same physical size
             assert labels.dimensions == (768, 384) and labels.mpp == pytest.approx(1.0)
+    # a magnification the model was not trained at: refused in one line, run only with --force
+    refused = run_script("segment_slide.py", entry["onnx"], "--slide", slide_path, "--out", tmp_path / "o5",
+                         "--engine", "onnxruntime", "--magnification", 5, "--quiet", tmp_path=tmp_path)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "magnification 5 differs from the 10 the model was trained at" in refused.stderr
+    assert "--force" in refused.stderr and not (tmp_path / "o5").exists()
     overridden = run_script("segment_slide.py", entry["onnx"], "--slide", slide_path, "--out", tmp_path / "o5",
-                            "--engine", "onnxruntime", "--magnification", 5, "--quiet", tmp_path=tmp_path)
+                            "--engine", "onnxruntime", "--magnification", 5, "--force", "--quiet", tmp_path=tmp_path)
     assert overridden.returncode == 0, overridden.stderr
-    assert "--magnification 5 overrides the model's 10" in overridden.stderr
+    assert "magnification 5 overrides the model's 10" in overridden.stderr
     assert json.loads((tmp_path / "o5" / "summary.json").read_text())["raster"]["downsample"] == 8.0
 
 
@@ -647,34 +615,41 @@ class _Fake:
         return out
 
 
+def h2g_segmenter(patch, refiner, **options):
+    from h2g.systems.h2g.segmenter import H2GOptions, H2GSegmenter
+
+    return H2GSegmenter({"patch_classifier": patch, "refinement": refiner}, H2GOptions(**options))
+
+
 def test_deployment_thresholds_like_evaluation(checker_path):
     from h2g.evaluation.metrics import binarise
-    from h2g.export.deploy import segment
 
     with Slide(checker_path) as slide:
         for value in (0.5, np.nextafter(np.float32(0.5), np.float32(1))):
-            seg = segment(slide, _Fake(["image"], 0.9), _Fake(["image", "heatmap"], value), size=16,
-                          patch_size=PATCH, progress=False)
+            seg = h2g_segmenter(_Fake(["image"], 0.9), _Fake(["image", "heatmap"], value), size=16,
+                                patch_size=PATCH).segment(slide)
             assert (seg.prob == np.float32(value)).all()
             np.testing.assert_array_equal(seg.mask, binarise(seg.prob))
             assert seg.mask.all() == (value > 0.5) and not seg.no_tissue  # a tie at 0.5 is non-tumour
 
 
 def test_a_slide_without_tissue_warns_and_says_so(tmp_path, caplog):
-    from test_sliding import Recorder
 
     from h2g.data.views import View
-    from h2g.export.deploy import segment, segment_windows, write_outputs, write_raster_outputs
-    from h2g.export.metadata import ModelMetadata
+    from h2g.inference.metadata import ModelMetadata
+    from h2g.inference.segmenter import SlidingSegmenter
 
     glass = make_slide(tmp_path / "glass.tiff", size=(1024, 768), tissue=(0, 0, 0, 0), compression=None)
     with Slide(glass) as slide, caplog.at_level("WARNING"):
-        seg = segment(slide, _Fake(["image"], 0.9), _Fake(["image", "heatmap"], 0.9, broken=True), size=16,
-                      patch_size=PATCH, progress=False)  # refinement would fail the test if run
-        paths = write_outputs(seg, slide, tmp_path / "h2g")
+        h2g = h2g_segmenter(_Fake(["image"], 0.9), _Fake(["image", "heatmap"], 0.9, broken=True), size=16,
+                            patch_size=PATCH)  # refinement would fail the test if run
+        seg = h2g.segment(slide)
+        paths = h2g.write(seg, slide, tmp_path / "h2g")
         meta = ModelMetadata(role="segmentation", views=(View("image", 10, 32),), output="pixel_probs")
-        windows = segment_windows(slide, Recorder(["image"], 32, classes=3), meta, progress=False)
-        raster_paths = write_raster_outputs(windows, slide, tmp_path / "sliding")
+        sliding = SlidingSegmenter({"segmentation": Recorder(["image"], 32, classes=3)},
+                                   metadata={"segmentation": meta})
+        windows = sliding.segment(slide)
+        raster_paths = sliding.write(windows, slide, tmp_path / "sliding")
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 2 and all(str(glass) in w and "no tissue" in w for w in warnings)
     assert seg.no_tissue and not seg.mask.any()
@@ -690,11 +665,11 @@ def test_a_slide_without_tissue_warns_and_says_so(tmp_path, caplog):
 
 def test_a_failing_writer_leaves_no_partial_output(checker_path, monkeypatch, tmp_path):
     import h2g.io.overlay
-    from h2g.export.deploy import segment, write_outputs
 
     with Slide(checker_path) as slide:
-        seg = segment(slide, _Fake(["image"], 0.9), _Fake(["image", "heatmap"], 0.9), size=16,
-                      patch_size=PATCH, progress=False)
+        segmenter = h2g_segmenter(_Fake(["image"], 0.9), _Fake(["image", "heatmap"], 0.9), size=16, patch_size=PATCH)
+        seg = segmenter.segment(slide)
+        write_outputs = segmenter.write
         out = tmp_path / "out"
         before = write_outputs(seg, slide, out)["heatmap_tiff"].read_bytes()
 

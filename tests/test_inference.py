@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from synthetic import cell_colour, make_slide
+from helpers import CELL, PATCH, colour_model, colour_probability, threshold_refiner
 
 from h2g.core.errors import ConfigError, ExportError
 from h2g.inference.backends import (
@@ -22,45 +23,6 @@ from h2g.inference.heatmap import Heatmap, PatchReader, slide_heatmap
 from h2g.inference.lowres import heatmap_raster, lowres_level, refine, refinement_inputs
 from h2g.io.slide import Slide
 from h2g.tiling.tissue import TissueMask, detect_tissue
-
-PATCH = 32  # patch size at 10x in these tests: 128 level-0 px on a 40x (0.25 um/px) slide
-CELL = 4 * PATCH  # checker cell = one patch
-W_RGB = (4.0, -2.0, 0.0)  # tumour logit = 4 R - 2 G - 1 (R, G, B mean colour in [0, 1])
-BIAS = -1.0
-
-
-def colour_probability(rgb01) -> np.ndarray:
-    """The colour model's tumour probability for mean colours ``rgb01`` (..., 3)."""
-    logit = np.asarray(rgb01, np.float64) @ np.array(W_RGB) + BIAS
-    return 1.0 / (1.0 + np.exp(-logit))
-
-
-def colour_model(size: int = PATCH):
-    """Keras classifier: mean colour -> softmax([0, 4 R - 2 G - 1])."""
-    import keras
-
-    image = keras.Input((size, size, 3), name="image")
-    mean = keras.layers.GlobalAveragePooling2D()(image)
-    dense = keras.layers.Dense(2, activation="softmax", name="classification")
-    out = dense(mean)
-    dense.set_weights([np.array([[0, W_RGB[0]], [0, W_RGB[1]], [0, W_RGB[2]]], np.float32),
-                       np.array([0, BIAS], np.float32)])
-    return keras.Model(image, out, name="colour_model")
-
-
-def threshold_refiner(size: int):
-    """Keras refinement net: softmax([0, 20 (heatmap - 0.5)]) -> tumour where heat > 0.5."""
-    import keras
-
-    image = keras.Input((size, size, 3), name="image")
-    heat = keras.Input((size, size, 1), name="heatmap")
-    conv = keras.layers.Conv2D(2, 1, activation="softmax", name="segmentation")
-    out = conv(keras.layers.Concatenate()([image, heat]))
-    kernel = np.zeros((1, 1, 4, 2), np.float32)
-    kernel[0, 0, 3, 1] = 20.0
-    conv.set_weights([kernel, np.array([0.0, -10.0], np.float32)])
-    return keras.Model({"image": image, "heatmap": heat}, out, name="threshold_refiner")
-
 
 @pytest.fixture(scope="module")
 def checker(tmp_path_factory) -> Slide:

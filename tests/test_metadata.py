@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_inference import colour_model, threshold_refiner
-from test_sliding import CONTEXT_VIEWS, context_segmenter
+from helpers import colour_model, context_metadata, context_segmenter, threshold_refiner
 
 from h2g.core.errors import ExportError
 from h2g.data.views import View
-from h2g.export.metadata import (
+from h2g.inference.metadata import (
     KEY,
     ModelMetadata,
     model_metadata,
@@ -18,15 +17,6 @@ from h2g.export.metadata import (
     sidecar_path,
     write_sidecar,
 )
-
-CLASSES = ({"name": "Red", "colour": [255, 0, 0]}, {"name": "Green", "colour": [0, 255, 0]},
-           {"name": "Blue", "colour": [0, 0, 255]})
-
-
-def context_metadata() -> ModelMetadata:
-    return ModelMetadata(system="test", design="context", role="segmentation", views=CONTEXT_VIEWS,
-                         classes=CLASSES, output="pixel_probs", extras={"target": "hi"})
-
 
 def test_json_and_sidecar_round_trip(tmp_path):
     meta = context_metadata()
@@ -55,7 +45,7 @@ def test_metadata_round_trips_through_onnx_and_openvino(tmp_path):
     import keras
 
     from h2g.export.conversion import signature, to_onnx, to_openvino
-    from h2g.export.metadata import embed_onnx
+    from h2g.inference.metadata import embed_onnx
     from h2g.inference.backends import OnnxRuntimeBackend, OpenVINOBackend
 
     keras.utils.set_random_seed(0)

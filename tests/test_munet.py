@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 from conftest import REPO, tiny_config
+from helpers import run_script
 
 IGNORE = 255
 TINY = "w0.25d0.1"
@@ -301,7 +302,6 @@ def test_both_designs_run_through_the_registry(munet_run):
 @pytest.mark.slow
 def test_munet_exports_with_parity_and_deploys_like_the_pipeline(munet_run, multistain_manifest, tmp_path):
     from PIL import Image
-    from test_export import run_script
 
     from h2g.export.conversion import convert_model
     from h2g.io.slide import Slide

@@ -77,8 +77,8 @@ def test_smoke_heatmaps_use_half_patch_stride_and_deployment_is_told(smoke_run, 
 
     import numpy as np
 
-    from h2g.core.config import load_config
-    from h2g.export.metadata import read_sidecar
+    from h2g.systems.registry import load_config
+    from h2g.inference.metadata import read_sidecar
     from h2g.io.manifest import load_manifest
     from h2g.io.slide import open_slide
 
@@ -294,8 +294,9 @@ def test_refinement_beats_otsu_and_uses_the_heatmap(tiny_cohort, tmp_path):
     the heatmap alone scored 0.79 here and this refiner 0.75 (measured at stop 24)."""
     import keras
 
-    from h2g.systems.h2g.pipeline import PREDICTORS, Pipeline
+    from h2g.systems.h2g.pipeline import Pipeline
     from h2g.systems.registry import get_design
+    from h2g.tiling.tissue import otsu_tissue
 
     config = tiny_config().override([
         "classifier.train_batches=20", "classifier.epochs=4", "classifier.learning_rate=1e-3",
@@ -308,7 +309,7 @@ def test_refinement_beats_otsu_and_uses_the_heatmap(tiny_cohort, tmp_path):
     refiner = keras.models.load_model(pipe.refiner_stage(design, heatmaps).dir / "refiner.keras", compile=False)
     scores = {"refined": [], "zeroed": [], "heatmap": [], "otsu": []}
     test = pipe.samples("test", None)
-    otsu = dict(zip([s.slide_id for s in test], PREDICTORS["otsu"](test, None)))
+    otsu = {s.slide_id: otsu_tissue((s.image * 255).round().astype(np.uint8)) for s in test}
     for s in pipe.samples("test", heatmaps):
         assert s.mask.any()
         for name, heat in (("refined", s.heatmap), ("zeroed", np.zeros_like(s.heatmap))):

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_inference import threshold_refiner
+from helpers import run_script, threshold_refiner
 
 from h2g.core.cli import run_cli
 from h2g.core.errors import ConfigError
 from h2g.export import quantize
-from h2g.export.metadata import h2g_patch_metadata, h2g_refinement_metadata, write_sidecar
+from h2g.inference.metadata import h2g_patch_metadata, h2g_refinement_metadata, write_sidecar
 from h2g.inference.backends import OnnxRuntimeBackend, OpenVINOBackend
 from h2g.io.manifest import load_manifest
 from h2g.io.slide import Slide
@@ -88,11 +88,13 @@ def test_calibration_is_repeatable_and_reads_training_slides_only(run_folder, ti
 
     real_open = slide_module.open_slide
     monkeypatch.setattr(slide_module, "open_slide", lambda path, **kw: opened.append(str(path)) or real_open(path, **kw))
+    from h2g.systems.h2g.segmenter import H2GSegmenter
+
     meta = h2g_patch_metadata(PATCH, MAGNIFICATION)
-    first, described = quantize.calibration_feeds(meta, ["image"], data, 40)
-    again, _ = quantize.calibration_feeds(meta, ["image"], data, 40)
-    other, _ = quantize.calibration_feeds(meta, ["image"],
-                                          quantize.RunData(data.manifest_path, 4, train=data.train, test=data.test), 40)
+    image = {"image": [None, PATCH, PATCH, 3]}
+    first, described = H2GSegmenter.calibration_feeds("patch_classifier", meta, image, data.train, 40, data.seed)
+    again, _ = H2GSegmenter.calibration_feeds("patch_classifier", meta, image, data.train, 40, data.seed)
+    other, _ = H2GSegmenter.calibration_feeds("patch_classifier", meta, image, data.train, 40, 4)
     assert set(opened) <= train and len(set(opened)) == len(train)  # every training slide, nothing else
     assert len(first) == 40 and first[0]["image"].shape == (1, PATCH, PATCH, 3) and first[0]["image"].dtype == np.uint8
     assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(first, again))
@@ -104,8 +106,11 @@ def test_calibration_is_repeatable_and_reads_training_slides_only(run_folder, ti
 def test_int8_models_stay_close_to_f32_and_say_so(engine, converted, run_folder):
     entry = next(e for e in converted if e["metadata"]["role"] == "patch_classifier")
     data = quantize.run_data(Path(entry["keras"]), quantize.Int8Options())
+    from h2g.systems.h2g.segmenter import H2GSegmenter
+
     meta = h2g_patch_metadata(PATCH, MAGNIFICATION)
-    feeds, _ = quantize.calibration_feeds(meta, ["image"], data, 60)
+    feeds, _ = H2GSegmenter.calibration_feeds("patch_classifier", meta, {"image": [None, PATCH, PATCH, 3]}, data.train,
+                                              60, data.seed)
     if engine == "openvino":
         path = quantize.quantize_openvino(Path(entry["openvino"]), feeds, meta, data.seed)
         f32, int8 = OpenVINOBackend(entry["openvino"], precision="f32"), OpenVINOBackend(path, precision="f32")
@@ -146,7 +151,7 @@ def test_guard_scores_what_deployment_segments(converted, tiny_cohort):
     report = quantize.quantize_entries(converted, options, progress=False)
     assert len(report) == 1
     result = report[0]
-    assert result["passed"] and result["kind"] == "h2g" and result["slides"] == 2
+    assert result["passed"] and result["segmenter"] == "H2G-Net" and result["slides"] == 2
     folder = Path(result["folder"])
     assert {Path(p).name for p in result["models"]} == {"patch_classifier_int8.xml", "refiner_int8.xml"}
     dices = {"f32": [], "int8": []}
@@ -209,7 +214,6 @@ def test_int8_needs_a_manifest(tmp_path):
 
 
 def test_benchmark_times_the_int8_models_in_the_same_run(converted, tiny_cohort, tmp_path):
-    from test_export import run_script
 
     report = quantize.quantize_entries(converted, quantize.Int8Options(samples=30, engines=("openvino",),
                                                                        tolerance=1.0), progress=False)
@@ -244,8 +248,8 @@ def test_guard_of_a_multi_class_sliding_window_model(tiny_cohort, tmp_path):
     from h2g.data.views import View
     from h2g.evaluation.metrics import raster_labels
     from h2g.export.conversion import convert
-    from h2g.export.deploy import segment_windows
-    from h2g.export.metadata import ModelMetadata
+    from h2g.inference.metadata import ModelMetadata
+    from h2g.inference.segmenter import EngineOptions, SlidingSegmenter
     from h2g.io.annotation import load_annotation
     from h2g.models import build
 
@@ -266,7 +270,7 @@ def test_guard_of_a_multi_class_sliding_window_model(tiny_cohort, tmp_path):
         entries = json.loads(convert([tmp_path / "dsmn_s2"], slide, progress=False).read_text())["models"]
     result, = quantize.quantize_entries(entries, quantize.Int8Options(samples=20, engines=("onnxruntime",),
                                                                       tolerance=1.0), progress=False)
-    assert result["kind"] == "sliding" and result["passed"] and set(result["iou_f32"]) <= set(names)
+    assert result["segmenter"] == SlidingSegmenter.label and result["passed"] and set(result["iou_f32"]) <= set(names)
     assert "windows (x20 128px at 20x)" in result["calibration"]["segmentation"]
 
     counts = {"f32": np.zeros((len(names), len(names))), "int8": np.zeros((len(names), len(names)))}
@@ -274,7 +278,9 @@ def test_guard_of_a_multi_class_sliding_window_model(tiny_cohort, tmp_path):
         with Slide(record.slide_path) as slide:
             annotation = load_annotation(record.annotation_path, slide, classes=manifest.classes)
             for variant, name in (("f32", "segmenter.onnx"), ("int8", "segmenter_int8.onnx")):
-                seg = segment_windows(slide, OnnxRuntimeBackend(folder / name), progress=False)
+                segmenter = SlidingSegmenter.from_files({"segmentation": folder / name},
+                                                        EngineOptions(engine="onnxruntime"))
+                seg = segmenter.segment(slide)
                 pred, truth = raster_labels(seg.raster, annotation, names)
                 keep = truth != 255
                 np.add.at(counts[variant], (truth[keep], pred[keep]), 1)

@@ -134,7 +134,7 @@ def trained_nets():
 def test_tiny_networks_export_with_parity(trained_nets, tiny_cohort, tmp_path):
     from h2g.data.views import View
     from h2g.export.conversion import export_model
-    from h2g.export.metadata import ModelMetadata
+    from h2g.inference.metadata import ModelMetadata
     from h2g.io.manifest import load_manifest
     from h2g.io.slide import Slide
 

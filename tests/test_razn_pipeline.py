@@ -103,10 +103,22 @@ def test_export_served_by_segment_slide_matches_the_keras_pipeline(razn_run, tmp
 
     pipe = Pipeline(manifest, out, razn_config())
     design = DESIGNS["razn"]
-    keras_raster, stats = pipe.segment(design, pipe.backends(design, pipe.model_stage(design)), record)
-    assert summary["zoom"]["zoomed"] == int(stats.zoomed.sum())
-    assert deployed.shape == keras_raster.probs.shape
-    np.testing.assert_allclose(deployed, keras_raster.probs, atol=1e-4)
+    with Slide(record.slide_path) as slide:
+        keras_seg = pipe.segmenter(design, pipe.model_stage(design)).segment(slide)
+    assert summary["zoom"]["zoomed"] == int(keras_seg.zoom.zoomed.sum())
+    assert deployed.shape == keras_seg.raster.probs.shape
+    np.testing.assert_allclose(deployed, keras_seg.raster.probs, atol=1e-4)
+
+    # export/segment_cohort.py runs the same segmenter on each slide (process pool): the
+    # test slides' outputs equal segment_slide.py's
+    done = _run_tf_free("segment_cohort.py", manifest, "--split", "test", "--model", *onnx, "--out",
+                        tmp_path / "cohort", "--engine", "onnxruntime", "--batch-size", 3, "--executor", "process",
+                        "--workers", "1", "--quiet", tmp_path=tmp_path)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "cohort" / record.slide_id / "probabilities.npy"), deployed,
+                               atol=1e-6)
+    rows = (tmp_path / "cohort" / "cohort.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(load_manifest(manifest).split("test")) and all(",done," in r for r in rows[1:])
 
     # export/benchmark.py reports RAZN's stages from the three OpenVINO IRs
     xml = [tmp_path / "exported" / f"{r}.xml" for r in ("policy", "coarse", "fine")]

@@ -52,7 +52,10 @@ def test_mean_sd_and_paired_differences_hand_computed(runs):
 
 
 def test_markdown_table_reports_every_seed_and_the_pair(runs):
-    text = seeds.summary_markdown(seeds.load_runs(runs), [("mob_pw_unet", "unet_lr"), ("mob_pw", "unet_lr")])
+    from h2g.systems.registry import designs
+
+    text = seeds.summary_markdown(seeds.load_runs(runs), [("mob_pw_unet", "unet_lr"), ("mob_pw", "unet_lr")],
+                                  order=list(designs()))
     assert "| Mob-PW-UNet | 0.800 | 0.760 | 0.810 | 0.790 ± 0.026 |" in text
     assert "| Mob-PW-UNet − UNet-LR | +0.100 | +0.020 | +0.090 | +0.070 ± 0.044 | 3 of 3 |" in text
     assert "| Mob-PW − UNet-LR | -0.040 | -0.040 | -0.010 | -0.030 ± 0.017 | 0 of 3 |" in text

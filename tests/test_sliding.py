@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from synthetic import make_slide
+from helpers import COLOURS, CONTEXT_VIEWS, Recorder, SIZE, WINDOW, colour_segmenter, context_segmenter, expected_labels, make_block_slide, softmax
 
 from h2g.core.errors import ConfigError, ExportError
 from h2g.data.views import View
@@ -20,93 +21,11 @@ from h2g.io.pyramid import write_pyramid
 from h2g.io.slide import Slide
 from h2g.tiling.windows import window_grid
 
-BLOCK = 128  # level-0 px per colour block
-COLOURS = np.array([(220, 60, 60), (60, 200, 60), (60, 60, 220)], np.uint8)  # class i = channel i
-BLOCKS = (12, 20)  # colour blocks (rows, cols); then a glass band
-GLASS = 512  # level-0 width of the glass band on the right
-SIZE = (BLOCKS[1] * BLOCK + GLASS, BLOCKS[0] * BLOCK)  # (w, h) = (3072, 1536): not square
-WINDOW = 64  # window / view side at 10x = 256 level-0 px
-
-
-def block_labels(seed: int = 0) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 3, BLOCKS)
-
-
-def make_block_slide(path, seed: int = 0):
-    labels = block_labels(seed)
-    image = np.full((SIZE[1], SIZE[0], 3), 255, np.uint8)
-    image[:, :BLOCKS[1] * BLOCK] = np.repeat(np.repeat(COLOURS[labels], BLOCK, 0), BLOCK, 1)
-    return write_pyramid(path, image, mpp=0.25, downsamples=[1, 4, 16], compression=None)
-
-
-def expected_labels(downsample: float, seed: int = 0) -> np.ndarray:
-    """The class of every raster pixel at ``downsample`` (-1 over glass), from the blocks."""
-    rows, cols = raster_shape(SIZE, downsample)
-    r = (np.arange(rows) * downsample) // BLOCK
-    c = (np.arange(cols) * downsample) // BLOCK
-    out = np.full((rows, cols), -1)
-    inside = c < BLOCKS[1]
-    out[:, inside] = block_labels(seed)[r.astype(int)][:, c[inside].astype(int)]
-    return out
-
-
-def softmax(x: np.ndarray) -> np.ndarray:
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def colour_segmenter(size: int = WINDOW):
-    """Per-pixel softmax(20 * RGB): the class map is the dominant colour channel."""
-    import keras
-
-    image = keras.Input((size, size, 3), name="image")
-    conv = keras.layers.Conv2D(3, 1, activation="softmax", name="classes")
-    out = conv(image)
-    conv.set_weights([20.0 * np.eye(3, dtype=np.float32)[None, None], np.zeros(3, np.float32)])
-    return keras.Model(image, out, name="colour_segmenter")
-
-
-def context_segmenter(size: int = WINDOW):
-    """A 3-class two-input model: ``hi`` (10x) and ``ctx`` (2.5x, 4x the area).  Its class
-    map comes from the part of ``ctx`` that covers ``hi`` (the central quarter, upsampled
-    x4) with weight 20, plus ``hi`` with weight 1: right only if the views are co-centred."""
-    import keras
-
-    hi = keras.Input((size, size, 3), name="hi")
-    ctx = keras.Input((size, size, 3), name="ctx")
-    centre = keras.layers.Cropping2D(3 * size // 8)(ctx)
-    up = keras.layers.UpSampling2D(4)(centre)
-    conv = keras.layers.Conv2D(3, 1, activation="softmax", name="classes")
-    out = conv(keras.layers.Concatenate()([up, hi]))
-    kernel = np.concatenate([20.0 * np.eye(3), 1.0 * np.eye(3)]).astype(np.float32)[None, None]
-    conv.set_weights([kernel, np.zeros(3, np.float32)])
-    return keras.Model({"hi": hi, "ctx": ctx}, out, name="context_segmenter")
-
-
-CONTEXT_VIEWS = (View("hi", 10.0, WINDOW), View("ctx", 2.5, WINDOW))
-
-
 @pytest.fixture(scope="module")
 def block_slide(tmp_path_factory):
     path = make_block_slide(tmp_path_factory.mktemp("blocks") / "blocks.tiff")
     with Slide(path) as slide:
         yield slide
-
-
-class Recorder(_BackendBase):
-    """A backend that records its feeds and predicts class 0 everywhere."""
-
-    name, source = "recorder", "recorder"
-
-    def __init__(self, names, out_size: int, classes: int = 2):
-        self.input_names, self.out_size, self.classes, self.feeds = tuple(names), out_size, classes, []
-
-    def predict(self, inputs):
-        self.feeds.append(inputs)
-        first = inputs if isinstance(inputs, np.ndarray) else next(iter(inputs.values()))
-        out = np.zeros((len(first), self.out_size, self.out_size, self.classes), np.float32)
-        out[..., 0] = 1.0
-        return out
 
 
 # ---------------------------------------------------------------------------- geometry

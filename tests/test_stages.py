@@ -7,7 +7,7 @@ import json
 import pytest
 
 from h2g.core.atomic import replace_atomically, write_json
-from h2g.core.config import load_config
+from h2g.systems.registry import load_config
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
 

@@ -73,8 +73,10 @@ def tiny_models(folder: Path, slide_path: Path) -> list[Path]:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from h2g.core.resources import available_cores
-    from h2g.export.cohort import CohortSlide, cohort_slides, run_cohort, task_options
+    from h2g.export.cohort import CohortSlide, cohort_slides, run_cohort
+    from h2g.export.deploy import Deployment
     from h2g.export.executors import make_executor
+    from h2g.inference.segmenter import EngineOptions
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_cohort_"))
     try:
@@ -87,10 +89,12 @@ def main(argv=None) -> int:
                                                        only_missing=True))
         slides = [CohortSlide(f"{s.slide_id}-{k}", s.path, s.mpp) for k in range(max(1, args.copies)) for s in slides]
         models = list(args.model)
-        if not (models or args.patch_model):
+        if args.patch_model:
+            models = {"patch_classifier": args.patch_model, "refinement": args.refine_model}
+        elif not models:
             models = tiny_models(work / "models", slides[0].path)
-        options = task_options(None, patch_model=args.patch_model, refine_model=args.refine_model,
-                               engine=args.engine, threads=1, readers=1)
+        plan = Deployment(models if isinstance(models, dict) else tuple(models),
+                          EngineOptions(engine=args.engine, threads=1), settings={"readers": 1})
         results, executor_name = {}, None
         for workers in (1, 2):
             out, warm = work / f"out-{workers}", work / f"warm-{workers}"
@@ -98,9 +102,9 @@ def main(argv=None) -> int:
                 shutil.rmtree(folder, ignore_errors=True)
             with make_executor(args.executor, workers=workers, cpus_per_slide=1) as executor:
                 executor_name = executor.name
-                run_cohort(slides[:workers], warm, models, options, executor, progress=False)
+                run_cohort(slides[:workers], warm, plan, executor, progress=False)
                 start = time.perf_counter()
-                rows = run_cohort(slides, out, models, options, executor, progress=False)
+                rows = run_cohort(slides, out, plan, executor, progress=False)
                 seconds = time.perf_counter() - start
             failed = [r["slide_id"] for r in rows if r["status"] != "done"]
             if failed:

@@ -40,7 +40,7 @@ from h2g.core.errors import ConfigError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from h2g.core.config import load_config
+    from h2g.systems.registry import load_config
     from h2g.io.manifest import DEFAULT_MANIFEST
 
     smoke = load_config("smoke")
@@ -68,7 +68,7 @@ def build_model(seed: int):
     import keras
 
     from h2g import models
-    from h2g.core.config import load_config
+    from h2g.systems.registry import load_config
 
     c = load_config("smoke", seed).classifier
     keras.utils.set_random_seed(seed)
@@ -122,10 +122,10 @@ def main(argv=None) -> int:
                           f"{args.steps}, {args.rounds}, {args.batch_size}, {args.readers}, {args.warmup}")
     import tensorflow as tf
 
-    from h2g.core.config import load_config
+    from h2g.systems.registry import load_config
     from h2g.core.resources import available_cores
     from h2g.data.augment import ClassifierAugmentConfig, classifier_augmenter
-    from h2g.data.cohort import ensure_cohort
+    from h2g.data.embedded import ensure_cohort
     from h2g.data.dataset import patch_dataset
     from h2g.data.sampler import HierarchicalSampler, build_sources
     from h2g.io.manifest import load_manifest

@@ -49,9 +49,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from h2g.evaluation import real
+    from h2g.systems.h2g import runs
 
     start = time.perf_counter()
-    run = real.load_run(args.run_dir)  # fast checks first: before TensorFlow starts
+    run = runs.load_run(args.run_dir)  # fast checks first: before TensorFlow starts
     regions = real.bcss_regions(args.real_data)
     out = args.out if args.out is not None else run.folder
     if out.exists() and not out.is_dir():
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     require_training_stack("eval_real.py")
     if not args.verbose:
         preload_tensorflow_quietly()
-    predictor = real.RunPredictor(run)
+    predictor = runs.RunPredictor(run)
 
     def report(result) -> None:
         row = result.row

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from tqdm.auto import tqdm
 
-    from h2g.core.config import load_config
+    from h2g.systems.registry import load_config
     from h2g.core.errors import ConfigError
     from h2g.evaluation.heatmap_ceiling import slide_ceiling
     from h2g.io.manifest import load_manifest

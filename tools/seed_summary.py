@@ -31,14 +31,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from h2g.evaluation.seeds import load_runs, seed_figure, summary_markdown
+    from h2g.systems.registry import designs
 
     runs = load_runs(args.runs)
-    text = summary_markdown(runs, [tuple(p) for p in args.pair])
+    text = summary_markdown(runs, [tuple(p) for p in args.pair], order=list(designs()))
     print(text, end="")
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "seeds.md").write_text(text)
-        seed_figure(args.out / "seeds.png", runs)
+        seed_figure(args.out / "seeds.png", runs, order=list(designs()))
         print(f"wrote {args.out / 'seeds.md'} and {args.out / 'seeds.png'}")
     return 0
 

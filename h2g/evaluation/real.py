@@ -8,19 +8,16 @@ JPEG-compressed RGB, tumour where grey > 127 (:func:`load_truth`).
 Each region is written as a 0.25 um/px pyramidal tiled TIFF (:func:`write_region_slide`:
 level 0 lossless, so it holds exactly the JPEG's decoded pixels; checked when opened) and
 segmented by a *predictor*: a callable ``predictor(slide) -> Prediction`` (or a bare
-probability array).  :class:`RunPredictor` is the real one: a finished run of a
-patch-classifier + refinement design (``mob_pw_unet`` and its siblings), its Keras models
-run through :class:`h2g.inference.backends.KerasBackend` and the geometry and thresholds of
-the run's ``config.json``, composed exactly as the training pipeline does for cohort
-slides (:mod:`h2g.systems.h2g.pipeline`: tissue mask -> patch heatmap -> refinement
-inputs at ``refine.size`` -> refinement -> ``prob > eval.threshold``).
+probability array).  The real one is :class:`h2g.systems.h2g.runs.RunPredictor`: a
+finished run of a patch-classifier + refinement design, through H2G-Net's deployed
+segmenter with the run's settings (what the training pipeline does for cohort slides).
 
 Scoring (:func:`score`): the prediction's grid is whatever the predictor returns (the
 refinement resolution S x S over the region's full extent for a run); the truth is
 area-averaged onto that grid and thresholded at >= 0.5 - the rule of
 :func:`h2g.systems.h2g.refinement.target_mask`, which the run was scored with - and
 Dice, recall and precision follow :func:`h2g.evaluation.metrics.segmentation_metrics`.
-TensorFlow is imported only by :class:`RunPredictor`.
+TensorFlow-free.
 """
 from __future__ import annotations
 
@@ -48,8 +45,6 @@ BCSS_FOLDER = "bcss_roi"
 GREY_THRESHOLD = 127
 TRUTH_RULE = ("truth = mask grey > 127, area-averaged onto the prediction grid, then >= 0.5 "
               "(as h2g.systems.h2g.refinement.target_mask)")
-#: the files a finished run of a patch-classifier + refinement design holds
-RUN_FILES = ("config.json", "metrics.json", "models/patch_classifier.keras", "models/refiner.keras")
 
 
 # --------------------------------------------------------------------------------------
@@ -347,126 +342,3 @@ def format_table(results: list[RegionResult]) -> str:
         tail += f" {s['mean_dice_heatmap']:>12.3f}"
     lines.append(tail)
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------------------
-# A trained run as a predictor
-# --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class RunInfo:
-    """A finished run of a patch-classifier + refinement design, and the settings of its
-    ``config.json`` that inference needs."""
-
-    folder: Path
-    design: str
-    config: dict
-
-    @property
-    def patch_model(self) -> Path:
-        return self.folder / "models" / "patch_classifier.keras"
-
-    @property
-    def refiner(self) -> Path:
-        return self.folder / "models" / "refiner.keras"
-
-    def setting(self, section: str, name: str):
-        try:
-            return self.config[section][name]
-        except (KeyError, TypeError):
-            raise ConfigError(f"{self.folder / 'config.json'}: no {section}.{name}") from None
-
-    @property
-    def threshold(self) -> float:
-        return float(self.setting("eval", "threshold"))
-
-    @property
-    def size(self) -> int:
-        return int(self.setting("refine", "size"))
-
-
-def load_run(run_dir) -> RunInfo:
-    """Check that ``run_dir`` is a finished run (``config.json`` and ``metrics.json``) of a
-    design that refines a patch heatmap (``mob_pw_unet`` and its siblings: kind "refined"
-    with a patch classifier) and holds both its models; :class:`ConfigError` naming the
-    missing file or the wrong design otherwise."""
-    folder = Path(run_dir)
-    if not folder.is_dir():
-        raise ConfigError(f"run folder {folder} not found")
-    for name in RUN_FILES[:2]:
-        if not (folder / name).is_file():
-            what = "the run is not finished" if name == "metrics.json" else "not a run folder"
-            raise ConfigError(f"{folder / name} is missing: {what} (runs are made by experiments/run.py)")
-    try:
-        config = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{folder / 'config.json'}: cannot read it ({exc})") from None
-    name = config.get("design") if isinstance(config, dict) else None
-    from h2g.systems.h2g.designs import DESIGNS
-
-    design = DESIGNS.get(name)
-    if design is None or design.kind != "refined" or not design.needs_heatmaps:
-        refined = ", ".join(d for d, v in DESIGNS.items() if v.kind == "refined" and v.needs_heatmaps)
-        raise ConfigError(f"{folder / 'config.json'}: design {name!r} is not a patch-classifier + refinement "
-                          f"design (one of {refined})")
-    for name in RUN_FILES[2:]:
-        if not (folder / name).is_file():
-            raise ConfigError(f"{folder / name} is missing: the run's model was not saved")
-    run = RunInfo(folder, design.name, config)
-    for section, key in (("patches", "magnification"), ("patches", "patch_size"), ("patches", "tissue_threshold"),
-                         ("patches", "tissue_magnification"), ("patches", "saturation_threshold"),
-                         ("heatmap", "batch_size"), ("heatmap", "readers"), ("refine", "size"),
-                         ("eval", "threshold")):
-        run.setting(section, key)
-    return run
-
-
-class RunPredictor:
-    """A run's patch classifier and refinement network (Keras, through
-    :class:`h2g.inference.backends.KerasBackend`), applied to a slide the way the training
-    pipeline treats cohort slides (:mod:`h2g.systems.h2g.pipeline`, settings from the run's
-    ``config.json``):
-
-    - tissue: :func:`h2g.tiling.tissue.detect_tissue` at ``patches.tissue_magnification``
-      and ``patches.saturation_threshold`` (``Pipeline._tissue``);
-    - heatmap: :func:`h2g.inference.heatmap.slide_heatmap` with ``patches.magnification``,
-      ``patches.patch_size``, ``patches.tissue_threshold``, ``heatmap.batch_size`` /
-      ``readers`` (``Pipeline.heatmap_stage``);
-    - refinement: :func:`h2g.inference.lowres.refinement_inputs` at ``refine.size`` and
-      :func:`h2g.inference.lowres.refine` (``Pipeline.samples`` and the design's predictor).
-
-    This is :func:`h2g.export.deploy.segment`'s chain too; it is composed here because
-    ``segment`` does not take the run's ``tissue_threshold``.  A slide without tissue
-    patches gets an all-zero probability (as ``segment``)."""
-
-    def __init__(self, run: RunInfo):
-        from h2g.inference.backends import KerasBackend
-
-        self.run = run
-        self.patch = KerasBackend(run.patch_model)
-        self.refiner = KerasBackend(run.refiner)
-
-    def __call__(self, slide) -> Prediction:
-        from h2g.inference.heatmap import slide_heatmap
-        from h2g.inference.lowres import refine, refinement_inputs
-        from h2g.tiling.tissue import detect_tissue
-
-        s = self.run.setting
-        timings: dict = {}
-        tissue = detect_tissue(slide, magnification=s("patches", "tissue_magnification"),
-                               saturation_threshold=s("patches", "saturation_threshold"))
-        heatmap = slide_heatmap(slide, self.patch, tissue=tissue, tissue_threshold=s("patches", "tissue_threshold"),
-                                magnification=s("patches", "magnification"),
-                                patch_size=int(s("patches", "patch_size")),
-                                stride=self.run.config.get("heatmap", {}).get("stride"),
-                                batch_size=int(s("heatmap", "batch_size")), readers=int(s("heatmap", "readers")),
-                                progress=False, timings=timings)
-        t0 = time.perf_counter()
-        image, heat = refinement_inputs(slide, heatmap, size=self.run.size)
-        if heatmap.n_patches == 0:
-            prob = np.zeros((self.run.size, self.run.size), np.float32)
-        else:
-            prob = refine(self.refiner, image, heat)
-        timings["refinement"] = time.perf_counter() - t0
-        info = {"grid_shape": list(heatmap.grid_shape), "step": heatmap.step,
-                "tissue": float(tissue.fraction), "timings": timings}
-        return Prediction(prob=prob, image=image, heat=heat[..., 0], patches=heatmap.n_patches, info=info)

@@ -101,12 +101,10 @@ def load_runs(folders: Iterable[Path]) -> list[SeedRun]:
     return sorted(runs, key=lambda r: r.seed)
 
 
-def common_designs(runs: Sequence[SeedRun]) -> list[str]:
-    """The designs every run has, in the registry's order (the papers' tables'); names
-    the registry does not know come last, alphabetically."""
-    from h2g.systems.registry import designs
-
-    order = {name: i for i, name in enumerate(designs())}
+def common_designs(runs: Sequence[SeedRun], order: Sequence[str] = ()) -> list[str]:
+    """The designs every run has, in ``order`` (the tools pass the registry's: the papers'
+    tables'); names not in it come last, alphabetically."""
+    order = {name: i for i, name in enumerate(order)}
     names = [n for n in runs[0].dice if all(n in r.dice for r in runs)]
     return sorted(names, key=lambda n: (order.get(n, len(order)), n))
 
@@ -125,8 +123,8 @@ def paired_difference(runs: Sequence[SeedRun], a: str, b: str) -> OverSeeds:
     return OverSeeds(tuple(x - y for x, y in zip(da.values, db.values)))
 
 
-def summary_markdown(runs: Sequence[SeedRun], pairs: Sequence[tuple[str, str]] = ()) -> str:
-    """The per-design table (Dice per seed, mean +- sd over seeds) and, for each pair
+def summary_markdown(runs: Sequence[SeedRun], pairs: Sequence[tuple[str, str]] = (), order: Sequence[str] = ()) -> str:
+    """The per-design table (Dice per seed, mean +- sd over seeds; designs in ``order``) and, for each pair
     ``(a, b)``, the per-seed differences ``a - b``, their mean +- sd and in how many seeds
     ``a`` is above ``b``."""
     seeds = [r.seed for r in runs]
@@ -135,7 +133,7 @@ def summary_markdown(runs: Sequence[SeedRun], pairs: Sequence[tuple[str, str]] =
     lines = [f"Test-set Dice ({runs[0].preset} preset, {runs[0].n_test_slides} test slides) over "
              f"{len(runs)} seeds; sd: sample standard deviation over seeds.", "", head,
              "|---" * (len(seeds) + 2) + "|"]
-    for name in common_designs(runs):
+    for name in common_designs(runs, order):
         d = design_dice(runs, name)
         lines.append(f"| {labels.get(name, name)} | " + " | ".join(f"{v:.3f}" for v in d.values)
                      + f" | {d.summary} |")
@@ -151,12 +149,12 @@ def summary_markdown(runs: Sequence[SeedRun], pairs: Sequence[tuple[str, str]] =
     return "\n".join(lines) + "\n"
 
 
-def seed_figure(path: str | Path, runs: Sequence[SeedRun]) -> Path:
+def seed_figure(path: str | Path, runs: Sequence[SeedRun], order: Sequence[str] = ()) -> Path:
     """PNG: each design's test Dice per seed (one marker per seed, a line joining one
-    seed's designs) and the mean over seeds (a bar), designs in the registry's order."""
+    seed's designs) and the mean over seeds (a bar), designs in ``order``."""
     from matplotlib.figure import Figure
 
-    names = common_designs(runs)
+    names = common_designs(runs, order)
     labels = runs[0].labels
     x = np.arange(len(names))
     fig = Figure(figsize=(max(4.0, 1.1 * len(names) + 1.5), 3.6), dpi=100)

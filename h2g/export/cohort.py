@@ -2,34 +2,37 @@
 one task per slide (on Ray or a local process pool, see :mod:`h2g.export.executors`).
 
 The per-slide work is :func:`segment_one`, exactly what export/segment_slide.py does for
-one slide (:func:`h2g.export.deploy.deployment_plan`, :func:`~h2g.export.deploy.segment` /
-:func:`~h2g.export.deploy.segment_windows`, :func:`~h2g.export.deploy.write_outputs` /
-:func:`~h2g.export.deploy.write_raster_outputs`).  :func:`run_cohort` drives a cohort:
+one slide: the :class:`~h2g.export.deploy.Deployment`'s segmenter (the system the models'
+metadata names, :func:`h2g.systems.registry.load_segmenter`) segments it and writes its
+outputs.  :func:`run_cohort` drives a cohort:
 
 - Outputs of slide ``ID`` go to ``DIR/ID/``.  They are written into a hidden
   ``DIR/.ID.tmp-<pid>-<random>/`` folder, ``done.json`` last, and the folder is then
   renamed to ``DIR/ID`` in one step, so ``DIR/ID/done.json`` exists exactly when the
   slide's outputs are complete.  A resumed run skips those slides (they keep their files
   untouched); temporary folders an interrupted run left behind are removed.
-- ``DIR/cohort.json`` records the models (file names and SHA-256) and the settings that
-  change outputs; resuming into a folder made with other models or settings is refused
-  rather than mixing two cohorts' outputs.
+- ``DIR/cohort.json`` records the models (file names and SHA-256), the engine and the
+  segmenter's resolved settings; resuming into a folder made with other models or
+  settings is refused rather than mixing two cohorts' outputs.
 - A slide whose task fails (bad file, worker crash, out of memory) is retried once, then
   recorded as ``failed`` with its error; the other slides go on.
 - ``DIR/cohort.csv`` (:data:`COLUMNS`, one row per slide, rewritten atomically after each
   slide) holds: ``status`` (``done``, ``skipped`` = complete from an earlier run, with the
   figures that run recorded, or ``failed``), ``attempts``, ``seconds`` (the slide's wall
   time in its worker: loading the models, segmenting, writing; for a failure, until it),
-  ``patches`` (patches for H2G-Net, windows for sliding-window models),
-  ``tumour_mm2``, ``peak_memory_mb``, ``warning`` and ``error``.
-- ``tumour_mm2``: tumour pixels of the output mask times the area of a mask pixel from the
-  slide's microns per pixel (H2G-Net's mask spans the slide's extent at S x S; a raster
-  pixel is ``(downsample x mpp)^2``).  For multi-class models, the area of the class the
-  metadata names like tumour (the names of :data:`h2g.io.classes.TUMOUR_NAMES`); empty
-  when no class is.
+  ``patches`` (patches for H2G-Net, windows for sliding-window models, regions for
+  RAZN), ``tumour_mm2``, ``mpp`` and ``mpp_source`` (the scale the slide was read at and
+  where it came from: ``metadata``, ``objective power``, ``override`` (a manifest's
+  ``mpp`` or ``--force-mpp``) or ``fallback`` (``--mpp``, for a slide without a scale)),
+  ``peak_memory_mb``, ``warning`` and ``error``.
+- ``tumour_mm2``: the segmenter's tumour area (H2G-Net's mask spans the slide's extent
+  at S x S; a raster pixel is ``(downsample x mpp)^2``; for multi-class models the class
+  the metadata names like tumour, :data:`h2g.io.classes.TUMOUR_NAMES`); empty when no
+  class is.
 - ``peak_memory_mb``: the worker process's peak resident memory during the slide's task
-  (:func:`peak_memory_mb`).  Workers are reused from slide to slide, so each task first
-  resets the process's high-water mark (:func:`reset_peak_memory`, Linux): the figure is
+  (:func:`h2g.core.measure.peak_memory_mb`).  Workers are reused from slide to slide, so
+  each task first resets the process's high-water mark
+  (:func:`h2g.core.measure.reset_peak_memory`, Linux): the figure is
   that slide's peak (model loading, segmentation, writing).  Where the OS does not allow
   the reset it is the worker's peak so far.
 
@@ -41,7 +44,6 @@ summary names these slides next to the failed ones.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
@@ -55,26 +57,18 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from h2g.core.atomic import write_json, write_text
 from h2g.core.errors import ConfigError
+from h2g.core.measure import peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("slide_id", "path", "status", "attempts", "seconds", "patches", "tumour_mm2", "peak_memory_mb",
-           "warning", "error")
+COLUMNS = ("slide_id", "path", "status", "attempts", "seconds", "patches", "tumour_mm2", "mpp", "mpp_source",
+           "peak_memory_mb", "warning", "error")
 DONE_MARKER = "done.json"
 TABLE_NAME = "cohort.csv"
 SETTINGS_NAME = "cohort.json"
-#: Options that change a slide's outputs (recorded in cohort.json with the models' hashes).
-OUTPUT_SETTINGS = ("engine", "device", "precision", "mpp", "reader", "magnification", "patch_size", "heatmap_stride",
-                   "size", "stride", "keep", "blend")
 TMP_MARK = ".tmp-"
-#: The options every slide's task gets (those of add_pipeline_arguments and the sliding window).
-TASK_OPTIONS = ("patch_model", "refine_model", "engine", "device", "precision", "threads", "patch_hint", "mpp",
-                "magnification", "patch_size", "heatmap_stride", "size", "batch_size", "readers", "reader", "stride",
-                "keep", "blend")
 
 
 @dataclass(frozen=True)
@@ -126,54 +120,9 @@ def cohort_slides(source, split: str | None = None) -> list[CohortSlide]:
     return slides
 
 
-def task_options(args=None, **overrides) -> dict:
-    """The options of :data:`TASK_OPTIONS` from parsed command-line ``args`` (default: the
-    defaults of :func:`h2g.export.deploy.add_pipeline_arguments` and
-    :func:`~h2g.export.deploy.add_window_arguments`), with ``overrides``; paths as text, so that a job pickles anywhere."""
-    if args is None:
-        from h2g.export.deploy import add_pipeline_arguments, add_window_arguments
-
-        parser = argparse.ArgumentParser()
-        add_pipeline_arguments(parser, models_required=False)
-        add_window_arguments(parser)
-        args = parser.parse_args([])
-    options = {k: getattr(args, k) for k in TASK_OPTIONS}
-    options.update(overrides)
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in options.items()}
-
-
 # --------------------------------------------------------------------------------------
 # One slide
 # --------------------------------------------------------------------------------------
-def mask_area_mm2(mask: np.ndarray, extent: tuple[int, int], mpp: float) -> float:
-    """Area in mm^2 of the true pixels of ``mask``, a map stretched over a slide of
-    level-0 ``extent`` (w, h) at ``mpp`` microns per pixel."""
-    rows, cols = mask.shape
-    pixel_um2 = (extent[0] * mpp / cols) * (extent[1] * mpp / rows)
-    return float(np.count_nonzero(mask)) * pixel_um2 / 1e6
-
-
-def raster_tumour_mm2(raster, class_names, mpp: float) -> float | None:
-    """Area in mm^2 of the raster pixels whose arg-max is the tumour class (None: no class
-    is named like tumour)."""
-    from h2g.io.classes import tumour_index_of
-
-    index = tumour_index_of(class_names)
-    if index is None:
-        return None
-    pixel_um2 = (raster.downsample * mpp) ** 2
-    return float(np.count_nonzero(raster.class_mask(index))) * pixel_um2 / 1e6
-
-
-def _slide_mpp(slide) -> float | None:
-    from h2g.core.errors import SlideError
-
-    try:
-        return slide.mpp
-    except SlideError:
-        return None
-
-
 def _publish(tmp: Path, target: Path) -> None:
     """Rename the complete folder ``tmp`` to ``target``, replacing an older ``target``."""
     if target.exists():
@@ -192,37 +141,6 @@ def _retarget_summary(summary_path: Path, tmp: Path, final: Path) -> None:
     write_json(summary_path, summary)
 
 
-def reset_peak_memory() -> bool:
-    """Restart this process's peak-memory count: on Linux, writing ``5`` to
-    ``/proc/self/clear_refs`` resets the high-water mark that ``ru_maxrss`` reports to the
-    current resident size.  False where that is not possible (other systems, a locked-down
-    /proc): ``ru_maxrss`` then keeps the process's lifetime peak."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_memory_mb() -> float:
-    """Peak resident memory of this process in MiB since it started or since
-    :func:`reset_peak_memory`: Linux's ``VmHWM`` (``/proc/self/status``), the high-water
-    mark that ``ru_maxrss`` reports without the part inherited through fork + exec (a
-    spawned pool worker's ``ru_maxrss`` starts at its parent's peak); elsewhere
-    ``ru_maxrss`` (:func:`h2g.export.benchmark.peak_memory_mib`)."""
-    from h2g.export.benchmark import peak_memory_mib
-
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return peak_memory_mib()
-
-
 class _Warnings(logging.Handler):
     """Collects the package's warnings while a slide is segmented (they go into its row)."""
 
@@ -239,24 +157,26 @@ def _warnings(seg, messages: list[str]) -> str:
     return "; ".join(found + [m for m in messages if "no tissue found" not in m])
 
 
-def segment_one(slide_path, out_dir, models, options: dict, *, mpp: float | None = None,
-                slide_id: str | None = None) -> dict:
-    """Segment ``slide_path`` with ``models`` (exported files; or ``options``'
-    ``patch_model`` / ``refine_model``) as export/segment_slide.py does, writing its
-    outputs atomically as the folder ``out_dir``, ``done.json`` (the returned row) last
-    (see the module doc).  ``options`` holds :func:`h2g.export.deploy.add_pipeline_arguments`'
-    settings plus ``stride``, ``keep``, ``blend``; ``mpp`` (a manifest's) overrides
-    ``options["mpp"]``.  The row: slide_id, path, kind, patches, tumour_mm2, seconds,
-    peak_memory_mb, warning (no tissue, and the package's other warnings)."""
-    from h2g.export.deploy import (
-        deployment_plan,
-        segment,
-        segment_windows,
-        write_outputs,
-        write_raster_outputs,
-    )
-    from h2g.io.slide import Slide
+_SEGMENTERS: dict = {}  # this worker's segmenter, kept from slide to slide
 
+
+def worker_segmenter(plan):
+    """``plan``'s segmenter, built once per worker process and reused for its next
+    slides (compiling the networks per slide costs time and memory)."""
+    key = repr(plan)
+    if key not in _SEGMENTERS:
+        _SEGMENTERS.clear()
+        _SEGMENTERS[key] = plan.segmenter()
+    return _SEGMENTERS[key]
+
+
+def segment_one(slide_path, out_dir, plan, *, mpp: float | None = None, slide_id: str | None = None) -> dict:
+    """Segment ``slide_path`` with ``plan`` (a :class:`~h2g.export.deploy.Deployment`) as
+    export/segment_slide.py does, writing its outputs atomically as the folder
+    ``out_dir``, ``done.json`` (the returned row) last (see the module doc); ``mpp`` (a
+    manifest's) overrides the slide's scale.  The row: slide_id, path, patches (the
+    segmenter's count), tumour_mm2, mpp, mpp_source, seconds, peak_memory_mb, warning (no
+    tissue, and the package's other warnings)."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     handler = _Warnings()
@@ -266,36 +186,22 @@ def segment_one(slide_path, out_dir, models, options: dict, *, mpp: float | None
         package.setLevel(logging.WARNING)
     tmp = out_dir.with_name(f".{out_dir.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(3)}")
     try:
-        args = argparse.Namespace(**options)  # a copy: the plan fills in sizes from the metadata
-        plan = deployment_plan(args, models)
-        backends = plan.backends
+        segmenter = worker_segmenter(plan)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
-        with Slide(slide_path, mpp=mpp if mpp is not None else args.mpp, reader=args.reader) as slide:
-            slide_mpp = _slide_mpp(slide)
-            if plan.kind == "h2g":
-                seg = segment(slide, *backends, size=args.size, magnification=args.magnification,
-                              patch_size=args.patch_size, heatmap_stride=args.heatmap_stride,
-                              batch_size=args.batch_size, readers=args.readers, progress=False)
-                paths = write_outputs(seg, slide, tmp, extra={"patch_backend": backends[0].info(),
-                                                              "refine_backend": backends[1].info()})
-                patches = seg.heatmap.n_patches
-                area = mask_area_mm2(seg.mask, slide.dimensions, slide_mpp) if slide_mpp else None
-            else:
-                seg = segment_windows(slide, backends[0], plan.metadata, stride=args.stride, keep=args.keep,
-                                      blend=args.blend, magnification=args.magnification,
-                                      patch_size=args.patch_size, batch_size=args.batch_size,
-                                      readers=args.readers, progress=False)
-                paths = write_raster_outputs(seg, slide, tmp, extra={"backend": backends[0].info()})
-                patches = seg.timings.get("windows", 0)
-                names = [c["name"] for c in json.loads(paths["summary"].read_text())["classes"]]
-                area = raster_tumour_mm2(seg.raster, names, slide_mpp) if slide_mpp else None
+        with plan.slides.open(slide_path, mpp=mpp) as slide:
+            seg = segmenter.segment(slide)
+            paths = segmenter.write(seg, slide, tmp)
+            area = segmenter.tumour_mm2(seg, slide)
+            used_mpp = slide.mpp if slide.has_scale else None
+            source = slide.mpp_source
         _retarget_summary(paths["summary"], tmp, out_dir)
         row = {
             "slide_id": slide_id or out_dir.name,
             "path": str(slide_path),
-            "kind": plan.kind,
-            "patches": int(patches),
+            "patches": int(seg.count),
             "tumour_mm2": None if area is None else round(area, 6),
+            "mpp": None if used_mpp is None else round(float(used_mpp), 6),
+            "mpp_source": source,
             "warning": _warnings(seg, handler.messages),
             "seconds": round(time.perf_counter() - start, 3),
             "peak_memory_mb": round(peak_memory_mb(), 1),
@@ -316,14 +222,13 @@ def _one_line(exc: BaseException) -> str:
 
 def run_task(job: dict) -> dict:
     """The worker's side of one slide: :func:`segment_one` on ``job`` (slide_id, path, mpp,
-    out_dir, models, options), never raising: a failure is a row with status ``failed``,
-    the error, the seconds until it and the peak memory.  The worker's peak memory is reset
-    first (:func:`reset_peak_memory`), so the row's is this slide's."""
+    out_dir, plan), never raising: a failure is a row with status ``failed``, the error,
+    the seconds until it and the peak memory.  The worker's peak memory is reset first
+    (:func:`h2g.core.measure.reset_peak_memory`), so the row's is this slide's."""
     reset_peak_memory()
     start = time.perf_counter()
     try:
-        row = segment_one(job["path"], job["out_dir"], job["models"], job["options"], mpp=job.get("mpp"),
-                          slide_id=job["slide_id"])
+        row = segment_one(job["path"], job["out_dir"], job["plan"], mpp=job.get("mpp"), slide_id=job["slide_id"])
         return {**row, "status": "done"}
     except Exception as exc:  # noqa: BLE001  (recorded; the cohort goes on)
         return {"slide_id": job["slide_id"], "path": str(job["path"]), "status": "failed",
@@ -342,17 +247,21 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cohort_settings(models, options: dict) -> dict:
+def cohort_settings(plan, segmenter) -> dict:
     """What makes the cohort's outputs: the model files (name and SHA-256; an OpenVINO
-    ``.xml`` with its ``.bin``) and :data:`OUTPUT_SETTINGS`."""
-    files = [Path(m) for m in models] + [Path(options[k]) for k in ("patch_model", "refine_model")
-                                         if options.get(k)]
+    ``.xml`` with its ``.bin``), the engine, how slides are opened and the segmenter's
+    resolved settings (:meth:`~h2g.inference.segmenter.Segmenter.settings`)."""
     described = []
-    for path in files:
+    for path in plan.files():
         for part in (path, path.with_suffix(".bin")) if path.suffix.lower() == ".xml" else (path,):
             if part.is_file():
                 described.append({"file": part.name, "sha256": _file_digest(part)})
-    return {"models": described, **{k: options.get(k) for k in OUTPUT_SETTINGS}}
+    engine = plan.engine.to_dict()
+    engine.pop("threads", None)  # threads and the hint change speed, not outputs
+    engine.pop("hint", None)
+    return {"models": described, "engine": engine,
+            "slides": {"mpp": plan.slides.mpp, "force_mpp": plan.slides.force_mpp, "reader": str(plan.slides.reader)},
+            **segmenter.settings()}
 
 
 def check_settings(out_dir: Path, settings: dict) -> None:
@@ -382,7 +291,8 @@ def skipped_row(slide: CohortSlide, out_dir: Path) -> dict:
         done = json.loads((out_dir / DONE_MARKER).read_text())
     except (OSError, ValueError):
         done = {}
-    return {**{k: done.get(k) for k in ("patches", "tumour_mm2", "seconds", "peak_memory_mb", "warning")},
+    return {**{k: done.get(k) for k in ("patches", "tumour_mm2", "mpp", "mpp_source", "seconds", "peak_memory_mb",
+                                        "warning")},
             "slide_id": slide.slide_id, "path": str(slide.path), "status": "skipped", "attempts": 0}
 
 
@@ -404,9 +314,11 @@ def write_table(path: Path, rows) -> Path:
     return write_text(path, buffer.getvalue())
 
 
-def run_cohort(slides: list[CohortSlide], out_dir, models, options: dict, executor, *, retries: int = 1,
+def run_cohort(slides: list[CohortSlide], out_dir, plan, executor, *, retries: int = 1,
                progress: bool = True) -> list[dict]:
-    """Segment ``slides`` into ``out_dir``, skipping the complete ones and retrying a failed
+    """Segment ``slides`` into ``out_dir`` with ``plan`` (a
+    :class:`~h2g.export.deploy.Deployment`; its segmenter is built here once to check the
+    models and record the settings), skipping the complete ones and retrying a failed
     slide ``retries`` times; writes ``cohort.csv`` after each slide and returns the rows
     in ``slides``' order.  ``executor`` (:mod:`h2g.export.executors`: ``submit(job) ->
     key``, ``wait() -> (key, row)``) or a callable making one, called only once the folder's
@@ -414,9 +326,15 @@ def run_cohort(slides: list[CohortSlide], out_dir, models, options: dict, execut
     then closed at the end."""
     from tqdm import tqdm
 
+    import dataclasses
+
     out_dir = Path(out_dir)
+    # bad models fail here, once, not in every slide's task (on this machine's CPU, with one
+    # thread: the driver of a GPU cluster may have no GPU)
+    check = dataclasses.replace(plan, engine=dataclasses.replace(plan.engine, device="CPU", threads=1))
+    settings = cohort_settings(plan, check.segmenter())
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(out_dir, cohort_settings(models, options))
+    check_settings(out_dir, settings)
     stale = remove_stale_temporaries(out_dir)
     if stale:
         log.info("%s: removed %d temporary folder(s) of an interrupted run", out_dir, len(stale))
@@ -429,8 +347,7 @@ def run_cohort(slides: list[CohortSlide], out_dir, models, options: dict, execut
             rows[slide.slide_id] = skipped_row(slide, target)
         else:
             todo.append((slide, {"slide_id": slide.slide_id, "path": str(slide.path), "mpp": slide.mpp,
-                                 "out_dir": str(target), "models": [str(m) for m in models],
-                                 "options": dict(options)}))
+                                 "out_dir": str(target), "plan": plan}))
     ordered = lambda: [rows[s.slide_id] for s in slides if s.slide_id in rows]
     write_table(table, ordered())
     if not todo:

@@ -7,7 +7,7 @@ Every model of the package converts the same way (:func:`convert_model`):
   ``heatmap``; a multi-view model: its views' names) - dynamic batch, at a stated opset;
   the output is ``probs`` (class probabilities) or ``clusters`` (cluster ids of the
   cluster model).
-- Metadata (:mod:`h2g.export.metadata`): the model's ``<model>.meta.json`` sidecar, or
+- Metadata (:mod:`h2g.inference.metadata`): the model's ``<model>.meta.json`` sidecar, or
   for a ``.keras`` without one H2G-Net's (inferred from its kind and said so in the
   report), embedded in the ONNX file (``metadata_props["h2g"]``) and the IR (rt_info), so
   that deployment needs no other arguments.
@@ -36,7 +36,7 @@ import numpy as np
 
 from h2g.core.atomic import write_text
 from h2g.core.errors import ExportError
-from h2g.export.metadata import (
+from h2g.inference.metadata import (
     ModelMetadata,
     check_inputs,
     embed_onnx,
@@ -66,7 +66,7 @@ PARITY_MAGNIFICATION = 10.0
 def default_parity_slide() -> Path:
     """The slide parity is checked on when none is given: the first slide of the
     embedded cohort (generated on first use)."""
-    from h2g.data.cohort import ensure_cohort
+    from h2g.data.embedded import ensure_cohort
     from h2g.io.manifest import DEFAULT_MANIFEST, load_manifest
 
     return load_manifest(ensure_cohort(DEFAULT_MANIFEST)).records[0].slide_path

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from h2g.core.errors import ExportError
-from h2g.export.benchmark import mean_sd
+from h2g.core.measure import mean_sd
 
 FAST_INSTALL_HINT = ("pip install pyfast (it also needs Debian's libusb-1.0-0 and an OpenCL platform "
                      "such as pocl-opencl-icd)")
@@ -165,7 +165,7 @@ def fast_peer(slide_path, patch_model, *, engine: str, repeats: int, work_dir, o
         "precision": "bf16 on CPUs that have it (FAST's OpenVINO default)" if engine == "openvino" else "f32",
         "patches": runs[-1]["patches"],
         "stages": {"patch_wise": mean_sd(r["patch_wise"] for r in runs)},
-        "patches_per_second": mean_sd(r["patches"] / r["patch_wise"] for r in runs),
+        "per_second": mean_sd(r["patches"] / r["patch_wise"] for r in runs),
         "runs": runs,
     }
 

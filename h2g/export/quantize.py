@@ -2,27 +2,33 @@
 
 ``export/convert.py --int8`` runs this after the f32 conversion (:mod:`h2g.export.conversion`):
 
-- **Calibration** (:func:`calibration_feeds`): inputs read from the run's *training* slides,
-  as deployment feeds the model - tissue patches at the patch classifier's view; the
-  low-resolution image and the f32 patch classifier's heatmap for a refinement network
-  (plus their mirror); the views around tissue windows for a sliding-window model.
-  ``n`` samples drawn without replacement from every candidate of every training slide
-  with ``numpy.random.default_rng(seed)``: the same seed gives the same calibration set.
-- **OpenVINO**: NNCF post-training quantisation (``nncf.quantize``, its default preset)
-  of the f32 IR -> ``<stem>_int8.xml/.bin``.  **ONNX**: ONNX Runtime's static QDQ
+- **Calibration**: inputs read from the run's *training* slides, as deployment feeds each
+  network - the segmenter of the models' system says how
+  (:meth:`h2g.inference.segmenter.Segmenter.calibration_feeds`): tissue patches at the
+  patch classifier's view; the low-resolution image and the f32 patch classifier's
+  heatmap for a refinement network (plus their mirror); the views around tissue windows
+  for a sliding-window model; RAZN's regions ``x0`` for its policy and coarse networks and
+  the quarters of their zoom ``x1`` for its fine network.  ``n`` samples drawn without
+  replacement from every candidate of every training slide with
+  ``numpy.random.default_rng(seed)``: the same seed gives the same calibration set.
+- **OpenVINO**: NNCF post-training quantisation (``nncf.quantize``, its default preset,
+  overflow fix on every layer: :data:`OVERFLOW_FIX`, so that the int8 model is right on CPUs
+  without VNNI too) of the f32 IR -> ``<stem>_int8.xml/.bin``.  **ONNX**: ONNX Runtime's static QDQ
   quantisation (``quant_pre_process``, then ``quantize_static``: per-channel int8
   weights, uint8 activations, min-max calibration) -> ``<stem>_int8.onnx``.  Both keep
   the model's metadata, with ``extras["quantization"]`` saying how it was made (the
   backends then report precision ``int8+<rest>``).
-- **Guard** (:func:`guard`): each folder's models are run as deployment runs them
-  (H2G-Net: heatmap + refinement; a patch classifier alone: its heatmap; an image-only
-  network; a sliding-window model) over the run's *test* slides, f32 models at f32 and
-  int8 models at the engine's default precision, per engine.  It passes when the mean
-  tumour Dice (and, for multi-class models, every class's mean IoU) of the int8 models is
-  within ``tolerance`` (0.01) of the f32 models'.  Reported: those figures, and the
-  absolute difference of the outputs (patch probabilities of the patch classifier over
-  tissue cells, pixel probabilities of the final output): max and 99th percentile.  A
-  failing group's int8 files are removed (the f32 models stay) and the conversion fails.
+- **Guard** (:func:`guard`): each folder's models are run by their system's segmenter,
+  as deployment runs them (H2G-Net: heatmap + refinement; a patch classifier alone: its
+  heatmap; an image-only network; a sliding-window model; RAZN's conditional zoom), over
+  the run's *test* slides, f32 models at f32 and int8 models at the engine's default
+  precision, per engine.  It passes when the mean tumour Dice (and, for multi-class
+  models, every class's IoU over the pooled test pixels) of the int8 models is within
+  ``tolerance`` (0.01) of the f32 models'.  Reported: those figures, and the absolute
+  difference of the outputs the segmenter names (:meth:`guard_outputs`: the patch
+  probabilities over tissue cells or RAZN's zoom probabilities, and the pixel
+  probabilities of the final output): max and 99th percentile.  A failing group's int8
+  files are removed (the f32 models stay) and the conversion fails.
 
 NNCF (``pip install "h2g[int8]"``) is needed for OpenVINO; ONNX Runtime's quantiser
 comes with onnxruntime (+ the ``onnx`` package of the training stack).
@@ -39,15 +45,21 @@ from pathlib import Path
 import numpy as np
 
 from h2g.core.errors import ConfigError, ExportError
-from h2g.export.metadata import ModelMetadata, embed_onnx, embed_openvino
+from h2g.inference.metadata import ModelMetadata, embed_onnx, embed_openvino
+from h2g.inference.segmenter import EngineOptions
 
 log = logging.getLogger("h2g")
 
 INT8_SUFFIX = "_int8"
+#: NNCF's overflow fix for every quantised layer: without VNNI (AVX2 only) a CPU multiplies
+#: u8 activations by s8 weights into saturating 16-bit pair sums; 7-bit weights avoid that.
+#: Measured on a 2-core AMD EPYC with AVX2 only: with NNCF's default (first layer only) a
+#: toy patch classifier's int8 probabilities were 0.14 from f32 on average, with "enable" 0.01.
+OVERFLOW_FIXES = ("enable", "first_layer", "disable")
+OVERFLOW_FIX = "enable"
 DEFAULT_SAMPLES = 300
 TOLERANCE = 0.01
 ENGINES = ("openvino", "onnxruntime")
-QUANTISED_ROLES = ("patch_classifier", "refinement", "segmentation")
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,7 @@ class Int8Options:
     samples: int = DEFAULT_SAMPLES
     tolerance: float = TOLERANCE
     engines: tuple[str, ...] = ENGINES
+    overflow_fix: str = OVERFLOW_FIX
 
 
 # --------------------------------------------------------------------------------------
@@ -76,6 +89,7 @@ class RunData:
     train: list = field(default_factory=list)
     test: list = field(default_factory=list)
     classes: object = None
+    config: dict = field(default_factory=dict)  # the run's config.json
 
 
 def run_config(model_path: Path) -> dict:
@@ -109,114 +123,12 @@ def run_data(model_path: Path, options: Int8Options) -> RunData:
         raise ConfigError(f"{manifest}: no annotated test slide to check the int8 models' accuracy on")
     seed = options.seed if options.seed is not None else int(config.get("seed", 0))
     return RunData(Path(manifest), seed, float(config.get("patches", {}).get("annotation_downsample", 4.0)),
-                   int(config.get("refine", {}).get("size", 512)), train, test, loaded.classes)
+                   int(config.get("refine", {}).get("size", 512)), train, test, loaded.classes, config)
 
 
 # --------------------------------------------------------------------------------------
-# Calibration
+# Calibration (the inputs come from each system's segmenter)
 # --------------------------------------------------------------------------------------
-def _pick(candidates: list, n: int, seed: int) -> list:
-    """``n`` of ``candidates`` without replacement (all when fewer), in their order."""
-    if len(candidates) <= n:
-        return candidates
-    keep = np.sort(np.random.default_rng(seed).choice(len(candidates), size=n, replace=False))
-    return [candidates[i] for i in keep]
-
-
-def _read_picks(records, picks: list, read) -> list:
-    """``read(slide, place)`` of every ``(slide index, place)`` pick, in order, each
-    slide opened once (picks come sorted by slide)."""
-    from h2g.io.slide import open_slide
-
-    out = []
-    for k in sorted({k for k, _ in picks}):
-        with open_slide(records[k].slide_path, mpp=records[k].mpp) as slide:
-            out += [read(slide, place) for j, place in picks if j == k]
-    return out
-
-
-def _patch_feeds(records, view, n: int, seed: int) -> list[dict]:
-    from h2g.io.slide import open_slide
-    from h2g.tiling.grid import build_patch_grid
-    from h2g.tiling.tissue import detect_tissue
-
-    candidates = []
-    for k, record in enumerate(records):
-        with open_slide(record.slide_path, mpp=record.mpp) as slide:
-            grid = build_patch_grid(slide, tissue=detect_tissue(slide), magnification=view.magnification,
-                                    patch_size=view.size)
-            candidates += [(k, tuple(int(v) for v in c)) for c in grid.coords]
-    return _read_picks(records, _pick(candidates, n, seed), lambda slide, coord: {
-        "image": slide.read_region(coord, (view.size, view.size), view.magnification)[None]})
-
-
-def _window_feeds(records, views, n: int, seed: int) -> list[dict]:
-    from h2g.data.views import read_views
-    from h2g.io.slide import open_slide
-    from h2g.tiling.windows import window_grid
-
-    target = views[0]
-    candidates = []
-    for k, record in enumerate(records):
-        with open_slide(record.slide_path, mpp=record.mpp) as slide:
-            grid = window_grid(slide, magnification=target.magnification, size=target.size)
-            candidates += [(k, tuple(float(v) for v in c)) for c in grid.centres]
-    def read(slide, centre):
-        views_read = read_views(slide, centre, views)
-        return {v.name: views_read[v.name][None] for v in views}
-
-    return _read_picks(records, _pick(candidates, n, seed), read)
-
-
-def _refinement_feeds(records, size: int, heatmap_backend, patch_view, heatmap_stride=None) -> list[dict]:
-    from h2g.inference.heatmap import slide_heatmap
-    from h2g.inference.lowres import refinement_inputs
-    from h2g.io.slide import open_slide
-
-    feeds = []
-    for record in records:
-        with open_slide(record.slide_path, mpp=record.mpp) as slide:
-            heatmap = None
-            if heatmap_backend is not None:
-                heatmap = slide_heatmap(slide, heatmap_backend, magnification=patch_view.magnification,
-                                        patch_size=patch_view.size, stride=heatmap_stride, progress=False)
-            image, heat = refinement_inputs(slide, heatmap, size=size)
-        for flip in (False, True):
-            im, ht = (image[:, ::-1], heat[:, ::-1]) if flip else (image, heat)
-            feed = {"image": np.ascontiguousarray(im[None], np.float32)}
-            if heatmap_backend is not None:
-                feed["heatmap"] = np.ascontiguousarray(ht[None], np.float32)
-            feeds.append(feed)
-    return feeds
-
-
-def calibration_feeds(metadata: ModelMetadata, input_names, data: RunData, n: int, *,
-                      size: int | None = None, heatmap_backend=None, patch_view=None) -> tuple[list[dict], str]:
-    """Calibration inputs for one model (see the module doc) and a description of them.
-    Patches and views are uint8 (scaled by :func:`as_model_input`); refinement inputs are
-    float32 already."""
-    if metadata.role == "refinement":
-        feeds = _refinement_feeds(data.train, size, heatmap_backend if "heatmap" in input_names else None,
-                                  patch_view, metadata.extras.get("heatmap_stride"))
-        return feeds, (f"low-resolution images {size} px of {len(data.train)} training slides"
-                       + (" + the f32 patch classifier's heatmaps" if "heatmap" in input_names else "")
-                       + ", and their mirrors")
-    if not metadata.views:
-        raise ExportError(f"{metadata.system} {metadata.role}: no views in the metadata, so the calibration "
-                          "inputs are unknown")
-    if metadata.role == "segmentation" and len(input_names) >= 1 and metadata.output == "pixel_probs":
-        views = metadata.views
-        feeds = _window_feeds(data.train, views, n, data.seed)
-        if list(input_names) == ["image"]:
-            feeds = [{"image": f[views[0].name]} for f in feeds]
-        return feeds, (f"{len(feeds)} windows ({', '.join(f'{v.name} {v.size}px at {v.magnification:g}x' for v in views)})"
-                       f" over the tissue of {len(data.train)} training slides, seed {data.seed}")
-    view = metadata.views[0]
-    feeds = _patch_feeds(data.train, view, n, data.seed)
-    return feeds, (f"{len(feeds)} tissue patches {view.size}px at {view.magnification:g}x of "
-                   f"{len(data.train)} training slides, seed {data.seed}")
-
-
 def as_model_input(feed: dict) -> dict:
     """A calibration feed as the model takes it: uint8 images to float32 in [0, 1]."""
     return {k: (v.astype(np.float32) / 255.0 if v.dtype == np.uint8 else v) for k, v in feed.items()}
@@ -236,8 +148,11 @@ def _tagged(metadata: ModelMetadata, how: str, samples: int, seed: int) -> Model
         "precision": "int8", "method": how, "calibration_samples": samples, "seed": seed}})
 
 
-def quantize_openvino(xml_path: Path, feeds: list[dict], metadata: ModelMetadata, seed: int) -> Path:
-    """NNCF post-training quantisation of an f32 IR -> ``<stem>_int8.xml``."""
+def quantize_openvino(xml_path: Path, feeds: list[dict], metadata: ModelMetadata, seed: int,
+                      overflow_fix: str = OVERFLOW_FIX) -> Path:
+    """NNCF post-training quantisation of an f32 IR -> ``<stem>_int8.xml``.  ``overflow_fix``
+    (NNCF's option, :data:`OVERFLOW_FIX` by default) keeps int8 products from saturating on
+    CPUs without VNNI (see the module doc)."""
     try:
         import nncf
     except ImportError:
@@ -248,11 +163,14 @@ def quantize_openvino(xml_path: Path, feeds: list[dict], metadata: ModelMetadata
     model = ov.Core().read_model(str(xml_path))
     dataset = nncf.Dataset(feeds, as_model_input)
     try:
-        quantised = nncf.quantize(model, dataset, subset_size=len(feeds))
+        from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, OverflowFix
+
+        advanced = AdvancedQuantizationParameters(overflow_fix=OverflowFix(overflow_fix))
+        quantised = nncf.quantize(model, dataset, subset_size=len(feeds), advanced_parameters=advanced)
     except Exception as exc:  # NNCF raises many types
         raise ExportError(f"{xml_path}: NNCF cannot quantise the model: {exc}") from None
-    embed_openvino(quantised, _tagged(metadata, f"NNCF {nncf.__version__} post-training quantisation",
-                                      len(feeds), seed))
+    embed_openvino(quantised, _tagged(metadata, f"NNCF {nncf.__version__} post-training quantisation "
+                                                f"(overflow fix {overflow_fix})", len(feeds), seed))
     target = int8_path(xml_path)
     ov.save_model(quantised, str(target), compress_to_fp16=False)
     return target
@@ -298,42 +216,44 @@ def quantize_onnx(onnx_path: Path, feeds: list[dict], metadata: ModelMetadata, s
 # --------------------------------------------------------------------------------------
 @dataclass
 class Group:
-    """The deployable models of one folder (f32 files per engine, report entries)."""
+    """The deployable models of one folder: the conversion report's entries by role and
+    the segmenter class their system deploys them with."""
 
     folder: Path
     entries: dict  # role -> conversion report entry
+    segmenter: type  # h2g.inference.segmenter.Segmenter subclass
 
     def path(self, role: str, engine: str, int8: bool = False) -> Path:
         entry = self.entries[role]
         path = Path(entry["openvino" if engine == "openvino" else "onnx"])
         return int8_path(path) if int8 else path
 
-    @property
-    def kind(self) -> str:
-        roles = set(self.entries)
-        if "segmentation" in roles:
-            return "sliding"
-        if roles == {"patch_classifier", "refinement"}:
-            return "h2g"
-        return "patch" if "patch_classifier" in roles else "lowres"
+    def models(self, engine: str, int8: bool = False) -> dict[str, Path]:
+        return {role: self.path(role, engine, int8) for role in self.entries}
+
+    def metadata(self, role: str) -> ModelMetadata:
+        return ModelMetadata.from_dict(self.entries[role]["metadata"])
 
 
 def groups(entries: list[dict]) -> list[Group]:
-    """The conversion report's deployable entries, grouped by folder."""
+    """The conversion report's deployable entries, grouped by folder: in each folder the
+    models of a role some segmenter of their system takes (a cluster model is not
+    deployed), with the segmenter class that takes them all."""
+    from h2g.systems.registry import segmenter_class, segmenters_of, systems
+
     found: dict[Path, dict] = {}
     for entry in entries:
-        role = entry["metadata"].get("role")
-        if role in QUANTISED_ROLES:
-            found.setdefault(Path(entry["onnx"]).parent, {})[role] = entry
-    return [Group(folder, roles) for folder, roles in sorted(found.items())]
-
-
-def _backend(path: Path, engine: str, int8: bool):
-    from h2g.inference.backends import make_backend
-
-    # f32 models at f32; int8 models as deployment runs them (OpenVINO's default precision
-    # for the layers left in floating point)
-    return make_backend(path, engine=engine, device="CPU", precision=None if int8 else "f32")
+        meta = ModelMetadata.from_dict(entry["metadata"])
+        if meta.system not in systems():
+            continue
+        roles = {r for cls in segmenters_of(meta.system) for r in cls.roles}
+        if meta.role in roles:
+            found.setdefault(Path(entry["onnx"]).parent, {})[meta.role] = entry
+    out = []
+    for folder, by_role in sorted(found.items()):
+        metas = {role: ModelMetadata.from_dict(e["metadata"]) for role, e in by_role.items()}
+        out.append(Group(folder, by_role, segmenter_class(metas, described=str(folder))))
+    return out
 
 
 def _diff_stats(diffs: list[np.ndarray]) -> dict | None:
@@ -345,78 +265,42 @@ def _diff_stats(diffs: list[np.ndarray]) -> dict | None:
     return {"max": float(values.max()), "p99": float(np.percentile(values, 99)), "n": int(values.size)}
 
 
-def _backends(group: Group, engine: str, int8: bool) -> dict:
-    """The group's models on ``engine`` (int8 or f32), compiled once for every slide."""
-    return {role: _backend(group.path(role, engine, int8), engine, int8) for role in group.entries}
+def group_segmenter(group: Group, engine: str, int8: bool, data: RunData):
+    """``group``'s models on ``engine`` as its segmenter, compiled once for every slide:
+    f32 models at f32; int8 models as deployment runs them (the engine's default
+    precision for the layers left in floating point); the run's settings."""
+    options = EngineOptions(engine=engine, device="CPU", precision=None if int8 else "f32", hint="latency")
+    cls = group.segmenter
+    return cls.from_files(group.models(engine, int8), options, cls.options_for_run(data.config))
 
 
-def _heatmap_stride(group: Group, role: str) -> int | None:
-    """The heatmap stride the ``role`` model of ``group`` was trained with (its
-    metadata's ``heatmap_stride``; None: the paper's non-overlapping patches)."""
-    return ModelMetadata.from_dict(group.entries[role]["metadata"]).extras.get("heatmap_stride")
-
-
-def _predict(group: Group, backends: dict, slide, data: RunData) -> dict:
-    """One slide through ``group``'s models on ``engine``: probabilities to compare
-    (``patch``: tissue-cell patch probabilities; ``pixel``: the final output) and the
-    binary tumour prediction / label map to score."""
-    from h2g.export.deploy import segment, segment_windows
-    from h2g.inference.heatmap import slide_heatmap
-    from h2g.inference.lowres import refine, refinement_inputs
-
-    kind = group.kind
-    if kind == "sliding":
-        seg = segment_windows(slide, backends["segmentation"], progress=False)
-        return {"pixel": seg.raster.probs, "raster": seg.raster, "metadata": seg.metadata}
-    out = {}
-    patch_backend, refine_backend = backends.get("patch_classifier"), backends.get("refinement")
-    if patch_backend is not None:
-        view = ModelMetadata.from_dict(group.entries["patch_classifier"]["metadata"]).views[0]
-    if kind == "h2g":
-        stride = _heatmap_stride(group, "refinement")
-        seg = segment(slide, patch_backend, refine_backend, size=refine_backend.image_size or data.evaluation_size,
-                      magnification=view.magnification, patch_size=view.size, heatmap_stride=stride,
-                      progress=False)
-        out.update(patch=seg.heatmap.probs, pixel=seg.prob, size=seg.prob.shape[0])
-    elif kind == "patch":
-        stride = _heatmap_stride(group, "patch_classifier")
-        heatmap = slide_heatmap(slide, patch_backend, magnification=view.magnification, patch_size=view.size,
-                                stride=stride, progress=False)
-        _, heat = refinement_inputs(slide, heatmap, size=data.evaluation_size)
-        out.update(patch=heatmap.probs, pixel=heat[..., 0], size=data.evaluation_size)
-    else:  # an image-only low-resolution network
-        size = refine_backend.image_size or data.evaluation_size
-        image, _ = refinement_inputs(slide, None, size=size)
-        out.update(pixel=refine(refine_backend, image), size=size)
-    return out
-
-
-def _truth(group: Group, prediction: dict, record, slide, data: RunData):
-    """What a slide's predictions are scored against (read once for f32 and int8): the
-    label map for a sliding-window model, else the tumour mask at the output's size."""
-    if group.kind == "sliding":
+def _truth(seg, record, slide, data: RunData):
+    """What a slide's segmentation is scored against (read once for f32 and int8): the
+    label map for a class raster, else the tumour mask at the probability map's size."""
+    if seg.raster is not None:
         from h2g.io.annotation import load_annotation
 
         return load_annotation(record.annotation_path, slide, downsample=data.annotation_downsample,
                                classes=data.classes)
     from h2g.inference.lowres import target_mask
 
-    return target_mask(record.annotation_path, slide, prediction["size"], data.annotation_downsample)
+    return target_mask(record.annotation_path, slide, seg.prob.shape[0], data.annotation_downsample)
 
 
-def _scores(group: Group, prediction: dict, truth) -> dict:
+def _scores(seg, truth) -> dict:
     from h2g.evaluation import metrics
 
-    if group.kind == "sliding":
+    if seg.raster is not None:
+        from h2g.inference.segmenter import classes_of
         from h2g.io.classes import tumour_index_of
 
-        names = prediction["metadata"].class_names or [str(i) for i in range(prediction["raster"].classes)]
-        pred, labels = metrics.raster_labels(prediction["raster"], truth, names)
+        names = [c["name"] for c in classes_of(seg.metadata, seg.raster.classes)]
+        pred, labels = metrics.raster_labels(seg.raster, truth, names)
         confusion = metrics.confusion_matrix(pred, labels, len(names))
         tumour = tumour_index_of(names)
         dice = metrics.tumour_scores(confusion, tumour)["dice"] if tumour is not None else None
         return {"dice": dice, "confusion": confusion, "names": names}
-    return {"dice": metrics.segmentation_metrics(metrics.binarise(prediction["pixel"]), truth)["dice"]}
+    return {"dice": metrics.segmentation_metrics(metrics.binarise(seg.prob), truth)["dice"]}
 
 
 def _mean(values) -> float | None:
@@ -430,19 +314,20 @@ def guard(group: Group, engine: str, data: RunData, tolerance: float = TOLERANCE
 
     from h2g.io.slide import open_slide
 
-    f32_backends, int8_backends = _backends(group, engine, False), _backends(group, engine, True)
-    per_slide, patch_diffs, pixel_diffs = [], [], []
+    f32_segmenter, int8_segmenter = group_segmenter(group, engine, False, data), group_segmenter(group, engine, True, data)
+    per_slide, diffs = [], {}
+    classes = False
     for record in tqdm(data.test, desc=f"int8 guard ({engine})", unit="slide", disable=not progress):
         with open_slide(record.slide_path, mpp=record.mpp) as slide:
-            f32 = _predict(group, f32_backends, slide, data)
-            int8 = _predict(group, int8_backends, slide, data)
-            truth = _truth(group, f32, record, slide, data)
-            row = {"slide_id": record.slide_id, "f32": _scores(group, f32, truth),
-                   "int8": _scores(group, int8, truth)}
-        if "patch" in f32:
-            cells = (f32["patch"] != 0) | (int8["patch"] != 0)  # cells with a patch (0 off tissue)
-            patch_diffs.append(np.abs(f32["patch"][cells] - int8["patch"][cells]))
-        pixel_diffs.append(np.abs(f32["pixel"].astype(np.float64) - int8["pixel"]))
+            f32, int8 = f32_segmenter.segment(slide), int8_segmenter.segment(slide)
+            truth = _truth(f32, record, slide, data)
+            row = {"slide_id": record.slide_id, "f32": _scores(f32, truth), "int8": _scores(int8, truth)}
+        classes = f32.raster is not None
+        a, b = f32_segmenter.guard_outputs(f32), int8_segmenter.guard_outputs(int8)
+        for key in a:
+            x, y = np.asarray(a[key], np.float64), np.asarray(b[key], np.float64)
+            cells = (x != 0) | (y != 0) if key == "patch" else np.ones(x.shape, bool)  # patch: cells with a patch
+            diffs.setdefault(key, []).append(np.abs(x[cells] - y[cells]))
         per_slide.append(row)
     result = {"engine": engine, "slides": len(per_slide), "tolerance": tolerance}
     checks = []
@@ -450,7 +335,7 @@ def guard(group: Group, engine: str, data: RunData, tolerance: float = TOLERANCE
         result[f"dice_{variant}"] = _mean(r[variant]["dice"] for r in per_slide)
     if result["dice_f32"] is not None:
         checks.append(("tumour Dice", result["dice_f32"], result["dice_int8"]))
-    if group.kind == "sliding" and per_slide:  # per-class IoU over the pooled test pixels
+    if classes and per_slide:  # per-class IoU over the pooled test pixels
         from h2g.evaluation.metrics import ClassScores
 
         names = per_slide[0]["f32"]["names"]
@@ -461,8 +346,8 @@ def guard(group: Group, engine: str, data: RunData, tolerance: float = TOLERANCE
         for row in per_slide:
             for variant in ("f32", "int8"):
                 row[variant] = {"dice": row[variant]["dice"]}
-    result["patch_prob_diff"] = _diff_stats(patch_diffs)
-    result["pixel_prob_diff"] = _diff_stats(pixel_diffs)
+    result["patch_prob_diff"] = _diff_stats(diffs.get("patch", []))
+    result["pixel_prob_diff"] = _diff_stats(diffs.get("pixel", []))
     failures = [f"{what} {a:.4f} (f32) vs {b if b is None else round(b, 4)} (int8)" for what, a, b in checks
                 if b is None or abs(a - b) > tolerance]
     result["passed"] = not failures
@@ -490,30 +375,22 @@ def quantize_entries(entries: list[dict], options: Int8Options, progress: bool =
         data = run_data(Path(first["keras"]), options)
         made: dict[str, list[Path]] = {e: [] for e in options.engines}
         calibration = {}
-        order = [r for r in ("patch_classifier", "refinement", "segmentation") if r in group.entries]
-        for role in order:
+        f32_models = group.models("openvino") if "openvino" in options.engines else group.models("onnxruntime")
+        for role in [r for r in group.segmenter.roles if r in group.entries]:
             entry = group.entries[role]
-            metadata = ModelMetadata.from_dict(entry["metadata"])
-            names = list(entry["inputs"])
-            heat_backend = patch_view = None
-            size = entry["inputs"]["image"][1] if role == "refinement" else None
-            if role == "refinement" and "heatmap" in names:
-                if "patch_classifier" not in group.entries:
-                    raise ExportError(f"{entry['keras']}: a refinement network needs its patch classifier in the "
-                                      "same folder to calibrate on real heatmaps")
-                heat_backend = _backend(group.path("patch_classifier", "openvino"), "openvino", False)
-                patch_view = ModelMetadata.from_dict(group.entries["patch_classifier"]["metadata"]).views[0]
-            feeds, described = calibration_feeds(metadata, names, data, options.samples, size=size,
-                                                 heatmap_backend=heat_backend, patch_view=patch_view)
+            metadata = group.metadata(role)
+            feeds, described = group.segmenter.calibration_feeds(role, metadata, entry["inputs"], data.train,
+                                                                 options.samples, data.seed, models=f32_models)
             calibration[role] = described
             for engine in options.engines:
                 if engine == "openvino":
-                    made[engine].append(quantize_openvino(group.path(role, engine), feeds, metadata, data.seed))
+                    made[engine].append(quantize_openvino(group.path(role, engine), feeds, metadata, data.seed,
+                                                          options.overflow_fix))
                 else:
                     made[engine].append(quantize_onnx(group.path(role, engine), feeds, metadata, data.seed))
         for engine in options.engines:
             result = guard(group, engine, data, options.tolerance, progress=progress)
-            result.update(folder=str(group.folder), kind=group.kind, manifest=str(data.manifest_path),
+            result.update(folder=str(group.folder), segmenter=group.segmenter.label, manifest=str(data.manifest_path),
                           calibration=calibration, models=[str(p) for p in made[engine]])
             if not result["passed"]:
                 for path in made[engine]:

@@ -23,13 +23,33 @@ from typing import Iterator, Mapping, Protocol, Union
 
 import numpy as np
 
+from h2g.core.choices import Choice
 from h2g.core.errors import ConfigError, ExportError, ModelError
 from h2g.core.resources import available_cores
 
-ENGINES = ("keras", "onnxruntime", "openvino")
+
+
+class Engine(Choice):
+    KERAS = "keras"
+    ONNXRUNTIME = "onnxruntime"
+    OPENVINO = "openvino"
+
+
+class Precision(Choice):
+    F32 = "f32"
+    BF16 = "bf16"
+    F16 = "f16"
+
+
+class Hint(Choice):
+    LATENCY = "latency"
+    THROUGHPUT = "throughput"
+
+
+ENGINES = Engine.values()
 DEVICES = ("CPU", "GPU")
-PRECISIONS = ("f32", "bf16", "f16")
-HINTS = ("latency", "throughput")
+PRECISIONS = Precision.values()
+HINTS = Hint.values()
 INPUT_NAMES = ("image", "heatmap")  # H2G-Net's refinement network; other models name their views
 
 Inputs = Union[np.ndarray, Mapping[str, np.ndarray]]
@@ -48,7 +68,7 @@ class Backend(Protocol):
     threads: int | None
     precision: str
     input_names: tuple[str, ...]
-    metadata: object | None  # h2g.export.metadata.ModelMetadata read from the model file
+    metadata: object | None  # h2g.inference.metadata.ModelMetadata read from the model file
 
     def predict(self, inputs: Inputs) -> np.ndarray: ...
 
@@ -89,7 +109,7 @@ class _BackendBase:
             "precision": f"int8+{self.precision}" if self.quantised else self.precision,
             "model": self.source,
             "inputs": list(self.input_names),
-            "hint": self.hint,
+            "hint": str(self.hint),
             "streams": self.streams,
             "sub_batch": self.sub_batch if self.hint == "throughput" else None,
         }
@@ -206,7 +226,7 @@ class KerasBackend(_BackendBase):
 
         self.metadata = metadata  # a .keras file's own comes from its <model>.meta.json sidecar
         if isinstance(model, (str, Path)) and metadata is None:
-            from h2g.export.metadata import read_sidecar
+            from h2g.inference.metadata import read_sidecar
 
             self.metadata = read_sidecar(model)
         if isinstance(model, (str, Path)):
@@ -336,12 +356,13 @@ class OpenVINOBackend(_BackendBase):
         except ImportError:
             raise ExportError("engine openvino is not installed (pip install openvino)") from None
         device = _check_device(device)
-        if precision is not None and precision not in PRECISIONS:
-            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        _check_concurrency(hint, sub_batch)
-        config = {"PERFORMANCE_HINT": hint.upper()}
         if precision is not None:
-            config["INFERENCE_PRECISION_HINT"] = precision
+            precision = Precision.parse(precision, "precision")
+        _check_concurrency(hint, sub_batch)
+        hint = Hint(hint)
+        config = {"PERFORMANCE_HINT": hint.value.upper()}
+        if precision is not None:
+            config["INFERENCE_PRECISION_HINT"] = precision.value
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         core = ov.Core()
@@ -400,12 +421,12 @@ class OpenVINOBackend(_BackendBase):
         return np.concatenate([self._parts[k] for k in sorted(self._parts)])
 
 
-_META_KEY = "h2g"  # = h2g.export.metadata.KEY
+_META_KEY = "h2g"  # = h2g.inference.metadata.KEY
 
 
 def _embedded(text: str | None, path):
-    """The :class:`~h2g.export.metadata.ModelMetadata` in ``text`` (None when absent)."""
-    from h2g.export.metadata import from_text
+    """The :class:`~h2g.inference.metadata.ModelMetadata` in ``text`` (None when absent)."""
+    from h2g.inference.metadata import from_text
 
     return from_text(text, str(path))
 
@@ -416,7 +437,7 @@ def _openvino_metadata(model, path: Path):
     if model.has_rt_info(_META_KEY):
         return _embedded(model.get_rt_info(_META_KEY).astype(str), path)
     if path.suffix.lower() == ".onnx":
-        from h2g.export.metadata import read_onnx_metadata
+        from h2g.inference.metadata import read_onnx_metadata
 
         return read_onnx_metadata(path)
     return None
@@ -435,8 +456,7 @@ def _sub_feeds(feed: dict[str, np.ndarray], size: int) -> Iterator[tuple[int, di
 
 
 def _check_concurrency(hint: str, sub_batch: int | None) -> None:
-    if hint not in HINTS:
-        raise ConfigError(f"hint must be one of {', '.join(HINTS)}, got {hint!r}")
+    Hint.parse(hint, "hint")
     if sub_batch is not None and int(sub_batch) < 1:
         raise ConfigError(f"sub_batch must be >= 1, got {sub_batch}")
 
@@ -467,14 +487,14 @@ def make_backend(model_or_path, engine: str | None = None, device: str = "CPU",
     :class:`OnnxRuntimeBackend`) is ignored by the Keras backend."""
     if engine is None:
         engine = "keras" if not isinstance(model_or_path, (str, Path)) else engine_for(model_or_path)
-    if engine not in ENGINES:
-        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
-    if engine == "keras":
+    engine = Engine.parse(engine, "engine")
+    hint = Hint.parse(hint, "hint")
+    if engine == Engine.KERAS:
         if precision not in (None, "f32"):
             raise ConfigError("the Keras backend runs f32; use --engine openvino for other precisions")
         return KerasBackend(model_or_path, device=_check_device(device))
     if not isinstance(model_or_path, (str, Path)):
         raise ConfigError(f"engine {engine} needs a model file, not a Keras model")
-    if engine == "onnxruntime":
+    if engine == Engine.ONNXRUNTIME:
         return OnnxRuntimeBackend(model_or_path, device=device, threads=threads, precision=precision, hint=hint)
     return OpenVINOBackend(model_or_path, device=device, precision=precision, threads=threads, hint=hint)

@@ -42,28 +42,37 @@ from typing import Sequence
 
 import numpy as np
 
+from h2g.core.choices import Choice
 from h2g.core.errors import ConfigError, ExportError
 from h2g.data.views import View, check_views, read_views
 from h2g.inference.backends import Backend
 from h2g.inference.raster import Raster
 
-BLENDS = ("centre", "tent")
+
+
+class Blend(Choice):
+    """How overlapping window predictions combine (module doc)."""
+
+    CENTRE = "centre"
+    TENT = "tent"
+
+
+BLENDS = Blend.values()
 
 
 def blend_weights(size: int, blend: str = "centre", keep: int | None = None) -> np.ndarray:
     """``(size, size)`` float32 weight of each output pixel of a window (module doc)."""
     size = int(size)
-    if blend == "centre":
+    blend = Blend.parse(blend, "blend")
+    if blend == Blend.CENTRE:
         keep = size if keep is None else int(keep)
         if not 1 <= keep <= size:
             raise ConfigError(f"keep must be in 1..{size} output px, got {keep}")
         start = (size - keep) // 2
         line = np.zeros(size, np.float32)
         line[start:start + keep] = 1.0
-    elif blend == "tent":
-        line = (1.0 - np.abs(2.0 * (np.arange(size) + 0.5) / size - 1.0)).astype(np.float32)
     else:
-        raise ConfigError(f"blend must be one of {', '.join(BLENDS)}, got {blend!r}")
+        line = (1.0 - np.abs(2.0 * (np.arange(size) + 0.5) / size - 1.0)).astype(np.float32)
     return np.outer(line, line).astype(np.float32)
 
 
@@ -155,7 +164,7 @@ def plan_windows(slide, backend: Backend, views: Sequence[View], target_view: Vi
     out_size, classes = _probe(backend, views)
     scale = out_size / target_view.size  # raster px per target-view px
     stride_o = _whole((stride or target_view.size) * scale, f"stride {stride or target_view.size}")
-    keep_o = _whole((keep or stride or target_view.size) * scale, f"keep {keep}") if blend == "centre" else None
+    keep_o = _whole((keep or stride or target_view.size) * scale, f"keep {keep}") if blend == Blend.CENTRE else None
     if tissue is None:
         tissue = detect_tissue(slide)
     grid = window_grid(slide, magnification=target_view.magnification * scale, size=out_size,

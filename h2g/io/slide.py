@@ -36,6 +36,7 @@ import numpy as np
 import openslide
 from PIL import Image
 
+from h2g.core.choices import Choice
 from h2g.core.errors import SlideError
 
 #: Objective powers that microns per pixel are snapped to when a slide gives no power.
@@ -45,8 +46,18 @@ SNAP_FACTOR = 1.15
 #: Whole levels taller than BAND_ROWS are read in bands of that many rows by BAND_THREADS threads.
 BAND_ROWS = 1024
 BAND_THREADS = 2
-#: How regions are read: always through OpenSlide, or from decoded TIFF tiles where exact.
-READERS = ("openslide", "tiles", "reduced")
+
+
+class Reader(Choice):
+    """How regions are read: always through OpenSlide, from decoded TIFF tiles where exact,
+    or also from JPEG tiles decoded at reduced scale (see the module doc)."""
+
+    OPENSLIDE = "openslide"
+    TILES = "tiles"
+    REDUCED = "reduced"
+
+
+READERS = Reader.values()
 #: Suffixes of the slide formats OpenSlide reads; an unrecognised file with one of these
 #: is reported as corrupt rather than "not a slide".
 SLIDE_SUFFIXES = frozenset(
@@ -118,16 +129,21 @@ def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 class Slide:
     """An open whole-slide image.  Use as a context manager or call :meth:`close`.
 
-    ``mpp`` overrides the microns per level-0 pixel in the file's metadata; ``reader``
-    is ``"openslide"`` or ``"tiles"`` (see the module doc).
+    ``mpp`` overrides the microns per level-0 pixel in the file's metadata;
+    ``default_mpp`` is used only when the file states neither mpp nor objective power (a
+    tool's ``--mpp``: a fallback, never an override); ``reader`` is ``"openslide"``,
+    ``"tiles"`` or ``"reduced"`` (see the module doc).
     """
 
-    def __init__(self, path, mpp: float | None = None, reader: str = "openslide"):
+    def __init__(self, path, mpp: float | None = None, reader: str = "openslide", default_mpp: float | None = None):
         self.path = Path(path)
         if reader not in READERS:
             raise SlideError(self.path, f"reader must be one of {', '.join(READERS)}, got {reader!r}")
+        reader = Reader(reader)
         if mpp is not None and _positive(mpp) is None:
             raise SlideError(self.path, f"mpp override must be a positive number, got {mpp!r}")
+        if default_mpp is not None and _positive(default_mpp) is None:
+            raise SlideError(self.path, f"fallback mpp must be a positive number, got {default_mpp!r}")
         if not self.path.exists():
             raise SlideError(self.path, "file not found")
         if self.path.is_dir():
@@ -153,11 +169,12 @@ class Slide:
         self.level_downsamples = tuple(float(d) for d in self._osr.level_downsamples)
         self.reader = reader
         self._tiles = None
-        if reader in ("tiles", "reduced"):
+        if reader in (Reader.TILES, Reader.REDUCED):
             from h2g.io.tiles import TileSource
 
             self._tiles = TileSource.open(self.path, self.level_dimensions)
         self._mpp_override = _positive(mpp)
+        self._mpp_default = _positive(default_mpp)
         self._mpp_meta = _positive(props.get(openslide.PROPERTY_NAME_MPP_X)) or _positive(
             props.get(openslide.PROPERTY_NAME_MPP_Y))
         self._power_meta = _positive(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
@@ -165,8 +182,20 @@ class Slide:
     # -- scale -------------------------------------------------------------------------
     @property
     def has_scale(self) -> bool:
-        """Whether mpp and objective power are known (from metadata or the override)."""
-        return bool(self._mpp_override or self._mpp_meta or self._power_meta)
+        """Whether mpp and objective power are known (from metadata, the override or the fallback)."""
+        return bool(self._mpp_override or self._mpp_meta or self._power_meta or self._mpp_default)
+
+    @property
+    def mpp_source(self) -> str | None:
+        """Where :attr:`mpp` comes from: ``override``, ``metadata``, ``objective power``
+        (10 / power), ``fallback`` (``default_mpp``), or None (no scale)."""
+        if self._mpp_override:
+            return "override"
+        if self._mpp_meta:
+            return "metadata"
+        if self._power_meta:
+            return "objective power"
+        return "fallback" if self._mpp_default else None
 
     def _no_scale(self) -> SlideError:
         return SlideError(self.path, "no microns-per-pixel or objective power in the slide's "
@@ -174,10 +203,13 @@ class Slide:
 
     @property
     def mpp(self) -> float:
-        """Microns per level-0 pixel: override > metadata > ``10 / objective power``."""
+        """Microns per level-0 pixel: override > metadata > ``10 / objective power`` >
+        fallback."""
         value = self._mpp_override or self._mpp_meta
         if value is None and self._power_meta is not None:
             value = 10.0 / self._power_meta
+        if value is None:
+            value = self._mpp_default
         if value is None:
             raise self._no_scale()
         return value
@@ -254,7 +286,7 @@ class Slide:
         for level, level_downsample in enumerate(self.level_downsamples):
             factor = downsample / level_downsample
             scale = round(factor)
-            if abs(factor - scale) > 1e-9 or scale not in (1, 2, 4, 8) or (scale > 1 and self.reader != "reduced"):
+            if abs(factor - scale) > 1e-9 or scale not in (1, 2, 4, 8) or (scale > 1 and self.reader != Reader.REDUCED):
                 continue
             if scale > 1 and any(abs(d - downsample) < 1e-9 for d in self.level_downsamples):
                 continue  # a level of its own exists: read that one

@@ -1,13 +1,18 @@
-"""The one registry of designs across systems.
+"""The one registry of systems and their designs, configuration sections and segmenters.
 
-A system (H2G-Net, and DMMN, m-UNet, RAZN as they are added) is a subpackage of
+A system (H2G-Net, DMMN, m-UNet, RAZN, or a new one) is a subpackage of
 :mod:`h2g.systems` whose ``__init__`` defines ``SYSTEM = System(...)``: its name, the
 paper it reproduces, its designs (objects with ``name``, ``label``, ``system`` and
-``deep_learning``) and its runner, ``"module:function"`` with the signature
-``run(designs, manifest_path, out, config, resume, strategy=None) -> (metrics by design
-name, per-slide test rows)``, and optionally the manifest it runs on by default.  A new system plugs in by adding its package to
-:data:`SYSTEM_PACKAGES`; ``experiments/run.py`` then lists its designs, ``--design all``
-runs them and ``--system NAME`` runs that system's designs.
+``deep_learning``), its runner (``"module:function"`` with the signature ``run(designs,
+manifest_path, out, config, resume, strategy=None) -> (metrics by design name, per-slide
+test rows)``), the configuration sections it owns (``sections``: name -> dataclass, the
+paper's values as defaults; ``presets``: preset name -> a function giving its sections'
+values), the segmenters that deploy its models (``segmenters``: ``"module:Class"`` of
+:class:`h2g.inference.segmenter.Segmenter` subclasses) and optionally the manifest it
+runs on by default.  A new system plugs in by adding its package to
+:data:`SYSTEM_PACKAGES` (or with :func:`register`, e.g. from a test): ``experiments/run.py``
+then lists its designs, :func:`load_config` adds its sections to every preset, and
+:func:`load_segmenter` deploys models whose metadata names it.
 
 :func:`run` runs designs of any systems over one manifest and output folder and, for more
 than one design, writes the combined tables (every system's rows carry the binary tumour
@@ -16,12 +21,12 @@ recall / precision / Dice, so all designs sit in one table).
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-from h2g.core.errors import ConfigError
+from h2g.core.errors import ConfigError, ExportError
 
 SYSTEM_PACKAGES = ("h2g.systems.h2g", "h2g.systems.dmmn", "h2g.systems.munet", "h2g.systems.razn")
 REPO = Path(__file__).resolve().parents[2]
@@ -35,6 +40,9 @@ class System:
     designs: tuple  # in the paper's order
     runner: str  # "module:function"
     default_manifest: str | None = None  # the embedded cohort's manifest it runs on (repo-relative)
+    sections: Mapping[str, type] = field(default_factory=dict)  # config sections it owns
+    presets: Mapping[str, Callable[[], dict]] = field(default_factory=dict)  # preset -> its sections' values
+    segmenters: tuple[str, ...] = ()  # "module:Class" of the segmenters that deploy its models
 
     @property
     def manifest(self) -> Path:
@@ -52,13 +60,38 @@ class System:
                                                                   strategy=strategy)
 
 
+_EXTRA: dict[str, System] = {}  # systems registered at run time (register)
+
+
+def register(system: System) -> System:
+    """Add ``system`` to the registry at run time (a plug-in, or a test's toy system);
+    :func:`unregister` removes it."""
+    if system.name in systems() and systems()[system.name] is not system:
+        raise ConfigError(f"a system named {system.name!r} is already registered")
+    _EXTRA[system.name] = system
+    _clear()
+    return system
+
+
+def unregister(name: str) -> None:
+    _EXTRA.pop(name, None)
+    _clear()
+
+
+def _clear() -> None:
+    systems.cache_clear()
+    designs.cache_clear()
+
+
 @lru_cache(maxsize=None)
 def systems() -> dict[str, System]:
-    """Every registered system by name, in registry order."""
+    """Every registered system by name, in registry order (the packages of
+    :data:`SYSTEM_PACKAGES`, then those added with :func:`register`)."""
     found = {}
     for package in SYSTEM_PACKAGES:
         system = importlib.import_module(package).SYSTEM
         found[system.name] = system
+    found.update(_EXTRA)
     return found
 
 
@@ -136,3 +169,98 @@ def run(chosen: Sequence, manifest_path: Path | None, out: Path, config, resume:
         if sweeps:
             tables.write_threshold_table(Path(out), sweeps)
     return results
+
+
+# --------------------------------------------------------------------------------------
+# Configuration: the core sections and every system's
+# --------------------------------------------------------------------------------------
+def load_config(preset: str = "smoke", seed: int = 0):
+    """The named preset with the given seed: the core sections
+    (:func:`h2g.core.config.core_sections`) and every registered system's sections at
+    that preset's values (their dataclass defaults, the papers', where a system's preset
+    does not set them); :class:`ConfigError` for an unknown preset."""
+    from h2g.core.config import Config, core_sections
+
+    sections = core_sections(preset)
+    for system in systems().values():
+        values = system.presets[preset]() if preset in system.presets else {}
+        unknown = sorted(set(values) - set(system.sections))
+        if unknown:
+            raise ConfigError(f"system {system.name}: preset {preset!r} sets sections it does not own: {unknown}")
+        for name, cls in system.sections.items():
+            if name in sections:
+                raise ConfigError(f"config section {name!r} is owned by two systems (or by core and {system.name})")
+            sections[name] = values.get(name, cls())
+    return Config(preset, seed, sections)
+
+
+# --------------------------------------------------------------------------------------
+# Deployment: the segmenter of a set of models, by the system in their metadata
+# --------------------------------------------------------------------------------------
+def _load(target: str):
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def segmenters_of(system: str) -> list[type]:
+    """The segmenter classes of a registered system, in its order."""
+    return [_load(target) for target in systems()[system].segmenters]
+
+
+def segmenter_class(metas: Mapping[str, Any], system: str | None = None, described: str = ""):
+    """The segmenter class for models whose metadata (by role) is ``metas``: the first of
+    the segmenters of their ``system`` (or the given one) that accepts their roles;
+    :class:`ExportError` naming the models otherwise."""
+    if system is None:
+        names = {m.system for m in metas.values() if m is not None}
+        if len(names) != 1:
+            raise ExportError(f"{described or 'the models'}: the models belong to "
+                              f"{', '.join(sorted(names)) or 'no system'}; give the models of one system")
+        system = names.pop()
+    if system not in systems():
+        raise ExportError(f"{described or 'the models'}: system {system!r} is not registered (known: "
+                          f"{', '.join(systems())}); is h2g too old for these models?")
+    for cls in segmenters_of(system):
+        if cls.accepts(metas):
+            return cls
+    raise ExportError(f"cannot tell what to run from the models {described or list(metas)}: no segmenter of "
+                      f"{systems()[system].label} takes the roles {', '.join(sorted(metas))}")
+
+
+def load_segmenter(models: Sequence | Mapping, engine=None, options: Mapping | None = None,
+                   system: str | None = None):
+    """The deployed segmenter of exported model files: ``models`` a list (each model's role
+    and system come from its metadata) or ``{role: path}`` (``system`` then defaults to
+    ``h2g`` for models without metadata, as older H2G-Net exports are); ``engine`` an
+    :class:`h2g.inference.segmenter.EngineOptions`; ``options`` the tool's settings by
+    name (None = not given), turned into the segmenter's typed options
+    (:meth:`SegmentOptions.given`: one that does not apply is a :class:`ConfigError`)."""
+    from pathlib import Path
+
+    from h2g.inference.metadata import model_metadata
+
+    if isinstance(models, Mapping):
+        paths = {role: Path(p) for role, p in models.items()}
+        metas = {role: model_metadata(p) for role, p in paths.items()}
+        if system is None and all(m is None for m in metas.values()):
+            system = "h2g"
+    else:
+        files = [Path(m) for m in models]
+        if not files:
+            raise ConfigError("no model given")
+        metas_by_file = {f: model_metadata(f) for f in files}
+        missing = [str(f) for f, m in metas_by_file.items() if m is None]
+        if missing:
+            raise ExportError(f"{', '.join(missing)}: no h2g metadata in the model file (exported by an older "
+                              "version?); give H2G-Net's models with --patch-model and --refine-model")
+        roles = [m.role for m in metas_by_file.values()]
+        if len(set(roles)) != len(roles):
+            raise ExportError(f"{', '.join(map(str, files))}: two models with the same role "
+                              f"({', '.join(sorted(roles))})")
+        paths = {m.role: f for f, m in metas_by_file.items()}
+        metas = {m.role: m for m in metas_by_file.values()}
+    described = ", ".join(f"{Path(p).name} ({(metas[r].system + ' ') if metas[r] else ''}{r})"
+                          for r, p in paths.items())
+    cls = segmenter_class(metas, system, described)
+    typed = cls.Options.given(cls.label, **dict(options or {}))
+    return cls.from_files(paths, engine, typed)

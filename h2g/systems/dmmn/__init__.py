@@ -10,6 +10,7 @@ and DMMN-M3.
 Its default manifest is the embedded cohort's multi-class one
 (``data_manifest_multiclass.csv``: the same slides as H2G-Net's, with label maps).
 """
+from h2g.systems.dmmn import config
 from h2g.systems.dmmn.designs import DESIGNS
 from h2g.systems.registry import System
 
@@ -20,4 +21,7 @@ SYSTEM = System(
     designs=tuple(DESIGNS.values()),
     runner="h2g.systems.dmmn.pipeline:run_designs",
     default_manifest="data_manifest_multiclass.csv",
+    sections=config.SECTIONS,
+    presets=config.PRESETS,
+    segmenters=("h2g.inference.segmenter:SlidingSegmenter",),
 )

@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -34,15 +33,14 @@ from typing import ClassVar
 import numpy as np
 
 from h2g.core.atomic import replace_atomically
-from h2g.core.config import Config
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
 from h2g.data.views import View
-from h2g.evaluation import metrics, tables
+from h2g.evaluation import metrics
 from h2g.io.classes import IGNORE, colour_rgb
 from h2g.io.manifest import SlideRecord
 from h2g.io.slide import open_slide
-from h2g.systems.labelled import LabelledPipeline
+from h2g.systems import base
 from h2g.systems.dmmn.designs import Design
 
 log = logging.getLogger("h2g")
@@ -52,7 +50,7 @@ BACKGROUND_NAMES = metrics.BACKGROUND_NAMES  # the class of pixels no window cov
 
 
 @dataclass
-class Pipeline(LabelledPipeline):
+class Pipeline(base.Pipeline):
     """DMMN's stages over one manifest."""
 
     system_label: ClassVar[str] = "DMMN"
@@ -69,25 +67,10 @@ class Pipeline(LabelledPipeline):
         every = {name: View(name, float(m), c.size) for name, m in zip(VIEW_NAMES, c.magnifications)}
         return tuple(every[name] for name in design.views)
 
-    def sampler(self, split: str):
-        if split not in self._samplers:
-            from h2g.data.sampler import HierarchicalSampler, build_sources
-
-            c = self.config
-            sources = build_sources(
-                self._annotated(split),
-                magnification=c.dmmn.magnifications[0],
-                patch_size=c.dmmn.size,
-                tissue_threshold=c.dmmn.tissue_threshold,
-                tissue_magnification=c.patches.tissue_magnification,
-                saturation_threshold=c.patches.saturation_threshold,
-                annotation_downsample=c.patches.annotation_downsample,
-                classes=self.classes,
-                min_labelled=c.dmmn.min_labelled,
-            )
-            seed = c.seed if split == "train" else c.seed + 7919
-            self._samplers[split] = HierarchicalSampler(sources, stages=c.sampler.stages, seed=seed)
-        return self._samplers[split]
+    def split_sampler(self, split: str):
+        c = self.config.dmmn
+        return self.sampler(split, self._annotated(split), training=split == "train", magnification=c.magnifications[0],
+                            patch_size=c.size, tissue_threshold=c.tissue_threshold, min_labelled=c.min_labelled)
 
     def _data(self, design: Design, split: str, *, training: bool, start_batch: int = 0, n_batches=None,
               shard=None):
@@ -95,7 +78,7 @@ class Pipeline(LabelledPipeline):
         from h2g.data.dataset import sample_dataset
 
         c = self.config
-        sampler = self.sampler(split)
+        sampler = self.split_sampler(split)
         sampled = {source.slide_id for source in sampler.sources}
         annotations = {r.slide_id: self.annotation(r) for r in self._annotated(split) if r.slide_id in sampled}
         return sample_dataset(
@@ -107,10 +90,7 @@ class Pipeline(LabelledPipeline):
 
     def class_weights(self) -> np.ndarray:
         """``w_c = 1 - N_c / sum_k N_k`` over the annotated pixels of the training label maps."""
-        counts = np.zeros(self.classes.n_classes, np.int64)
-        for record in self._annotated("train"):
-            labels = self.annotation(record).labels
-            counts += np.bincount(labels[labels != IGNORE].ravel(), minlength=len(counts))[: len(counts)]
+        counts = self.annotated_pixels(self._annotated("train"))
         if counts.sum() == 0:
             raise ConfigError(f"{self.manifest_path}: the training label maps have no annotated pixel")
         from h2g.training.losses import class_weights_from_counts
@@ -127,10 +107,8 @@ class Pipeline(LabelledPipeline):
         from h2g.training import fit as training
 
         c = self.config
-        stage = Stage(self.out, "dmmn", config=c, sections=("dmmn", "patches", "sampler"), seeded=True,
-                      data=self.data, params={"architecture": design.architecture,
-                                              "classes": list(self.classes.names),
-                                              **distribute.describe(self.strategy)})
+        stage = self.training_stage("dmmn", ("dmmn", "patches", "sampler"), architecture=design.architecture,
+                                    classes=list(self.classes.names))
         if stage.done:
             return stage
         resumed = stage.prepare(self.resume)
@@ -162,7 +140,7 @@ class Pipeline(LabelledPipeline):
         return stage
 
     def metadata(self, design: Design):
-        from h2g.export.metadata import ModelMetadata
+        from h2g.inference.metadata import ModelMetadata
 
         classes = [{"name": name, "colour": colour_rgb(colour)} for name, colour in zip(self.classes.names,
                                                                                   self.classes.colours)]
@@ -171,67 +149,36 @@ class Pipeline(LabelledPipeline):
                              extras={"target": "x20", "stride": self.config.dmmn.stride})
 
     # ------------------------------------------------------------------ inference / evaluation
-    def segment(self, design: Design, model_path: Path, record: SlideRecord):
-        """The class-probability :class:`~h2g.inference.raster.Raster` of one slide."""
+    def segmenter(self, design: Design, model_path: Path):
+        """The design's model as deployment runs it (:class:`h2g.inference.segmenter.SlidingSegmenter`)
+        with the run's stride and tissue detection."""
         from h2g.inference.backends import KerasBackend
-        from h2g.inference.sliding import sliding_segmentation
-        from h2g.tiling.tissue import detect_tissue
+        from h2g.inference.segmenter import SlidingSegmenter, WindowOptions
 
         c = self.config
-        backend = KerasBackend(model_path)
-        with open_slide(record.slide_path, mpp=record.mpp) as slide:
-            tissue = detect_tissue(slide, magnification=c.patches.tissue_magnification,
-                                   saturation_threshold=c.patches.saturation_threshold)
-            return sliding_segmentation(slide, backend, self.views(design), target="x20", stride=c.dmmn.stride,
-                                        tissue=tissue, batch_size=c.dmmn.inference_batch,
-                                        readers=c.sampler.readers, progress=False)
-
-    def evaluate(self, raster, record: SlideRecord) -> tuple[np.ndarray, np.ndarray]:
-        """(predicted labels, truth labels) on the label map's grid
-        (:func:`h2g.evaluation.metrics.raster_labels`)."""
-        return metrics.raster_labels(raster, self.annotation(record), self.classes.names)
+        options = WindowOptions(stride=c.dmmn.stride, batch_size=c.dmmn.inference_batch, readers=c.sampler.readers,
+                                tissue_magnification=c.patches.tissue_magnification,
+                                saturation_threshold=c.patches.saturation_threshold)
+        return SlidingSegmenter({"segmentation": KerasBackend(model_path)}, options,
+                                metadata={"segmentation": self.metadata(design)})
 
     def run(self, design: Design) -> dict:
         """Train (or reuse) and evaluate ``design``; writes ``OUT/<design>/``: metrics.json
         and config.json (together, at the end), class tables, binary tables, the model."""
-        from h2g.evaluation import figures
-        from h2g.export.metadata import write_sidecar
-
         c = self.config
         folder = self.out / design.name
-        stage = self.model_stage(design)
-        model_path = stage.dir / "model.keras"
-        pooled, rows, unevaluated, examples = self.score_test_slides(design, lambda r: self.segment(design, model_path, r))
+        model_path = self.model_stage(design).dir / "model.keras"
+        segmenter = self.segmenter(design, model_path)
+
+        def raster_of(record):
+            with open_slide(record.slide_path, mpp=record.mpp) as slide:
+                return segmenter.segment(slide).raster
+
+        pooled, rows, unevaluated, examples = self.score_test_slides(design, raster_of)
         resolution = f"the label maps' grid (downsample {c.patches.annotation_downsample:g})"
-        folder.mkdir(parents=True, exist_ok=True)
-        self.scores[design.label] = pooled
-        tables.write_class_tables(folder, {design.label: pooled})
-        result = {
-            "design": design.name, "system": design.system, "label": design.label,
-            "preset": c.preset, "seed": c.seed, "n_test_slides": len(rows),
-            "mean_iou": pooled.mean_iou,
-            "classes": self.class_entries(pooled),
-            "mean_iou_by_slide": {r["slide_id"]: r["mean_iou"] for r in rows},
-            "resolution": resolution,
-            "unevaluated_slides": unevaluated,
-            "config": c.to_dict(),
-        }
-        self.join_table1(folder, design, rows, result, resolution)
-        models_dir = folder / "models"
-        models_dir.mkdir(exist_ok=True)
-        replace_atomically(models_dir / "segmenter.keras", lambda tmp: shutil.copyfile(model_path, tmp))
-        write_sidecar(models_dir / "segmenter.keras", self.metadata(design))
-        result["models"] = {"segmenter": str(models_dir / "segmenter.keras")}
-        figures.label_map_grid(folder / "examples.png", examples, self.classes)
+        result = self.class_result(folder, design, pooled, rows, unevaluated, resolution, examples)
+        result["models"] = self.save_models(folder, {"segmenter": (model_path, self.metadata(design))})
         return self.write_result(folder, design, result)
 
 
-def run_designs(designs: list[Design], manifest_path: Path, out: Path, config: Config, resume: bool = False,
-                strategy=None) -> tuple[dict[str, dict], list[dict]]:
-    """Run each DMMN design over one pipeline; with several, ``OUT/dmmn_class_tables.md``
-    compares them per class.  Returns the designs' metrics and per-slide binary rows."""
-    pipe = Pipeline(manifest_path, out, config, resume=resume, strategy=strategy)
-    results = {d.name: pipe.run(d) for d in designs}
-    if len(designs) > 1:
-        tables.write_class_tables(Path(out), pipe.scores, stem="dmmn_class_tables")
-    return results, pipe.rows
+run_designs = Pipeline.run_designs

@@ -6,6 +6,7 @@ nine-design ablation.
 - :mod:`~h2g.systems.h2g.pipeline`: the stages and how the designs chain them;
 - :mod:`~h2g.systems.h2g.refinement`: the refinement stage's samples and tf.data feed.
 """
+from h2g.systems.h2g import config
 from h2g.systems.h2g.designs import DESIGNS
 from h2g.systems.registry import System
 
@@ -15,4 +16,7 @@ SYSTEM = System(
     source="h2g-net.txt",
     designs=tuple(DESIGNS.values()),
     runner="h2g.systems.h2g.pipeline:run_designs",
+    sections=config.SECTIONS,
+    presets=config.PRESETS,
+    segmenters=("h2g.systems.h2g.segmenter:H2GSegmenter",),
 )

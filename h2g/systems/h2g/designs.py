@@ -6,13 +6,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from h2g.core.choices import Choice
+
+
+class Kind(Choice):
+    """How a design predicts: Otsu's tissue threshold, a network on the low-resolution
+    image alone, a patch heatmap, or a heatmap refined with the low-resolution image."""
+
+    OTSU = "otsu"
+    LOWRES = "lowres"
+    PATCHWISE = "patchwise"
+    REFINED = "refined"
+
 
 @dataclass(frozen=True)
 class Design:
     name: str  # command-line name
     label: str  # the paper's name
     numeral: str  # the paper's roman numeral
-    kind: str  # "otsu" | "lowres" | "patchwise" | "refined"
+    kind: Kind
     classifier: str | None = None  # h2g.models name of the patch classifier
     cluster_guided: bool = False  # CWCE loss with the frozen k-means cluster model
     refiner: str | None = None  # h2g.models name of the refinement / low-resolution net
@@ -20,7 +32,7 @@ class Design:
 
     @property
     def deep_learning(self) -> bool:
-        return self.kind != "otsu"
+        return self.kind != Kind.OTSU
 
     @property
     def needs_heatmaps(self) -> bool:
@@ -28,15 +40,15 @@ class Design:
 
 
 _DESIGNS = (
-    Design("otsu", "Otsu", "I", "otsu"),
-    Design("unet_lr", "UNet-LR", "II", "lowres", refiner="unet_lr"),
-    Design("inc_pw", "Inc-PW", "III", "patchwise", classifier="inceptionv3"),
-    Design("mob_pw", "Mob-PW", "IV", "patchwise", classifier="mobilenetv2"),
-    Design("mob_km_pw", "Mob-KM-PW", "V", "patchwise", classifier="mobilenetv2", cluster_guided=True),
-    Design("mob_pw_unet", "Mob-PW-UNet", "VI", "refined", classifier="mobilenetv2", refiner="unet"),
-    Design("mob_pw_agunet", "Mob-PW-AGUNet", "VII", "refined", classifier="mobilenetv2", refiner="agunet"),
-    Design("mob_pw_dagunet", "Mob-PW-DAGUNet", "VIII", "refined", classifier="mobilenetv2", refiner="dagunet"),
-    Design("mob_pw_doubleunet", "Mob-PW-DoubleUNet", "IX", "refined", classifier="mobilenetv2", refiner="doubleunet"),
+    Design("otsu", "Otsu", "I", Kind.OTSU),
+    Design("unet_lr", "UNet-LR", "II", Kind.LOWRES, refiner="unet_lr"),
+    Design("inc_pw", "Inc-PW", "III", Kind.PATCHWISE, classifier="inceptionv3"),
+    Design("mob_pw", "Mob-PW", "IV", Kind.PATCHWISE, classifier="mobilenetv2"),
+    Design("mob_km_pw", "Mob-KM-PW", "V", Kind.PATCHWISE, classifier="mobilenetv2", cluster_guided=True),
+    Design("mob_pw_unet", "Mob-PW-UNet", "VI", Kind.REFINED, classifier="mobilenetv2", refiner="unet"),
+    Design("mob_pw_agunet", "Mob-PW-AGUNet", "VII", Kind.REFINED, classifier="mobilenetv2", refiner="agunet"),
+    Design("mob_pw_dagunet", "Mob-PW-DAGUNet", "VIII", Kind.REFINED, classifier="mobilenetv2", refiner="dagunet"),
+    Design("mob_pw_doubleunet", "Mob-PW-DoubleUNet", "IX", Kind.REFINED, classifier="mobilenetv2", refiner="doubleunet"),
 )
 
 DESIGNS: dict[str, Design] = {d.name: d for d in _DESIGNS}

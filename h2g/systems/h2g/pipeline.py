@@ -5,8 +5,9 @@ net (II, VI-IX) -> test predictions -> metrics.  Each stage is a
 :class:`h2g.core.stages.Stage` that declares what it reads (config sections, the data key,
 upstream stages, the architecture), so ``--design all`` trains Mob-PW once and reuses
 its heatmaps for the four refinement designs, and changing e.g. ``refine.epochs``
-retrains only the refiners.  How a design turns its test samples into tumour
-probabilities is its kind's entry in :data:`PREDICTORS`.
+retrains only the refiners.  A design's test slides are predicted by H2G-Net's deployed
+segmenter (:class:`h2g.systems.h2g.segmenter.H2GSegmenter`, over Keras backends) on the
+cached heatmaps; Otsu's baseline by :func:`h2g.tiling.tissue.otsu_tissue`.
 
 Each design's results go to ``OUT/<design>/``: ``metrics.json`` and ``config.json``
 (written together, last), ``per_slide.csv``, tables, figures and copies of the models it
@@ -17,28 +18,24 @@ probability maps (:func:`h2g.evaluation.tables.threshold_sweep`).
 from __future__ import annotations
 
 import logging
-import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from h2g.core.atomic import replace_atomically, save_npz, write_json
-from h2g.core.config import Config
+from h2g.core.atomic import replace_atomically, save_npz
 from h2g.core.errors import ConfigError
-from h2g.core.stages import Stage, data_key
+from h2g.core.stages import Stage
 from h2g.evaluation import figures, metrics, tables
-from h2g.export.metadata import (
-    h2g_patch_metadata,
-    h2g_refinement_metadata,
-    write_sidecar,
-)
-from h2g.io.manifest import Manifest, SlideRecord, load_manifest
+from h2g.inference.metadata import h2g_patch_metadata, h2g_refinement_metadata
 from h2g.io.overlay import write_heatmap_overlay
 from h2g.io.slide import open_slide
-from h2g.systems.h2g.designs import Design
-from h2g.tiling.tissue import detect_tissue, otsu_tissue
+from h2g.systems import base
+from h2g.systems.h2g.designs import Design, Kind
+from h2g.systems.h2g.segmenter import H2GSegmenter, options_from_config
+from h2g.tiling.tissue import otsu_tissue
 
 log = logging.getLogger("h2g")
 
@@ -48,66 +45,30 @@ DEEP_SUPERVISED = ("agunet", "dagunet", "doubleunet")
 
 
 @dataclass
-class Pipeline:
+class Pipeline(base.Pipeline):
     """The stages of H2G-Net's designs over one manifest, cached under ``out/_cache``."""
 
-    manifest_path: Path
-    out: Path
-    config: Config
-    resume: bool = False
-    strategy: object = None  # a tf.distribute strategy for the training stages (h2g.training.distribute)
-    manifest: Manifest = field(init=False)
+    system_label: ClassVar[str] = "H2G-Net"
 
     def __post_init__(self):
-        self.manifest_path = Path(self.manifest_path)
-        self.out = Path(self.out)
-        self.manifest = load_manifest(self.manifest_path)
-        self.data = data_key(self.manifest)
-        self.rows: list[dict] = []  # per-slide test metrics of every design run so far
-        self._samplers: dict[str, object] = {}
+        super().__post_init__()
         self._samples: dict[tuple, list] = {}
 
-    # ------------------------------------------------------------------ helpers
-    def records(self, split: str) -> list[SlideRecord]:
-        return self.manifest.split(split)
-
-    def _slide(self, record: SlideRecord):
+    def _slide(self, record):
         return open_slide(record.slide_path, mpp=record.mpp)
 
-    def _stage(self, name: str, sections: tuple[str, ...], *, seeded: bool = True, upstream=None, **params) -> Stage:
-        return Stage(self.out, name, config=self.config, sections=sections, seeded=seeded, data=self.data,
-                     upstream=upstream or {}, params=params)
-
-    def _tissue(self, slide):
+    def split_sampler(self, split: str):
         c = self.config.patches
-        return detect_tissue(slide, magnification=c.tissue_magnification, saturation_threshold=c.saturation_threshold)
+        return self.sampler(split, self.records(split), training=split == "train", magnification=c.magnification,
+                            patch_size=c.patch_size, tissue_threshold=c.tissue_threshold)
 
-    def sampler(self, split: str):
-        if split not in self._samplers:
-            from h2g.data.sampler import HierarchicalSampler, build_sources
+    def segmenter(self, classifier: Path | None = None, refiner: Path | None = None) -> H2GSegmenter:
+        """H2G-Net's segmenter over Keras models of this run's stages, with its settings."""
+        from h2g.inference.backends import KerasBackend
 
-            c = self.config
-            sources = build_sources(
-                self.records(split),
-                magnification=c.patches.magnification,
-                patch_size=c.patches.patch_size,
-                tissue_threshold=c.patches.tissue_threshold,
-                tumour_threshold=c.patches.tumour_threshold,
-                tissue_magnification=c.patches.tissue_magnification,
-                saturation_threshold=c.patches.saturation_threshold,
-                annotation_downsample=c.patches.annotation_downsample,
-                classes=self.manifest.classes,
-            )
-            seed = c.seed if split == "train" else c.seed + 7919
-            self._samplers[split] = HierarchicalSampler(sources, stages=c.sampler.stages, seed=seed)
-        return self._samplers[split]
-
-    def _training_stage(self, name: str, sections: tuple[str, ...], *, upstream=None, **params) -> Stage:
-        """A stage that trains a network: its key also names the distribution strategy
-        (nothing for one device, so single-device keys are those of earlier versions)."""
-        from h2g.training import distribute
-
-        return self._stage(name, sections, upstream=upstream, **params, **distribute.describe(self.strategy))
+        backends = {role: KerasBackend(path) for role, path in (("patch_classifier", classifier),
+                                                                 ("refinement", refiner)) if path is not None}
+        return H2GSegmenter(backends, options_from_config(self.config.to_dict()), metadata=dict.fromkeys(backends))
 
     def _patch_data(self, split: str, batch_size: int, *, training: bool, n_batches=None, augment=None, start_batch=0,
                     shard=None):
@@ -115,7 +76,7 @@ class Pipeline:
 
         c = self.config
         return patch_dataset(
-            self.sampler(split),
+            self.split_sampler(split),
             batch_size=batch_size,
             training=training,
             augment=augment,
@@ -133,7 +94,7 @@ class Pipeline:
         from h2g.training import clustering
 
         c = self.config
-        stage = self._stage("cluster", ("cluster", "patches", "sampler"))
+        stage = self.stage("cluster", ("cluster", "patches", "sampler"))
         if stage.done:
             return stage
         stage.prepare(resume=False)
@@ -159,8 +120,8 @@ class Pipeline:
 
         c = self.config
         cluster = self.cluster_stage() if design.cluster_guided else None
-        stage = self._training_stage("classifier", ("classifier", "patches", "sampler"), upstream={"cluster": cluster},
-                                     architecture=design.classifier, cluster_guided=design.cluster_guided)
+        stage = self.training_stage("classifier", ("classifier", "patches", "sampler"), upstream={"cluster": cluster},
+                                    architecture=design.classifier, cluster_guided=design.cluster_guided)
         if stage.done:
             return stage
         resumed = stage.prepare(self.resume)
@@ -209,40 +170,41 @@ class Pipeline:
 
     def heatmap_stage(self, classifier: Stage) -> Stage:
         """Whole-slide heatmaps of every slide of the manifest (one ``.npz`` per slide,
-        written atomically, so an interrupted stage resumes at the next slide)."""
-        import keras
-
-        from h2g.inference.backends import make_backend
-        from h2g.inference.heatmap import slide_heatmap
-
+        written atomically, so an interrupted stage resumes at the next slide), made by
+        the deployed segmenter's patch stage."""
         c = self.config
-        stage = self._stage("heatmaps", ("patches",), seeded=False, upstream={"classifier": classifier},
-                            stride=c.heatmap.stride)
+        stage = self.stage("heatmaps", ("patches",), seeded=False, upstream={"classifier": classifier},
+                           stride=c.heatmap.stride)
         if stage.done:
             return stage
         stage.prepare(resume=True)
-        backend = make_backend(keras.models.load_model(classifier.dir / "classifier.keras"), engine="keras")
+        segmenter = self.segmenter(classifier=classifier.dir / "classifier.keras")
         for record in tqdm(list(self.manifest), desc="heatmaps", unit="slide"):
             target = stage.dir / f"{record.slide_id}.npz"
             if target.is_file():
                 continue
             slide = self._slide(record)
-            heat = slide_heatmap(
-                slide, backend, tissue=self._tissue(slide), tissue_threshold=c.patches.tissue_threshold,
-                magnification=c.patches.magnification, patch_size=c.patches.patch_size,
-                stride=c.heatmap.stride, batch_size=c.heatmap.batch_size, readers=c.heatmap.readers, progress=False,
-            )
+            heat = segmenter.heatmap(slide, tissue=self.tissue(slide))
             write_heatmap_overlay(stage.dir / f"{record.slide_id}.png", slide, heat.probs)
-            save_npz(target, probs=heat.probs, step=heat.step)
+            save_npz(target, probs=heat.probs, step=heat.step, n_patches=heat.n_patches)
         stage.finish({"classifier": str(classifier.dir), "slides": len(self.manifest.records)})
         return stage
+
+    def cached_heatmap(self, heatmaps: Stage, record):
+        """``record``'s heatmap from the heatmap stage (its patch count from the file, or
+        from its non-zero cells for a stage written before counts were kept)."""
+        from h2g.inference.heatmap import Heatmap
+
+        data = np.load(heatmaps.dir / f"{record.slide_id}.npz")
+        probs = data["probs"]
+        count = int(data["n_patches"]) if "n_patches" in data else int(np.count_nonzero(probs))
+        return Heatmap(probs=probs, step=int(data["step"]), n_patches=count)
 
     def samples(self, split: str, heatmaps: Stage | None) -> list:
         """Refinement-resolution samples (image, heatmap, mask) of one split.  Training
         and validation slides without an annotation are left out with a warning (a
         split left with none is a :class:`ConfigError`); test slides without one keep
         ``mask=None`` and are reported as unevaluated."""
-        from h2g.inference.heatmap import Heatmap
         from h2g.inference.lowres import refinement_inputs
         from h2g.systems.h2g.refinement import RefinementSample, target_mask
 
@@ -262,11 +224,7 @@ class Pipeline:
         out = []
         for record in records:
             slide = self._slide(record)
-            if heatmaps is not None:
-                data = np.load(heatmaps.dir / f"{record.slide_id}.npz")
-                heat = Heatmap(probs=data["probs"], step=int(data["step"]))
-            else:
-                heat = None
+            heat = self.cached_heatmap(heatmaps, record) if heatmaps is not None else None
             image, heatmap = refinement_inputs(slide, heat, size=c.refine.size)
             mask = (target_mask(record.annotation_path, slide, c.refine.size, c.patches.annotation_downsample)
                     if record.annotation_path else None)
@@ -285,8 +243,8 @@ class Pipeline:
         from h2g.training import fit as training
 
         c = self.config
-        stage = self._training_stage("refiner", ("refine", "patches"), upstream={"heatmaps": heatmaps},
-                                     architecture=design.refiner)
+        stage = self.training_stage("refiner", ("refine", "patches"), upstream={"heatmaps": heatmaps},
+                                    architecture=design.refiner)
         if stage.done:
             return stage
         resumed = stage.prepare(self.resume)
@@ -341,7 +299,13 @@ class Pipeline:
         samples = self.samples("test", heatmaps)
         if design.refiner is not None:
             used["refiner"] = self.refiner_stage(design, heatmaps).dir / "refiner.keras"
-        probs = PREDICTORS[design.kind](samples, used.get("refiner"))
+        if design.kind == Kind.OTSU:  # (I): Otsu's tissue mask of the low-resolution image (tissue, not tumour)
+            probs = [otsu_tissue((s.image * 255).round().astype(np.uint8)).astype(np.float32) for s in samples]
+        else:  # (II-IX): the deployed segmenter on the cached heatmaps
+            segmenter = self.segmenter(used.get("patch_classifier"), used.get("refiner"))
+            by_id = {r.slide_id: r for r in self.records("test")}
+            probs = [segmenter.segment(self._slide(by_id[s.slide_id]), heatmap=self.cached_heatmap(
+                heatmaps, by_id[s.slide_id]) if heatmaps is not None else None).prob for s in samples]
         return list(zip(samples, probs)), used
 
     def _metadata(self, design: Design, role: str):
@@ -376,71 +340,23 @@ class Pipeline:
             raise ConfigError(f"{self.manifest_path}: no test slide has an annotation; nothing to evaluate")
         summary = tables.metrics_summary(rows, design.label)
         sweep = tables.threshold_sweep(swept, aucs)
-        result = {
-            **summary,
-            "threshold_sweep": sweep,
-            "design": design.name,
-            "system": design.system,
-            "label": design.label,
-            "preset": c.preset,
-            "seed": c.seed,
-            "resolution": [c.refine.size, c.refine.size],
-            "threshold": c.eval.threshold,
-            "unevaluated_slides": unevaluated,
-            "models": {k: str(v) for k, v in used.items()},
-            "config": c.to_dict(),
-        }
+        result = self.result(design, n_test_slides=summary["n_test_slides"], resolution=[c.refine.size] * 2,
+                             unevaluated=unevaluated,
+                             **{k: v for k, v in summary.items() if k not in ("design", "n_test_slides")},
+                             threshold_sweep=sweep, threshold=c.eval.threshold)
         folder.mkdir(parents=True, exist_ok=True)
         tables.write_tables(folder, rows, [design.label], resolution=c.refine.size)
         tables.write_threshold_table(folder, {design.label: sweep})
-        models_dir = folder / "models"
-        for role, path in used.items():
-            models_dir.mkdir(exist_ok=True)
-            replace_atomically(models_dir / f"{role}.keras", lambda tmp, src=path: shutil.copyfile(src, tmp))
-            write_sidecar(models_dir / f"{role}.keras", self._metadata(design, role))
+        result["models"] = self.save_models(folder, {role: (path, self._metadata(design, role))
+                                                     for role, path in used.items()})
         figure_rows = [
-            (s.slide_id, s.image, s.mask, s.heatmap[..., 0] if design.needs_heatmaps else None, metrics.binarise(p, c.eval.threshold))
+            (s.slide_id, s.image, s.mask, s.heatmap[..., 0] if design.needs_heatmaps else None,
+             metrics.binarise(p, c.eval.threshold))
             for s, p in pairs[: c.eval.figure_slides]
         ]
         figures.figure_grid(folder / "examples.png", figure_rows)
-        write_json(folder / "config.json", {"design": design.name, "system": design.system,
-                                            "manifest": str(self.manifest_path), **c.to_dict()})
-        write_json(folder / "metrics.json", result)
         self.rows.extend(rows)
-        return result
+        return self.write_result(folder, design, result)
 
 
-# ---------------------------------------------------------------------- predictors
-def _predict_otsu(samples, _refiner) -> list[np.ndarray]:
-    """(I): Otsu's tissue mask of the low-resolution image (tissue, not tumour)."""
-    return [otsu_tissue((s.image * 255).round().astype(np.uint8)).astype(np.float32) for s in samples]
-
-
-def _predict_patchwise(samples, _refiner) -> list[np.ndarray]:
-    """(III-V): the heatmap itself, at the refinement resolution."""
-    return [s.heatmap[..., 0] for s in samples]
-
-
-def _predict_refined(samples, refiner: Path) -> list[np.ndarray]:
-    """(II, VI-IX): the refinement / low-resolution network, through the same backend
-    and :func:`h2g.inference.lowres.refine` as deployment."""
-    from h2g.inference.backends import KerasBackend
-    from h2g.inference.lowres import refine
-
-    backend = KerasBackend(refiner)
-    with_heatmap = "heatmap" in backend.input_names
-    return [refine(backend, s.image, s.heatmap if with_heatmap else None) for s in samples]
-
-
-PREDICTORS = {"otsu": _predict_otsu, "patchwise": _predict_patchwise, "lowres": _predict_refined,
-              "refined": _predict_refined}
-
-
-def run_designs(designs: list[Design], manifest_path: Path, out: Path, config: Config,
-                resume: bool = False, strategy=None) -> tuple[dict[str, dict], list[dict]]:
-    """Run each design over one pipeline (shared stages run once); returns the designs'
-    metrics and every per-slide test row (the registry writes the combined tables).
-    ``strategy``: a ``tf.distribute`` strategy for the training stages."""
-    pipe = Pipeline(manifest_path, out, config, resume=resume, strategy=strategy)
-    results = {d.name: pipe.run(d) for d in designs}
-    return results, pipe.rows
+run_designs = Pipeline.run_designs

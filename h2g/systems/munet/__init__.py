@@ -11,6 +11,7 @@ Its default manifest is the embedded cohort's multi-stain one
 (``data_manifest_multistain.csv``: IHC renderings of the cohort's layouts for training,
 the H&E test slides as the unseen stain; :mod:`h2g.data.multistain`).
 """
+from h2g.systems.munet import config
 from h2g.systems.munet.designs import DESIGNS
 from h2g.systems.registry import System
 
@@ -21,4 +22,7 @@ SYSTEM = System(
     designs=tuple(DESIGNS.values()),
     runner="h2g.systems.munet.pipeline:run_designs",
     default_manifest="data_manifest_multistain.csv",
+    sections=config.SECTIONS,
+    presets=config.PRESETS,
+    segmenters=("h2g.inference.segmenter:SlidingSegmenter",),
 )

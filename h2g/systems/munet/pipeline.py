@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -44,15 +43,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from h2g.core.atomic import replace_atomically, write_text
-from h2g.core.config import Config
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
 from h2g.data.views import View
-from h2g.evaluation import metrics, tables
+from h2g.evaluation import metrics
 from h2g.io.classes import IGNORE, colour_rgb
 from h2g.io.manifest import SlideRecord
 from h2g.io.slide import open_slide
-from h2g.systems.labelled import LabelledPipeline
+from h2g.systems import base
 from h2g.systems.munet.designs import Design
 
 log = logging.getLogger("h2g")
@@ -62,7 +60,7 @@ OUTPUTS = ("segmentation", "high", "low")
 
 
 @dataclass
-class Pipeline(LabelledPipeline):
+class Pipeline(base.Pipeline):
     """m-UNet's stages over one manifest."""
 
     system_label: ClassVar[str] = "m-UNet"
@@ -70,7 +68,7 @@ class Pipeline(LabelledPipeline):
     def __post_init__(self):
         super().__post_init__()
         self._evaluated: dict[str, dict] = {}
-        self._backends: dict[str, object] = {}
+        self._segmenters: dict[tuple, object] = {}
         c = self.config.munet
         mags = c.magnifications
         if len(mags) != 2 or not mags[0] > mags[1] > 0:
@@ -118,26 +116,21 @@ class Pipeline(LabelledPipeline):
         rest = iter(bal[1:])
         return [float(bal[0]) if i == tumour else float(next(rest, 1.0)) for i in range(self.classes.n_classes)]
 
-    def sampler(self, key: str, records: list[SlideRecord], seed: int):
-        if key not in self._samplers:
-            from h2g.data.sampler import HierarchicalSampler, build_sources
+    def munet_sampler(self, key: str, records: list[SlideRecord], training: bool):
+        c = self.config.munet
 
-            c = self.config
-            sources = build_sources(
-                records, magnification=c.munet.magnifications[0], patch_size=c.munet.size,
-                tissue_threshold=c.munet.tissue_threshold, tissue_magnification=c.patches.tissue_magnification,
-                saturation_threshold=c.patches.saturation_threshold,
-                annotation_downsample=c.patches.annotation_downsample, classes=self.classes,
-                min_labelled=c.munet.min_labelled, progress=False)
+        def class_weights(sources):
             weights = self.class_balance()
             absent = [i for i in range(len(weights)) if not any(len(s.class_indices(i)) for s in sources)]
             if absent:  # e.g. no "other" patch among few validation slides, or in confident pseudo-labels
                 log.warning("m-UNet sampler %s: no %s patches; the class stage draws the other classes", key,
                             ", ".join(self.classes.names[i] for i in absent))
                 weights = [0.0 if i in absent else w for i, w in enumerate(weights)]
-            self._samplers[key] = HierarchicalSampler(sources, stages=c.sampler.stages, seed=seed,
-                                                      class_weights=weights)
-        return self._samplers[key]
+            return weights
+
+        return self.sampler(key, records, training=training, magnification=c.magnifications[0], patch_size=c.size,
+                            tissue_threshold=c.tissue_threshold, min_labelled=c.min_labelled,
+                            class_weights=class_weights, progress=False)
 
     def _data(self, records, key: str, *, both: bool, training: bool, augment: str | None, start_batch=0,
               n_batches=None, shard=None):
@@ -145,8 +138,7 @@ class Pipeline(LabelledPipeline):
         from h2g.data.dataset import sample_dataset
 
         c = self.config
-        seed = c.seed if training else c.seed + 7919
-        sampler = self.sampler(key, records, seed)
+        sampler = self.munet_sampler(key, records, training)
         sampled = {s.slide_id for s in sampler.sources}
         annotations = {r.slide_id: self.annotation(r) for r in records if r.slide_id in sampled}
         views = self.views(both)
@@ -165,11 +157,7 @@ class Pipeline(LabelledPipeline):
         """``1 - N_c / N`` over the annotated pixels of the training label maps."""
         from h2g.training.losses import class_weights_from_counts
 
-        counts = np.zeros(self.classes.n_classes, np.int64)
-        for record in self._annotated("train"):
-            labels = self.annotation(record).labels
-            counts += np.bincount(labels[labels != IGNORE].ravel(), minlength=len(counts))[: len(counts)]
-        return class_weights_from_counts(counts)
+        return class_weights_from_counts(self.annotated_pixels(self._annotated("train")))
 
     # ------------------------------------------------------------------ stages
     def _train(self, stage: Stage, model, train_records, train_key: str, *, both: bool, augment: str,
@@ -203,9 +191,8 @@ class Pipeline(LabelledPipeline):
         from h2g.training import distribute
 
         c = self.config
-        stage = Stage(self.out, "munet_base", config=c, sections=("munet", "patches", "sampler"), seeded=True,
-                      data=self.data, params={"encoder": c.munet.base_encoder, "classes": list(self.classes.names),
-                                              **distribute.describe(self.strategy)})
+        stage = self.training_stage("munet_base", ("munet", "patches", "sampler"), encoder=c.munet.base_encoder,
+                                    classes=list(self.classes.names))
         if stage.done:
             return stage
         resumed = stage.prepare(self.resume)
@@ -228,10 +215,9 @@ class Pipeline(LabelledPipeline):
         """Pseudo-labels of every training slide from ``previous``'s model (round ``k``)."""
         c = self.config
         threshold = float(c.munet.thresholds[k])
-        stage = Stage(self.out, f"munet_pseudo{k + 1}", config=c, sections=("munet", "patches"), seeded=False,
-                      data=self.data, upstream={"model": previous},
-                      params={"threshold": threshold, "views": "both" if both else "high",
-                              "keep_annotations": c.munet.keep_annotations})
+        stage = self.stage(f"munet_pseudo{k + 1}", ("munet", "patches"), seeded=False, upstream={"model": previous},
+                           threshold=threshold, views="both" if both else "high",
+                           keep_annotations=c.munet.keep_annotations)
         if stage.done:
             return stage
         stage.prepare(self.resume)
@@ -272,10 +258,9 @@ class Pipeline(LabelledPipeline):
 
         c = self.config.munet
         labels = self.pseudo_stage(k, previous, both=k > 0)
-        stage = Stage(self.out, f"munet_round{k + 1}", config=self.config, sections=("munet", "patches", "sampler"),
-                      seeded=True, data=self.data, upstream={"labels": labels, "previous": previous},
-                      params={"round": k + 1, "encoder": c.master_encoder, "classes": list(self.classes.names),
-                              **distribute.describe(self.strategy)})
+        stage = self.training_stage(f"munet_round{k + 1}", ("munet", "patches", "sampler"),
+                                    upstream={"labels": labels, "previous": previous}, round=k + 1,
+                                    encoder=c.master_encoder, classes=list(self.classes.names))
         if stage.done:
             return stage
         resumed = stage.prepare(self.resume)
@@ -305,20 +290,24 @@ class Pipeline(LabelledPipeline):
 
     # ------------------------------------------------------------------ inference / evaluation
     def segment(self, model_path: Path, record: SlideRecord, both: bool):
+        """The class-probability raster of one slide by ``model_path``, as deployment runs
+        it (:class:`h2g.inference.segmenter.SlidingSegmenter`, one per model)."""
         from h2g.inference.backends import KerasBackend
-        from h2g.inference.sliding import sliding_segmentation
-        from h2g.tiling.tissue import detect_tissue
+        from h2g.inference.metadata import ModelMetadata
+        from h2g.inference.segmenter import SlidingSegmenter, WindowOptions
 
         c = self.config
-        if str(model_path) not in self._backends:
-            self._backends[str(model_path)] = KerasBackend(model_path)
-        backend = self._backends[str(model_path)]
+        key = (str(model_path), both)
+        if key not in self._segmenters:
+            meta = ModelMetadata(system="munet", role="segmentation", views=self.views(both), output="pixel_probs",
+                                 extras={"target": HI, "stride": c.munet.stride})
+            options = WindowOptions(stride=c.munet.stride, batch_size=c.munet.inference_batch,
+                                    readers=c.sampler.readers, tissue_magnification=c.patches.tissue_magnification,
+                                    saturation_threshold=c.patches.saturation_threshold)
+            self._segmenters[key] = SlidingSegmenter({"segmentation": KerasBackend(model_path)}, options,
+                                                     metadata={"segmentation": meta})
         with open_slide(record.slide_path, mpp=record.mpp) as slide:
-            tissue = detect_tissue(slide, magnification=c.patches.tissue_magnification,
-                                   saturation_threshold=c.patches.saturation_threshold)
-            return sliding_segmentation(slide, backend, self.views(both), target=HI, stride=c.munet.stride,
-                                        tissue=tissue, batch_size=c.munet.inference_batch,
-                                        readers=c.sampler.readers, progress=False)
+            return self._segmenters[key].segment(slide).raster
 
     def on_label_grid(self, raster, record: SlideRecord):
         """The raster on the annotation grid (bilinear), cut to the label map's shape."""
@@ -392,7 +381,7 @@ class Pipeline(LabelledPipeline):
         return result
 
     def metadata(self, design: Design):
-        from h2g.export.metadata import ModelMetadata
+        from h2g.inference.metadata import ModelMetadata
 
         classes = [{"name": name, "colour": colour_rgb(colour)} for name, colour in zip(self.classes.names,
                                                                                   self.classes.colours)]
@@ -403,7 +392,6 @@ class Pipeline(LabelledPipeline):
     def run(self, design: Design) -> dict:
         """Train (or reuse) and evaluate ``design``; writes ``OUT/<design>/``."""
         from h2g.evaluation import figures
-        from h2g.export.metadata import write_sidecar
 
         c = self.config
         folder = self.out / design.name
@@ -423,26 +411,13 @@ class Pipeline(LabelledPipeline):
         pooled = evaluated["pooled"]
         rows = [dict(r, design=design.label) for r in evaluated["rows"]]
         folder.mkdir(parents=True, exist_ok=True)
-        self.scores[design.label] = pooled
-        tables.write_class_tables(folder, {design.label: pooled})
         write_text(folder / "munet_tables.md", munet_tables(design.label, evaluated, rounds))
         figures.group_iou_plot(folder / "iou_by_stain_scanner.png", evaluated["groups"],
                                [n for n in pooled.names if n != pooled.names[0]], title=design.label)
         resolution = f"the label maps' grid (downsample {c.patches.annotation_downsample:g})"
-        result = {
-            "design": design.name, "system": design.system, "label": design.label, "preset": c.preset,
-            "seed": c.seed, "n_test_slides": len(rows), "mean_iou": pooled.mean_iou,
-            "classes": evaluated["classes"], "groups": evaluated["groups"], "rounds": rounds,
-            "mean_iou_by_slide": {r["slide_id"]: r["mean_iou"] for r in rows},
-            "resolution": resolution, "config": c.to_dict(),
-        }
-        self.join_table1(folder, design, rows, result, resolution)  # m-UNet's table always has a tumour class
-        models_dir = folder / "models"
-        models_dir.mkdir(exist_ok=True)
-        replace_atomically(models_dir / "segmenter.keras", lambda tmp: shutil.copyfile(model_path, tmp))
-        write_sidecar(models_dir / "segmenter.keras", self.metadata(design))
-        result["models"] = {"segmenter": str(models_dir / "segmenter.keras")}
-        figures.label_map_grid(folder / "examples.png", evaluated["examples"], self.classes)
+        result = self.class_result(folder, design, pooled, rows, [], resolution, evaluated["examples"],
+                                   classes=evaluated["classes"], groups=evaluated["groups"], rounds=rounds)
+        result["models"] = self.save_models(folder, {"segmenter": (model_path, self.metadata(design))})
         return self.write_result(folder, design, result)
 
 
@@ -499,11 +474,4 @@ def munet_tables(label: str, evaluated: dict, rounds: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def run_designs(designs: list[Design], manifest_path: Path, out: Path, config: Config, resume: bool = False,
-                strategy=None) -> tuple[dict[str, dict], list[dict]]:
-    """Run each m-UNet design over one pipeline (the base model is shared)."""
-    pipe = Pipeline(manifest_path, out, config, resume=resume, strategy=strategy)
-    results = {d.name: pipe.run(d) for d in designs}
-    if len(designs) > 1:
-        tables.write_class_tables(Path(out), pipe.scores, stem="munet_class_tables")
-    return results, pipe.rows
+run_designs = Pipeline.run_designs

@@ -10,6 +10,7 @@ with the paper's Table 1 baselines Scale 1, Scale 2, MS and Attention.
 
 Runs by default on the embedded cohort's multi-class manifest.
 """
+from h2g.systems.razn import config
 from h2g.systems.razn.designs import DESIGNS
 from h2g.systems.registry import System
 
@@ -20,4 +21,7 @@ SYSTEM = System(
     designs=tuple(DESIGNS.values()),
     runner="h2g.systems.razn.pipeline:run_designs",
     default_manifest="data_manifest_multiclass.csv",
+    sections=config.SECTIONS,
+    presets=config.PRESETS,
+    segmenters=("h2g.systems.razn.segmenter:ZoomSegmenter", "h2g.inference.segmenter:SlidingSegmenter"),
 )

@@ -26,7 +26,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -34,16 +33,15 @@ from typing import ClassVar
 import numpy as np
 
 from h2g.core.atomic import replace_atomically, write_text
-from h2g.core.config import Config
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
 from h2g.data.views import View
-from h2g.evaluation import metrics, tables
+from h2g.evaluation import metrics
 from h2g.inference.zoom import ZOOM_RATE, zoom_views
 from h2g.io.classes import colour_rgb
 from h2g.io.manifest import SlideRecord
 from h2g.io.slide import open_slide
-from h2g.systems.labelled import LabelledPipeline
+from h2g.systems import base
 from h2g.systems.razn.designs import DESIGNS, Design
 
 log = logging.getLogger("h2g")
@@ -51,7 +49,7 @@ RAZN_MODELS = ("policy", "coarse", "fine")
 
 
 @dataclass
-class Pipeline(LabelledPipeline):
+class Pipeline(base.Pipeline):
     """RAZN's stages over one manifest."""
 
     system_label: ClassVar[str] = "RAZN"
@@ -77,26 +75,17 @@ class Pipeline(LabelledPipeline):
         both = {v.name: v for v in self.zoom_views}
         return tuple(both[n] for n in design.views)
 
-    def sampler(self, split: str = "train"):
-        if split not in self._samplers:
-            from h2g.data.sampler import HierarchicalSampler, build_sources
-
-            c = self.config
-            sources = build_sources(
-                self._annotated(split), magnification=c.razn.magnification, patch_size=c.razn.size,
-                tissue_threshold=c.razn.tissue_threshold, tissue_magnification=c.patches.tissue_magnification,
-                saturation_threshold=c.patches.saturation_threshold,
-                annotation_downsample=c.patches.annotation_downsample, classes=self.classes,
-                min_labelled=c.razn.min_labelled)
-            self._samplers[split] = HierarchicalSampler(sources, stages=c.sampler.stages, seed=c.seed)
-        return self._samplers[split]
+    def train_sampler(self):
+        c = self.config.razn
+        return self.sampler("train", self._annotated("train"), training=True, magnification=c.magnification,
+                            patch_size=c.size, tissue_threshold=c.tissue_threshold, min_labelled=c.min_labelled)
 
     def batches(self, start: int):
         """Training batches ``({"x0", "x1"}, labels of x1)`` from global batch ``start``."""
         from h2g.data.dataset import sample_dataset
 
         c = self.config
-        sampler = self.sampler("train")
+        sampler = self.train_sampler()
         sampled = {s.slide_id for s in sampler.sources}
         annotations = {r.slide_id: self.annotation(r) for r in self._annotated("train") if r.slide_id in sampled}
         return sample_dataset(sampler, self.zoom_views, target="pixels", target_view="x1",
@@ -127,8 +116,7 @@ class Pipeline(LabelledPipeline):
         from h2g.systems.razn.training import RaznTrainer, UnitTrainer
 
         c = self.config
-        stage = Stage(self.out, "razn", config=c, sections=("razn", "patches", "sampler"), seeded=True,
-                      data=self.data, params={"design": design.name, "classes": list(self.classes.names)})
+        stage = self.stage("razn", ("razn", "patches", "sampler"), design=design.name, classes=list(self.classes.names))
         if stage.done:
             return stage
         resumed = stage.prepare(self.resume)
@@ -150,7 +138,7 @@ class Pipeline(LabelledPipeline):
         return stage
 
     def metadata(self, design: Design, role: str):
-        from h2g.export.metadata import ModelMetadata
+        from h2g.inference.metadata import ModelMetadata
 
         c = self.config.razn
         classes = [{"name": name, "colour": colour_rgb(colour)} for name, colour in zip(self.classes.names,
@@ -173,34 +161,27 @@ class Pipeline(LabelledPipeline):
         return ModelMetadata(system="razn", design=design.name, role="segmentation", views=self.views(design),
                              classes=classes, output="pixel_probs", extras={"target": target, "stride": stride})
 
-    def backends(self, design: Design, stage: Stage) -> dict:
+    def segmenter(self, design: Design, stage: Stage):
+        """The design's networks as deployment runs them: RAZN's conditional zoom
+        (:class:`h2g.systems.razn.segmenter.ZoomSegmenter`), a baseline's unit by sliding
+        window over the same regions (:class:`h2g.inference.segmenter.SlidingSegmenter`)."""
         from h2g.inference.backends import KerasBackend
-
-        names = RAZN_MODELS if design.unit is None else ("unit",)
-        return {n: KerasBackend(stage.dir / f"{n}.keras") for n in names}
-
-    # ------------------------------------------------------------------ inference
-    def segment(self, design: Design, backends: dict, record: SlideRecord):
-        """``(raster, zoom stats or None)`` of one slide."""
-        from h2g.inference.sliding import sliding_segmentation
-        from h2g.inference.zoom import zoom_segmentation
-        from h2g.tiling.tissue import detect_tissue
+        from h2g.inference.segmenter import SlidingSegmenter, WindowOptions
+        from h2g.systems.razn.segmenter import ZoomOptions, ZoomSegmenter
 
         c = self.config
-        with open_slide(record.slide_path, mpp=record.mpp) as slide:
-            tissue = detect_tissue(slide, magnification=c.patches.tissue_magnification,
-                                   saturation_threshold=c.patches.saturation_threshold)
-            if design.unit is None:
-                return zoom_segmentation(slide, backends["policy"], backends["coarse"], backends["fine"],
-                                         size=c.razn.size, magnification=c.razn.magnification,
-                                         threshold=c.razn.zoom_threshold, tissue=tissue,
-                                         batch_size=c.razn.inference_batch, progress=False)
-            meta = self.metadata(design, "segmentation")
-            raster = sliding_segmentation(slide, backends["unit"], meta.views, target=meta.extras["target"],
-                                          stride=meta.extras["stride"], tissue=tissue,
-                                          batch_size=c.razn.inference_batch, readers=c.sampler.readers,
-                                          progress=False)
-            return raster, None
+        detection = dict(tissue_magnification=c.patches.tissue_magnification,
+                         saturation_threshold=c.patches.saturation_threshold)
+        if design.unit is None:
+            backends = {n: KerasBackend(stage.dir / f"{n}.keras") for n in RAZN_MODELS}
+            return ZoomSegmenter(backends, ZoomOptions(threshold=c.razn.zoom_threshold,
+                                                       batch_size=c.razn.inference_batch, **detection),
+                                 metadata={n: self.metadata(design, n) for n in RAZN_MODELS})
+        meta = self.metadata(design, "segmentation")
+        options = WindowOptions(stride=meta.extras["stride"], batch_size=c.razn.inference_batch,
+                                readers=c.sampler.readers, **detection)
+        return SlidingSegmenter({"segmentation": KerasBackend(stage.dir / "unit.keras")}, options,
+                                metadata={"segmentation": meta})
 
     def timing_regions(self) -> tuple[np.ndarray, np.ndarray]:
         """``(x0 (N, S, S, 3), x1 (N, 2S, 2S, 3))`` of ``timing_regions`` regions evenly
@@ -254,7 +235,7 @@ class Pipeline(LabelledPipeline):
             scale1 = _GraphBackend(razn.unit_model("scale1", razn.build_resnet18_fcn(
                 self.classes.n_classes, c.razn.size, c.razn.width)))
             reference = lambda i: scale1.predict(x0[i:i + 1])  # noqa: E731
-            unit = backends["unit"]
+            unit = backends["segmentation"]
             feed = {"x0": x0, "x1": x1}
             if len(design.views) == 1:
                 run = lambda i: unit.predict(feed[design.views[0]][i:i + 1])  # noqa: E731
@@ -290,62 +271,47 @@ class Pipeline(LabelledPipeline):
     # ------------------------------------------------------------------ a design
     def run(self, design: Design) -> dict:
         """Train (or reuse), evaluate and time ``design``; writes ``OUT/<design>/``."""
-        from h2g.evaluation import figures
-        from h2g.export.metadata import write_sidecar
-
         c = self.config
         folder = self.out / design.name
         stage = self.model_stage(design)
-        backends = self.backends(design, stage)
+        segmenter = self.segmenter(design, stage)
         zoom_maps, counts = [], {"zoomed": 0, "regions": 0}
 
         def raster_of(record):  # the raster, keeping the zoom decisions
-            raster, stats = self.segment(design, backends, record)
-            if stats is not None:
-                counts["zoomed"] += int(stats.zoomed.sum())
-                counts["regions"] += len(stats.zoomed)
+            with open_slide(record.slide_path, mpp=record.mpp) as slide:
+                seg = segmenter.segment(slide)
+            if seg.zoom is not None:
+                counts["zoomed"] += int(seg.zoom.zoomed.sum())
+                counts["regions"] += len(seg.zoom.zoomed)
                 if len(zoom_maps) < c.eval.figure_slides:
-                    zoom_maps.append((record.slide_id, raster.label_map(fill=-1), stats.zoom_map(raster.shape)))
-            return raster
+                    zoom_maps.append((record.slide_id, seg.raster.label_map(fill=-1),
+                                      seg.zoom.zoom_map(seg.raster.shape)))
+            return seg.raster
 
         pooled, rows, unevaluated, examples = self.score_test_slides(design, raster_of)
         zoomed, regions = counts["zoomed"], counts["regions"]
         zoom_fraction = zoomed / regions if design.unit is None and regions else None
-        timing = self.relative_time(design, backends)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.scores[design.label] = pooled
-        tables.write_class_tables(folder, {design.label: pooled})
-        result = {
-            "design": design.name, "system": design.system, "label": design.label,
-            "preset": c.preset, "seed": c.seed, "n_test_slides": len(rows),
-            "mean_iou": pooled.mean_iou,
-            "weighted_iou": metrics.weighted_iou(pooled, "frequency"),
-            "inverse_weighted_iou": metrics.weighted_iou(pooled, "inverse"),
-            "classes": self.class_entries(pooled),
-            "relative_time": timing,
-            "relative_flops": self.relative_flops(design, zoom_fraction),
-            "zoom_fraction": zoom_fraction,
-            "mean_iou_by_slide": {r["slide_id"]: r["mean_iou"] for r in rows},
-            "resolution": f"the label maps' grid (downsample {c.patches.annotation_downsample:g})",
-            "unevaluated_slides": unevaluated,
-            "config": c.to_dict(),
-        }
-        self.join_table1(folder, design, rows, result, result["resolution"])
-        models_dir = folder / "models"
-        models_dir.mkdir(exist_ok=True)
-        result["models"] = {}
-        for name in backends:
-            role = name if design.unit is None else "segmentation"
-            stem = name if design.unit is None else "segmenter"
-            target = models_dir / f"{stem}.keras"
-            replace_atomically(target, lambda tmp, n=name: shutil.copyfile(stage.dir / f"{n}.keras", tmp))
-            write_sidecar(target, self.metadata(design, role))
-            result["models"][stem] = str(target)
-        figures.label_map_grid(folder / "examples.png", examples, self.classes)
+        timing = self.relative_time(design, segmenter.backends)
+        resolution = f"the label maps' grid (downsample {c.patches.annotation_downsample:g})"
+        result = self.class_result(
+            folder, design, pooled, rows, unevaluated, resolution, examples,
+            weighted_iou=metrics.weighted_iou(pooled, "frequency"),
+            inverse_weighted_iou=metrics.weighted_iou(pooled, "inverse"), relative_time=timing,
+            relative_flops=self.relative_flops(design, zoom_fraction), zoom_fraction=zoom_fraction)
+        if design.unit is None:
+            models = {n: (stage.dir / f"{n}.keras", self.metadata(design, n)) for n in RAZN_MODELS}
+        else:
+            models = {"segmenter": (stage.dir / "unit.keras", self.metadata(design, "segmentation"))}
+        result["models"] = self.save_models(folder, models)
         if zoom_maps:
             zoom_figure(folder / "zoom.png", zoom_maps, self.classes)
         write_text(folder / "table1.md", table1_markdown([result]))
         return self.write_result(folder, design, result)
+
+    def after_designs(self, designs, results):
+        order = [d.name for d in DESIGNS.values() if d.name in results]
+        write_text(Path(self.out) / "razn_table1.md", table1_markdown([results[n] for n in order]))
+        super().after_designs(designs, results)
 
 
 class _GraphBackend:
@@ -404,15 +370,4 @@ def table1_markdown(results: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_designs(designs: list[Design], manifest_path: Path, out: Path, config: Config, resume: bool = False,
-                strategy=None) -> tuple[dict[str, dict], list[dict]]:
-    """Run each RAZN design over one pipeline; with several, ``OUT/razn_table1.md`` (the
-    paper's Table 1) and ``OUT/razn_class_tables.md``.  Returns the designs' metrics and
-    per-slide binary rows."""
-    pipe = Pipeline(manifest_path, out, config, resume=resume, strategy=strategy)
-    results = {d.name: pipe.run(d) for d in designs}
-    if len(designs) > 1:
-        order = [d.name for d in DESIGNS.values() if d.name in results]
-        write_text(Path(out) / "razn_table1.md", table1_markdown([results[n] for n in order]))
-        tables.write_class_tables(Path(out), pipe.scores, stem="razn_class_tables")
-    return results, pipe.rows
+run_designs = Pipeline.run_designs
