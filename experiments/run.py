@@ -4,13 +4,18 @@
     python experiments/run.py --system h2g                    # every H2G-Net design
     python experiments/run.py --design all --preset paper --manifest my_slides.csv --out runs/paper
     python experiments/run.py --design mob_pw_unet --set refine.epochs=5 --set seed=3
+    python experiments/run.py --system razn --seeds 0 1 2       # each seed in OUT/seed<S>/; seeds.md, claims.md
     python experiments/run.py --design mob_pw --strategy mirrored            # all local GPUs
     TF_CONFIG=... python experiments/run.py --design mob_pw --strategy multiworker   # one per host
 
 Every stage a design needs runs, stage outputs whose declared inputs did not change are
 reused, and ``OUT/NAME/metrics.json`` and ``config.json`` plus tables and figures are
-written; with several designs, ``OUT/tables.md`` compares them.  A bad manifest exits with
-code 2 and lists every bad row before any work starts.
+written; with several designs, ``OUT/tables.md`` compares them.  With ``--seeds`` each seed
+runs into ``OUT/seed<S>/`` (one stage cache for all), then ``OUT/seeds.md`` gives every
+design's metrics as mean ± sd over the seeds and ``OUT/claims.md`` / ``claims.json`` the
+papers' claims between the chosen designs, tested over seeds and slides
+(:mod:`h2g.evaluation.claims`).  A bad manifest exits with code 2 and lists every bad row
+before any work starts.
 """
 from __future__ import annotations
 
@@ -36,6 +41,8 @@ def parse_args(argv):
                         "data_manifest.csv for H2G-Net, data_manifest_multiclass.csv for DMMN)")
     p.add_argument("--out", type=Path, default=Path("runs"), help="output folder (default: runs/)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="run every chosen design once per seed (OUT/seed<S>/) and test the papers' claims over them")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a config value, e.g. refine.epochs=5 (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue interrupted training stages")
@@ -48,6 +55,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if not args.design and not args.system:
         p.error("give --design NAME [NAME ...] (or 'all') or --system NAME")
+    if args.seeds is not None and "--seed" in (argv or sys.argv[1:]):
+        p.error("give --seed or --seeds, not both")
     return args
 
 
@@ -72,6 +81,15 @@ def main(argv=None) -> int:
     for manifest in sorted(manifests):
         load_manifest(manifest)  # every bad row, before any work starts
     out = distribute.worker_folder(args.out, strategy)
+    if args.seeds is not None:
+        from h2g.evaluation.claims import claims_markdown
+
+        _, claims = registry.run_seeds(chosen, args.manifest, out, config, args.seeds, resume=args.resume,
+                                       strategy=strategy)
+        print(f"\nthe papers' claims over seeds {' '.join(map(str, args.seeds))}:\n")
+        print(claims_markdown(claims, {d.name: d.label for d in chosen}))
+        print(f"results in {out.resolve()} (seeds.md, claims.md, seed<S>/)")
+        return 0
     results = registry.run(chosen, args.manifest, out, config, resume=args.resume, strategy=strategy)
     print(f"\n{'design':<20} {'system':<8} {'recall':>8} {'precision':>10} {'dice':>14}  (binary tumour, test slides)")
     for m in results.values():

@@ -171,7 +171,7 @@ def run_script(script: str, *args, block_tensorflow: bool = True, tmp_path: Path
             (blocker / f"{name}.py").write_text(f"raise ImportError('{name} is not installed here')\n")
         env["PYTHONPATH"] = os.pathsep.join([str(blocker), str(REPO)])
     return subprocess.run([sys.executable, str(REPO / "export" / script), *map(str, args)],
-                          capture_output=True, text=True, env=env, timeout=300)
+                          capture_output=True, text=True, env=env, timeout=600)
 
 
 def load_cli(name: str, folder: str = "export"):

@@ -10,6 +10,7 @@ import math
 import numpy as np
 import pytest
 from conftest import tiny_config
+from helpers import run_script
 
 from h2g.systems.registry import resolve, run
 
@@ -58,28 +59,20 @@ def test_designs_write_table1_rows(razn_run):
     assert (out / "razn" / "zoom.png").is_file() and not (out / "razn_scale1" / "zoom.png").exists()
 
 
-def test_finished_stage_is_reused_and_resume_is_a_no_op(razn_run):
+def test_finished_stage_is_reused_and_resume_is_a_no_op(razn_run, monkeypatch):
+    """A second run (with --resume) trains nothing: the training loop is never entered
+    and the stage's files keep their modification times."""
+    from h2g.systems.razn import training
+
     manifest, out, results = razn_run
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "_cache").rglob("*") if p.is_file()}
+    calls = []
+    for trainer in (training.RaznTrainer, training.UnitTrainer):
+        monkeypatch.setattr(trainer, "fit", lambda self, *a, **k: calls.append(type(self).__name__))
     again = run(resolve(["razn"]), manifest, out, razn_config(), resume=True)
+    assert calls == []
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     assert again["razn"]["mean_iou"] == results["razn"]["mean_iou"]
-
-
-def _run_tf_free(script, *args, tmp_path):
-    """``export/<script>`` in a fresh interpreter where importing tensorflow, keras or
-    tf2onnx fails, as in a deployment venv without them."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import REPO
-
-    blocker = tmp_path / "no_tensorflow"
-    blocker.mkdir(exist_ok=True)
-    for name in ("tensorflow", "keras", "tf2onnx"):
-        (blocker / f"{name}.py").write_text(f"raise ImportError('{name} is not installed here')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
-    return subprocess.run([sys.executable, str(REPO / "export" / script), *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=600)
 
 
 def test_export_served_by_segment_slide_matches_the_keras_pipeline(razn_run, tmp_path):
@@ -94,7 +87,7 @@ def test_export_served_by_segment_slide_matches_the_keras_pipeline(razn_run, tmp
     with Slide(record.slide_path) as slide:
         convert([out / "razn" / "models"], slide, tmp_path / "exported", progress=False)
     onnx = [tmp_path / "exported" / f"{r}.onnx" for r in ("fine", "policy", "coarse")]  # any order
-    done = _run_tf_free("segment_slide.py", *onnx, "--slide", record.slide_path, "--out", tmp_path / "seg",
+    done = run_script("segment_slide.py", *onnx, "--slide", record.slide_path, "--out", tmp_path / "seg",
                         "--engine", "onnxruntime", "--quiet", "--batch-size", 3, tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "seg" / "summary.json").read_text())
@@ -111,7 +104,7 @@ def test_export_served_by_segment_slide_matches_the_keras_pipeline(razn_run, tmp
 
     # export/segment_cohort.py runs the same segmenter on each slide (process pool): the
     # test slides' outputs equal segment_slide.py's
-    done = _run_tf_free("segment_cohort.py", manifest, "--split", "test", "--model", *onnx, "--out",
+    done = run_script("segment_cohort.py", manifest, "--split", "test", "--model", *onnx, "--out",
                         tmp_path / "cohort", "--engine", "onnxruntime", "--batch-size", 3, "--executor", "process",
                         "--workers", "1", "--quiet", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -122,7 +115,7 @@ def test_export_served_by_segment_slide_matches_the_keras_pipeline(razn_run, tmp
 
     # export/benchmark.py reports RAZN's stages from the three OpenVINO IRs
     xml = [tmp_path / "exported" / f"{r}.xml" for r in ("policy", "coarse", "fine")]
-    done = _run_tf_free("benchmark.py", "--slide", record.slide_path, "--model", *xml, "--engine", "openvino",
+    done = run_script("benchmark.py", "--slide", record.slide_path, "--model", *xml, "--engine", "openvino",
                         "--precision", "f32", "--repeats", 1, "--json", tmp_path / "bench.json",
                         "--markdown", tmp_path / "bench.md", tmp_path=tmp_path)
     assert done.returncode == 0, done.stderr

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from h2g.core.atomic import write_text
+from h2g.core.choices import Choice
 from h2g.core.errors import ExportError
 from h2g.inference.metadata import (
     ModelMetadata,
@@ -93,6 +94,15 @@ def find_models(paths) -> list[Path]:
 # --------------------------------------------------------------------------------------
 # Model structure
 # --------------------------------------------------------------------------------------
+class ModelKind(Choice):
+    """What a Keras model is, from its inputs and output (:func:`signature`)."""
+
+    CLASSIFIER = "classifier"
+    CLUSTER = "cluster"
+    REFINEMENT = "refinement"
+    SEGMENTATION = "segmentation"
+
+
 @dataclass
 class Signature:
     """How a Keras model is called and what its exported graph looks like."""
@@ -101,7 +111,7 @@ class Signature:
     shapes: tuple[tuple, ...]  # per input, batch dimension None
     structure: str  # "single" | "list" | "dict"
     keras_order: tuple[str, ...]  # input names in the model's own list order
-    kind: str  # "classifier" | "cluster" | "refinement" | "segmentation"
+    kind: "ModelKind"
     output: str  # "probs" | "clusters"
 
 
@@ -128,13 +138,13 @@ def signature(model, path, metadata: ModelMetadata | None = None) -> Signature:
     out = model.outputs[0]
     integer = "int" in str(out.dtype)
     if set(names) == set(INPUT_NAMES):
-        kind = "refinement"
+        kind = ModelKind.REFINEMENT
     elif integer:
-        kind = "cluster"
+        kind = ModelKind.CLUSTER
     elif len(out.shape) == 4:
-        kind = "segmentation"
+        kind = ModelKind.SEGMENTATION
     else:
-        kind = "classifier"
+        kind = ModelKind.CLASSIFIER
     return Signature(names, shapes, structure, keras_order, kind, "clusters" if integer else "probs")
 
 
@@ -144,9 +154,9 @@ def inferred_metadata(sig: Signature) -> ModelMetadata:
     refinement network or low-resolution U-Net (a one-input segmentation model) -> the
     whole slide at the input size."""
     side = sig.shapes[0][1]
-    if sig.kind in ("classifier", "cluster"):
+    if sig.kind in (ModelKind.CLASSIFIER, ModelKind.CLUSTER):
         return h2g_patch_metadata(side or 256, PARITY_MAGNIFICATION,
-                                  role="cluster" if sig.kind == "cluster" else "patch_classifier")
+                                  role="cluster" if sig.kind == ModelKind.CLUSTER else "patch_classifier")
     return h2g_refinement_metadata(side, heatmap="heatmap" in sig.names)
 
 
@@ -264,7 +274,7 @@ def parity_inputs(sig: Signature, slide, metadata: ModelMetadata | None = None) 
         feed = {n: smooth_random((2,) + tuple(d or 64 for d in shape[1:]), seed=i)
                 for i, (n, shape) in enumerate(zip(sig.names, sig.shapes))}
         return feed, "smooth random inputs " + ", ".join(f"{n} {list(v.shape)}" for n, v in feed.items())
-    if sig.kind in ("classifier", "cluster"):
+    if sig.kind in (ModelKind.CLASSIFIER, ModelKind.CLUSTER):
         size = height or 256
         if width not in (None, size):
             raise ExportError(f"parity check supports square patch inputs, got {height}x{width}")
@@ -272,7 +282,7 @@ def parity_inputs(sig: Signature, slide, metadata: ModelMetadata | None = None) 
         batch = parity_patches(slide, size, magnification=magnification)
         described = f"{len(batch)} tissue patches {size}x{size} at {magnification:g}x from {slide.path}"
         return {"image": batch}, described
-    if views and sig.kind == "segmentation":  # a one-view segmentation model
+    if views and sig.kind == ModelKind.SEGMENTATION:  # a one-view segmentation model
         centres = parity_views(slide, views[:1])
         batch = np.stack([read_views(slide, tuple(c), views[:1])[views[0].name] for c in centres])
         return ({"image": batch.astype(np.float32) / 255.0},
@@ -309,7 +319,7 @@ def check_parity(model, sig: Signature, onnx_path: Path, xml_path: Path, feed: d
                  fp16_path: Path | None = None, tolerance: float = TOLERANCE) -> dict:
     """Differences of every engine's output to Keras on ``feed``; ``passed`` is True
     when ONNX Runtime and OpenVINO f32 are within ``tolerance`` (ids: identical)."""
-    integer = sig.kind == "cluster"
+    integer = sig.kind == ModelKind.CLUSTER
     reference = KerasBackend(model).predict(feed)
     low, high = float(reference.min()), float(reference.max())
     # a randomly initialised net gives ~0.5 everywhere: parity then proves little
@@ -354,7 +364,7 @@ def export_model(model, out_dir, stem: str, slide, *, source: str | None = None,
     feed, described = parity_inputs(sig, slide, metadata)
     return {
         "keras": source or model.name,
-        "kind": sig.kind,
+        "kind": str(sig.kind),
         "inputs": {n: list(s) for n, s in zip(sig.names, sig.shapes)},
         "output": sig.output,
         "metadata": metadata.to_dict(),

@@ -24,11 +24,23 @@ import multiprocessing
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
+from h2g.core.choices import Choice
 from h2g.core.errors import ConfigError
 from h2g.export.cohort import run_task
 
 log = logging.getLogger(__name__)
-EXECUTORS = ("auto", "ray", "process")
+
+
+class Executor(Choice):
+    """Where a cohort's slides run: Ray when it is installed (``auto``), Ray, or a local
+    process pool."""
+
+    AUTO = "auto"
+    RAY = "ray"
+    PROCESS = "process"
+
+
+EXECUTORS = Executor.values()
 RAY_MISSING = "Ray is not installed: pip install 'h2g[cluster]' (or use --executor process)"
 
 
@@ -155,11 +167,10 @@ class PoolExecutor:
 def make_executor(kind: str = "auto", *, address: str | None = None, workers: int = 1, cpus_per_slide: float = 1,
                   gpus_per_slide: float = 0, memory_per_slide: float | None = None):
     """The executor ``kind`` names (``auto``: Ray when installed, else the process pool)."""
-    if kind not in EXECUTORS:
-        raise ConfigError(f"unknown executor {kind!r}; choose one of {', '.join(EXECUTORS)}")
-    if kind == "auto":
-        kind = "ray" if ray_available() else "process"
-    if kind == "ray":
+    kind = Executor.parse(kind, "executor")
+    if kind == Executor.AUTO:
+        kind = Executor.RAY if ray_available() else Executor.PROCESS
+    if kind == Executor.RAY:
         return RayExecutor(address, workers, cpus_per_slide, gpus_per_slide, memory_per_slide)
     if address:
         raise ConfigError("--address joins a Ray cluster; the process pool runs on this machine only")

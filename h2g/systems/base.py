@@ -44,6 +44,7 @@ class Pipeline:
     config: Config
     resume: bool = False
     strategy: object = None  # a tf.distribute strategy for the training stages (h2g.training.distribute)
+    cache: Path | None = None  # the stages' cache root (default: out; several seeds' runs share one)
     manifest: Manifest = field(init=False)
 
     system_label: ClassVar[str] = "this system"
@@ -51,6 +52,7 @@ class Pipeline:
     def __post_init__(self):
         self.manifest_path = Path(self.manifest_path)
         self.out = Path(self.out)
+        self.cache = Path(self.cache) if self.cache is not None else self.out
         self.manifest = load_manifest(self.manifest_path)
         self.classes = self.manifest.classes
         self.data = data_key(self.manifest)
@@ -62,10 +64,11 @@ class Pipeline:
     # ------------------------------------------------------------------ runs
     @classmethod
     def run_designs(cls, designs: list, manifest_path: Path, out: Path, config: Config, resume: bool = False,
-                    strategy=None) -> tuple[dict[str, dict], list[dict]]:
+                    strategy=None, cache: Path | None = None) -> tuple[dict[str, dict], list[dict]]:
         """Run each design over one pipeline (shared stages run once); returns the designs'
-        metrics and every per-slide test row (the registry writes the combined tables)."""
-        pipe = cls(manifest_path, out, config, resume=resume, strategy=strategy)
+        metrics and every per-slide test row (the registry writes the combined tables).
+        ``cache``: the stages' cache root (default ``out``)."""
+        pipe = cls(manifest_path, out, config, resume=resume, strategy=strategy, cache=cache)
         results = {d.name: pipe.run(d) for d in designs}
         if len(designs) > 1:
             pipe.after_designs(designs, results)
@@ -119,7 +122,7 @@ class Pipeline:
     # ------------------------------------------------------------------ stages
     def stage(self, name: str, sections: tuple[str, ...], *, seeded: bool = True, upstream=None, **params) -> Stage:
         """A cached stage of this pipeline's manifest (:class:`h2g.core.stages.Stage`)."""
-        return Stage(self.out, name, config=self.config, sections=sections, seeded=seeded, data=self.data,
+        return Stage(self.cache, name, config=self.config, sections=sections, seeded=seeded, data=self.data,
                      upstream=upstream or {}, params=params)
 
     def training_stage(self, name: str, sections: tuple[str, ...], *, upstream=None, **params) -> Stage:
@@ -244,6 +247,7 @@ class Pipeline:
         if self.classes.tumour_index is not None:
             summary = tables.metrics_summary(rows, design.label)
             result.update({k: v for k, v in summary.items() if k != "design"})
+            result["dice_by_slide"] = {r["slide_id"]: r["dice"] for r in rows}
             tables.write_tables(folder, rows, [design.label], resolution=resolution)
             self.rows.extend(rows)
         if examples:

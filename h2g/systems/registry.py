@@ -43,6 +43,7 @@ class System:
     sections: Mapping[str, type] = field(default_factory=dict)  # config sections it owns
     presets: Mapping[str, Callable[[], dict]] = field(default_factory=dict)  # preset -> its sections' values
     segmenters: tuple[str, ...] = ()  # "module:Class" of the segmenters that deploy its models
+    claims: str | None = None  # "module:NAME" of its paper's claims (h2g.evaluation.claims.Claim)
 
     @property
     def manifest(self) -> Path:
@@ -52,12 +53,15 @@ class System:
         return REPO / self.default_manifest if self.default_manifest else DEFAULT_MANIFEST
 
     def run(self, designs: Sequence, manifest_path: Path, out: Path, config, resume: bool = False,
-            strategy=None):
+            strategy=None, cache: Path | None = None):
         """Run ``designs`` of this system; ``strategy`` (a ``tf.distribute`` strategy or
-        None) is given to the system's training stages."""
-        module, _, function = self.runner.partition(":")
-        return getattr(importlib.import_module(module), function)(list(designs), manifest_path, out, config, resume,
-                                                                  strategy=strategy)
+        None) is given to the system's training stages; ``cache``: the stages' cache root
+        (default ``out``)."""
+        return _load(self.runner)(list(designs), manifest_path, out, config, resume, strategy=strategy, cache=cache)
+
+    def paper_claims(self) -> tuple:
+        """The claims of the system's paper (empty when it lists none)."""
+        return tuple(_load(self.claims)) if self.claims else ()
 
 
 _EXTRA: dict[str, System] = {}  # systems registered at run time (register)
@@ -138,7 +142,7 @@ def resolve(names: str | Sequence[str] = (), system: str | None = None) -> list:
 
 
 def run(chosen: Sequence, manifest_path: Path | None, out: Path, config, resume: bool = False,
-        strategy=None) -> dict[str, dict]:
+        strategy=None, cache: Path | None = None) -> dict[str, dict]:
     """Run designs (of one or several systems); returns metrics by design name.  With
     more than one design, ``out`` also gets the combined tables and Dice box plot.
     ``manifest_path`` None: each system on its own default (:attr:`System.manifest`:
@@ -152,7 +156,7 @@ def run(chosen: Sequence, manifest_path: Path | None, out: Path, config, resume:
         mine = [d for d in chosen if d.system == system.name]
         if mine:
             manifest = system.manifest if manifest_path is None else manifest_path
-            got, got_rows = system.run(mine, manifest, out, config, resume, strategy=strategy)
+            got, got_rows = system.run(mine, manifest, out, config, resume, strategy=strategy, cache=cache)
             results.update(got)
             rows.extend(got_rows)
     if len(chosen) > 1:
@@ -169,6 +173,43 @@ def run(chosen: Sequence, manifest_path: Path | None, out: Path, config, resume:
         if sweeps:
             tables.write_threshold_table(Path(out), sweeps)
     return results
+
+
+def run_seeds(chosen: Sequence, manifest_path: Path | None, out: Path, config, seeds: Sequence[int],
+              resume: bool = False, strategy=None) -> tuple[dict[int, dict[str, dict]], list[dict]]:
+    """:func:`run` once per seed into ``out/seed<S>/`` (every seed's stages in one cache,
+    ``out/_cache``, so a stage the seed does not enter runs once), then over the seeds:
+    ``out/seeds.md`` (each design's metrics, mean ± sd over seeds) and the claims of the
+    chosen designs' papers between the chosen designs (``out/claims.md`` / ``claims.json``:
+    :mod:`h2g.evaluation.claims`).  Returns each seed's metrics by design, and the claims."""
+    from h2g.core.atomic import write_json, write_text
+    from h2g.evaluation import claims as evaluation
+
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ConfigError(f"--seeds needs distinct seeds, got {list(seeds)}")
+    out = Path(out)
+    results = {}
+    for seed in seeds:
+        results[seed] = run(chosen, manifest_path, out / f"seed{seed}", config.replace(seed=seed), resume=resume,
+                            strategy=strategy, cache=out / "_cache")
+    loaded = evaluation.load_seeds({s: out / f"seed{s}" for s in seeds})
+    labels = {d.name: d.label for d in chosen}
+    tables, claims_md, found = [], [], []
+    for system in systems().values():
+        mine = [d for d in chosen if d.system == system.name]
+        if not mine:
+            continue
+        wanted = {d.name for d in mine}
+        claims = [c for c in system.paper_claims()
+                  if c.better.partition("/")[0] in wanted and c.worse.partition("/")[0] in wanted]
+        checked = evaluation.evaluate(claims, loaded)
+        found += [{"system": system.name, **c} for c in checked]
+        tables += [f"## {system.label}", "", evaluation.seeds_markdown(loaded, [d.name for d in mine], labels)]
+        claims_md += [f"## {system.label}", "", evaluation.claims_markdown(checked, labels)]
+    write_text(out / "seeds.md", "\n".join(tables))
+    write_text(out / "claims.md", "\n".join(claims_md))
+    write_json(out / "claims.json", found)
+    return results, found
 
 
 # --------------------------------------------------------------------------------------
@@ -198,8 +239,12 @@ def load_config(preset: str = "smoke", seed: int = 0):
 # Deployment: the segmenter of a set of models, by the system in their metadata
 # --------------------------------------------------------------------------------------
 def _load(target: str):
+    """The object ``"module:name"`` names (``name`` may be dotted: ``Class.method``)."""
     module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)
+    found = importlib.import_module(module)
+    for part in name.split("."):
+        found = getattr(found, part)
+    return found
 
 
 def segmenters_of(system: str) -> list[type]:

@@ -23,5 +23,6 @@ SYSTEM = System(
     default_manifest="data_manifest_multiclass.csv",
     sections=config.SECTIONS,
     presets=config.PRESETS,
+    claims="h2g.systems.dmmn.claims:CLAIMS",
     segmenters=("h2g.inference.segmenter:SlidingSegmenter",),
 )

@@ -18,5 +18,6 @@ SYSTEM = System(
     runner="h2g.systems.h2g.pipeline:run_designs",
     sections=config.SECTIONS,
     presets=config.PRESETS,
+    claims="h2g.systems.h2g.claims:CLAIMS",
     segmenters=("h2g.systems.h2g.segmenter:H2GSegmenter",),
 )

@@ -343,7 +343,8 @@ class Pipeline(base.Pipeline):
         result = self.result(design, n_test_slides=summary["n_test_slides"], resolution=[c.refine.size] * 2,
                              unevaluated=unevaluated,
                              **{k: v for k, v in summary.items() if k not in ("design", "n_test_slides")},
-                             threshold_sweep=sweep, threshold=c.eval.threshold)
+                             dice_by_slide={r["slide_id"]: r["dice"] for r in rows}, threshold_sweep=sweep,
+                             threshold=c.eval.threshold)
         folder.mkdir(parents=True, exist_ok=True)
         tables.write_tables(folder, rows, [design.label], resolution=c.refine.size)
         tables.write_threshold_table(folder, {design.label: sweep})

@@ -24,5 +24,6 @@ SYSTEM = System(
     default_manifest="data_manifest_multistain.csv",
     sections=config.SECTIONS,
     presets=config.PRESETS,
+    claims="h2g.systems.munet.claims:CLAIMS",
     segmenters=("h2g.inference.segmenter:SlidingSegmenter",),
 )

@@ -23,5 +23,6 @@ SYSTEM = System(
     default_manifest="data_manifest_multiclass.csv",
     sections=config.SECTIONS,
     presets=config.PRESETS,
+    claims="h2g.systems.razn.claims:CLAIMS",
     segmenters=("h2g.systems.razn.segmenter:ZoomSegmenter", "h2g.inference.segmenter:SlidingSegmenter"),
 )
