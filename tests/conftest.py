@@ -75,3 +75,35 @@ def deploy_models(tmp_path_factory):
         onnx_path = to_onnx(model, signature(model, name), folder / f"{name}.onnx")
         files[name] = (model, onnx_path, to_openvino(onnx_path, folder / f"{name}.xml"))
     return files
+
+
+# ---------------------------------------------------------------------------- CPU seconds per test
+def pytest_addoption(parser):
+    parser.addoption("--cpu-durations", type=int, default=0, metavar="N",
+                     help="print the N tests that used the most CPU seconds (this process and its children, "
+                          "setup included): a ranking that a busy machine distorts less than wall time")
+
+
+_CPU: dict = {}
+
+
+def _cpu_now() -> float:
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = _cpu_now()
+    yield
+    _CPU[item.nodeid] = _cpu_now() - start
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    n = config.getoption("--cpu-durations")
+    if n and _CPU:
+        terminalreporter.section(f"{n} largest CPU seconds (of {sum(_CPU.values()):.0f} in all)")
+        for nodeid, seconds in sorted(_CPU.items(), key=lambda kv: -kv[1])[:n]:
+            terminalreporter.write_line(f"{seconds:8.1f} s  {nodeid}")

@@ -144,8 +144,9 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def test_guard_scores_what_deployment_segments(converted, tiny_cohort):
-    from h2g.export.deploy import segment
     from h2g.inference.lowres import target_mask
+    from h2g.inference.segmenter import EngineOptions
+    from h2g.systems.h2g.segmenter import H2GOptions, H2GSegmenter
 
     options = quantize.Int8Options(samples=60, engines=("openvino",), tolerance=1.0)
     report = quantize.quantize_entries(converted, options, progress=False)
@@ -159,9 +160,11 @@ def test_guard_scores_what_deployment_segments(converted, tiny_cohort):
         with Slide(record.slide_path) as slide:
             truth = target_mask(record.annotation_path, slide, REFINE)
             for variant, name, precision in (("f32", "", "f32"), ("int8", "_int8", None)):
-                seg = segment(slide, OpenVINOBackend(folder / f"patch_classifier{name}.xml", precision=precision),
-                              OpenVINOBackend(folder / f"refiner{name}.xml", precision=precision),
-                              size=REFINE, magnification=MAGNIFICATION, patch_size=PATCH, progress=False)
+                segmenter = H2GSegmenter.from_files(
+                    {"patch_classifier": folder / f"patch_classifier{name}.xml", "refinement": folder / f"refiner{name}.xml"},
+                    EngineOptions(precision=precision, hint="latency"), H2GOptions(size=REFINE, magnification=MAGNIFICATION,
+                                                                   patch_size=PATCH))
+                seg = segmenter.segment(slide)
                 dices[variant].append(_dice(seg.prob > 0.5, truth))
     assert 0.05 < np.mean(dices["f32"]) < 1.0  # a model that segments something, not everything
     assert result["dice_f32"] == pytest.approx(np.mean(dices["f32"]), abs=1e-9)
@@ -290,3 +293,69 @@ def test_guard_of_a_multi_class_sliding_window_model(tiny_cohort, tmp_path):
             union = c[i].sum() + c[:, i].sum() - c[i, i]
             if union:  # present in the truth or the prediction
                 assert result[f"iou_{variant}"][name] == pytest.approx(c[i, i] / union, abs=1e-9)
+
+
+@pytest.mark.slow
+def test_guard_of_razns_three_networks(tiny_cohort, tmp_path):
+    """RAZN's policy, coarse and fine networks quantise together: each calibrated on what it
+    is fed (x0 regions; the quarters of the zoomed x1), the guard running the conditional
+    zoom f32 against int8 on the test slides; the int8 zoom decisions and label maps
+    compared with a numpy count of deployment's own outputs."""
+    import keras
+
+    from h2g.evaluation.metrics import raster_labels
+    from h2g.export.conversion import convert
+    from h2g.inference.metadata import ModelMetadata
+    from h2g.inference.segmenter import EngineOptions
+    from h2g.inference.zoom import zoom_views
+    from h2g.io.annotation import load_annotation
+    from h2g.models import razn
+    from h2g.systems.razn.segmenter import ZoomSegmenter
+
+    manifest_path = tiny_cohort.parent / "data_manifest_multiclass.csv"
+    manifest = load_manifest(manifest_path)
+    names = manifest.classes.names
+    size, magnification = 32, 2.5
+    x0, x1 = zoom_views(size, magnification)
+    classes = [{"name": n, "colour": [40 * i, 0, 0]} for i, n in enumerate(names)]
+    extras = {"zoom_rate": 2, "size": size, "magnification": magnification, "threshold": 0.5, "alpha": 0.8}
+    from h2g.data.views import View
+
+    metas = {"policy": ModelMetadata(system="razn", design="razn", role="policy", views=(x0,), output="class_probs",
+                                     extras=extras),
+             "coarse": ModelMetadata(system="razn", design="razn", role="coarse", views=(x0,), classes=classes,
+                                     output="pixel_probs", extras=extras),
+             "fine": ModelMetadata(system="razn", design="razn", role="fine",
+                                   views=(View("x1_patch", x1.magnification, size),), classes=classes,
+                                   output="pixel_probs", extras=extras)}
+    keras.utils.set_random_seed(0)
+    nets = {"policy": razn.build_policy(size, 0.125), "coarse": razn.build_resnet18_fcn(len(names), size, 0.125),
+            "fine": razn.build_resnet18_fcn(len(names), size, 0.125)}
+    folder = tmp_path / "razn" / "models"
+    folder.mkdir(parents=True)
+    for role, net in nets.items():
+        net.save(folder / f"{role}.keras")
+        write_sidecar(folder / f"{role}.keras", metas[role])
+    (tmp_path / "razn" / "config.json").write_text(json.dumps({"manifest": str(manifest_path), "seed": 0}))
+    with Slide(manifest.split("train")[0].slide_path) as slide:
+        entries = json.loads(convert([tmp_path / "razn"], slide, progress=False).read_text())["models"]
+    result, = quantize.quantize_entries(entries, quantize.Int8Options(samples=24, engines=("onnxruntime",),
+                                                                      tolerance=1.0), progress=False)
+    assert result["segmenter"] == ZoomSegmenter.label and result["passed"]
+    assert {Path(p).name for p in result["models"]} == {"policy_int8.onnx", "coarse_int8.onnx", "fine_int8.onnx"}
+    assert "regions x0" in result["calibration"]["policy"] and "quarters" in result["calibration"]["fine"]
+    assert result["patch_prob_diff"] is not None  # the policy's zoom probabilities, f32 against int8
+
+    counts = np.zeros((len(names), len(names)))
+    for record in manifest.split("test"):
+        with Slide(record.slide_path) as slide:
+            annotation = load_annotation(record.annotation_path, slide, classes=manifest.classes)
+            int8 = ZoomSegmenter.from_files({r: folder / f"{r}_int8.onnx" for r in metas},
+                                            EngineOptions(engine="onnxruntime", hint="latency")).segment(slide)
+            pred, truth = raster_labels(int8.raster, annotation, names)
+            keep = truth != 255
+            np.add.at(counts, (truth[keep], pred[keep]), 1)
+    for i, name in enumerate(names):
+        union = counts[i].sum() + counts[:, i].sum() - counts[i, i]
+        if union:
+            assert result["iou_int8"][name] == pytest.approx(counts[i, i] / union, abs=1e-9)

@@ -81,17 +81,21 @@ class H2GOptions(SegmentOptions):
 def options_from_config(config: dict, **changes) -> H2GOptions:
     """The options a run used, from its config (``Config.to_dict()`` or its
     ``config.json``): patch geometry, heatmap stride / batch / readers, refinement size,
-    tissue detection and the evaluation threshold."""
-    try:
-        p, h, r = config["patches"], config["heatmap"], config["refine"]
-        values = dict(magnification=float(p["magnification"]), patch_size=int(p["patch_size"]),
-                      heatmap_stride=h.get("stride"), size=int(r["size"]),
-                      tissue_threshold=float(p["tissue_threshold"]),
-                      tissue_magnification=float(p["tissue_magnification"]),
-                      saturation_threshold=int(p["saturation_threshold"]), batch_size=int(h["batch_size"]),
-                      readers=int(h["readers"]), threshold=float(config["eval"]["threshold"]))
-    except (KeyError, TypeError) as exc:
-        raise ConfigError(f"the run's config has no {exc} setting that H2G-Net's segmenter needs") from None
+    tissue detection and the evaluation threshold; a setting the config lacks keeps its
+    default (the models' metadata then decides)."""
+    fields = {"magnification": ("patches", "magnification", float), "patch_size": ("patches", "patch_size", int),
+              "heatmap_stride": ("heatmap", "stride", None), "size": ("refine", "size", int),
+              "tissue_threshold": ("patches", "tissue_threshold", float),
+              "tissue_magnification": ("patches", "tissue_magnification", float),
+              "saturation_threshold": ("patches", "saturation_threshold", int),
+              "batch_size": ("heatmap", "batch_size", int), "readers": ("heatmap", "readers", int),
+              "threshold": ("eval", "threshold", float)}
+    values = {}
+    for name, (section, key, cast) in fields.items():
+        part = config.get(section)
+        if isinstance(part, dict) and key in part:
+            value = part[key]
+            values[name] = value if cast is None or value is None else cast(value)
     values.update(changes)
     return H2GOptions(**values)
 
@@ -181,7 +185,7 @@ class H2GSegmenter(Segmenter):
 
     @classmethod
     def options_for_run(cls, config):
-        return options_from_config(config) if config else cls.Options()
+        return options_from_config(config)
 
     # ------------------------------------------------------------------ the chain
     def heatmap(self, slide, *, tissue=None, progress: bool = False, timings: dict | None = None) -> Heatmap:
