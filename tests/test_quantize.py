@@ -166,6 +166,9 @@ def test_guard_scores_what_deployment_segments(converted, tiny_cohort):
                                                                    patch_size=PATCH))
                 seg = segmenter.segment(slide)
                 dices[variant].append(_dice(seg.prob > 0.5, truth))
+                # the console line names the precision the models run at (an int8 model is not "f32")
+                line = segmenter.describe(seg)
+                assert ("openvino CPU int8+" in line) if variant == "int8" else line.endswith("(openvino CPU f32)")
     assert 0.05 < np.mean(dices["f32"]) < 1.0  # a model that segments something, not everything
     assert result["dice_f32"] == pytest.approx(np.mean(dices["f32"]), abs=1e-9)
     assert result["dice_int8"] == pytest.approx(np.mean(dices["int8"]), abs=1e-9)
