@@ -21,35 +21,16 @@ Writes into ``--out``:
   of the plots and the method's parameters.
 
 How things are chosen and measured (everything is deterministic for a preset and seed):
+the windows of each region kind by :mod:`h2g.evaluation.cohort_windows`, the nuclei by
+:mod:`h2g.evaluation.nuclei` (colour deconvolution, Otsu on haematoxylin), the statistics
+by :mod:`h2g.evaluation.cohort_stats`; this tool draws them.
 
-- Slides are never written: every pixel comes from ``SlideRenderer.render`` (a pure
-  function of position).  A thumbnail is the slide rendered at level 0 in strips and
-  box-averaged; above :data:`RENDER_BUDGET` level-0 pixels only a band of rows per
-  thumbnail row is rendered.  When the preset's cohort is on disk (``data_manifest.csv``
-  in ``--cohort-dir``: the repository for smoke, ``cohort/<preset>`` otherwise) and a
-  rendered probe matches its pixels (the files are of this seed), the thumbnail is read
-  from the slide's pyramid instead.
-- Windows of a kind are found on the region map of each slide (``renderer.regions`` on a
-  grid of :func:`region_step` level-0 px): the display crops take, in slide order, the
-  first slide with a 20x field (512 level-0 px) inside the slide and at least
-  :data:`PURITY` of the kind (the deepest such window: largest share over the 20x, 10x
-  and 5x fields); a kind that never reaches it is shown at its best window if that is
-  at least :data:`FALLBACK_PURITY` of the kind, labelled with its share, and listed as not
-  found otherwise.  Statistics use the best 40x window of each slide that is at least
-  :data:`STATS_PURITY` of the kind (up to :data:`STATS_CROPS` slides), measured on the
-  pixels of that kind only (the region map at 1 um).  A window whose crop has pen ink
-  (:func:`ink_share` above :data:`MAX_INK`) is skipped: the region map does not know the
-  slide's artefacts.
-- Nuclei (:func:`measure_nuclei`), identical for synthetic and real images: haematoxylin
-  optical density by colour deconvolution with the fixed Ruifrok-Johnston H&E(-DAB)
-  matrix, Gaussian-smoothed (sigma :data:`SMOOTH_PX` px); threshold: Otsu's on the tissue pixels of the
-  image (so that stain strength differences between labs do not decide what a nucleus
-  is) but at least :data:`MIN_NUCLEUS_OD` (so that an image with few nuclei does not get
-  a threshold inside its stroma); opening with a 3 x 3 cross, holes filled, objects
-  under :data:`MIN_NUCLEUS_UM2` dropped; ``scipy.ndimage.label``; equivalent diameter
-  ``2 sqrt(area / pi)`` in um of the objects not touching the image border.  Touching
-  nuclei are not split, so crowded tumour reads larger than it is, and pale vesicular
-  nuclei are partly missed or fragmented, in both alike.
+Slides are never written: every pixel comes from ``SlideRenderer.render``.  A thumbnail is
+the slide rendered at level 0 in strips and box-averaged; above :data:`RENDER_BUDGET`
+level-0 pixels only a band of rows per thumbnail row is rendered.  When the preset's
+cohort is on disk (``data_manifest.csv`` in ``--cohort-dir``: the repository for smoke,
+``cohort/<preset>`` otherwise) and a rendered probe matches its pixels (the files are of
+this seed), the thumbnail is read from the slide's pyramid instead.
 
 The sheet is a lossless PNG unless that exceeds :data:`MAX_SHEET_BYTES`; then it is saved
 with 256 colours (:func:`to_palette`; the statistics never come from the sheet).
@@ -57,7 +38,6 @@ with 256 colours (:func:`to_palette`; the statistics never come from the sheet).
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import math
@@ -65,53 +45,32 @@ import os
 import sys
 import time
 import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from scipy import ndimage
 from tqdm import tqdm
 
 from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import ConfigError, H2GError
 from h2g.data import cohort
-from h2g.data.stain import BETA, rgb_to_od
-from h2g.tiling.tissue import otsu_threshold
+from h2g.evaluation.cohort_stats import (NON_TUMOUR_KINDS, TUMOUR_KIND, Sample, group_summary, groups,
+                                         load_real, measure_kind, method_parameters, stats_rows, write_csv)
+from h2g.evaluation.cohort_windows import (CROP, FALLBACK_PURITY, MAGNIFICATIONS, NOT_TISSUE, PURITY, STATS_CROPS,
+                                           CropCache, SlideView, best_window, kind_area_shares, kind_names,
+                                           open_slides, render_clipped)
+from h2g.evaluation.nuclei import Nuclei
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REAL_DATA = Path(os.environ.get("H2G_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
-REAL_PATCHES = "camelyon16_patches"
-REAL_CLASSES = ("tumor", "normal")      # folders under REAL_PATCHES
-REAL_MPP = 0.243                         # um/px of the Camelyon16 patches (level 0, 40x)
 
-CROP = 256                               # output side of every crop (px)
-MAGNIFICATIONS = ((40, 1), (20, 2), (10, 4), (5, 8))  # (objective power, level-0 px per px)
-PURITY = 0.8            # share of its kind a display window's 20x field must have ...
-FALLBACK_PURITY = 0.3   # ... else its best window is shown if it has at least this share
-PURITY_WINDOW = CROP * 2                 # the 20x field, level-0 px
-STATS_PURITY = 0.5      # share of its kind a 40x statistics window must have
-STATS_CROPS = 6         # statistics windows per kind (one per slide, slides in order)
 SHOW_REAL = 4           # real patches (and synthetic crops) shown per class
-TUMOUR_KIND = "invasive"
-NON_TUMOUR_KINDS = ("stroma", "normal_lobule")  # the synthetic counterpart of real "normal"
-NOT_TISSUE = "glass"
-
 THUMB = 230             # longest side of a slide thumbnail (px)
 RENDER_BUDGET = 32_000_000   # level-0 px a thumbnail renders in full; beyond, bands only
 BAND_ROWS = 8           # level-0 rows rendered per thumbnail row beyond the budget
 STRIP_ROWS = 1024       # about this many level-0 rows per render call in full mode
-MAX_INK = 0.01          # a crop with more pen-ink pixels (:func:`ink_share`) is not used
 PROBE_TOLERANCE = 12.0  # mean |rendered - on-disk| grey levels for a slide file to be this seed's
-
-# Ruifrok & Johnston (2001) optical density vectors of haematoxylin, eosin and DAB.
-RUIFROK_HED = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
-RUIFROK_HED = RUIFROK_HED / np.linalg.norm(RUIFROK_HED, axis=1, keepdims=True)
-OD_TO_HED = np.linalg.inv(RUIFROK_HED)
-H_FULL_SCALE = 2.5      # haematoxylin OD mapped to 255 for Otsu's histogram
-MIN_NUCLEUS_OD = 0.25   # the nucleus threshold never goes below this haematoxylin OD
-MIN_NUCLEUS_UM2 = 7.0   # smaller objects (< 3 um across) are specks or chromatin fragments
-SMOOTH_PX = 2.0         # Gaussian sigma (px, ~0.5 um) applied to the haematoxylin channel
 
 # Colours of the region kinds; a kind not listed gets one from matplotlib's tab20.
 KIND_COLOURS = {
@@ -129,51 +88,7 @@ BLOCK = len(MAGNIFICATIONS) * CROP + (len(MAGNIFICATIONS) - 1) * GAP  # four cro
 SHEET_WIDTH = 2 * BLOCK + 3 * MARGIN
 
 
-# ------------------------------------------------------------------------ slides, windows
-
-@dataclass
-class SlideView:
-    """One slide of the preset: its spec, layout, renderer and region map on a grid of
-    ``step`` level-0 px from the origin (``regions[i, j]`` covers
-    ``[j * step, (j + 1) * step) x [i * step, (i + 1) * step)``)."""
-
-    spec: cohort.SlideSpec
-    layout: object
-    renderer: cohort.SlideRenderer
-    step: int
-    regions: np.ndarray
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return tuple(self.layout.size)
-
-
-def region_step(size: tuple[int, int], max_cells: int = 4_000_000) -> int:
-    """Level-0 px per region-map cell: 32 (8 um), doubled while the map would have more
-    than ``max_cells`` cells; at most a 40x crop."""
-    step = 32
-    while step < CROP and (size[0] // step) * (size[1] // step) > max_cells:
-        step *= 2
-    return step
-
-
-def open_slides(preset: str, seed: int) -> list[SlideView]:
-    """Every slide of ``preset`` with its region map (cheap: no pixels are rendered)."""
-    views = []
-    for spec in cohort.cohort_specs(preset):
-        layout = cohort.slide_layout(preset, spec, seed)
-        renderer = cohort.SlideRenderer(layout, key=(seed, spec.index))
-        width, height = layout.size
-        step = region_step(layout.size)
-        grid = cohort.Grid(0, 0, (height // step, width // step), step)
-        views.append(SlideView(spec, layout, renderer, step, renderer.regions(grid)))
-    return views
-
-
-def kind_names() -> tuple[str, ...]:
-    """The region kinds the generator knows, in index order."""
-    return tuple(cohort.REGION_NAMES)
-
+# ---------------------------------------------------------------------------- colours
 
 def kind_colour(name: str) -> tuple[int, int, int]:
     """Display colour of region kind ``name``."""
@@ -184,163 +99,6 @@ def kind_colour(name: str) -> tuple[int, int, int]:
     index = kind_names().index(name) if name in kind_names() else zlib.crc32(name.encode())
     rgba = colormaps["tab20"](index % 20)
     return tuple(int(round(255 * c)) for c in rgba[:3])
-
-
-def window_shares(mask: np.ndarray, cells: int) -> np.ndarray:
-    """Share of True cells in the ``cells`` x ``cells`` window centred on each corner of
-    the map's grid: ``out[k, l]`` for the corner at row ``k``, column ``l`` (``rows + 1``
-    x ``cols + 1`` corners; cells outside the map count as False)."""
-    rows, cols = mask.shape
-    table = np.zeros((rows + 1, cols + 1), np.float64)
-    table[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0), axis=1)
-    half = cells // 2
-    r0 = np.clip(np.arange(rows + 1) - half, 0, rows)
-    r1 = np.clip(np.arange(rows + 1) - half + cells, 0, rows)
-    c0 = np.clip(np.arange(cols + 1) - half, 0, cols)
-    c1 = np.clip(np.arange(cols + 1) - half + cells, 0, cols)
-    total = (table[r1][:, c1] - table[r0][:, c1] - table[r1][:, c0] + table[r0][:, c0])
-    return total / float(cells * cells)
-
-
-@dataclass
-class Window:
-    """A window of region kind ``kind``: centred on level-0 ``(cx, cy)`` of slide
-    ``slide`` (position in the list of :class:`SlideView`), ``share`` of its ``size``
-    level-0 px field of that kind; ``pure`` when it met the purity asked."""
-
-    kind: str
-    slide: int
-    cx: int
-    cy: int
-    size: int
-    share: float
-    pure: bool = True
-
-    def as_dict(self, views: list[SlideView]) -> dict:
-        return {"slide": views[self.slide].spec.slide_id, "cx": self.cx, "cy": self.cy,
-                "field_px": self.size, "share": round(self.share, 3), "pure": self.pure}
-
-
-def best_window(view: SlideView, kind_index: int, size: int,
-                context: int) -> tuple[float, int, int] | None:
-    """The best window of kind ``kind_index`` in one slide: the largest share of its
-    ``size`` level-0 px field (ties: the largest share of the 2x and 4x fields, then the
-    first in raster order) among centres whose ``context`` px field lies inside the
-    slide.  Returns ``(share, cx, cy)`` or None when the kind is absent or no centre fits."""
-    mask = view.regions == kind_index
-    if not mask.any():
-        return None
-    step = view.step
-    width, height = view.size
-    corners_x = np.arange(mask.shape[1] + 1) * step
-    corners_y = np.arange(mask.shape[0] + 1) * step
-    half = context // 2
-    fits = (((corners_y >= half) & (corners_y <= height - half))[:, None]
-            & ((corners_x >= half) & (corners_x <= width - half))[None, :])
-    if not fits.any():
-        return None
-    share = window_shares(mask, max(1, size // step))
-    depth = window_shares(mask, max(1, 2 * size // step)) + window_shares(mask, max(1, 4 * size // step))
-    score = np.where(fits, np.round(share, 6) * 10 + depth, -np.inf)
-    k, l = np.unravel_index(int(np.argmax(score)), score.shape)
-    if not np.isfinite(score[k, l]) or share[k, l] <= 0:
-        return None
-    return float(share[k, l]), int(corners_x[l]), int(corners_y[k])
-
-
-def find_window(views: list[SlideView], kind: str, size: int = PURITY_WINDOW,
-                purity: float = PURITY, fallback: float | None = FALLBACK_PURITY,
-                context: int = PURITY_WINDOW, accept=None) -> Window | None:
-    """The display window of ``kind``: in the first slide (in order) that has one, the
-    best window whose ``size`` px field is at least ``purity`` of the kind and whose
-    ``context`` px field lies inside the slide (the wider crops may run past the edge:
-    they show glass there).  When no slide has one, the best window of all slides if its
-    share is at least ``fallback`` (``pure`` False), else None.  ``accept(window)``, when
-    given, can veto a slide's window (e.g. one under a pen mark)."""
-    kind_index = kind_names().index(kind)
-    best = None
-    for position, view in enumerate(views):
-        found = best_window(view, kind_index, size, context)
-        if found is None:
-            continue
-        share, cx, cy = found
-        window = Window(kind, position, cx, cy, size, share, share >= purity)
-        if window.pure:
-            if accept is None or accept(window):
-                return window
-        elif (best is None or share > best.share) and (accept is None or accept(window)):
-            best = window
-    if best is not None and fallback is not None and best.share >= fallback:
-        return best
-    return None
-
-
-def stats_windows(views: list[SlideView], kind: str, count: int = STATS_CROPS,
-                  purity: float = STATS_PURITY, accept=None) -> list[Window]:
-    """Up to ``count`` 40x windows of ``kind``, the best of each slide in order, each at
-    least ``purity`` of the kind (and passing ``accept(window)`` when given)."""
-    kind_index = kind_names().index(kind)
-    out = []
-    for position, view in enumerate(views):
-        found = best_window(view, kind_index, CROP, CROP)
-        if found is None or found[0] < purity:
-            continue
-        window = Window(kind, position, found[1], found[2], CROP, found[0])
-        if accept is None or accept(window):
-            out.append(window)
-            if len(out) == count:
-                break
-    return out
-
-
-def render_clipped(renderer, x: int, y: int, w: int, h: int) -> np.ndarray:
-    """``renderer.render`` of a level-0 region, only the part inside the slide rendered
-    (the layout ends a little beyond it) and the rest filled with the glass colour."""
-    width, height = renderer.layout.size
-    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, width), min(y + h, height)
-    if (x0, y0, x1, y1) == (x, y, x + w, y + h):
-        return renderer.render(x, y, w, h)
-    out = np.empty((h, w, 3), np.uint8)
-    out[:] = np.asarray(getattr(cohort, "BACKGROUND", (245, 245, 247)), np.float64).round().astype(np.uint8)
-    if x1 > x0 and y1 > y0:
-        out[y0 - y:y1 - y, x0 - x:x1 - x] = renderer.render(x0, y0, x1 - x0, y1 - y0)
-    return out
-
-
-def render_crop(renderer, cx: int, cy: int, downsample: int, size: int = CROP) -> np.ndarray:
-    """A ``size`` x ``size`` RGB crop centred on level-0 ``(cx, cy)`` at ``downsample``
-    level-0 px per px (area averaging); glass beyond the slide's edge."""
-    side = size * downsample
-    image = render_clipped(renderer, int(cx - side // 2), int(cy - side // 2), side, side)
-    if downsample == 1:
-        return image
-    return np.asarray(Image.fromarray(image).reduce(downsample))
-
-
-def crop_kind_mask(renderer, cx: int, cy: int, kind_index: int, size: int = CROP,
-                   cell: int = cohort.STRUCTURE) -> np.ndarray:
-    """Which pixels of the 40x crop centred on ``(cx, cy)`` are of kind ``kind_index``
-    (the region map on a ``cell`` level-0 px grid, repeated to pixels)."""
-    n = size // cell
-    grid = cohort.Grid(cx - size // 2, cy - size // 2, (n, n), cell)
-    regions = renderer.regions(grid) == kind_index
-    return np.repeat(np.repeat(regions, cell, axis=0), cell, axis=1)
-
-
-def kind_area_shares(views: list[SlideView]) -> dict[str, tuple[float, float | None]]:
-    """Per kind ``(share of all slide pixels, share of tissue pixels)`` over the region
-    maps of every slide (tissue: not glass; glass's tissue share is None)."""
-    names = kind_names()
-    counts = np.zeros(len(names), np.float64)
-    for view in views:
-        counts += np.bincount(view.regions.ravel(), minlength=len(names))[:len(names)]
-    total = counts.sum()
-    tissue = total - (counts[names.index(NOT_TISSUE)] if NOT_TISSUE in names else 0)
-    out = {}
-    for i, name in enumerate(names):
-        out[name] = (counts[i] / total if total else 0.0,
-                     None if name == NOT_TISSUE else (counts[i] / tissue if tissue else 0.0))
-    return out
 
 
 # ------------------------------------------------------------------------------ thumbnails
@@ -449,212 +207,6 @@ def disk_thumbnail(path: Path, view: SlideView, factor: int) -> np.ndarray | Non
     return np.asarray(Image.fromarray(image).resize((cols, rows), Image.BOX, box=box))
 
 
-# ------------------------------------------------------------------------------- nuclei
-
-def haematoxylin(rgb: np.ndarray) -> np.ndarray:
-    """Haematoxylin optical density per pixel (natural log), by colour deconvolution
-    with the Ruifrok-Johnston H, E, DAB matrix."""
-    return rgb_to_od(rgb) @ OD_TO_HED[:, 0]
-
-
-def tissue_mask(rgb: np.ndarray) -> np.ndarray:
-    """Pixels that are not glass: optical density norm at least Macenko's beta."""
-    od = rgb_to_od(rgb)
-    return np.einsum("...c,...c->...", od, od) >= BETA * BETA
-
-
-@dataclass
-class Nuclei:
-    """Nuclei measured on one image or pooled over several: ``count`` objects with their
-    centre in the measured area, that area's tissue in um^2, the equivalent diameters (um)
-    of the objects not touching the image border, and the thresholds used (H OD)."""
-
-    count: int = 0
-    tissue_um2: float = 0.0
-    diameters: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    thresholds: list = field(default_factory=list)
-
-    def __add__(self, other: "Nuclei") -> "Nuclei":
-        return Nuclei(self.count + other.count, self.tissue_um2 + other.tissue_um2,
-                      np.concatenate([self.diameters, other.diameters]),
-                      self.thresholds + other.thresholds)
-
-    @property
-    def density(self) -> float | None:
-        """Nuclei per 1000 um^2 of tissue."""
-        return 1000.0 * self.count / self.tissue_um2 if self.tissue_um2 > 0 else None
-
-    def summary(self) -> dict:
-        """Count, density and diameter quartiles, rounded, for the tables."""
-        q = np.percentile(self.diameters, [25, 50, 75]) if self.diameters.size else [None] * 3
-        return {
-            "nuclei": self.count,
-            "nuclei_per_1000um2": _round(self.density, 2),
-            "diameter_median_um": _round(q[1], 2),
-            "diameter_q1_um": _round(q[0], 2),
-            "diameter_q3_um": _round(q[2], 2),
-            "diameter_iqr_um": _round(None if q[0] is None else q[2] - q[0], 2),
-            "threshold_od_median": _round(float(np.median(self.thresholds)) if self.thresholds else None, 3),
-        }
-
-
-def _round(value, digits: int):
-    return None if value is None else round(float(value), digits)
-
-
-def nucleus_mask(rgb: np.ndarray, tissue: np.ndarray | None = None,
-                 um_per_px: float = cohort.MPP) -> tuple[np.ndarray, float]:
-    """Nucleus pixels of an RGB image and the haematoxylin OD threshold used (see the
-    module doc): smoothed H OD above max(Otsu of the tissue pixels, MIN_NUCLEUS_OD),
-    opened, holes filled, specks under MIN_NUCLEUS_UM2 removed."""
-    tissue = tissue_mask(rgb) if tissue is None else tissue
-    h = ndimage.gaussian_filter(haematoxylin(rgb), SMOOTH_PX)
-    scaled = np.clip(np.round(h / H_FULL_SCALE * 255), 0, 255).astype(np.uint8)
-    otsu = otsu_threshold(scaled[tissue]) if tissue.any() else 255
-    threshold = max(otsu * H_FULL_SCALE / 255, MIN_NUCLEUS_OD)
-    mask = (h > threshold) & tissue
-    mask = ndimage.binary_opening(mask, structure=ndimage.generate_binary_structure(2, 1))
-    mask = ndimage.binary_fill_holes(mask)
-    labels, n = ndimage.label(mask)
-    if n:
-        areas = np.bincount(labels.ravel(), minlength=n + 1) * um_per_px ** 2
-        mask = (areas >= MIN_NUCLEUS_UM2)[labels] & (labels > 0)
-    return mask, float(threshold)
-
-
-def measure_nuclei(rgb: np.ndarray, um_per_px: float, area: np.ndarray | None = None) -> Nuclei:
-    """Nuclei of an RGB image at ``um_per_px``: those with their centre in ``area``
-    (boolean, default all) counted against the tissue of ``area``; equivalent diameters
-    ``2 sqrt(area / pi)`` (um) of those not touching the image border."""
-    tissue = tissue_mask(rgb)
-    mask, threshold = nucleus_mask(rgb, tissue, um_per_px)
-    area = np.ones(mask.shape, bool) if area is None else area
-    labels, n = ndimage.label(mask)
-    tissue_um2 = float((tissue & area).sum()) * um_per_px ** 2
-    thresholds = [threshold] if tissue.any() else []
-    if n == 0:
-        return Nuclei(0, tissue_um2, np.zeros(0), thresholds)
-    index = np.arange(1, n + 1)
-    pixels = ndimage.sum_labels(np.ones_like(labels), labels, index)
-    centres = np.array(ndimage.center_of_mass(mask, labels, index))
-    rows = np.clip(np.round(centres[:, 0]).astype(int), 0, mask.shape[0] - 1)
-    cols = np.clip(np.round(centres[:, 1]).astype(int), 0, mask.shape[1] - 1)
-    inside = area[rows, cols]
-    edge = np.zeros(n + 1, bool)
-    edge[np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))] = True
-    keep = inside & ~edge[1:]
-    diameters = 2.0 * np.sqrt(pixels[keep] * um_per_px ** 2 / np.pi)
-    return Nuclei(int(inside.sum()), tissue_um2, diameters, thresholds)
-
-
-# ----------------------------------------------------------------------------- measures
-
-@dataclass
-class Sample:
-    """Images of one kind or class with what is measured on them: ``images`` (for the
-    sheet and histograms), ``areas`` (the pixels measured; None = all), ``um_per_px``."""
-
-    name: str
-    source: str
-    um_per_px: float
-    images: list = field(default_factory=list)
-    areas: list = field(default_factory=list)
-    windows: list = field(default_factory=list)
-
-    @functools.cached_property
-    def nuclei(self) -> Nuclei:
-        """Nuclei pooled over the images (each on its own measured area)."""
-        total = Nuclei()
-        for image, area in zip(self.images, self.areas):
-            total = total + measure_nuclei(image, self.um_per_px, area)
-        return total
-
-    def mean_rgb(self) -> list | None:
-        """Mean RGB over the measured pixels of every image."""
-        sums, count = np.zeros(3), 0
-        for image, area in zip(self.images, self.areas):
-            pixels = image.reshape(-1, 3) if area is None else image[area]
-            sums += pixels.astype(np.float64).sum(axis=0)
-            count += len(pixels)
-        return [round(v, 1) for v in sums / count] if count else None
-
-    def tissue_pixels(self) -> np.ndarray:
-        """RGB ``(N, 3)`` of the tissue pixels (within the measured areas)."""
-        parts = [image[tissue_mask(image) & (np.ones(image.shape[:2], bool) if area is None else area)]
-                 for image, area in zip(self.images, self.areas)]
-        return np.concatenate(parts) if parts else np.zeros((0, 3), np.uint8)
-
-
-def load_real(folder: Path) -> tuple[dict[str, Sample], str | None]:
-    """The real Camelyon16 patches per class (RGBA composited on white), and a note when
-    the folder or a class is missing.  An unreadable PNG is a ConfigError."""
-    root = folder / REAL_PATCHES
-    if not folder.exists():
-        return {}, f"real data folder {folder} is absent: real comparison omitted"
-    if not folder.is_dir():
-        raise ConfigError(f"--real-data {folder} is not a folder")
-    samples, missing = {}, []
-    for name in REAL_CLASSES:
-        files = sorted((root / name).glob("*.png"))
-        if not files:
-            missing.append(str(root / name))
-            continue
-        sample = Sample(name, "real_camelyon16", REAL_MPP)
-        for path in files:
-            sample.images.append(read_png(path))
-            sample.areas.append(None)
-            sample.windows.append(path.name)
-        samples[name] = sample
-    note = f"no real patches in {', '.join(missing)}" if missing else None
-    return samples, note
-
-
-def read_png(path: Path) -> np.ndarray:
-    """An RGB(A) image as RGB uint8, transparency composited on white."""
-    try:
-        with Image.open(path) as image:
-            rgba = image.convert("RGBA")
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{path}: cannot read the image ({exc})") from None
-    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
-
-
-def real_shown(sample: Sample, count: int = SHOW_REAL) -> list[np.ndarray]:
-    """``count`` evenly spaced patches of a real class (file-name order)."""
-    n = len(sample.images)
-    picks = sorted({int(i) for i in np.linspace(0, n - 1, min(count, n))})
-    return [sample.images[i] for i in picks]
-
-
-def sample_row(sample: Sample, share: tuple[float, float | None] | None) -> dict:
-    """One row of cohort_stats.csv."""
-    rgb = sample.mean_rgb()
-    row = {"source": sample.source, "name": sample.name, "crops": len(sample.images),
-           "um_per_px": sample.um_per_px,
-           "area_share": _round(share[0], 4) if share else None,
-           "tissue_share": _round(share[1], 4) if share else None,
-           "mean_r": rgb[0] if rgb else None, "mean_g": rgb[1] if rgb else None,
-           "mean_b": rgb[2] if rgb else None}
-    row.update(sample.nuclei.summary() if sample.images else Nuclei().summary() | {"nuclei": None})
-    return row
-
-
-CSV_COLUMNS = ("source", "name", "crops", "um_per_px", "area_share", "tissue_share",
-               "mean_r", "mean_g", "mean_b", "nuclei", "nuclei_per_1000um2",
-               "diameter_median_um", "diameter_q1_um", "diameter_q3_um", "diameter_iqr_um",
-               "threshold_od_median")
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """cohort_stats.csv (empty cells for missing values)."""
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, CSV_COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in CSV_COLUMNS})
-
-
 # ---------------------------------------------------------------------------- drawing
 
 @functools.lru_cache(maxsize=16)
@@ -742,8 +294,7 @@ def legend(width: int, present: set[str]) -> Image.Image:
 
 # ------------------------------------------------------------------------------ the report
 
-@dataclass
-class Report:
+class Report(NamedTuple):
     """Everything the sheet, plots and tables are drawn from."""
 
     preset: str
@@ -755,38 +306,6 @@ class Report:
     real: dict                       # class -> Sample
     real_note: str | None
     shares: dict
-
-
-class CropCache:
-    """Crops of the slides rendered once each (:func:`render_crop`), keyed by slide
-    position, centre and downsample; ``progress(1)`` per crop rendered."""
-
-    def __init__(self, views: list[SlideView], progress=None):
-        self.views = views
-        self.progress = progress
-        self.cache = {}
-
-    def get(self, slide: int, cx: int, cy: int, downsample: int) -> np.ndarray:
-        key = (slide, cx, cy, downsample)
-        if key not in self.cache:
-            self.cache[key] = render_crop(self.views[slide].renderer, cx, cy, downsample)
-            if self.progress:
-                self.progress(1)
-        return self.cache[key]
-
-    def clean(self, window: Window, downsample: int) -> bool:
-        """Whether the window's crop at ``downsample`` is free of pen ink."""
-        return ink_share(self.get(window.slide, window.cx, window.cy, downsample)) <= MAX_INK
-
-
-def ink_share(rgb: np.ndarray) -> float:
-    """Share of pixels that are marker ink rather than H&E: greener than red by more than
-    12 (green and blue inks: haematoxylin and eosin both absorb green more than red), or
-    dark and grey (black ink)."""
-    rgb = rgb.astype(np.int16)
-    r, g = rgb[..., 0], rgb[..., 1]
-    high, low = rgb.max(axis=-1), rgb.min(axis=-1)
-    return float(((g > r + 12) | ((high < 80) & (high - low < 30))).mean())
 
 
 def build_report(preset: str, seed: int, count: int, real_data: Path, cohort_dir: Path | None,
@@ -815,16 +334,7 @@ def build_report(preset: str, seed: int, count: int, real_data: Path, cohort_dir
         cache = CropCache(views, bar.update)
         crops, samples = {}, {}
         for kind in present:
-            window = find_window(views, kind, accept=lambda w: cache.clean(w, 2))
-            crops[kind] = None if window is None else (
-                window, [cache.get(window.slide, window.cx, window.cy, ds) for _, ds in MAGNIFICATIONS])
-            sample = Sample(kind, "synthetic", cohort.MPP)
-            kind_index = kind_names().index(kind)
-            for w in stats_windows(views, kind, accept=lambda w: cache.clean(w, 1)):
-                sample.images.append(cache.get(w.slide, w.cx, w.cy, 1))
-                sample.areas.append(crop_kind_mask(views[w.slide].renderer, w.cx, w.cy, kind_index))
-                sample.windows.append(w)
-            samples[kind] = sample
+            crops[kind], samples[kind] = measure_kind(views, kind, cache)
         for sample in real.values():  # measured now so the bar covers the slow part
             _ = sample.nuclei
             bar.update(len(sample.images))
@@ -833,25 +343,11 @@ def build_report(preset: str, seed: int, count: int, real_data: Path, cohort_dir
     return Report(preset, seed, views, shown, crops, samples, real, real_note, shares)
 
 
-def groups(report: Report) -> dict[str, Sample]:
-    """The four groups of the plots: synthetic invasive and non-tumour (stroma, normal
-    lobule) 40x crops measured whole, real tumour and normal patches."""
-    out = {}
-    tumour = report.samples.get(TUMOUR_KIND)
-    if tumour is not None and tumour.images:
-        out["synthetic invasive"] = Sample("synthetic invasive", "synthetic", cohort.MPP,
-                                           list(tumour.images), [None] * len(tumour.images))
-    normal = Sample("synthetic non-tumour", "synthetic", cohort.MPP)
-    for kind in NON_TUMOUR_KINDS:
-        if kind in report.samples:
-            normal.images += report.samples[kind].images
-            normal.areas += [None] * len(report.samples[kind].images)
-    if normal.images:
-        out["synthetic non-tumour"] = normal
-    for name, label in (("tumor", "real tumour"), ("normal", "real normal")):
-        if name in report.real:
-            out[label] = report.real[name]
-    return out
+def real_shown(sample: Sample, count: int = SHOW_REAL) -> list[np.ndarray]:
+    """``count`` evenly spaced patches of a real class (file-name order)."""
+    n = len(sample.images)
+    picks = sorted({int(i) for i in np.linspace(0, n - 1, min(count, n))})
+    return [sample.images[i] for i in picks]
 
 
 def synthetic_side(report: Report, kinds, count: int = SHOW_REAL) -> list[np.ndarray]:
@@ -1009,7 +505,7 @@ def plot_colour_nuclei(report: Report, measured: dict[str, Nuclei], path: Path) 
 
     styles = {"synthetic invasive": ("#c00000", "-"), "real tumour": ("#600000", "--"),
               "synthetic non-tumour": ("#0060c0", "-"), "real normal": ("#002a60", "--")}
-    group = groups(report)
+    group = groups(report.samples, report.real)
     fig, axes = plt.subplots(2, 3, figsize=(16, 9), dpi=100)
     bins = np.arange(0, 257, 4)
     for c, (ax, channel) in enumerate(zip(axes[0], ("red", "green", "blue"))):
@@ -1062,33 +558,14 @@ def plot_colour_nuclei(report: Report, measured: dict[str, Nuclei], path: Path) 
 
 # ---------------------------------------------------------------------------- outputs
 
-def stats_rows(report: Report) -> list[dict]:
-    """cohort_stats.csv: one row per region kind present in the preset, then per real
-    class."""
-    rows = []
-    for kind in kind_names():
-        share = report.shares[kind]
-        if share[0] > 0:
-            rows.append(sample_row(report.samples[kind], share))
-    for name in REAL_CLASSES:
-        if name in report.real:
-            rows.append(sample_row(report.real[name], None))
-    return rows
-
-
 def stats_json(report: Report, rows: list[dict], measured: dict[str, Nuclei], real_data: Path) -> dict:
     """cohort_stats.json: the rows plus slides, windows, group statistics and method."""
     windows = {}
     for kind, found in report.crops.items():
         windows[kind] = {"display": None if found is None else found[0].as_dict(report.views),
                          "stats": [w.as_dict(report.views) for w in report.samples[kind].windows]}
-    group_stats = {}
-    for name, sample in groups(report).items():
-        rgb = sample.tissue_pixels()
-        group_stats[name] = {"images": len(sample.images), "um_per_px": sample.um_per_px,
-                             "tissue_mean_rgb": [round(float(v), 1) for v in rgb.mean(axis=0)] if len(rgb) else None,
-                             "tissue_std_rgb": [round(float(v), 1) for v in rgb.std(axis=0)] if len(rgb) else None,
-                             **measured[name].summary()}
+    group_stats = {name: group_summary(sample, measured[name])
+                   for name, sample in groups(report.samples, report.real).items()}
     return {
         "preset": report.preset, "seed": report.seed,
         "slides": [{"slide_id": v.spec.slide_id, "grade": v.spec.grade, "split": v.spec.split,
@@ -1098,18 +575,7 @@ def stats_json(report: Report, rows: list[dict], measured: dict[str, Nuclei], re
         "real_data": str(real_data), "real_data_used": bool(report.real), "real_note": report.real_note,
         "rows": rows, "windows": windows, "groups": group_stats,
         "not_found": [k for k, found in report.crops.items() if found is None],
-        "method": {
-            "crop_px": CROP, "magnifications": [{"power": p, "downsample": d} for p, d in MAGNIFICATIONS],
-            "purity": PURITY, "fallback_purity": FALLBACK_PURITY, "purity_field_px": PURITY_WINDOW,
-            "stats_purity": STATS_PURITY, "stats_crops_per_kind": STATS_CROPS,
-            "stain_matrix": "Ruifrok-Johnston H, E, DAB (rows normalised)",
-            "threshold": f"max(Otsu on tissue pixels of smoothed H OD (0..{H_FULL_SCALE} -> 0..255), "
-                         f"{MIN_NUCLEUS_OD})",
-            "smooth_sigma_px": SMOOTH_PX, "min_nucleus_um2": MIN_NUCLEUS_UM2,
-            "tissue": f"optical density norm >= {BETA}", "real_um_per_px": REAL_MPP,
-            "synthetic_um_per_px": cohort.MPP,
-            "non_tumour_kinds": [k for k in NON_TUMOUR_KINDS if k in kind_names()],
-        },
+        "method": method_parameters(),
     }
 
 
@@ -1155,8 +621,8 @@ def main(argv=None) -> int:
     cohort_dir = args.cohort_dir if args.cohort_dir is not None else default_cohort_dir(args.preset)
     report = build_report(args.preset, args.seed, args.slides, args.real_data, cohort_dir,
                           progress=not args.quiet)
-    rows = stats_rows(report)
-    measured = {name: sample.nuclei for name, sample in groups(report).items()}
+    rows = stats_rows(report.shares, report.samples, report.real)
+    measured = {name: sample.nuclei for name, sample in groups(report.samples, report.real).items()}
     out = args.out
     sheet = contact_sheet(report, rows)
     paths = {"contact_sheet": out / "contact_sheet.png", "colour_nuclei": out / "colour_nuclei.png",

@@ -1,2 +1,3 @@
 """Evaluation: per-slide metrics (binary tumour and per class), the papers' tables and
-statistics, and figures.  TensorFlow-free."""
+statistics, figures, and the embedded cohort measured against real patches (nuclei,
+cohort_windows, cohort_stats).  TensorFlow-free."""
