@@ -75,10 +75,13 @@ class Stitcher:
         self.sum = np.zeros(self.shape + (int(classes),), np.float32)
         self.weight = np.zeros(self.shape, np.float32)
         self.weights = np.asarray(weights, np.float32)
+        self._result = None  # (probs, covered) once result() has run
 
     def add(self, top_left: tuple[int, int], probs: np.ndarray) -> None:
         """Add one ``(o, o, C)`` prediction whose top-left raster pixel is ``(row, col)``
         (it may hang over the raster's edges: that part is dropped)."""
+        if self._result is not None:
+            raise RuntimeError("Stitcher.add after result(): the sums were divided in place")
         r0, c0 = int(top_left[0]), int(top_left[1])
         h, w = probs.shape[:2]
         rs, cs = max(0, -r0), max(0, -c0)
@@ -90,11 +93,26 @@ class Stitcher:
         self.weight[r0 + rs:r0 + re, c0 + cs:c0 + ce] += wts
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(probs (rows, cols, C), covered (rows, cols))``."""
-        covered = self.weight > 0
-        probs = np.zeros_like(self.sum)
-        probs[covered] = self.sum[covered] / self.weight[covered][:, None]
-        return probs, covered
+        """``(probs (rows, cols, C), covered (rows, cols))``: ``sum / weight`` where a
+        window reached (``weight > 0``), 0 elsewhere.
+
+        The sums are divided in place (the stitcher is spent afterwards: no second
+        raster-sized array) by the weights with 1 put where nothing was covered, so the
+        division runs over contiguous memory without a mask; uncovered pixels are then
+        set to 0.  Each covered value is the same IEEE division as ``sum[covered] /
+        weight[covered]``, so the result equals that formula to the bit (tested), at a
+        fraction of its time (boolean-mask gathers and scatters of the whole raster were
+        a quarter of a small zoom run).  When every covered weight is 1 (blend
+        ``centre`` with ``keep`` = stride: each pixel from one window), ``x / 1 = x`` and
+        the division is skipped."""
+        if self._result is None:
+            covered = self.weight > 0
+            probs = self.sum
+            if not np.logical_or(self.weight == 1, ~covered).all():
+                np.divide(probs, np.where(covered, self.weight, np.float32(1))[..., None], out=probs)
+            np.copyto(probs, np.float32(0), where=~covered[..., None])
+            self._result = probs, covered
+        return self._result
 
 
 def _whole(value: float, what: str) -> int:
