@@ -188,11 +188,14 @@ def _masked_division(sums: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray,
 
 
 @pytest.mark.parametrize("blend,keep,step", [("tent", None, 3), ("centre", 3, 2), ("centre", None, 8)])
-def test_stitcher_result_equals_the_masked_division_to_the_bit(blend, keep, step):
+def test_stitcher_result_equals_the_masked_division_to_the_bit(blend, keep, step, monkeypatch):
     """Random windows (overlapping, hanging over the edges, leaving gaps) blended by
     tent / centre weights, unit weights included (keep = size: the division is skipped):
     the result equals the masked division of the same sums to the bit, NaN where a
-    window predicted NaN, 0 (+0.0) wherever nothing was covered."""
+    window predicted NaN, 0 (+0.0) wherever nothing was covered; in bands of 5 rows."""
+    from h2g.inference import sliding
+
+    monkeypatch.setattr(sliding, "RESULT_ROWS", 5)
     rng = np.random.default_rng(7)
     stitcher = Stitcher((23, 31), 4, blend_weights(8, blend, keep))
     for r in range(-4, 23, step):

@@ -48,6 +48,8 @@ from h2g.inference.backends import Backend
 from h2g.inference.raster import Raster
 
 BLENDS = ("centre", "tent")
+#: rows of the raster :meth:`Stitcher.result` normalises at a time (bounds its temporaries)
+RESULT_ROWS = 512
 
 
 def blend_weights(size: int, blend: str = "centre", keep: int | None = None) -> np.ndarray:
@@ -97,21 +99,28 @@ class Stitcher:
         window reached (``weight > 0``), 0 elsewhere.
 
         The sums are divided in place (the stitcher is spent afterwards: no second
-        raster-sized array) by the weights with 1 put where nothing was covered, so the
-        division runs over contiguous memory without a mask; uncovered pixels are then
-        set to 0.  Each covered value is the same IEEE division as ``sum[covered] /
-        weight[covered]``, so the result equals that formula to the bit (tested), at a
-        fraction of its time (boolean-mask gathers and scatters of the whole raster were
-        a quarter of a small zoom run).  When every covered weight is 1 (blend
-        ``centre`` with ``keep`` = stride: each pixel from one window), ``x / 1 = x`` and
-        the division is skipped."""
+        raster-sized array), band by band of :data:`RESULT_ROWS` rows, by the weights
+        with 1 put where nothing was covered, so the division runs over contiguous
+        memory without a mask.  Each covered value is the same IEEE division as
+        ``sum[covered] / weight[covered]``, so the result equals that formula to the bit
+        (tested), at a fraction of its time (boolean-mask gathers and scatters of the
+        whole raster were a quarter of a small zoom run).  A band whose covered weights
+        are all 1 (blend ``centre`` with ``keep`` = stride: each pixel from one window)
+        is not divided (``x / 1 = x``), and uncovered pixels are only written where their
+        sum is not already +0.0 (a zero-weight margin times a negative or NaN
+        prediction): pages of a slide-wide raster that no window touched stay unwritten,
+        so its resident memory stays that of the tissue's windows."""
         if self._result is None:
             covered = self.weight > 0
-            probs = self.sum
-            if not np.logical_or(self.weight == 1, ~covered).all():
-                np.divide(probs, np.where(covered, self.weight, np.float32(1))[..., None], out=probs)
-            np.copyto(probs, np.float32(0), where=~covered[..., None])
-            self._result = probs, covered
+            for top in range(0, self.shape[0], RESULT_ROWS):
+                band = slice(top, top + RESULT_ROWS)
+                sums, weight, hit = self.sum[band], self.weight[band], covered[band]
+                if not np.logical_or(weight == 1, ~hit).all():
+                    np.divide(sums, np.where(hit, weight, np.float32(1))[..., None], out=sums)
+                stray = ~hit[..., None] & (sums.view(np.uint32) != 0)  # uncovered, not +0.0
+                if stray.any():
+                    np.copyto(sums, np.float32(0), where=stray)
+            self._result = self.sum, covered
         return self._result
 
 
