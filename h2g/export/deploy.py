@@ -89,13 +89,16 @@ def add_pipeline_arguments(parser, models_required: bool = True) -> None:
     """The command-line options that export/segment_slide.py and export/benchmark.py
     share: the two models, the engine and how the slide is cut into patches.
     ``--magnification`` and ``--patch-size`` default to the patch model's metadata."""
-    from h2g.inference.backends import DEVICES, HINTS, PRECISIONS
+    from h2g.inference.backends import DEVICES, HINTS, PRECISIONS, PROVIDERS
 
     parser.add_argument("--patch-model", type=Path, required=models_required, help="patch classifier (.onnx or .xml)")
     parser.add_argument("--refine-model", type=Path, required=models_required,
                         help="refinement network (.onnx or .xml)")
     parser.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino")
     parser.add_argument("--device", choices=DEVICES, default="CPU")
+    parser.add_argument("--provider", choices=PROVIDERS, default="auto",
+                        help="ONNX Runtime on --device GPU: tensorrt (with CUDA for what TensorRT does not take), "
+                             "cuda, or auto (TensorRT where installed, else CUDA)")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="OpenVINO inference precision (default: the engine's choice, bf16 on CPUs "
                              "that have it; always recorded)")
@@ -139,7 +142,8 @@ def pipeline_backends(args) -> tuple[Backend, Backend]:
     from h2g.inference.backends import make_backend
 
     backends = tuple(make_backend(path, engine=args.engine, device=args.device, precision=args.precision,
-                                  threads=args.threads, hint=hint)
+                                  threads=args.threads, hint=hint,
+                                  provider=getattr(args, "provider", None))
                      for path, hint in ((args.patch_model, args.patch_hint), (args.refine_model, "latency")))
     meta = backends[0].metadata
     view = meta.views[0] if meta is not None and meta.views else None
@@ -426,7 +430,8 @@ def deployment_plan(args, models=()) -> Plan:
                               "the tissue)")
         paths = by_role(metas)
         backends = tuple(make_backend(paths[r], engine=args.engine, device=args.device, precision=args.precision,
-                                      threads=args.threads, hint="latency") for r in ("policy", "coarse", "fine"))
+                                      threads=args.threads, hint="latency", provider=getattr(args, "provider", None))
+                         for r in ("policy", "coarse", "fine"))
         return Plan("razn", backends, metas[paths["coarse"]])
     roles = {meta.role: m for m, meta in metas.items()}
     if len(models) == 2 and set(roles) == {"patch_classifier", "refinement"}:
@@ -434,7 +439,8 @@ def deployment_plan(args, models=()) -> Plan:
         return _h2g_plan(args)
     if len(models) == 1 and metas[models[0]].views and metas[models[0]].output == "pixel_probs":
         backend = make_backend(models[0], engine=args.engine, device=args.device, precision=args.precision,
-                               threads=args.threads, hint=args.patch_hint)
+                               threads=args.threads, hint=args.patch_hint,
+                               provider=getattr(args, "provider", None))
         return Plan("sliding", (backend,), backend.metadata or metas[models[0]])
     described = ", ".join(f"{m.name} ({metas[m].system} {metas[m].role or '?'})" for m in models)
     raise ExportError(f"cannot tell what to run from the models {described}: expected an H2G-Net patch "
