@@ -121,3 +121,61 @@ def test_real_thumbnail_otsu(real_data):
     mask = otsu_tissue(thumb)
     assert 0.05 < mask.mean() < 0.95
     np.testing.assert_array_equal(mask, sat > cv2_otsu(sat))
+
+
+# ---------------------------------------------------------------------------- the fast read path
+def _tissue_both_ways(path, mpp=None):
+    """detect_tissue through OpenSlide (training's reader) and through decoded tiles
+    (deployment's), and the level the 1.25x plane is shrunk from, read both ways."""
+    with Slide(path, mpp=mpp) as plain, Slide(path, mpp=mpp, reader="tiles") as tiled:
+        level = plain.best_level_for(plain.downsample_for(1.25))
+        return (detect_tissue(plain), detect_tissue(tiled), plain.read_level(level), tiled.read_level(level),
+                tiled._tiles is not None and tiled._tiles.level(level) is not None)
+
+
+def test_tiles_give_the_same_tissue_mask_on_the_cohort(tiny_cohort, monkeypatch):
+    """On every slide of the tiny cohort: the whole level read from tiles equals
+    OpenSlide's pixel for pixel, so the tissue mask is the same; and the tiles path is
+    the one taken (OpenSlide's band reader is never called)."""
+    from h2g.io.manifest import load_manifest
+
+    for record in load_manifest(tiny_cohort).records:
+        plain_mask, tiled_mask, plain_level, tiled_level, served = _tissue_both_ways(record.slide_path)
+        assert served, record.slide_id
+        np.testing.assert_array_equal(tiled_level, plain_level, err_msg=record.slide_id)
+        np.testing.assert_array_equal(tiled_mask.mask, plain_mask.mask, err_msg=record.slide_id)
+        assert tiled_mask.downsample == plain_mask.downsample and 0.05 < plain_mask.fraction < 0.95
+    with Slide(load_manifest(tiny_cohort).records[0].slide_path, reader="tiles") as tiled:
+        monkeypatch.setattr(Slide, "_read", lambda *a, **k: pytest.fail("OpenSlide read a tiled level"))
+        detect_tissue(tiled)
+
+
+def test_tiles_shrink_a_level_in_whole_tile_rows_like_the_whole_level(tmp_path):
+    """A level shrunk by 2 and 4 tile row by tile row (edge tiles cut) equals PIL's box
+    filter of the whole level read by OpenSlide; a factor that does not divide the tile
+    height is refused."""
+    from h2g.io.slide import _resize
+    from h2g.io.tiles import TileSource
+
+    path = make_slide(tmp_path / "noise.tiff", size=(1280, 1152), pattern="noise", downsamples=(1, 2))
+    with Slide(path) as plain:
+        level = plain.read_level(1)  # 640 x 576: 3 x 3 tiles of 256, the last ones cut
+        source = TileSource.open(path, plain.level_dimensions)
+        try:
+            tiled = source.level(1)
+            for factor in (1, 2, 4):
+                want = _resize(level, (640 // factor, 576 // factor))
+                np.testing.assert_array_equal(tiled.read_level(factor, threads=2, shrink=_resize), want)
+            with pytest.raises(ValueError, match="cannot be shrunk by 3"):
+                tiled.read_level(3, shrink=_resize)
+        finally:
+            source.close()
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name, mpp", [("cmu_small_region.svs", None), ("tcga-cr-7395-01a-01-ts1.svs", 0.25)])
+def test_tiles_give_the_same_tissue_mask_on_real_slides(real_data, name, mpp):
+    plain_mask, tiled_mask, plain_level, tiled_level, served = _tissue_both_ways(real_data / "slides" / name, mpp)
+    assert served
+    np.testing.assert_array_equal(tiled_level, plain_level)
+    np.testing.assert_array_equal(tiled_mask.mask, plain_mask.mask)

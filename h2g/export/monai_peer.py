@@ -117,15 +117,23 @@ class MonaiSlidingWindow:
     ``model``: an exported ``.onnx`` whose metadata names its views (or ``metadata``);
     ``stride`` / ``keep`` / ``blend`` as :func:`h2g.inference.sliding.sliding_segmentation`
     (``keep`` must equal the stride for ``centre``); ``chunk``: cells a side read per
-    ``sliding_window_inference`` call (0: the whole slide)."""
+    ``sliding_window_inference`` call (0: the whole slide).  ``torch_threads`` (default 1,
+    None: PyTorch's default of one per core) is set process-wide: PyTorch only reads,
+    shrinks and accumulates here while ONNX Runtime has the cores, and PyTorch's OpenMP
+    threads spin-waiting beside ONNX Runtime's made the peer 4x slower on a shared
+    2-core machine."""
 
     def __init__(self, slide_path, model, *, metadata=None, stride: int | None = None, keep: int | None = None,
                  blend: str = "centre", batch_size: int = 8, chunk: int = 16, backend: str = "openslide",
                  device: str = "CPU", provider: str | None = None, threads: int | None = None,
-                 mpp: float | None = None):
+                 mpp: float | None = None, torch_threads: int | None = 1):
         why = monai_available()
         if why:
             raise ExportError(why)
+        if torch_threads:  # PyTorch only accumulates windows here; ONNX Runtime has the cores
+            import torch
+
+            torch.set_num_threads(int(torch_threads))
         from h2g.export.metadata import model_metadata
         from h2g.inference.sliding import BLENDS
 
