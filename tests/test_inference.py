@@ -381,6 +381,23 @@ def test_bad_inputs_give_clear_errors(tmp_path, colour_files, monkeypatch):
         make_backend(xml_path, provider="cuda")
 
 
+def test_tensorrt_batches_are_padded_to_the_largest_seen(colour_files):
+    """With TensorRT first among the providers, a smaller batch is padded with zeros to
+    the largest batch seen (one engine for every batch), and only its own rows come back:
+    the same probabilities as unpadded (run here on the CPU provider)."""
+    _, onnx_path, _ = colour_files
+    plain = OnnxRuntimeBackend(onnx_path, threads=1)
+    trt = OnnxRuntimeBackend(onnx_path, threads=1)
+    trt.providers = ("TensorrtExecutionProvider", "CPUExecutionProvider")
+    seen = []
+    run = trt._run
+    trt._run = lambda feed: seen.append(len(feed["image"])) or run(feed)
+    batches = [np.random.default_rng(k).random((n, PATCH, PATCH, 3), np.float32) for k, n in enumerate((4, 3, 1, 4))]
+    for batch in batches:
+        np.testing.assert_allclose(trt.predict(batch), plain.predict(batch), atol=1e-6)
+    assert seen == [4, 4, 4, 4]
+
+
 def test_gpu_providers_by_name(tmp_path, monkeypatch):
     """Which ONNX Runtime providers each --provider asks for, from a list of available
     ones (no GPU needed): TensorRT comes with CUDA behind it and its engine cache."""

@@ -344,9 +344,24 @@ class OnnxRuntimeBackend(_BackendBase):
     def _run(self, feed: dict) -> np.ndarray:
         return self.session.run([self._output], feed)[0]
 
+    def _padded(self, feed: dict) -> tuple[dict, int]:
+        """TensorRT builds an engine per range of input shapes and rebuilds it (for
+        minutes, with full-size models) when a batch falls outside: a batch smaller than
+        the largest seen so far (a slide's last one) is padded with zeros to that size,
+        so one engine serves every batch.  Returns (feed, rows to keep)."""
+        rows = _rows(feed)
+        self._max_rows = max(getattr(self, "_max_rows", 0), rows)
+        if rows == self._max_rows:
+            return feed, rows
+        return {k: np.concatenate([v, np.zeros((self._max_rows - rows,) + v.shape[1:], v.dtype)])
+                for k, v in feed.items()}, rows
+
     def predict(self, inputs: Inputs) -> np.ndarray:
         feed = self._feed(inputs)
         try:
+            if self.providers[0] == ORT_GPU_PROVIDERS["tensorrt"]:
+                padded, rows = self._padded(feed)
+                return self._run(padded)[:rows]
             if self._pool is None or _rows(feed) < 2:
                 return self._run(feed)
             parts = (part for _, part in _sub_feeds(feed, self.sub_batch))
