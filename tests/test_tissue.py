@@ -16,7 +16,9 @@ from h2g.tiling.tissue import (
     detect_tissue,
     otsu_threshold,
     otsu_tissue,
+    pen_ink,
     saturation,
+    saturation_numpy,
 )
 
 
@@ -36,11 +38,32 @@ def test_saturation_by_hand():
 
 
 def test_saturation_matches_opencv():
+    """Both implementations: the numpy fixed-point formula equals OpenCV's HSV for every
+    (max, min) pair, and saturation() (OpenCV) equals it."""
     high, low = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
     every_pair = np.stack([high, low, np.minimum(high, low)], axis=-1).astype(np.uint8)
-    np.testing.assert_array_equal(saturation(every_pair), cv2_saturation(every_pair))
     noise = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(saturation(noise), cv2_saturation(noise))
+    for image in (every_pair, noise):
+        np.testing.assert_array_equal(saturation_numpy(image), cv2_saturation(image))
+        np.testing.assert_array_equal(saturation(image), saturation_numpy(image))
+    np.testing.assert_array_equal(saturation(every_pair[:1, :5]), saturation_numpy(every_pair[:1, :5]))  # a view
+
+
+def test_pen_ink_in_uint8_equals_the_int16_formula():
+    """pen_ink's saturating uint8 arithmetic gives the mask of the plain int16 formula
+    (written out here) on every (r, g) pair with several b, and on noise."""
+    def reference(rgb, margin=12, dark=70):
+        r, g, b = (rgb[..., k].astype(np.int16) for k in range(3))
+        high = np.maximum(np.maximum(r, g), b)
+        return (g > r + margin) | ((high < dark) & (high - np.minimum(np.minimum(r, g), b) < 15))
+
+    r, g = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    for b in (0, 13, 60, 69, 70, 200, 255):
+        image = np.stack([r, g, np.full_like(r, b)], axis=-1).astype(np.uint8)
+        np.testing.assert_array_equal(pen_ink(image), reference(image), err_msg=f"b={b}")
+    noise = np.random.default_rng(1).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(pen_ink(noise), reference(noise))
+    np.testing.assert_array_equal(pen_ink(noise, margin=0, dark=200), reference(noise, 0, 200))
 
 
 @pytest.mark.parametrize("size", [3, 5])
@@ -151,9 +174,9 @@ def test_tiles_give_the_same_tissue_mask_on_the_cohort(tiny_cohort, monkeypatch)
 
 
 def test_tiles_shrink_a_level_in_whole_tile_rows_like_the_whole_level(tmp_path):
-    """A level shrunk by 2 and 4 tile row by tile row (edge tiles cut) equals PIL's box
-    filter of the whole level read by OpenSlide; a factor that does not divide the tile
-    height is refused."""
+    """A level shrunk by 2 and 4 tile by tile (edge tiles cut) equals PIL's box filter of
+    the whole level read by OpenSlide; a factor that does not divide the tile side is
+    refused."""
     from h2g.io.slide import _resize
     from h2g.io.tiles import TileSource
 

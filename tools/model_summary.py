@@ -49,7 +49,8 @@ def summary(names, save_dir: Path | None = None, seed: int = 0, tiny: bool = Fal
     for name in names:
         keras.utils.set_random_seed(seed)
         model = models.build(name, **(TINY[name] if tiny else {}))
-        out[name] = {"params": int(model.count_params()), "paper_params": models.PAPER_PARAMS.get(name)}
+        out[name] = {"params": int(model.count_params()),
+                     "paper_params": None if tiny else models.PAPER_PARAMS.get(name)}  # no paper figure for stand-ins
         if save_dir is not None:
             path = save_dir / f"{name}.keras"
             models.inference_model(model).save(path)

@@ -49,7 +49,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -391,7 +390,3 @@ def peer_rows(ours: dict, peer: dict) -> list[str]:
         f"| {peer['engine']} | {peer['version']} | {peer['device']} | {peer['windows']} | "
         f"{cell(peer['windows_per_second'])} | {cell(peer['stages']['total'])} |",
     ]
-
-
-def _views_text(views: Sequence[View]) -> str:
-    return ", ".join(f"{v.name} {v.size} px at {v.magnification:g}x" for v in views)

@@ -290,7 +290,7 @@ class Slide:
         out_size = (width // factor, height // factor)
         tiled = self._tiles.level(level) if self._tiles is not None else None
         if tiled is not None and (width, height) == (out_size[0] * factor, out_size[1] * factor) \
-                and tiled.tile_height % factor == 0:
+                and tiled.tile_height % factor == 0 and tiled.tile_width % factor == 0:
             try:  # the same pixels as OpenSlide (tests/test_tissue.py), without its ARGB round trip
                 return tiled.read_level(factor, threads=max(BAND_THREADS, available_cores()), shrink=_resize)
             except Exception as exc:  # tifffile / imagecodecs raise many types on corrupt data
