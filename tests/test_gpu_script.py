@@ -40,6 +40,9 @@ def test_dry_run_prints_every_command_and_finds_every_flag():
     assert any("--engine openvino --device GPU" in c for c in timings)
     assert all("--markdown bench/gpu/" in c for c in timings)
     assert "every command above exists" in done.stdout
+    only = run("--dry-run", "--only", "dmmn", "--python", sys.executable)
+    timed = [line for line in only.stdout.splitlines() if line.startswith("+ ") and "benchmark.py" in line]
+    assert only.returncode == 0 and len(timed) == 2 and all("dmmn_m3.onnx" in line for line in timed)
 
 
 def test_dry_run_catches_a_flag_a_script_does_not_have(tmp_path):
@@ -54,6 +57,7 @@ def test_dry_run_catches_a_flag_a_script_does_not_have(tmp_path):
     (("--bogus",), "unknown argument '--bogus'"),
     (("--out",), "--out needs a value"),
     (("--python", "python3"), "--python applies to --dry-run and --cpu-check"),
+    (("--only", "razn"), "--only must be h2g or dmmn"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message):
     done = run(*args)

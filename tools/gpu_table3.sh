@@ -15,17 +15,21 @@
 #          --repeats N (3, H2G-Net) --dmmn-repeats N (1) --readers N (all cores)
 #          --python PY (the interpreter for --dry-run / --cpu-check, default python)
 #          --skip-install (GPU mode: reuse the venv in --work as it is)
+#          --only h2g|dmmn (time one system; a second call with --skip-install times the other,
+#          reusing the slide, the models and TensorRT's engines kept in --work)
 #
 # GPU mode needs only python3 (3.10+) and pip reaching the package registries: it makes a
 # venv in --work and installs h2g with the [train] extra (TensorFlow, to build and convert
 # the models) and the [gpu] extra (onnxruntime-gpu for CUDA 13 with its CUDA / cuDNN wheels,
 # TensorRT 10's libraries), replacing the CPU onnxruntime wheel.  TensorFlow converts on
 # the CPU (CUDA_VISIBLE_DEVICES is emptied for it).  The full slide (101216 x 100864 px,
-# 1.8 GB) is rendered on every core while the packages install.  Budget, estimated for
+# 1.8 GB) is rendered on every core while the GPU wheels install.  Budget, estimated for
 # 16 cores and an H100 (not measured: no GPU machine has run it yet): install 2-3 min
-# (the slide meanwhile), models + conversion 1-2 min, H2G-Net 2 x ~1 min (TensorRT builds
-# its engines once, cached in --work), DMMN-M3 2 x ~1.5 min: about 8 min; each step's
-# time is printed and written to gpu_table3.md.  Exit codes: 0 all timed, 1 a timing
+# (the slide meanwhile), models + conversion 1-2 min, H2G-Net (3234 patches) 2 x ~1 min
+# (TensorRT builds its engines once, cached in --work), DMMN-M3 (17137 windows of three
+# views, read-bound) 2 x ~1.5-2 min: 8-10 min in all, so where one call must stay under 8
+# minutes run `--only h2g`, then `--skip-install --only dmmn` on the same machine.  Each
+# step's time is printed and written to gpu_table3.md.  Exit codes: 0 all timed, 1 a timing
 # failed (the others still run; gpu_table3.md says which), 2 bad arguments, 3 no GPU.
 set -euo pipefail
 
@@ -40,6 +44,7 @@ DMMN_REPEATS=1
 READERS=""
 PY_ARG=""
 SKIP_INSTALL=0
+ONLY=all
 
 die() { echo "gpu_table3.sh: $*" >&2; exit 2; }
 need_value() { [[ $# -ge 2 && -n "$2" && "$2" != --* ]] || die "$1 needs a value"; }
@@ -56,6 +61,8 @@ while [[ $# -gt 0 ]]; do
         --readers) need_value "$@"; positive "$1" "$2"; READERS="$2"; shift 2 ;;
         --python) need_value "$@"; PY_ARG="$2"; shift 2 ;;
         --skip-install) SKIP_INSTALL=1; shift ;;
+        --only) need_value "$@"; [[ "$2" == h2g || "$2" == dmmn ]] || die "--only must be h2g or dmmn, got '$2'"
+                ONLY="$2"; shift 2 ;;
         -h|--help) sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) die "unknown argument '$1' (see --help)" ;;
     esac
@@ -170,8 +177,12 @@ if [[ "$MODE" == cpu ]]; then
     PARITY_SLIDE="$SLIDE_DIR/cohort/slides/t01.tiff"
     MODEL_ARGS=(--tiny)
 else
-    required "tiny cohort (conversion parity slide)" "$PY" tools/make_cohort.py --preset tiny --out "$WORK/tiny" --quiet
     PARITY_SLIDE="$WORK/tiny/cohort/slides/t01.tiff"
+    if [[ "$MODE" == gpu && -f "$PARITY_SLIDE" ]]; then
+        echo "== tiny cohort: $PARITY_SLIDE exists, kept"
+    else
+        required "tiny cohort (conversion parity slide)" "$PY" tools/make_cohort.py --preset tiny --out "$WORK/tiny" --quiet
+    fi
     SLIDE="$WORK/full/cohort/slides/f01.tiff"
     MODEL_ARGS=()
 fi
@@ -213,10 +224,14 @@ fi
 # --------------------------------------------------------------------------- models
 MODELS="$WORK/models"
 # TensorFlow builds and converts on the CPU; the GPU is left to the timings
-required "models (untrained${MODEL_ARGS:+, tiny})" env CUDA_VISIBLE_DEVICES= TF_CPP_MIN_LOG_LEVEL=2 \
-    "$PY" tools/model_summary.py mobilenetv2 unet dmmn_m3 "${MODEL_ARGS[@]}" --save "$MODELS"
-required "convert to ONNX + OpenVINO (parity on $PARITY_SLIDE)" env CUDA_VISIBLE_DEVICES= TF_CPP_MIN_LOG_LEVEL=2 \
-    "$PY" export/convert.py "$MODELS" --slide "$PARITY_SLIDE" --quiet
+if [[ "$MODE" == gpu && -f "$MODELS/mobilenetv2.onnx" && -f "$MODELS/unet.onnx" && -f "$MODELS/dmmn_m3.onnx" ]]; then
+    echo "== models: $MODELS has them converted, kept"
+else
+    required "models (untrained${MODEL_ARGS:+, tiny})" env CUDA_VISIBLE_DEVICES= TF_CPP_MIN_LOG_LEVEL=2 \
+        "$PY" tools/model_summary.py mobilenetv2 unet dmmn_m3 "${MODEL_ARGS[@]}" --save "$MODELS"
+    required "convert to ONNX + OpenVINO (parity on $PARITY_SLIDE)" env CUDA_VISIBLE_DEVICES= TF_CPP_MIN_LOG_LEVEL=2 \
+        "$PY" export/convert.py "$MODELS" --slide "$PARITY_SLIDE" --quiet
+fi
 
 if [[ -n "$SLIDE_PID" ]]; then
     echo "== waiting for the full slide"
@@ -236,11 +251,11 @@ else
 fi
 for provider in "${PROVIDERS[@]}"; do
     if [[ "$provider" == cpu ]]; then DEVICE=(--device CPU); else DEVICE=(--device GPU --provider "$provider"); fi
-    step "H2G-Net, ONNX Runtime $provider" "$PY" export/benchmark.py --slide "$SLIDE" \
+    [[ "$ONLY" == dmmn ]] || step "H2G-Net, ONNX Runtime $provider" "$PY" export/benchmark.py --slide "$SLIDE" \
         --patch-model "$MODELS/mobilenetv2.onnx" --refine-model "$MODELS/unet.onnx" --engine onnxruntime \
         "${DEVICE[@]}" --readers "$READERS" --repeats "$REPEATS" \
         --json "$OUT/h2g_onnxruntime_$provider.json" --markdown "$OUT/h2g_onnxruntime_$provider.md"
-    step "DMMN-M3, ONNX Runtime $provider" "$PY" export/benchmark.py --slide "$SLIDE" \
+    [[ "$ONLY" == h2g ]] || step "DMMN-M3, ONNX Runtime $provider" "$PY" export/benchmark.py --slide "$SLIDE" \
         --model "$MODELS/dmmn_m3.onnx" --engine onnxruntime "${DEVICE[@]}" --batch-size 16 \
         --readers "$READERS" --repeats "$DMMN_REPEATS" \
         --json "$OUT/dmmn_m3_onnxruntime_$provider.json" --markdown "$OUT/dmmn_m3_onnxruntime_$provider.md"
@@ -254,7 +269,7 @@ if [[ "$MODE" == gpu ]]; then  # OpenVINO's GPU plugin drives Intel GPUs; probed
 elif [[ "$MODE" == dry ]]; then
     OPENVINO_GPU=yes  # print and check the command
 fi
-if [[ "$OPENVINO_GPU" == yes ]]; then
+if [[ "$OPENVINO_GPU" == yes && "$ONLY" != dmmn ]]; then
     step "H2G-Net, OpenVINO GPU" "$PY" export/benchmark.py --slide "$SLIDE" \
         --patch-model "$MODELS/mobilenetv2.xml" --refine-model "$MODELS/unet.xml" --engine openvino \
         --device GPU --readers "$READERS" --repeats "$REPEATS" \
