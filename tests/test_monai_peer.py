@@ -80,17 +80,19 @@ def everywhere(shape=(16, 20)):
     return TissueMask(np.ones(shape, bool), 32.0)
 
 
-@pytest.mark.parametrize("blend,stride,chunk", [("centre", None, 4), ("centre", 16, 3), ("tent", 16, 0)])
-def test_same_windows_same_probabilities_where_every_view_is_a_level(files, blend, stride, chunk):
+@pytest.mark.parametrize("blend,stride,chunk,backend", [("centre", None, 4, "openslide"), ("centre", 16, 3, "openslide"),
+                                                         ("tent", 16, 0, "openslide"), ("centre", None, 4, "tifffile")])
+def test_same_windows_same_probabilities_where_every_view_is_a_level(files, blend, stride, chunk, backend):
     """Every view read from a pyramid level of its own: the same pixels on both sides, so
     the same probabilities (float tolerance: batches differ), for blend centre (with and
-    without overlap, several chunks) and tent (the whole slide in one call)."""
+    without overlap, several chunks) and tent (the whole slide in one call), through
+    WSIReader's OpenSlide and tifffile backends."""
     from h2g.export.monai_peer import monai_segmentation
 
     model, slide, _ = files
     want = ours(slide, model, everywhere(), stride=stride, blend=blend)
     got = monai_segmentation(slide, model, tissue=everywhere(), stride=stride, blend=blend, chunk=chunk,
-                             batch_size=5, threads=1)
+                             batch_size=5, threads=1, backend=backend)
     assert got.shape == want.shape == (256, 320) and got.downsample == want.downsample == 2
     np.testing.assert_array_equal(got.covered, want.covered)
     np.testing.assert_allclose(got.probs, want.probs, atol=2e-6)
