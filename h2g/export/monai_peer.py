@@ -119,8 +119,8 @@ class MonaiSlidingWindow:
     ``sliding_window_inference`` call (0: the whole slide).  ``torch_threads`` (default 1,
     None: PyTorch's default of one per core) is set process-wide: PyTorch only reads,
     shrinks and accumulates here while ONNX Runtime has the cores, and PyTorch's OpenMP
-    threads spin-waiting beside ONNX Runtime's made the peer 4x slower on a shared
-    2-core machine."""
+    threads spin-waiting beside ONNX Runtime's made the peer several times slower on a
+    shared 2-core machine."""
 
     def __init__(self, slide_path, model, *, metadata=None, stride: int | None = None, keep: int | None = None,
                  blend: str = "centre", batch_size: int = 8, chunk: int = 16, backend: str = "openslide",
