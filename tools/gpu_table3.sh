@@ -214,7 +214,7 @@ if [[ "$MODE" == dry ]]; then
 elif [[ "$MODE" == gpu ]]; then
     # CUDA, cuDNN and TensorRT libraries from the nvidia-* and tensorrt wheels
     SITE="$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-    LIBS="$(find "$SITE/nvidia" -maxdepth 2 -type d -name lib 2>/dev/null | paste -sd: -)"
+    LIBS="$(find "$SITE/nvidia" -maxdepth 3 -type d -name lib 2>/dev/null | paste -sd: -)"  # nvidia/<pkg>[/cu13]/lib
     TRT_LIBS="$("$PY" -c 'import os, tensorrt_libs; print(os.path.dirname(tensorrt_libs.__file__))' 2>/dev/null || true)"
     export LD_LIBRARY_PATH="${LIBS}${TRT_LIBS:+:$TRT_LIBS}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     export H2G_TRT_CACHE="$ROOT/$WORK/tensorrt_cache"
