@@ -571,3 +571,18 @@ def test_ensure_cohort_completes_a_multiclass_cohort_without_touching_slides(tin
     assert sidecar_path(manifest).read_text() == cohort.classes_text()
     assert load_manifest(manifest).classes.names == CLASS_NAMES
     assert not list(copy.rglob("*.tmp")) and not list(copy.rglob(".pyramid-*"))
+
+
+def test_pyramid_rendered_in_processes_is_the_same_file(tmp_path):
+    """write_pyramid_tiles with level 0 rendered by two worker processes (and tiles
+    compressed by two threads) writes the same bytes as one process: the full preset's
+    one slide is rendered this way on every core."""
+    from h2g.data.cohort import SlideRenderer, cohort_specs, slide_layout
+    from h2g.io.pyramid import write_pyramid_tiles
+
+    spec = cohort_specs("tiny")[0]
+    renderer = SlideRenderer(slide_layout("tiny", spec, 0), key=(0, spec.index))
+    files = [write_pyramid_tiles(tmp_path / f"w{n}.tiff", (1280, 1024), renderer.render, block=512, workers=n)
+             for n in (1, 2)]
+    one, two = (f.read_bytes() for f in files)
+    assert len(one) > 100_000 and one == two

@@ -267,7 +267,8 @@ def test_backends_report_what_they_run_with(colour_files):
     ort = make_backend(onnx_path, threads=1)
     assert ort.info() | {"model": ""} == {"engine": "onnxruntime", "version": ort.version, "device": "CPU",
                                           "threads": 1, "precision": "f32", "model": "", "inputs": ["image"],
-                                          "hint": "latency", "streams": 1, "sub_batch": None}
+                                          "hint": "latency", "streams": 1, "sub_batch": None,
+                                          "providers": ["CPUExecutionProvider"]}
     ov = make_backend(xml_path, precision="f32", threads=1)
     assert (ov.name, ov.device, ov.precision, ov.threads) == ("openvino", "CPU", "f32", 1)
     default = OpenVINOBackend(onnx_path)  # OpenVINO reads ONNX too; it picks its precision
@@ -334,6 +335,51 @@ def test_bad_inputs_give_clear_errors(tmp_path, colour_files, monkeypatch):
         OnnxRuntimeBackend(corrupt)
     with pytest.raises(ExportError, match="no CUDA or TensorRT execution provider"):
         OnnxRuntimeBackend(onnx_path, device="GPU")
+    with pytest.raises(ExportError, match="provider tensorrt requested but ONNX Runtime has no TensorrtExecutionProvider"):
+        OnnxRuntimeBackend(onnx_path, device="GPU", provider="tensorrt")
+    with pytest.raises(ConfigError, match="use it with device GPU"):
+        OnnxRuntimeBackend(onnx_path, provider="cuda")
+    with pytest.raises(ConfigError, match="needs engine onnxruntime, not openvino"):
+        make_backend(xml_path, provider="cuda")
+
+
+def test_tensorrt_batches_are_padded_to_the_largest_seen(colour_files):
+    """With TensorRT first among the providers, a smaller batch is padded with zeros to
+    the largest batch seen (one engine for every batch), and only its own rows come back:
+    the same probabilities as unpadded (run here on the CPU provider)."""
+    _, onnx_path, _ = colour_files
+    plain = OnnxRuntimeBackend(onnx_path, threads=1)
+    trt = OnnxRuntimeBackend(onnx_path, threads=1)
+    trt.providers = ("TensorrtExecutionProvider", "CPUExecutionProvider")
+    seen = []
+    run = trt._run
+    trt._run = lambda feed: seen.append(len(feed["image"])) or run(feed)
+    batches = [np.random.default_rng(k).random((n, PATCH, PATCH, 3), np.float32) for k, n in enumerate((4, 3, 1, 4))]
+    for batch in batches:
+        np.testing.assert_allclose(trt.predict(batch), plain.predict(batch), atol=1e-6)
+    assert seen == [4, 4, 4, 4]
+
+
+def test_gpu_providers_by_name(tmp_path, monkeypatch):
+    """Which ONNX Runtime providers each --provider asks for, from a list of available
+    ones (no GPU needed): TensorRT comes with CUDA behind it and its engine cache."""
+    from h2g.inference.backends import gpu_providers
+
+    monkeypatch.setenv("H2G_TRT_CACHE", str(tmp_path / "trt"))
+    both = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    trt = ("TensorrtExecutionProvider", {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(tmp_path / "trt"),
+                                         "trt_timing_cache_enable": True, "trt_timing_cache_path": str(tmp_path / "trt")})
+    assert gpu_providers(both) == gpu_providers(both, "auto") == [trt, "CUDAExecutionProvider"]
+    assert gpu_providers(both, "tensorrt") == [trt, "CUDAExecutionProvider"]
+    assert gpu_providers(both, "cuda") == ["CUDAExecutionProvider"]
+    assert gpu_providers(["CUDAExecutionProvider", "CPUExecutionProvider"], "auto") == ["CUDAExecutionProvider"]
+    assert (tmp_path / "trt").is_dir()
+    with pytest.raises(ExportError, match="no TensorrtExecutionProvider \\(available: CUDAExecutionProvider"):
+        gpu_providers(["CUDAExecutionProvider"], "tensorrt")
+    with pytest.raises(ExportError, match="no CUDA or TensorRT"):
+        gpu_providers(["CPUExecutionProvider"], "auto")
+    with pytest.raises(ConfigError, match="provider must be one of auto, tensorrt, cuda"):
+        gpu_providers(both, "rocm")
 
 
 def test_models_with_other_input_names_are_refused(tmp_path, checker, colour_files):

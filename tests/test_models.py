@@ -339,3 +339,24 @@ def test_model_summary_save_onto_a_file_exits_2(tmp_path, capsys):
     target.write_text("")
     assert run_cli(load_tool().main, ["unet", "--save", str(target)]) == 2
     assert "not a folder" in capsys.readouterr().err
+
+
+def test_model_summary_tiny_dmmn_stand_in_carries_its_views(tmp_path, capsys):
+    """--tiny --save dmmn_m3: the small stand-in (64 px views, width 1/8) with a sidecar
+    naming DMMN's three views at 20x / 10x / 5x and the target x20, so that export and
+    the sliding-window benchmark know what to read; no paper figure for a stand-in."""
+    from h2g.inference.metadata import read_sidecar
+
+    tool = load_tool()
+    assert tool.main(["--json", "dmmn_m3", "--tiny", "--save", str(tmp_path)]) == 0
+    row = json.loads(capsys.readouterr().out)["dmmn_m3"]
+    assert row["paper_params"] is None and row["sidecar"] == str(tmp_path / "dmmn_m3.meta.json")
+    meta = read_sidecar(tmp_path / "dmmn_m3.keras")
+    assert (meta.system, meta.design, meta.role, meta.output) == ("dmmn", "dmmn_m3", "segmentation", "pixel_probs")
+    assert [(v.name, v.magnification, v.size) for v in meta.views] == [("x20", 20.0, 64), ("x10", 10.0, 64),
+                                                                       ("x5", 5.0, 64)]
+    assert meta.view().name == "x20" and meta.extras["stride"] == 64
+    from h2g.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--tiny has stand-ins"):
+        tool.main(["unet_lr", "--tiny"])

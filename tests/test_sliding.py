@@ -97,6 +97,43 @@ def test_blend_weights_and_stitching_by_hand():
     assert covered.sum() == 2 and covered[0, 5] and covered[1, 5] and probs[0, 5, 0] == 1
 
 
+
+def _masked_division(sums: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stitcher's former formula, as the reference: a boolean-mask gather, divide, scatter."""
+    covered = weights > 0
+    probs = np.zeros_like(sums)
+    probs[covered] = sums[covered] / weights[covered][:, None]
+    return probs, covered
+
+
+@pytest.mark.parametrize("blend,keep,step", [("tent", None, 3), ("centre", 3, 2), ("centre", None, 8)])
+def test_stitcher_result_equals_the_masked_division_to_the_bit(blend, keep, step, monkeypatch):
+    """Random windows (overlapping, hanging over the edges, leaving gaps) blended by
+    tent / centre weights, unit weights included (keep = size: the division is skipped):
+    the result equals the masked division of the same sums to the bit, NaN where a
+    window predicted NaN, 0 (+0.0) wherever nothing was covered; in bands of 5 rows."""
+    from h2g.inference import sliding
+
+    monkeypatch.setattr(sliding, "RESULT_ROWS", 5)
+    rng = np.random.default_rng(7)
+    stitcher = Stitcher((23, 31), 4, blend_weights(8, blend, keep))
+    for r in range(-4, 23, step):
+        for c in range(-4, 31, step + 1):
+            if (r, c) == (-4 + 2 * step, step - 3):  # one window of NaN
+                stitcher.add((r, c), np.full((8, 8, 4), np.nan, np.float32))
+            elif rng.random() < 0.7 and not (r >= 10 and c >= 16):  # random gaps, an empty corner
+                stitcher.add((r, c), rng.random((8, 8, 4), np.float32) * rng.choice([1, -1]))
+    want, want_covered = _masked_division(stitcher.sum.copy(), stitcher.weight.copy())
+    assert 0 < want_covered.mean() < 1 and np.isnan(want).any()
+    assert (stitcher.weight[want_covered] == 1).all() == (step == 8)  # the unit-weight case is the last one
+    probs, covered = stitcher.result()
+    np.testing.assert_array_equal(covered, want_covered)
+    np.testing.assert_array_equal(probs.view(np.uint32), want.view(np.uint32))  # NaN payloads and -0.0 too
+    assert stitcher.result()[0] is probs  # a second call returns the same raster, not a second division
+    with pytest.raises(RuntimeError):
+        stitcher.add((0, 0), np.zeros((8, 8, 4), np.float32))
+
+
 # ---------------------------------------------------------------------------- whole slides
 def _segment_blocks(slide, *args, **kwargs):
     """:func:`sliding_segmentation` over the colour-block slide, whose green and blue blocks

@@ -16,7 +16,9 @@ from h2g.tiling.tissue import (
     detect_tissue,
     otsu_threshold,
     otsu_tissue,
+    pen_ink,
     saturation,
+    saturation_numpy,
 )
 
 
@@ -36,11 +38,32 @@ def test_saturation_by_hand():
 
 
 def test_saturation_matches_opencv():
+    """Both implementations: the numpy fixed-point formula equals OpenCV's HSV for every
+    (max, min) pair, and saturation() (OpenCV) equals it."""
     high, low = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
     every_pair = np.stack([high, low, np.minimum(high, low)], axis=-1).astype(np.uint8)
-    np.testing.assert_array_equal(saturation(every_pair), cv2_saturation(every_pair))
     noise = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
-    np.testing.assert_array_equal(saturation(noise), cv2_saturation(noise))
+    for image in (every_pair, noise):
+        np.testing.assert_array_equal(saturation_numpy(image), cv2_saturation(image))
+        np.testing.assert_array_equal(saturation(image), saturation_numpy(image))
+    np.testing.assert_array_equal(saturation(every_pair[:1, :5]), saturation_numpy(every_pair[:1, :5]))  # a view
+
+
+def test_pen_ink_in_uint8_equals_the_int16_formula():
+    """pen_ink's saturating uint8 arithmetic gives the mask of the plain int16 formula
+    (written out here) on every (r, g) pair with several b, and on noise."""
+    def reference(rgb, margin=12, dark=70):
+        r, g, b = (rgb[..., k].astype(np.int16) for k in range(3))
+        high = np.maximum(np.maximum(r, g), b)
+        return (g > r + margin) | ((high < dark) & (high - np.minimum(np.minimum(r, g), b) < 15))
+
+    r, g = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    for b in (0, 13, 60, 69, 70, 200, 255):
+        image = np.stack([r, g, np.full_like(r, b)], axis=-1).astype(np.uint8)
+        np.testing.assert_array_equal(pen_ink(image), reference(image), err_msg=f"b={b}")
+    noise = np.random.default_rng(1).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(pen_ink(noise), reference(noise))
+    np.testing.assert_array_equal(pen_ink(noise, margin=0, dark=200), reference(noise, 0, 200))
 
 
 @pytest.mark.parametrize("size", [3, 5])
@@ -121,3 +144,61 @@ def test_real_thumbnail_otsu(real_data):
     mask = otsu_tissue(thumb)
     assert 0.05 < mask.mean() < 0.95
     np.testing.assert_array_equal(mask, sat > cv2_otsu(sat))
+
+
+# ---------------------------------------------------------------------------- the fast read path
+def _tissue_both_ways(path, mpp=None):
+    """detect_tissue through OpenSlide (training's reader) and through decoded tiles
+    (deployment's), and the level the 1.25x plane is shrunk from, read both ways."""
+    with Slide(path, mpp=mpp) as plain, Slide(path, mpp=mpp, reader="tiles") as tiled:
+        level = plain.best_level_for(plain.downsample_for(1.25))
+        return (detect_tissue(plain), detect_tissue(tiled), plain.read_level(level), tiled.read_level(level),
+                tiled._tiles is not None and tiled._tiles.level(level) is not None)
+
+
+def test_tiles_give_the_same_tissue_mask_on_the_cohort(tiny_cohort, monkeypatch):
+    """On every slide of the tiny cohort: the whole level read from tiles equals
+    OpenSlide's pixel for pixel, so the tissue mask is the same; and the tiles path is
+    the one taken (OpenSlide's band reader is never called)."""
+    from h2g.io.manifest import load_manifest
+
+    for record in load_manifest(tiny_cohort).records:
+        plain_mask, tiled_mask, plain_level, tiled_level, served = _tissue_both_ways(record.slide_path)
+        assert served, record.slide_id
+        np.testing.assert_array_equal(tiled_level, plain_level, err_msg=record.slide_id)
+        np.testing.assert_array_equal(tiled_mask.mask, plain_mask.mask, err_msg=record.slide_id)
+        assert tiled_mask.downsample == plain_mask.downsample and 0.05 < plain_mask.fraction < 0.95
+    with Slide(load_manifest(tiny_cohort).records[0].slide_path, reader="tiles") as tiled:
+        monkeypatch.setattr(Slide, "_read", lambda *a, **k: pytest.fail("OpenSlide read a tiled level"))
+        detect_tissue(tiled)
+
+
+def test_tiles_shrink_a_level_in_whole_tile_rows_like_the_whole_level(tmp_path):
+    """A level shrunk by 2 and 4 tile by tile (edge tiles cut) equals PIL's box filter of
+    the whole level read by OpenSlide; a factor that does not divide the tile side is
+    refused."""
+    from h2g.io.slide import _resize
+    from h2g.io.tiles import TileSource
+
+    path = make_slide(tmp_path / "noise.tiff", size=(1280, 1152), pattern="noise", downsamples=(1, 2))
+    with Slide(path) as plain:
+        level = plain.read_level(1)  # 640 x 576: 3 x 3 tiles of 256, the last ones cut
+        source = TileSource.open(path, plain.level_dimensions)
+        try:
+            tiled = source.level(1)
+            for factor in (1, 2, 4):
+                want = _resize(level, (640 // factor, 576 // factor))
+                np.testing.assert_array_equal(tiled.read_level(factor, threads=2, shrink=_resize), want)
+            with pytest.raises(ValueError, match="cannot be shrunk by 3"):
+                tiled.read_level(3, shrink=_resize)
+        finally:
+            source.close()
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("name, mpp", [("cmu_small_region.svs", None), ("tcga-cr-7395-01a-01-ts1.svs", 0.25)])
+def test_tiles_give_the_same_tissue_mask_on_real_slides(real_data, name, mpp):
+    plain_mask, tiled_mask, plain_level, tiled_level, served = _tissue_both_ways(real_data / "slides" / name, mpp)
+    assert served
+    np.testing.assert_array_equal(tiled_level, plain_level)
+    np.testing.assert_array_equal(tiled_mask.mask, plain_mask.mask)

@@ -6,6 +6,15 @@ pixel differences between the two.
 
     python tools/bench_reads.py --slide S [--magnification 10] [--patch-size 256]
                                 [--patches 1000] [--rounds 2] [--reader tiles|reduced] [--json]
+    python tools/bench_reads.py --slide S --tissue [--rounds 3] [--json]
+
+``--tissue`` times tissue detection instead (h2g.tiling.tissue.detect_tissue at 1.25x, as
+the deployment pipeline runs it first): through OpenSlide's band reader (the former path,
+still training's ``reader="openslide"``) against the level decoded from its tiles
+(``reader="tiles"``, deployment's default), alternating, median of ``--rounds``; the
+level read and the thresholding / closing separately, the process's CPU seconds (steadier
+than wall time on a shared machine), the ratio, and the mask pixels that differ between
+the two (0: the same mask).
 
 Each round reads the same patches with a fresh handle of each reader (tiles first in odd
 rounds, OpenSlide first in even ones, so neither always gets a warm page cache); the
@@ -38,7 +47,72 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--reader", choices=("tiles", "reduced"), default="tiles", help="the reader set against OpenSlide")
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--tissue", action="store_true",
+                   help="time tissue detection (1.25x level read + thresholding) through OpenSlide and through tiles")
     return p.parse_args(argv)
+
+
+def tissue_round(path, mpp, reader) -> tuple[float, float, float, np.ndarray]:
+    """(seconds reading the 1.25x plane, seconds of the whole detection, its CPU seconds
+    over every thread, mask) with a fresh
+    handle of ``reader``; detect_tissue's own steps, the read timed on its own."""
+    from h2g.io.slide import Slide
+    from h2g.tiling import tissue
+
+    with Slide(path, mpp=mpp, reader=reader) as slide:
+        reads = []
+        real = slide.read_magnification
+
+        def timed_read(magnification):
+            t = time.perf_counter()
+            try:
+                return real(magnification)
+            finally:
+                reads.append(time.perf_counter() - t)
+
+        slide.read_magnification = timed_read
+        t0, c0 = time.perf_counter(), time.process_time()
+        mask = tissue.detect_tissue(slide).mask
+        return reads[0], time.perf_counter() - t0, time.process_time() - c0, mask
+
+
+def bench_tissue(args) -> int:
+    from h2g.core.errors import ConfigError
+    from h2g.io.slide import Slide
+
+    if args.rounds < 1:
+        raise ConfigError(f"--rounds must be >= 1, got {args.rounds}")
+    with Slide(args.slide, mpp=args.mpp, reader="tiles") as slide:
+        d = slide.downsample_for(1.25)
+        level = slide.best_level_for(d)
+        served = slide._tiles is not None and slide._tiles.level(level) is not None
+        size = slide.level_dimensions[level]
+    times = {"openslide": [], "tiles": []}
+    masks = {}
+    for k in range(args.rounds):
+        for reader in (("tiles", "openslide") if k % 2 == 0 else ("openslide", "tiles")):
+            read_s, total_s, cpu_s, masks[reader] = tissue_round(args.slide, args.mpp, reader)
+            times[reader].append((read_s, total_s, cpu_s))
+    med = {r: tuple(float(np.median([t[k] for t in v])) for k in range(3)) for r, v in times.items()}
+    differing = int((masks["openslide"] != masks["tiles"]).sum())
+    result = {"slide": str(args.slide), "level": level, "level_size": list(size), "shrink": d / slide.level_downsamples[level],
+              "mask_shape": list(masks["tiles"].shape), "rounds": args.rounds, "tiles_served": served,
+              "seconds": {r: {"read": v[0], "total": v[1], "cpu": v[2]} for r, v in med.items()},
+              "ratio_openslide_over_tiles": med["openslide"][1] / med["tiles"][1],
+              "mask_pixels_differing": differing}
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{args.slide}: tissue detection at 1.25x from level {level} ({size[0]} x {size[1]} px) shrunk "
+          f"{result['shrink']:g}x, mask {masks['tiles'].shape[1]} x {masks['tiles'].shape[0]}; median of "
+          f"{args.rounds} rounds")
+    for reader, (read_s, total_s, cpu_s) in med.items():
+        print(f"  {reader:9s}: {total_s:.3f} s (level read {read_s:.3f} s, thresholding + closing "
+              f"{total_s - read_s:.3f} s; CPU {cpu_s:.3f} s over all threads)")
+    print(f"  tiles {result['ratio_openslide_over_tiles']:.2f}x faster"
+          + ("" if served else " (tiles could not serve this level: both read through OpenSlide)"))
+    print(f"  mask pixels differing: {differing} of {masks['tiles'].size}")
+    return 0
 
 
 def _time(path, mpp, reader, coords, size, magnification):
@@ -53,6 +127,8 @@ def _time(path, mpp, reader, coords, size, magnification):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.tissue:
+        return bench_tissue(args)
     from h2g.core.errors import ConfigError
     from h2g.io.slide import Slide
     from h2g.tiling.grid import build_patch_grid

@@ -5,6 +5,7 @@
     python tools/model_summary.py --json     # {"unet": {"params": N, "paper_params": P}, ...}
     python tools/model_summary.py unet agunet
     python tools/model_summary.py mobilenetv2 unet --save models/untrained   # .keras files
+    python tools/model_summary.py mobilenetv2 unet dmmn_m3 --tiny --save /tmp/tiny   # small stand-ins
 
 Models are built with their default (full-size, paper) settings and never run, so no
 1024x1024 forward pass happens.  ``paper_params`` is null where the paper gives no
@@ -24,11 +25,19 @@ from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import ConfigError
+from h2g.data.views import View
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads (in main)
 
 
-def summary(names, save_dir: Path | None = None, seed: int = 0) -> dict:
+#: --tiny: small stand-ins of the same architectures (same file names), for checking a
+#: deployment pipeline end to end in seconds (tools/gpu_table3.sh --cpu-check)
+TINY = {"mobilenetv2": {"input_size": 64, "alpha": 0.35}, "unet": {"input_size": 256, "width": 1 / 16},
+        "dsmn_s2": {"input_size": 64, "width": 0.125}, "dmmn_ms": {"input_size": 64, "width": 0.125},
+        "dmmn_m2s": {"input_size": 64, "width": 0.125}, "dmmn_m3": {"input_size": 64, "width": 0.125}}
+
+
+def summary(names, save_dir: Path | None = None, seed: int = 0, tiny: bool = False) -> dict:
     """``{name: {"params": N, "paper_params": P or None}}`` for each name; with
     ``save_dir``, each model (seeded random weights, inference outputs only) is saved
     there as ``<name>.keras`` and its row gets ``"saved": path``."""
@@ -39,14 +48,40 @@ def summary(names, save_dir: Path | None = None, seed: int = 0) -> dict:
     out = {}
     for name in names:
         keras.utils.set_random_seed(seed)
-        model = models.build(name)
-        out[name] = {"params": int(model.count_params()), "paper_params": models.PAPER_PARAMS.get(name)}
+        model = models.build(name, **(TINY[name] if tiny else {}))
+        out[name] = {"params": int(model.count_params()),
+                     "paper_params": None if tiny else models.PAPER_PARAMS.get(name)}  # no paper figure for stand-ins
         if save_dir is not None:
             path = save_dir / f"{name}.keras"
             models.inference_model(model).save(path)
             out[name]["saved"] = str(path)
+            meta = deployment_metadata(name, model)
+            if meta is not None:  # what export/convert.py embeds, so that deployment knows the views
+                from h2g.inference.metadata import write_sidecar
+
+                out[name]["sidecar"] = str(write_sidecar(path, meta))
         keras.backend.clear_session()
     return out
+
+
+def deployment_metadata(name: str, model):
+    """The metadata a full-size sliding-window stand-in needs to be deployed: DMMN's
+    architectures with their paper views (``dmmn`` config: three 256 px views at 20x,
+    10x and 5x, target x20, stride 256), as the DMMN pipeline writes for a trained
+    model; None for the others (H2G-Net's models get theirs inferred by convert)."""
+    from h2g.systems.dmmn.config import DMMNConfig
+    from h2g.inference.metadata import ModelMetadata
+    from h2g.systems.dmmn.designs import DESIGNS
+
+    design = next((d for d in DESIGNS.values() if d.architecture == name), None)
+    if design is None:
+        return None
+    c = DMMNConfig()
+    size = int(model.inputs[0].shape[1])  # c.size at full size
+    every = {view: View(view, float(m), size) for view, m in zip(("x20", "x10", "x5"), c.magnifications)}
+    return ModelMetadata(system="dmmn", design=design.name, role="segmentation",
+                         views=tuple(every[v] for v in design.views), output="pixel_probs",
+                         extras={"target": "x20", "stride": size, "untrained": True})
 
 
 def table(rows: dict) -> str:
@@ -61,17 +96,20 @@ def table(rows: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from h2g.models import ARCHITECTURES
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_verbose_argument(parser)
     parser.add_argument("names", nargs="*", metavar="NAME",
-                        help=f"architectures (default: all of {', '.join(ARCHITECTURES)})")
+                        help="architectures of h2g.models.ARCHITECTURES (default: all; a wrong name lists them)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--save", type=Path, default=None, metavar="DIR",
                         help="also save each model, untrained, as DIR/<name>.keras (benchmark stand-ins)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the saved models' random weights")
+    parser.add_argument("--tiny", action="store_true",
+                        help=f"small stand-ins instead of full size ({', '.join(TINY)}), under the same names: "
+                             "for checking a pipeline end to end quickly")
     args = parser.parse_args(argv)
+    from h2g.models import ARCHITECTURES  # TensorFlow: after --help
+
     unknown = [name for name in args.names if name not in ARCHITECTURES]
     if unknown:
         raise ConfigError(f"unknown architecture(s) {', '.join(unknown)}; choose from {', '.join(ARCHITECTURES)}")
@@ -79,7 +117,12 @@ def main(argv=None) -> int:
         if args.save.exists() and not args.save.is_dir():
             raise ConfigError(f"--save {args.save} exists and is not a folder")
         args.save.mkdir(parents=True, exist_ok=True)
-    rows = summary(args.names or list(ARCHITECTURES), args.save, args.seed)
+    if args.tiny:
+        missing = [name for name in args.names or list(ARCHITECTURES) if name not in TINY]
+        if missing or not args.names:
+            raise ConfigError(f"--tiny has stand-ins for {', '.join(TINY)} only; name them "
+                              + (f"(not {', '.join(missing)})" if missing and args.names else ""))
+    rows = summary(args.names or list(ARCHITECTURES), args.save, args.seed, tiny=args.tiny)
     print(json.dumps(rows, indent=2) if args.json else table(rows))
     for row in rows.values():
         if "saved" in row and not args.json:

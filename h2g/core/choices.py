@@ -18,6 +18,9 @@ class Choice(str, Enum):
     def __format__(self, spec: str) -> str:
         return format(self.value, spec)
 
+    def __hash__(self) -> int:  # Enum hashes the member's name; a key must find its text's entry
+        return hash(self.value)
+
     @classmethod
     def parse(cls, value, what: str):
         """``value`` (a member or its text) as a member; :class:`ConfigError` listing the choices."""

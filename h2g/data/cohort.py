@@ -799,10 +799,12 @@ def slide_layout(preset_name: str, spec: SlideSpec, seed: int) -> SlideLayout:
 
 
 def write_slide(out_dir: Path, preset_name: str, spec: SlideSpec, seed: int,
-                progress=None, only=None) -> tuple[int, int]:
+                progress=None, only=None, render_workers: int = 1) -> tuple[int, int]:
     """Render one slide, its tumour mask and its label maps (:attr:`SlideSpec.outputs`)
     under ``out_dir``, or only those of them named in ``only``; returns the level-0 size.
-    Masks and label maps are lossless single-channel pyramids at downsample 4."""
+    Masks and label maps are lossless single-channel pyramids at downsample 4.
+    ``render_workers`` > 1 renders the slide image and the tumour mask in that many
+    processes (:func:`~h2g.io.pyramid.write_pyramid_tiles`: the same files)."""
     layout = slide_layout(preset_name, spec, seed)
     renderer = SlideRenderer(layout, key=(seed, spec.index))
     mask_size = tuple(-(-side // MASK_DOWNSAMPLE) for side in layout.size)
@@ -828,11 +830,12 @@ def write_slide(out_dir: Path, preset_name: str, spec: SlideSpec, seed: int,
         render = renders[path]
         if render is None:
             replace_atomically(out_dir / path, lambda tmp: write_pyramid_tiles(
-                tmp, layout.size, renderer.render, mpp=MPP, progress=progress))
-        else:
+                tmp, layout.size, renderer.render, mpp=MPP, progress=progress, workers=render_workers))
+        else:  # the label maps' renderers share state (reuse): one process
+            workers = render_workers if path == spec.annotation_path else 1
             replace_atomically(out_dir / path, lambda tmp: write_pyramid_tiles(
                 tmp, mask_size, render, mpp=MPP * MASK_DOWNSAMPLE, channels=1,
-                progress=progress))
+                progress=progress, workers=workers))
     return layout.size
 
 
@@ -863,7 +866,9 @@ def make_cohort(out_dir, preset: str = "smoke", seed: int = 0, progress: bool = 
     multi-class label maps, :data:`MULTICLASS_MANIFEST_NAME` and its class table.  With
     ``only_missing``, only the files that do not exist are written (a slide's files are
     the same whichever of them are written).  Slides are written by ``workers`` processes
-    (default: up to 2, one per CPU); the files do not depend on it."""
+    (default: up to 2, one per CPU); when there are fewer slides than cores, each slide's
+    image is rendered by the cores left over (the ``full`` preset's one slide by all of
+    them); the files do not depend on either."""
     out_dir = Path(out_dir)
     todo = {s.slide_id: tuple(p for p in s.outputs
                               if not (only_missing and (out_dir / p).is_file()))
@@ -872,13 +877,16 @@ def make_cohort(out_dir, preset: str = "smoke", seed: int = 0, progress: bool = 
     only = {s.slide_id: todo[s.slide_id] if only_missing else None for s in specs}
     tiles = {s.slide_id: _output_tiles(slide_size(preset, s, seed), s, todo[s.slide_id])
              for s in specs}
+    from h2g.core.resources import available_cores
+
     workers = min(len(specs), workers or min(2, os.cpu_count() or 1))
+    render_workers = max(1, available_cores() // max(1, workers))
     with tqdm(total=sum(tiles.values()), unit="tile", desc=f"cohort {preset}",
               disable=not progress) as bar:
         if workers <= 1:
             for spec in specs:
                 write_slide(out_dir, preset, spec, seed, progress=bar.update,
-                            only=only[spec.slide_id])
+                            only=only[spec.slide_id], render_workers=render_workers)
         else:  # spawn: safe even when the caller has TensorFlow's threads running
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=context) as pool:

@@ -83,7 +83,7 @@ def add_deploy_arguments(parser, *, models: bool = True) -> None:
     """The options of the deployment tools (see the module doc); ``models``: also
     ``--patch-model`` / ``--refine-model`` (H2G-Net's models by role, for files without
     metadata)."""
-    from h2g.inference.backends import DEVICES, HINTS, PRECISIONS
+    from h2g.inference.backends import DEVICES, HINTS, PRECISIONS, PROVIDERS
     from h2g.inference.sliding import BLENDS
     from h2g.io.slide import READERS
 
@@ -92,6 +92,10 @@ def add_deploy_arguments(parser, *, models: bool = True) -> None:
         parser.add_argument("--refine-model", type=Path, default=None, help="H2G-Net refinement network (.onnx or .xml)")
     parser.add_argument("--engine", choices=("openvino", "onnxruntime"), default="openvino")
     parser.add_argument("--device", choices=DEVICES, default="CPU")
+    parser.add_argument("--provider", choices=PROVIDERS, default="auto",
+                        help="ONNX Runtime on --device GPU: the execution provider (auto: TensorRT where it takes "
+                             "the model, CUDA for the rest; tensorrt; cuda); a missing one is an error, never a "
+                             "silent fallback to the CPU")
     parser.add_argument("--precision", choices=PRECISIONS, default=None,
                         help="OpenVINO inference precision (default: the engine's choice, bf16 on CPUs that have it; "
                              "always recorded)")
@@ -159,7 +163,7 @@ def deployment(args, models=()) -> Deployment:
         if not Path(path).is_file():
             raise ConfigError(f"{path}: model file not found")
     engine = EngineOptions(engine=args.engine, device=args.device, precision=args.precision, threads=args.threads,
-                           hint=args.patch_hint)
+                           hint=args.patch_hint, provider=args.provider)
     slides = SlideOptions(mpp=args.mpp, force_mpp=args.force_mpp, reader=args.reader)
     settings = {k: getattr(args, k, None) for k in SEGMENT_SETTINGS}
     return Deployment(chosen, engine, slides, settings)

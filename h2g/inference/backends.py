@@ -50,6 +50,19 @@ ENGINES = Engine.values()
 DEVICES = ("CPU", "GPU")
 PRECISIONS = Precision.values()
 HINTS = Hint.values()
+
+
+class Provider(Choice):
+    """ONNX Runtime's GPU execution provider (``--provider``): ``auto`` is TensorRT where
+    available, CUDA for what TensorRT does not take (or alone)."""
+
+    AUTO = "auto"
+    TENSORRT = "tensorrt"
+    CUDA = "cuda"
+
+
+ORT_GPU_PROVIDERS = {"tensorrt": "TensorrtExecutionProvider", "cuda": "CUDAExecutionProvider"}
+PROVIDERS = Provider.values()
 INPUT_NAMES = ("image", "heatmap")  # H2G-Net's refinement network; other models name their views
 
 Inputs = Union[np.ndarray, Mapping[str, np.ndarray]]
@@ -252,6 +265,43 @@ class KerasBackend(_BackendBase):
         return np.asarray(call_keras(self.model, self._structure, self._keras_order, self._feed(inputs)))
 
 
+def tensorrt_options() -> dict:
+    """TensorRT provider options: engines and kernel timings cached on disk
+    (``$H2G_TRT_CACHE``, default ``~/.cache/h2g/tensorrt``), so that an engine is built
+    once per model and input shape, not in every session."""
+    import os
+
+    cache = os.environ.get("H2G_TRT_CACHE") or str(Path.home() / ".cache" / "h2g" / "tensorrt")
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    return {"trt_engine_cache_enable": True, "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": True, "trt_timing_cache_path": cache}
+
+
+def gpu_providers(available, provider: str | None = None) -> list:
+    """The ONNX Runtime providers to ask for on a GPU (CPU is appended by the caller),
+    from the ``available`` ones: ``provider`` None / ``"auto"`` -> TensorRT (with
+    :func:`tensorrt_options`) and CUDA, whichever are there; ``"tensorrt"`` -> TensorRT,
+    with CUDA behind it for the nodes TensorRT does not take (ONNX Runtime's advice);
+    ``"cuda"`` -> CUDA alone.  :class:`ExportError` naming the available providers when
+    the one asked for (or any GPU provider) is missing; :class:`ConfigError` for an
+    unknown name."""
+    provider = (provider or "auto").lower()
+    if provider not in PROVIDERS:
+        raise ConfigError(f"provider must be one of {', '.join(PROVIDERS)}, got {provider!r}")
+    available = list(available)
+    wanted = {"auto": ("tensorrt", "cuda"), "tensorrt": ("tensorrt", "cuda"), "cuda": ("cuda",)}[provider]
+    chosen = [ORT_GPU_PROVIDERS[w] for w in wanted if ORT_GPU_PROVIDERS[w] in available]
+    if provider != "auto" and ORT_GPU_PROVIDERS[provider] not in chosen:
+        raise ExportError(f"provider {provider} requested but ONNX Runtime has no {ORT_GPU_PROVIDERS[provider]} "
+                          f"(available: {', '.join(available)}); install onnxruntime-gpu (pip install 'h2g[gpu]'"
+                          + (" and TensorRT" if provider == "tensorrt" else "") + ")")
+    if not chosen:
+        raise ExportError(f"device GPU requested but ONNX Runtime has no CUDA or TensorRT "
+                          f"execution provider (available: {', '.join(available)}); install "
+                          "onnxruntime-gpu (pip install 'h2g[gpu]') or use --device CPU")
+    return [(p, tensorrt_options()) if p == ORT_GPU_PROVIDERS["tensorrt"] else p for p in chosen]
+
+
 class OnnxRuntimeBackend(_BackendBase):
     """An ``.onnx`` model run by ONNX Runtime (CUDA / TensorRT providers for ``GPU``).
 
@@ -265,7 +315,7 @@ class OnnxRuntimeBackend(_BackendBase):
     GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
 
     def __init__(self, path, device: str = "CPU", threads: int | None = None, precision: str | None = None,
-                 hint: str = "latency", sub_batch: int | None = None):
+                 hint: str = "latency", sub_batch: int | None = None, provider: str | None = None):
         path = _check_file(path, (".onnx",))
         self.source = str(path)
         try:
@@ -281,12 +331,9 @@ class OnnxRuntimeBackend(_BackendBase):
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
         if device == "GPU":
-            gpu = [p for p in self.GPU_PROVIDERS if p in available]
-            if not gpu:
-                raise ExportError(f"device GPU requested but ONNX Runtime has no CUDA or TensorRT "
-                                  f"execution provider (available: {', '.join(available)}); install "
-                                  "onnxruntime-gpu (pip install 'h2g[gpu]') or use --device CPU")
-            providers = gpu + providers
+            providers = gpu_providers(available, provider) + providers
+        elif provider not in (None, "auto"):
+            raise ConfigError(f"provider {provider} is a GPU execution provider: use it with device GPU")
         options = ort.SessionOptions()
         options.log_severity_level = 3
         self.threads = int(threads) if threads else available_cores()
@@ -301,23 +348,49 @@ class OnnxRuntimeBackend(_BackendBase):
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph types
             raise ExportError(f"{path}: ONNX Runtime cannot load the model: {_summary(exc)}") from None
-        if device == "GPU" and not set(self.session.get_providers()) & set(self.GPU_PROVIDERS):
+        started = self.session.get_providers()
+        if device == "GPU" and provider in ORT_GPU_PROVIDERS and ORT_GPU_PROVIDERS[provider] not in started:
+            raise ExportError(f"provider {provider} requested but ONNX Runtime could not start "
+                              f"{ORT_GPU_PROVIDERS[provider]} (its CUDA / cuDNN / TensorRT libraries missing?); "
+                              f"it fell back to {started}")
+        if device == "GPU" and not set(started) & set(self.GPU_PROVIDERS):
             raise ExportError(f"device GPU requested but ONNX Runtime could not start a GPU provider "
                               f"(CUDA/cuDNN libraries missing?); it fell back to {self.session.get_providers()}")
         self.version = ort.__version__
         self.device = device
+        #: the execution providers the session runs with, first = preferred
+        self.providers = tuple(self.session.get_providers())
         self.precision = "f32"
         self.input_names = tuple(i.name for i in self.session.get_inputs())
         self.image_size = _square_side(tuple(self.session.get_inputs()[0].shape))
         self.metadata = _embedded(self.session.get_modelmeta().custom_metadata_map.get(_META_KEY), path)
         self._output = self.session.get_outputs()[0].name
 
+    def info(self) -> dict:
+        """:meth:`_BackendBase.info` and the execution ``providers`` the session runs with."""
+        return {**super().info(), "providers": list(self.providers)}
+
     def _run(self, feed: dict) -> np.ndarray:
         return self.session.run([self._output], feed)[0]
+
+    def _padded(self, feed: dict) -> tuple[dict, int]:
+        """TensorRT builds an engine per range of input shapes and rebuilds it (for
+        minutes, with full-size models) when a batch falls outside: a batch smaller than
+        the largest seen so far (a slide's last one) is padded with zeros to that size,
+        so one engine serves every batch.  Returns (feed, rows to keep)."""
+        rows = _rows(feed)
+        self._max_rows = max(getattr(self, "_max_rows", 0), rows)
+        if rows == self._max_rows:
+            return feed, rows
+        return {k: np.concatenate([v, np.zeros((self._max_rows - rows,) + v.shape[1:], v.dtype)])
+                for k, v in feed.items()}, rows
 
     def predict(self, inputs: Inputs) -> np.ndarray:
         feed = self._feed(inputs)
         try:
+            if self.providers[0] == ORT_GPU_PROVIDERS["tensorrt"]:
+                padded, rows = self._padded(feed)
+                return self._run(padded)[:rows]
             if self._pool is None or _rows(feed) < 2:
                 return self._run(feed)
             parts = (part for _, part in _sub_feeds(feed, self.sub_batch))
@@ -480,15 +553,22 @@ def engine_for(path) -> str:
 
 def make_backend(model_or_path, engine: str | None = None, device: str = "CPU",
                  precision: str | None = None, threads: int | None = None,
-                 hint: str = "latency") -> Backend:
+                 hint: str = "latency", provider: str | None = None) -> Backend:
     """A backend for a Keras model object or a model file.  ``engine`` defaults from the
     file type (:func:`engine_for`); OpenVINO also runs ``.onnx`` files.  ``hint``
     (``latency`` or ``throughput``: see :class:`OpenVINOBackend` and
-    :class:`OnnxRuntimeBackend`) is ignored by the Keras backend."""
+    :class:`OnnxRuntimeBackend`) is ignored by the Keras backend.  ``provider``
+    (ONNX Runtime on GPU: ``auto``, ``tensorrt`` or ``cuda``, :func:`gpu_providers`)
+    is refused by the other engines."""
     if engine is None:
         engine = "keras" if not isinstance(model_or_path, (str, Path)) else engine_for(model_or_path)
     engine = Engine.parse(engine, "engine")
     hint = Hint.parse(hint, "hint")
+    if provider is not None:
+        provider = Provider.parse(provider, "provider")
+    if provider not in (None, Provider.AUTO) and engine != Engine.ONNXRUNTIME:
+        raise ConfigError(f"provider {provider} selects an ONNX Runtime execution provider; "
+                          f"it needs engine onnxruntime, not {engine}")
     if engine == Engine.KERAS:
         if precision not in (None, "f32"):
             raise ConfigError("the Keras backend runs f32; use --engine openvino for other precisions")
@@ -496,5 +576,6 @@ def make_backend(model_or_path, engine: str | None = None, device: str = "CPU",
     if not isinstance(model_or_path, (str, Path)):
         raise ConfigError(f"engine {engine} needs a model file, not a Keras model")
     if engine == Engine.ONNXRUNTIME:
-        return OnnxRuntimeBackend(model_or_path, device=device, threads=threads, precision=precision, hint=hint)
+        return OnnxRuntimeBackend(model_or_path, device=device, threads=threads, precision=precision, hint=hint,
+                                  provider=provider)
     return OpenVINOBackend(model_or_path, device=device, precision=precision, threads=threads, hint=hint)

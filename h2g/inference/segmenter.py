@@ -42,7 +42,7 @@ import numpy as np
 from h2g.core.errors import ConfigError, ExportError
 from h2g.core.measure import Timed
 from h2g.data.views import View
-from h2g.inference.backends import Backend, Engine, Hint, Precision, make_backend
+from h2g.inference.backends import Backend, Engine, Hint, Precision, Provider, make_backend
 from h2g.inference.metadata import ModelMetadata
 from h2g.inference.raster import Raster
 from h2g.inference.sliding import Blend
@@ -65,10 +65,12 @@ class EngineOptions:
     precision: Precision | None = None
     threads: int | None = None
     hint: Hint = Hint.THROUGHPUT
+    provider: Provider = Provider.AUTO  # ONNX Runtime on a GPU: TensorRT / CUDA
 
     def __post_init__(self):
         object.__setattr__(self, "engine", Engine.parse(self.engine, "engine"))
         object.__setattr__(self, "hint", Hint.parse(self.hint, "hint"))
+        object.__setattr__(self, "provider", Provider.parse(self.provider, "provider"))
         if self.precision is not None:
             object.__setattr__(self, "precision", Precision.parse(self.precision, "precision"))
         if self.threads is not None and int(self.threads) < 1:
@@ -80,7 +82,8 @@ class EngineOptions:
         if not isinstance(model, (str, Path)) or Path(model).suffix.lower() == ".keras":
             engine = Engine.KERAS
         return make_backend(model, engine=engine, device=self.device, precision=self.precision,
-                            threads=self.threads, hint=self.hint if main else Hint.LATENCY)
+                            threads=self.threads, hint=self.hint if main else Hint.LATENCY,
+                            provider=self.provider if engine == Engine.ONNXRUNTIME else None)
 
     def to_dict(self) -> dict:
         return {k: (None if v is None else (str(v) if not isinstance(v, int) else v))

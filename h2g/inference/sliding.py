@@ -48,6 +48,8 @@ from h2g.data.views import View, check_views, read_views
 from h2g.inference.backends import Backend
 from h2g.inference.raster import Raster
 
+#: rows of the raster :meth:`Stitcher.result` normalises at a time (bounds its temporaries)
+RESULT_ROWS = 512
 
 
 class Blend(Choice):
@@ -84,10 +86,13 @@ class Stitcher:
         self.sum = np.zeros(self.shape + (int(classes),), np.float32)
         self.weight = np.zeros(self.shape, np.float32)
         self.weights = np.asarray(weights, np.float32)
+        self._result = None  # (probs, covered) once result() has run
 
     def add(self, top_left: tuple[int, int], probs: np.ndarray) -> None:
         """Add one ``(o, o, C)`` prediction whose top-left raster pixel is ``(row, col)``
         (it may hang over the raster's edges: that part is dropped)."""
+        if self._result is not None:
+            raise RuntimeError("Stitcher.add after result(): the sums were divided in place")
         r0, c0 = int(top_left[0]), int(top_left[1])
         h, w = probs.shape[:2]
         rs, cs = max(0, -r0), max(0, -c0)
@@ -99,11 +104,33 @@ class Stitcher:
         self.weight[r0 + rs:r0 + re, c0 + cs:c0 + ce] += wts
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(probs (rows, cols, C), covered (rows, cols))``."""
-        covered = self.weight > 0
-        probs = np.zeros_like(self.sum)
-        probs[covered] = self.sum[covered] / self.weight[covered][:, None]
-        return probs, covered
+        """``(probs (rows, cols, C), covered (rows, cols))``: ``sum / weight`` where a
+        window reached (``weight > 0``), 0 elsewhere.
+
+        The sums are divided in place (the stitcher is spent afterwards: no second
+        raster-sized array), band by band of :data:`RESULT_ROWS` rows, by the weights
+        with 1 put where nothing was covered, so the division runs over contiguous
+        memory without a mask.  Each covered value is the same IEEE division as
+        ``sum[covered] / weight[covered]``, so the result equals that formula to the bit
+        (tested), at a fraction of its time (boolean-mask gathers and scatters of the
+        whole raster were a quarter of a small zoom run).  A band whose covered weights
+        are all 1 (blend ``centre`` with ``keep`` = stride: each pixel from one window)
+        is not divided (``x / 1 = x``), and uncovered pixels are only written where their
+        sum is not already +0.0 (a zero-weight margin times a negative or NaN
+        prediction): pages of a slide-wide raster that no window touched stay unwritten,
+        so its resident memory stays that of the tissue's windows."""
+        if self._result is None:
+            covered = self.weight > 0
+            for top in range(0, self.shape[0], RESULT_ROWS):
+                band = slice(top, top + RESULT_ROWS)
+                sums, weight, hit = self.sum[band], self.weight[band], covered[band]
+                if not np.logical_or(weight == 1, ~hit).all():
+                    np.divide(sums, np.where(hit, weight, np.float32(1))[..., None], out=sums)
+                stray = ~hit[..., None] & (sums.view(np.uint32) != 0)  # uncovered, not +0.0
+                if stray.any():
+                    np.copyto(sums, np.float32(0), where=stray)
+            self._result = self.sum, covered
+        return self._result
 
 
 def _whole(value: float, what: str) -> int:

@@ -137,6 +137,7 @@ def write_pyramid_tiles(
     channels: int = 3,
     block: int = 4096,
     progress: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> Path:
     """Write a large pyramid without holding it in memory.
 
@@ -150,6 +151,11 @@ def write_pyramid_tiles(
     integer multiple of the one before, the ratio dividing ``tile``.  Edge tiles are
     padded with white (RGB) or 0 (masks).  ``progress`` is called with the number of
     tiles written after each tile row.
+
+    ``workers`` > 1 renders level 0's blocks in that many processes (``render`` must be
+    picklable; it is sent to each worker once) a tile row ahead of the writer, and
+    compresses tiles in as many threads: the same file, byte for byte, whatever
+    ``workers`` is (blocks and tiles do not depend on it; tested).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -175,6 +181,39 @@ def write_pyramid_tiles(
             strip[:, x : x + block] = render(x, y, min(block, width - x), rows)
         return strip
 
+    pool = None
+    if workers > 1:  # level 0's strips rendered ahead in processes, in order
+        import multiprocessing
+        from collections import deque
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(int(workers), mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_set_renderer, initargs=(render,))
+        pending: deque = deque()
+        rows_of = [(y, min(tile, height - y)) for y in range(0, height, tile)]
+        upcoming = iter(rows_of)
+
+        def submit_strip() -> None:
+            nxt = next(upcoming, None)
+            if nxt is not None:
+                y, rows = nxt
+                pending.append((y, [pool.submit(_render_block, x, y, min(block, width - x), rows)
+                                    for x in range(0, width, block)]))
+
+        def level0_strip(y: int, rows: int) -> np.ndarray:  # noqa: F811 (the parallel version)
+            while len(pending) < 2:
+                before = len(pending)
+                submit_strip()
+                if len(pending) == before:
+                    break
+            at, blocks = pending.popleft()
+            assert at == y, (at, y)
+            strip = np.empty((rows, width) + depth, np.uint8)
+            for x, job in zip(range(0, width, block), blocks):
+                strip[:, x : x + block] = job.result()
+            submit_strip()
+            return strip
+
     def tiles(k: int, source, store):
         lh, lw = level_shape(downsamples[k])[:2]
         for y in range(0, lh, tile):
@@ -196,6 +235,8 @@ def write_pyramid_tiles(
         codec = dict(compression="jpeg", compressionargs={"level": quality}, photometric="rgb")
     else:
         codec = dict(compression="zlib", photometric="minisblack")
+    if workers > 1:
+        codec["maxworkers"] = int(workers)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".pyramid-") as scratch, \
             tifffile.TiffWriter(path, bigtiff=True) as tif:
         source, stores = level0_strip, []
@@ -223,4 +264,18 @@ def write_pyramid_tiles(
         finally:
             for store in stores:
                 store.close()
+            if pool is not None:
+                pool.shutdown(cancel_futures=True)
     return path
+
+
+_RENDER = None  # a worker process's render function (write_pyramid_tiles with workers > 1)
+
+
+def _set_renderer(render) -> None:
+    global _RENDER
+    _RENDER = render
+
+
+def _render_block(x: int, y: int, w: int, h: int) -> np.ndarray:
+    return np.ascontiguousarray(_RENDER(x, y, w, h), dtype=np.uint8)

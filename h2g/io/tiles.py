@@ -113,6 +113,45 @@ class TiledLevel:
         return out
 
 
+    def read_level(self, factor: int = 1, threads: int = 1, shrink=None) -> np.ndarray:
+        """The whole level, box-shrunk by the integer ``factor`` (its sides must be
+        multiples of it, and so must the tile sides), as ``(height / factor, width /
+        factor, 3)`` uint8: decoded one tile row at a time by ``threads`` threads (each
+        tile once, bypassing the cache so that a whole-level read does not evict the
+        patch reader's tiles) and each tile shrunk by ``shrink(tile, (w, h))``
+        (:func:`h2g.io.slide._resize`, PIL's box filter, separable with exact weights for
+        an integer factor: whole output pixels per tile, so the same pixels as shrinking
+        the whole level at once; tested)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self.width % factor or self.height % factor or self.tile_height % factor:
+            raise ValueError(f"level of {self.width}x{self.height} px in {self.tile_height} px tile rows cannot be "
+                             f"shrunk by {factor} row by row")
+        out = np.empty((self.height // factor, self.width // factor, 3), np.uint8)
+
+        if factor > 1 and self.tile_width % factor:
+            raise ValueError(f"tiles {self.tile_width} px wide cannot be shrunk by {factor} tile by tile")
+
+        def tile_row(row: int) -> None:  # each tile shrunk on its own, while it is in cache
+            top = row * self.tile_height
+            rows = min(self.tile_height, self.height - top)
+            for column in range(self.columns):
+                left = column * self.tile_width
+                cols = min(self.tile_width, self.width - left)
+                tile = self._decode(row * self.columns + column, 1)[:rows, :cols]
+                if factor > 1:
+                    tile = shrink(np.ascontiguousarray(tile), (cols // factor, rows // factor))
+                out[top // factor:(top + rows) // factor, left // factor:(left + cols) // factor] = tile
+
+        if threads <= 1:
+            for row in range(self.rows):
+                tile_row(row)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(tile_row, range(self.rows)))
+        return out
+
+
 class TileCache:
     """A thread-safe LRU of decoded tiles (two threads may decode the same tile at once;
     both results are equal, the later one is kept)."""
