@@ -71,10 +71,24 @@ class EngineOptions:
         object.__setattr__(self, "engine", Engine.parse(self.engine, "engine"))
         object.__setattr__(self, "hint", Hint.parse(self.hint, "hint"))
         object.__setattr__(self, "provider", Provider.parse(self.provider, "provider"))
+        if self.engine == Engine.ONNXRUNTIME and str(self.device).upper() == "GPU":
+            self.check_gpu()
         if self.precision is not None:
             object.__setattr__(self, "precision", Precision.parse(self.precision, "precision"))
         if self.threads is not None and int(self.threads) < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+
+    def check_gpu(self) -> None:
+        """ONNX Runtime on a GPU: the provider asked for is installed, else an
+        :class:`ExportError` before any model is read (:func:`h2g.inference.backends.gpu_providers`)."""
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ExportError("engine onnxruntime is not installed (pip install onnxruntime, or onnxruntime-gpu "
+                              "for GPUs)") from None
+        from h2g.inference.backends import gpu_providers
+
+        gpu_providers(ort.get_available_providers(), self.provider)
 
     def backend(self, model, main: bool = False) -> Backend:
         """A backend for ``model`` (a file; a ``.keras`` file or a Keras model runs on Keras)."""
