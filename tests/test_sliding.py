@@ -198,3 +198,50 @@ def test_views_must_match_the_model_inputs(block_slide):
     with pytest.raises(ConfigError, match="whole number"):
         _segment_blocks(block_slide, Recorder(["image"], 32), [View("image", 10, 64)], stride=33,
                              progress=False)
+
+
+def test_a_coarser_raster_is_the_block_mean_of_the_fine_one(block_slide):
+    """raster_downsample 4: the raster is 4x coarser and, each fine pixel coming from one
+    window with weight 1 (blend centre, no overlap), every raster pixel is the plain mean
+    of the 4 x 4 fine pixels it covers (averaged here with numpy).  With unequal weights
+    a raster pixel is the weighted mean (a hand-made case), and a window off the blocks
+    is refused."""
+    from h2g.inference.backends import KerasBackend
+    from h2g.inference.sliding import Stitcher
+
+    views, model = [View("image", 10.0, WINDOW)], KerasBackend(colour_segmenter())
+    fine = sliding_segmentation(block_slide, model, views, progress=False)
+    coarse = sliding_segmentation(block_slide, model, views, progress=False, raster_downsample=4)
+    assert coarse.downsample == 4 * fine.downsample and coarse.shape == (-(-fine.shape[0] // 4),
+                                                                         -(-fine.shape[1] // 4))
+    rows, cols = fine.shape[0] // 4, fine.shape[1] // 4
+    blocks = fine.probs[:rows * 4, :cols * 4].reshape(rows, 4, cols, 4, -1)
+    covered = fine.covered[:rows * 4, :cols * 4].reshape(rows, 4, cols, 4).all(axis=(1, 3))
+    np.testing.assert_allclose(coarse.probs[:rows, :cols][covered], blocks.mean(axis=(1, 3))[covered], atol=1e-6)
+    np.testing.assert_array_equal(coarse.covered[:rows, :cols], fine.covered[:rows * 4, :cols * 4].reshape(
+        rows, 4, cols, 4).any(axis=(1, 3)))
+
+    weights = np.ones((4, 4), np.float32)
+    weights[0, 0] = 3.0  # the top-left fine pixel counts three times
+    s = Stitcher((2, 2), 1, weights, factor=2)
+    s.add((0, 0), np.arange(16, dtype=np.float32).reshape(4, 4, 1))
+    probs, hit = s.result()
+    assert probs[0, 0, 0] == pytest.approx((3 * 0 + 1 + 4 + 5) / 6) and probs[1, 1, 0] == np.mean([10, 11, 14, 15])
+    assert hit.all()
+    with pytest.raises(ConfigError, match="not on the raster's 2 px blocks"):
+        Stitcher((4, 4), 1, np.ones((8, 8), np.float32), factor=2).add((1, 0), np.zeros((8, 8, 1), np.float32))
+
+
+def test_a_raster_too_large_for_memory_is_refused_with_the_factor_that_fits():
+    from h2g.inference.sliding import raster_stitcher
+
+    weights = np.ones((256, 256), np.float32)
+    # a 100k x 100k slide at downsample 2 (20x of 40x), 6 classes: 50000^2 x 7 x 4 bytes = 65 GiB
+    with pytest.raises(ConfigError, match=r"50000 x 50000 x 6 class raster .* needs 65\.2 GiB.*--raster-downsample 4$"):
+        raster_stitcher((100_000, 100_000), 2.0, 6, weights, window=256, stride=256, offset=0,
+                        budget=12 * 2**30, source="dmmn_m3.onnx")
+    raster, _ = raster_stitcher((100_000, 100_000), 2.0, 6, weights, window=256, stride=256, offset=0, factor=16,
+                                budget=12 * 2**30)
+    assert raster.shape == (3125, 3125) and raster.downsample == 32.0
+    with pytest.raises(ConfigError, match="must divide the window"):
+        raster_stitcher((1000, 1000), 1.0, 2, weights, window=256, stride=256, offset=0, factor=3)

@@ -22,7 +22,7 @@ from h2g.inference.segmenter import EngineOptions
 #: The segmentation settings a tool passes on by name (None = not given: the models'
 #: metadata or the system's default decides).
 SEGMENT_SETTINGS = ("magnification", "patch_size", "heatmap_stride", "size", "batch_size", "readers", "stride",
-                    "keep", "blend", "keep_ink", "force", "threshold")
+                    "keep", "blend", "keep_ink", "force", "threshold", "raster_downsample")
 
 
 @dataclass(frozen=True)
@@ -138,6 +138,10 @@ def add_deploy_arguments(parser, *, models: bool = True) -> None:
                         help="sliding window, blend centre: central pixels kept per window (default: the stride)")
     parser.add_argument("--blend", choices=BLENDS, default=None,
                         help="sliding window: how overlapping predictions combine (default centre)")
+    parser.add_argument("--raster-downsample", type=int, default=None,
+                        help="sliding window / RAZN: the class raster N times coarser than the model's output "
+                             "(default 1; a slide-wide raster that would not fit in memory is refused with the N "
+                             "that fits)")
     parser.add_argument("--keep-ink", action="store_true",
                         help="keep green / blue / black pixels in the tissue mask (by default they are dropped as "
                              "pen ink; use this for images that are not H&E)")

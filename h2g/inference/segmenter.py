@@ -501,13 +501,16 @@ class WindowOptions(SegmentOptions):
     """Sliding-window settings: ``stride`` / ``keep`` in target-view pixels (default: the
     stride the model was evaluated with, from its metadata, else the view's size; keep =
     stride), ``blend``; ``magnification`` / ``patch_size`` of the target view (default:
-    the metadata's; another value needs ``force``)."""
+    the metadata's; another value needs ``force``); ``raster_downsample``: the class
+    raster that many times coarser than the model's output (a slide-wide raster at 20x
+    outgrows memory: :func:`h2g.inference.sliding.raster_stitcher` says so and how much)."""
 
     stride: int | None = None
     keep: int | None = None
     blend: Blend = Blend.CENTRE
     magnification: float | None = None
     patch_size: int | None = None
+    raster_downsample: int = 1
 
     def __post_init__(self):
         super().__post_init__()
@@ -588,7 +591,7 @@ class SlidingSegmenter(RasterSegmenter):
         raster = sliding_segmentation(slide, self.main, self.run_metadata.views, target=self.target.name,
                                       stride=self.stride, keep=o.keep, blend=o.blend, tissue=tissue,
                                       batch_size=self.batch_size, readers=o.readers, progress=progress,
-                                      timings=timings)
+                                      timings=timings, raster_downsample=o.raster_downsample)
         timings["tissue"] += detection
         timings["total"] = time.perf_counter() - t0
         no_tissue = timings["windows"] == 0

@@ -34,6 +34,7 @@ TensorFlow-free.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import deque
@@ -46,7 +47,7 @@ from h2g.core.choices import Choice
 from h2g.core.errors import ConfigError, ExportError
 from h2g.data.views import View, check_views, read_views
 from h2g.inference.backends import Backend
-from h2g.inference.raster import Raster
+from h2g.inference.raster import Raster, raster_shape
 
 #: rows of the raster :meth:`Stitcher.result` normalises at a time (bounds its temporaries)
 RESULT_ROWS = 512
@@ -78,29 +79,58 @@ def blend_weights(size: int, blend: str = "centre", keep: int | None = None) -> 
     return np.outer(line, line).astype(np.float32)
 
 
-class Stitcher:
-    """Weighted average of window predictions on a ``(rows, cols)`` raster."""
+def block_mean(values: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor`` x ``factor`` blocks of the first two axes of ``(h, w, ...)``
+    (``h`` and ``w`` multiples of ``factor``)."""
+    if factor == 1:
+        return values
+    h, w = values.shape[:2]
+    blocks = values.reshape(h // factor, factor, w // factor, factor, *values.shape[2:])
+    return blocks.mean(axis=(1, 3), dtype=np.float32)
 
-    def __init__(self, shape: tuple[int, int], classes: int, weights: np.ndarray):
+
+class Stitcher:
+    """Weighted average of window predictions on a ``(rows, cols)`` raster.
+
+    ``factor`` > 1 stitches onto a raster ``factor`` times coarser than the windows'
+    output grid: each window's weighted prediction and its weights are averaged over
+    ``factor`` x ``factor`` blocks first, so every coarse pixel is the weighted mean of
+    the fine predictions it covers (window sizes and positions must be multiples of
+    ``factor``)."""
+
+    def __init__(self, shape: tuple[int, int], classes: int, weights: np.ndarray, factor: int = 1):
         self.shape = tuple(shape)
+        self.factor = int(factor)
         self.sum = np.zeros(self.shape + (int(classes),), np.float32)
         self.weight = np.zeros(self.shape, np.float32)
-        self.weights = np.asarray(weights, np.float32)
+        self.fine_weights = np.asarray(weights, np.float32)
+        self.weights = block_mean(self.fine_weights, self.factor)
         self._result = None  # (probs, covered) once result() has run
 
     def add(self, top_left: tuple[int, int], probs: np.ndarray) -> None:
-        """Add one ``(o, o, C)`` prediction whose top-left raster pixel is ``(row, col)``
-        (it may hang over the raster's edges: that part is dropped)."""
+        """Add one ``(o, o, C)`` prediction whose top-left pixel of the windows' output grid
+        is ``(row, col)`` (it may hang over the raster's edges: that part is dropped)."""
         if self._result is not None:
             raise RuntimeError("Stitcher.add after result(): the sums were divided in place")
-        r0, c0 = int(top_left[0]), int(top_left[1])
+        if self.factor > 1:
+            f = self.factor
+            if top_left[0] % f or top_left[1] % f or probs.shape[0] % f:
+                raise ConfigError(f"a window at {tuple(top_left)} of {probs.shape[0]} px is not on the raster's "
+                                  f"{f} px blocks")
+            weighted = block_mean(self.fine_weights[..., None] * probs, f)
+            self._add(int(top_left[0]) // f, int(top_left[1]) // f, weighted, self.weights, weighted_already=True)
+            return
+        self._add(int(top_left[0]), int(top_left[1]), probs, self.weights)
+
+    def _add(self, r0: int, c0: int, probs: np.ndarray, weights: np.ndarray, weighted_already: bool = False) -> None:
         h, w = probs.shape[:2]
         rs, cs = max(0, -r0), max(0, -c0)
         re, ce = min(h, self.shape[0] - r0), min(w, self.shape[1] - c0)
         if re <= rs or ce <= cs:
             return
-        wts = self.weights[rs:re, cs:ce]
-        self.sum[r0 + rs:r0 + re, c0 + cs:c0 + ce] += wts[..., None] * probs[rs:re, cs:ce]
+        wts = weights[rs:re, cs:ce]
+        part = probs[rs:re, cs:ce] if weighted_already else wts[..., None] * probs[rs:re, cs:ce]
+        self.sum[r0 + rs:r0 + re, c0 + cs:c0 + ce] += part
         self.weight[r0 + rs:r0 + re, c0 + cs:c0 + ce] += wts
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
@@ -131,6 +161,44 @@ class Stitcher:
                     np.copyto(sums, np.float32(0), where=stray)
             self._result = self.sum, covered
         return self._result
+
+
+def memory_budget() -> int:
+    """Bytes a class raster may take: half this machine's physical memory (a slide-wide
+    float32 raster of several classes outgrows it long before the disk does)."""
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2)
+    except (AttributeError, ValueError, OSError):
+        return 8 << 30
+
+
+def raster_stitcher(extent: tuple[int, int], downsample: float, classes: int, weights: np.ndarray, *,
+                    window: int, stride: int, offset: int, factor: int = 1, source: str = "the model",
+                    budget: int | None = None) -> tuple[Raster, Stitcher]:
+    """The empty raster a sliding or zoom segmentation stitches into, ``factor`` times
+    coarser than the windows' output grid (``downsample`` level-0 px per output px), and
+    its :class:`Stitcher`.  :class:`ConfigError` when ``factor`` does not divide the
+    window, the stride and the windows' offset, or when the raster (its float32 sums and
+    weights) would take more than ``budget`` bytes (default :func:`memory_budget`): the
+    message gives the size and the factor that fits."""
+    factor = int(factor)
+    if factor < 1:
+        raise ConfigError(f"raster downsample must be >= 1, got {factor}")
+    for value, what in ((window, "window"), (stride, "stride"), (offset, "windows' offset")):
+        if value % factor:
+            raise ConfigError(f"raster downsample {factor} must divide the {what} ({value} output px)")
+    budget = memory_budget() if budget is None else budget
+    rows, cols = raster_shape(extent, downsample * factor)
+    need = rows * cols * (classes + 1) * 4
+    if need > budget:
+        fits = next((f for f in range(factor, window + 1) if not window % f and not stride % f and not offset % f
+                     and need * factor ** 2 / f ** 2 <= budget), None)
+        hint = f"; give --raster-downsample {fits}" if fits else "; the windows cannot be pooled enough"
+        raise ConfigError(f"{source}: a {cols} x {rows} x {classes} class raster at downsample "
+                          f"{downsample * factor:g} needs {need / 2**30:.1f} GiB, more than half of this machine's "
+                          f"memory ({budget / 2**30:.1f} GiB){hint}")
+    raster = Raster.empty(extent, downsample * factor, classes)
+    return raster, Stitcher(raster.shape, classes, weights, factor)
 
 
 def _whole(value: float, what: str) -> int:
@@ -202,10 +270,13 @@ def plan_windows(slide, backend: Backend, views: Sequence[View], target_view: Vi
 def sliding_segmentation(slide, backend: Backend, views: Sequence[View], *, target: str | None = None,
                          stride: int | None = None, keep: int | None = None, blend: str = "centre",
                          tissue=None, tissue_threshold: float = 0.0, batch_size: int = 8,
-                         readers: int = 2, progress: bool = True, timings: dict | None = None) -> Raster:
+                         readers: int = 2, progress: bool = True, timings: dict | None = None,
+                         raster_downsample: int = 1) -> Raster:
     """Segment ``slide`` with ``backend`` fed ``views`` (see the module doc); returns the
     :class:`Raster` of class probabilities over the slide.  ``stride`` (default: the
-    target view's size) and ``keep`` (default: ``stride``) are target-view pixels.
+    target view's size) and ``keep`` (default: ``stride``) are target-view pixels;
+    ``raster_downsample``: the raster is that many times coarser than the model's output
+    (each window's prediction averaged over blocks: :func:`raster_stitcher`).
 
     ``timings`` receives seconds: ``tissue`` (mask + windows), ``reading`` (readers' busy
     time, summed), ``inference``, ``waiting`` (inference idle), ``window_pipeline`` (wall),
@@ -226,8 +297,9 @@ def sliding_segmentation(slide, backend: Backend, views: Sequence[View], *, targ
                         tissue_threshold=tissue_threshold)
     grid, out_size, classes = plan.grid, plan.out_size, plan.classes
     weights = blend_weights(out_size, blend, plan.keep)
-    raster = Raster.empty(slide.dimensions, grid.downsample, classes)
-    stitcher = Stitcher(raster.shape, classes, weights)
+    raster, stitcher = raster_stitcher(slide.dimensions, grid.downsample, classes, weights, window=out_size,
+                                       stride=grid.stride, offset=(grid.size - grid.stride) // 2,
+                                       factor=raster_downsample, source=backend.source)
     t1 = time.perf_counter()
 
     lock = threading.Lock()

@@ -34,7 +34,7 @@ from h2g.core.errors import ConfigError, ExportError
 from h2g.data.views import View
 from h2g.inference.backends import Backend
 from h2g.inference.raster import Raster
-from h2g.inference.sliding import Stitcher, blend_weights, read_window_batch
+from h2g.inference.sliding import blend_weights, raster_stitcher, read_window_batch
 
 ZOOM_RATE = 2
 ROLES = ("policy", "coarse", "fine")
@@ -145,7 +145,7 @@ def segment_regions(policy: Backend, coarse: Backend, fine: Backend, x0: np.ndar
 def zoom_segmentation(slide, policy: Backend, coarse: Backend, fine: Backend, *, size: int,
                       magnification: float, threshold: float = 0.5, tissue=None, tissue_threshold: float = 0.0,
                       batch_size: int = 8, progress: bool = True, timings: dict | None = None,
-                      rate: int = ZOOM_RATE) -> tuple[Raster, ZoomStats]:
+                      rate: int = ZOOM_RATE, raster_downsample: int = 1) -> tuple[Raster, ZoomStats]:
     """RAZN over ``slide`` (module doc): regions of ``size`` px at ``magnification``;
     returns the class-probability raster (at ``rate * magnification``) and the regions'
     :class:`ZoomStats`.  ``timings`` receives seconds: ``tissue``, ``reading`` (x0 and
@@ -186,9 +186,9 @@ def zoom_segmentation(slide, policy: Backend, coarse: Backend, fine: Backend, *,
             out, p, zoomed = segment_regions(policy, coarse, fine, x0, read_x1, threshold, rate, timings=t)
             ts = time.perf_counter()
             if stitcher is None:
-                classes = out.shape[-1]
-                raster = Raster.empty(slide.dimensions, grid.downsample, classes)
-                stitcher = Stitcher(raster.shape, classes, blend_weights(v1.size))
+                raster, stitcher = raster_stitcher(slide.dimensions, grid.downsample, out.shape[-1],
+                                                   blend_weights(v1.size), window=v1.size, stride=v1.size, offset=0,
+                                                   factor=raster_downsample, source=coarse.source)
             for k, probs in enumerate(out):
                 stitcher.add(grid.top_left[start + k], probs)
             t["stitching"] += time.perf_counter() - ts
@@ -197,7 +197,7 @@ def zoom_segmentation(slide, policy: Backend, coarse: Backend, fine: Backend, *,
             bar.update(len(x0))
     if raster is None:  # no region over tissue
         n = _classes_of(coarse, v0)
-        raster = Raster.empty(slide.dimensions, grid.downsample, n)
+        raster = Raster.empty(slide.dimensions, grid.downsample * raster_downsample, n)
     else:
         ts = time.perf_counter()
         raster.probs, raster.covered = stitcher.result()

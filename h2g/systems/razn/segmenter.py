@@ -30,6 +30,7 @@ class ZoomOptions(SegmentOptions):
     Region size and magnification come from the networks' metadata."""
 
     threshold: float | None = None
+    raster_downsample: int = 1  # the class raster that many times coarser than the fine grid
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,7 +94,8 @@ class ZoomSegmenter(RasterSegmenter):
         b = self.backends
         raster, stats = zoom_segmentation(slide, b["policy"], b["coarse"], b["fine"], size=self.size,
                                           magnification=self.magnification, threshold=self.threshold, tissue=tissue,
-                                          batch_size=self.batch_size, progress=progress, timings=timings)
+                                          batch_size=self.batch_size, progress=progress, timings=timings,
+                                          raster_downsample=self.options.raster_downsample)
         timings["tissue"] += detection
         timings["total"] = time.perf_counter() - t0
         timings["zoom_fraction"] = stats.zoom_fraction
