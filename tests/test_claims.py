@@ -135,3 +135,18 @@ def test_run_seeds_writes_every_seed_and_the_claims(tmp_path, monkeypatch):
     assert "0.798 ± 0.010" in (tmp_path / "out" / "seeds.md").read_text()
     with pytest.raises(Exception, match="distinct seeds"):
         registry.run_seeds(registry.resolve("all"), None, tmp_path / "o", config, [1, 1])
+
+
+def test_seeds_share_one_stage_cache(tiny_cohort, tmp_path, monkeypatch):
+    """run_seeds gives every seed's pipeline OUT as the cache root: stages land in
+    OUT/_cache, not in each seed's folder."""
+    seen = []
+
+    def fake_run(chosen, manifest_path, out, config, resume=False, strategy=None, cache=None):
+        seen.append((out, cache))
+        return {}
+
+    monkeypatch.setattr(registry, "run", fake_run)
+    monkeypatch.setattr(claims, "load_seeds", lambda folders: [])
+    registry.run_seeds(registry.resolve(["otsu"]), None, tmp_path / "out", registry.load_config("smoke"), [0, 1])
+    assert seen == [(tmp_path / "out" / "seed0", tmp_path / "out"), (tmp_path / "out" / "seed1", tmp_path / "out")]

@@ -44,7 +44,7 @@ class Pipeline:
     config: Config
     resume: bool = False
     strategy: object = None  # a tf.distribute strategy for the training stages (h2g.training.distribute)
-    cache: Path | None = None  # the stages' cache root (default: out; several seeds' runs share one)
+    cache: Path | None = None  # the folder of the stages' _cache/ (default: out; several seeds' runs share one)
     manifest: Manifest = field(init=False)
 
     system_label: ClassVar[str] = "this system"

@@ -191,7 +191,7 @@ def run_seeds(chosen: Sequence, manifest_path: Path | None, out: Path, config, s
     results = {}
     for seed in seeds:
         results[seed] = run(chosen, manifest_path, out / f"seed{seed}", config.replace(seed=seed), resume=resume,
-                            strategy=strategy, cache=out / "_cache")
+                            strategy=strategy, cache=out)  # the stages in out/_cache
     loaded = evaluation.load_seeds({s: out / f"seed{s}" for s in seeds})
     labels = {d.name: d.label for d in chosen}
     tables, claims_md, found = [], [], []
