@@ -137,7 +137,7 @@ def test_run_seeds_writes_every_seed_and_the_claims(tmp_path, monkeypatch):
         registry.run_seeds(registry.resolve("all"), None, tmp_path / "o", config, [1, 1])
 
 
-def test_seeds_share_one_stage_cache(tiny_cohort, tmp_path, monkeypatch):
+def test_seeds_share_one_stage_cache(tmp_path, monkeypatch):
     """run_seeds gives every seed's pipeline OUT as the cache root: stages land in
     OUT/_cache, not in each seed's folder."""
     seen = []

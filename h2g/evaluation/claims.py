@@ -215,7 +215,7 @@ def seeds_markdown(seeds: Sequence[SeedResults], designs: Sequence[str], labels:
              "|---|---|" + "---|" * (len(seeds) + 1)]
     for name in designs:
         runs = [metrics_of(s, name) for s in seeds]
-        if any(r is None for r in runs):
+        if not runs or any(r is None for r in runs):
             continue
         metrics = list(TABLE_METRICS)
         if classes and runs[0].get("classes"):
