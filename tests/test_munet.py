@@ -357,7 +357,7 @@ def test_two_target_views_read_the_label_map_of_each(multistain_manifest):
 
     pipe = Pipeline(multistain_manifest, multistain_manifest.parent / "unused", munet_config())
     records = pipe._annotated("train")
-    sampler = pipe.sampler("train", records, 0)
+    sampler = pipe.munet_sampler("train", records, True)
     annotations = {r.slide_id: pipe.annotation(r) for r in records}
     views = pipe.views(True)
     _, both = read_samples(sampler, 0, 4, views, target="pixels", target_view=("x_hi", "x_lo"),

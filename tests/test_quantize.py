@@ -234,8 +234,9 @@ def test_benchmark_times_the_int8_models_in_the_same_run(converted, tiny_cohort,
     int8 = result["int8"]
     assert int8["precision"].startswith("int8+") and not result["precision"].startswith("int8")
     assert int8["patches"] == result["patches"] > 0
-    assert int8["patch_backend"]["model"].endswith("patch_classifier_int8.xml")
-    speedup = int8["patch_wise_patches_per_second"]["mean"] / result["patch_wise_patches_per_second"]["mean"]
+    assert int8["backends"]["patch_classifier"]["model"].endswith("patch_classifier_int8.xml")
+    assert not result["backends"]["patch_classifier"]["model"].endswith("_int8.xml")
+    speedup = int8["patch_wise_per_second"]["mean"] / result["patch_wise_per_second"]["mean"]
     assert f"**{speedup:.2f}x** the {result['precision']} models'" in out_md.read_text()
 
     missing = run_script("benchmark.py", "--slide", slide, "--patch-model", folder / "patch_classifier.onnx",
