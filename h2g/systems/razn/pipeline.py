@@ -103,9 +103,7 @@ class Pipeline(base.Pipeline):
         n = self.classes.n_classes
         keras.utils.set_random_seed(c.seed)
         if design.unit is None:
-            return {"policy": razn.build_policy(c.razn.size, c.razn.width),
-                    "coarse": razn.build_resnet18_fcn(n, c.razn.size, c.razn.width, name="coarse"),
-                    "fine": razn.build_resnet18_fcn(n, c.razn.size, c.razn.width, name="fine")}
+            return razn.build_razn_networks(n, c.razn.size, c.razn.width, seed=c.seed)
         fcn = razn.build_resnet18_fcn(n, c.razn.size, c.razn.width)
         return {"unit": razn.unit_model(design.unit, fcn, attention_width=c.razn.attention_width)}
 
@@ -127,7 +125,9 @@ class Pipeline(base.Pipeline):
                         seed=c.seed)
         if design.unit is None:
             trainer = RaznTrainer(nets["policy"], nets["coarse"], nets["fine"], alpha=c.razn.alpha,
-                                  reward_floor=c.razn.reward_floor, **schedule)
+                                  reward_floor=c.razn.reward_floor, coarse_regions=c.razn.coarse_regions,
+                                  fine_regions=c.razn.fine_regions, reward_mode=c.razn.reward_mode,
+                                  policy_warmup=c.razn.policy_warmup, **schedule)
         else:
             trainer = UnitTrainer(nets["unit"], outputs=design.losses, **schedule)
         history = trainer.fit(self.batches, steps=c.razn.steps, run_dir=stage.dir / "training",
