@@ -11,7 +11,9 @@ them).  Per region of the pipeline's grid (h2g.systems.razn.oracle): the oracle 
 Scale 2's prediction where it labels more of the region's annotated pixels correctly than
 Scale 1's, else Scale 1's; the same over RAZN's own coarse and fine networks; RAZN's
 decisions applied to Scale 1 / Scale 2; per majority class and (embedded cohort) per
-mimic lesion: how often the oracle and RAZN zoom and what zooming gains.
+mimic lesion: how often the oracle and RAZN zoom and what zooming gains; and, on the
+first ``--reward-batches`` training batches, the reward the policy learns from per class,
+from the networks' training pass and as inference runs them.
 
 Writes ``OUT/razn_oracle.json``, ``OUT/razn_oracle.md`` (printed too) and
 ``OUT/razn_oracle.png`` (truth with the mimics outlined, Scale 2's gain per region, the
@@ -34,6 +36,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR)")
     p.add_argument("--cohort-seed", type=int, default=0,
                    help="seed the embedded cohort was generated with (lesion kinds per region; default 0)")
+    p.add_argument("--reward-batches", type=int, default=40,
+                   help="training batches on which to show the policy's reward per class, from the networks' "
+                        "training pass and as at inference (0: skip; default 40)")
     add_verbose_argument(p)
     return p.parse_args(argv)
 
@@ -44,6 +49,8 @@ def main(argv=None) -> int:
     from h2g.systems.razn import oracle
 
     oracle.load_run(args.run_dir)  # fast checks before TensorFlow starts
+    if args.reward_batches < 0:
+        raise ConfigError(f"--reward-batches must be >= 0, got {args.reward_batches}")
     out = args.out if args.out is not None else args.run_dir
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
@@ -54,6 +61,9 @@ def main(argv=None) -> int:
     summary = oracle.summary(result)
     out.mkdir(parents=True, exist_ok=True)
     text = oracle.markdown(summary)
+    if args.reward_batches > 0:
+        summary["reward_signal"] = oracle.reward_signal(args.run_dir, batches=args.reward_batches)
+        text += "\n" + oracle.reward_markdown(summary["reward_signal"])
     write_json(out / "razn_oracle.json", summary)
     write_text(out / "razn_oracle.md", text)
     oracle.figure(out / "razn_oracle.png", result)

@@ -3,7 +3,7 @@
 networks, and where RAZN's own policy zooms against where zooming helps.
 
 On every annotated slide of a split, the run's networks segment the same region grid
-as its pipeline does (:meth:`Pipeline.segment`: the label maps its ``metrics.json``
+as its pipeline does (:meth:`Pipeline.segmenter`: the label maps its ``metrics.json``
 scored):
 
 - ``Scale 1`` and ``Scale 2`` (``razn_scale1``, ``razn_scale2``): their unit models;
@@ -59,6 +59,17 @@ def _from_dict(cls, values: dict):
     return cls(**kw)
 
 
+def config_from_dict(saved: dict) -> Config:
+    """The config a run folder's ``config.json`` (:meth:`Config.to_dict`) records: its
+    preset and seed, each section read back into its dataclass (keys the section no longer
+    has are ignored, missing ones keep the preset's value)."""
+    from h2g.systems.registry import load_config
+
+    config = load_config(saved.get("preset", "paper"), seed=int(saved.get("seed", 0)))
+    return config.replace(**{name: _from_dict(type(section), {**dataclasses.asdict(section), **saved[name]})
+                             for name, section in config.sections.items() if isinstance(saved.get(name), dict)})
+
+
 def load_run(run_dir) -> tuple[Path, Config, tuple[str, ...]]:
     """``(manifest path, config, designs present)`` of a RAZN run folder; a
     :class:`ConfigError` when Scale 1 or Scale 2 is missing or unfinished."""
@@ -73,7 +84,7 @@ def load_run(run_dir) -> tuple[Path, Config, tuple[str, ...]]:
         saved = json.loads((run_dir / "razn_scale1" / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{run_dir / 'razn_scale1' / 'config.json'}: cannot read it ({exc})") from None
-    config = _from_dict(Config, {k: v for k, v in saved.items() if k not in ("design", "system", "manifest")})
+    config = config_from_dict(saved)
     designs = tuple(d for d in (*BASELINES, "razn") if (run_dir / d / "metrics.json").is_file())
     return Path(saved["manifest"]), config, designs
 
@@ -82,7 +93,7 @@ class ConstantPolicy:
     """A policy backend that answers ``value`` for every region (0: never zoom, 1: always)."""
 
     def __init__(self, value: float):
-        self.value, self.source = float(value), f"constant policy {value:g}"
+        self.value, self.source, self.metadata = float(value), f"constant policy {value:g}", None
 
     def predict(self, x):
         return np.full((len(x), 1), self.value, np.float32)
@@ -119,7 +130,9 @@ def measure(run_dir, split: str = "test", cohort_seed: int = 0, figure_slides: i
     ClassScores}, "regions": {column: array}, "figures": [...], "config", "designs"}``."""
     from tqdm.auto import tqdm
 
+    from h2g.data.cohort import REGION_NAMES
     from h2g.inference.backends import KerasBackend
+    from h2g.io.slide import open_slide
     from h2g.systems.razn.designs import DESIGNS
     from h2g.systems.razn.pipeline import Pipeline
 
@@ -127,10 +140,20 @@ def measure(run_dir, split: str = "test", cohort_seed: int = 0, figure_slides: i
     manifest_path, config, designs = load_run(run_dir)
     pipe = Pipeline(manifest_path, run_dir, config)
     names = pipe.classes.names
-    units = {d: {"unit": KerasBackend(run_dir / d / "models" / "segmenter.keras")} for d in BASELINES}
+    segmenters = {d: pipe.segmenter_of(DESIGNS[d], {"segmentation": KerasBackend(run_dir / d / "models" /
+                                                                                   "segmenter.keras")})
+                  for d in BASELINES}
     razn = None
     if "razn" in designs:
         razn = {r: KerasBackend(run_dir / "razn" / "models" / f"{r}.keras") for r in ("policy", "coarse", "fine")}
+        segmenters["razn"] = pipe.segmenter_of(DESIGNS["razn"], razn)
+        for label, value in (("razn_coarse", 0.0), ("razn_fine", 1.0)):
+            segmenters[label] = pipe.segmenter_of(DESIGNS["razn"], {**razn, "policy": ConstantPolicy(value)})
+
+    def segment(name, record):  # (raster, zoom decisions or None), as the run's evaluation segments
+        with open_slide(record.slide_path, mpp=record.mpp) as slide:
+            seg = segmenters[name].segment(slide)
+        return seg.raster, seg.zoom
     records = [r for r in pipe.records(split) if r.annotation_path is not None]
     if not records:
         raise ConfigError(f"{manifest_path}: no annotated {split} slide")
@@ -146,19 +169,19 @@ def measure(run_dir, split: str = "test", cohort_seed: int = 0, figure_slides: i
         annotation = pipe.annotation(record)
         maps = {}
         for d in BASELINES:
-            raster, _ = pipe.segment(DESIGNS[d], units[d], record)
+            raster, _ = segment(d, record)
             maps[d], truth = metrics.raster_labels(raster, annotation, names)
         grid_downsample = raster.downsample
         top_left, size = _grid(pipe, record)
         zoomed = None
         if razn is not None:
-            raster, stats = pipe.segment(DESIGNS["razn"], razn, record)
+            raster, stats = segment("razn", record)
             if not np.array_equal(stats.top_left, top_left):
                 raise ConfigError(f"{record.slide_id}: RAZN's region grid is not the baselines'")
             maps["razn"], _ = metrics.raster_labels(raster, annotation, names)
             zoomed = stats.zoomed
             for label, value in (("razn_coarse", 0.0), ("razn_fine", 1.0)):
-                raster, _ = pipe.segment(DESIGNS["razn"], {**razn, "policy": ConstantPolicy(value)}, record)
+                raster, _ = segment(label, record)
                 maps[label], _ = metrics.raster_labels(raster, annotation, names)
         shape = truth.shape
         blocks = zoom_oracle.region_blocks(top_left, size, grid_downsample / annotation.downsample, shape)
@@ -187,13 +210,11 @@ def measure(run_dir, split: str = "test", cohort_seed: int = 0, figure_slides: i
             columns.setdefault("correct_razn_coarse", []).extend(own["correct_coarse"].tolist())
             columns.setdefault("correct_razn_fine", []).extend(own["correct_fine"].tolist())
         kinds = cohort_kinds(manifest_path, record, shape, annotation.downsample, truth, cohort_seed)
-        if kinds is not None:
-            from h2g.data.cohort import REGION_NAMES
-
-            for name in MIMIC_KINDS:
-                k = REGION_NAMES.index(name)
-                share = [float((kinds[b] == k).mean()) if kinds[b].size else 0.0 for b in blocks]
-                columns.setdefault(f"share_{name}", []).extend(share)
+        for name in MIMIC_KINDS:  # NaN: the slide's lesion kinds are unknown
+            k = REGION_NAMES.index(name)
+            share = [float((kinds[b] == k).mean()) if kinds is not None and kinds[b].size else np.nan
+                     for b in blocks]
+            columns.setdefault(f"share_{name}", []).extend(share)
         if len(figures) < figure_slides:
             figures.append({"slide": record.slide_id, "truth": truth, "kinds": kinds, "blocks": blocks,
                             "oracle": table["oracle"], "razn_zoom": zoomed,
@@ -201,7 +222,8 @@ def measure(run_dir, split: str = "test", cohort_seed: int = 0, figure_slides: i
                             / np.maximum(table["annotated"], 1)})
     regions = {k: np.asarray(v) for k, v in columns.items()}
     return {"variants": variants, "regions": regions, "figures": figures, "config": config, "designs": designs,
-            "classes": names, "colours": pipe.classes.colours, "manifest": str(manifest_path), "split": split, "slides": len(records)}
+            "classes": names, "colours": pipe.classes.colours, "manifest": str(manifest_path), "split": split,
+            "slides": len(records)}
 
 
 def _grid(pipe, record) -> tuple[np.ndarray, int]:
@@ -218,6 +240,69 @@ def _grid(pipe, record) -> tuple[np.ndarray, int]:
                                saturation_threshold=c.patches.saturation_threshold)
         grid = window_grid(slide, magnification=v1.magnification, size=v1.size, stride=v1.size, tissue=tissue)
     return np.asarray(grid.top_left, np.int64).reshape(-1, 2), v1.size
+
+
+def reward_signal(run_dir, batches: int = 40) -> dict:
+    """The reward RAZN's policy learns from, on the first ``batches`` training batches
+    (the sampler's, as training draws them) scored by the run's final Scale 1 and Scale 2
+    networks (what RAZN's coarse and fine networks are when trained on every region):
+    per majority class of the regions, the mean advantage ``(J0 - J1) / max(J0,
+    reward_floor)`` and the share of regions where it is > 0, with the networks in their
+    training pass (batch statistics) and as inference runs them (moving statistics).
+    Each mode has its own copy of the networks (a training-mode call updates the moving
+    statistics)."""
+    from h2g.inference.backends import load_keras_model
+    from h2g.systems.razn.pipeline import Pipeline
+    from h2g.systems.razn.training import masked_cross_entropy
+
+    run_dir = Path(run_dir)
+    manifest_path, config, _ = load_run(run_dir)
+    pipe = Pipeline(manifest_path, run_dir, config)
+    nets = {mode: [load_keras_model(run_dir / d / "models" / "segmenter.keras") for d in BASELINES]
+            for mode in ("training", "inference")}
+    floor = max(config.razn.reward_floor, 1e-6)
+    adv = {mode: [] for mode in nets}
+    floored = {mode: [] for mode in nets}
+    majority = []
+    data = iter(pipe.batches(0))
+    for _ in range(batches):
+        inputs, y = next(data)
+        labels = np.asarray(y)
+        for mode, (s1, s2) in nets.items():
+            j0 = masked_cross_entropy(s1(inputs["x0"], training=mode == "training"), y).numpy()
+            j1 = masked_cross_entropy(s2(inputs["x1"], training=mode == "training"), y).numpy()
+            adv[mode].append((j0 - j1) / np.maximum(j0, floor))
+            floored[mode].append(j0 < floor)
+        for lab in labels:
+            lab = lab[lab != IGNORE]
+            majority.append(int(np.bincount(lab, minlength=len(pipe.classes.names)).argmax()) if lab.size else -1)
+    majority = np.asarray(majority)
+    out = {"regions": int(len(majority)), "batches": batches, "reward_floor": floor}
+    for mode in nets:
+        a = np.concatenate(adv[mode])
+        out[mode] = {"all": {"regions": int(len(a)), "advantage": float(a.mean()), "positive": float((a > 0).mean())}}
+        out[f"{mode}_floored"] = float(np.concatenate(floored[mode]).mean())  # share of regions with J0 < floor
+        for i, name in enumerate(pipe.classes.names):
+            m = majority == i
+            if m.any():
+                out[mode][name] = {"regions": int(m.sum()), "advantage": float(a[m].mean()),
+                                   "positive": float((a[m] > 0).mean())}
+    return out
+
+
+def reward_markdown(r: dict) -> str:
+    """:func:`reward_signal` as a markdown table."""
+    groups = list(r["training"])
+    lines = [f"Reward signal on {r['regions']} training regions ({r['batches']} batches; advantage (J0 - J1) / "
+             f"max(J0, {r['reward_floor']:g}) of the final Scale 1 / Scale 2 nets; share > 0 in brackets)", "",
+             "| networks | " + " | ".join(f"{g} ({r['training'][g]['regions']})" for g in groups) + " |",
+             "|---|" + "---|" * len(groups)]
+    for mode, label in (("training", "training pass (batch statistics)"), ("inference", "as at inference")):
+        cells = [f"{r[mode][g]['advantage']:+.2f} ({100 * r[mode][g]['positive']:.0f} %)" for g in groups]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"J0 below the floor (the floor sets the denominator): {100 * r['training_floored']:.1f} % of the "
+                  f"regions in the training pass, {100 * r['inference_floored']:.1f} % as at inference."]
+    return "\n".join(lines) + "\n"
 
 
 # --------------------------------------------------------------------------------------
@@ -257,13 +342,14 @@ def summary(result: dict) -> dict:
         return row
 
     out["by_class"] = {n: group(reg["majority"] == i) for i, n in enumerate(names)}
-    kinds = [k for k in MIMIC_KINDS if f"share_{k}" in reg]
-    if kinds:
+    known = np.isfinite(reg["share_" + MIMIC_KINDS[0]])  # regions of slides whose lesion kinds are known
+    if known.any():
         mimic = np.zeros(len(gain), bool)
-        for k in kinds:
-            mimic |= reg[f"share_{k}"] >= KIND_SHARE
-            out.setdefault("by_lesion", {})[k] = group(reg[f"share_{k}"] >= KIND_SHARE)
-        out["by_lesion"]["no mimic"] = group(~mimic)
+        for k in MIMIC_KINDS:
+            holds = known & (np.nan_to_num(reg[f"share_{k}"]) >= KIND_SHARE)
+            mimic |= holds
+            out.setdefault("by_lesion", {})[k] = group(holds)
+        out["by_lesion"]["no mimic"] = group(known & ~mimic)
     return out
 
 

@@ -210,18 +210,17 @@ class RaznTrainer(_Trainer):
 
     def __init__(self, policy, coarse, fine, *, alpha: float = 0.8, reward_floor: float = 0.05,
                  coarse_regions: str = "unzoomed", fine_regions: str = "zoomed", reward_mode: str = "training",
-                 policy_warmup: int = 0, **kw):
+                 **kw):
         if coarse_regions not in COARSE_REGIONS or fine_regions not in FINE_REGIONS:
             raise ConfigError(f"coarse_regions must be one of {COARSE_REGIONS} and fine_regions one of "
                               f"{FINE_REGIONS}, got {coarse_regions!r} and {fine_regions!r}")
-        if reward_mode not in REWARD_MODES or policy_warmup < 0:
-            raise ConfigError(f"reward_mode must be one of {REWARD_MODES} and policy_warmup >= 0, got "
-                              f"{reward_mode!r} and {policy_warmup}")
+        if reward_mode not in REWARD_MODES:
+            raise ConfigError(f"reward_mode must be one of {REWARD_MODES}, got {reward_mode!r}")
         super().__init__({"policy": policy, "coarse": coarse, "fine": fine}, **kw)
         self.alpha = float(alpha)
         self.reward_floor = max(float(reward_floor), EPS)
         self.coarse_all, self.fine_all = coarse_regions == "all", fine_regions == "all"
-        self.inference_reward, self.policy_warmup = reward_mode == "inference", int(policy_warmup)
+        self.inference_reward = reward_mode == "inference"
         self._compute = tf.function(self._gradients, reduce_retracing=True)
 
     def _gradients(self, x0, x1, y, seed):
@@ -256,8 +255,7 @@ class RaznTrainer(_Trainer):
     def step(self, x0, x1, y, step: int) -> dict:
         seed = tf.constant([self.seed, step], tf.int64)
         grads, logs, n0, n1 = self._compute(x0, x1, y, seed)
-        if step >= self.policy_warmup:
-            self._apply("policy", grads["policy"], step)
+        self._apply("policy", grads["policy"], step)
         if float(n1) > 0:
             self._apply("fine", grads["fine"], step)
         if float(n0) > 0:
