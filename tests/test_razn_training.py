@@ -140,3 +140,167 @@ def test_reward_by_hand_with_the_floor():
     j0, j1 = np.log(3.0), -np.log(np.exp(2) / (np.exp(2) + 2))
     assert logs["j0"] == pytest.approx(j0, rel=1e-5) and logs["j1"] == pytest.approx(j1, rel=1e-4)
     assert logs["reward"] == pytest.approx(logs["zoom_rate"] * (j0 - j1) / 2.0, rel=1e-4)  # floor 2 > J0
+
+
+# --------------------------------------------------------------------------------------
+# Which regions each network is trained on (Algorithm 1's rule, or every region)
+# --------------------------------------------------------------------------------------
+def _marker_policy():
+    """p = 1 on regions whose first channel's mean is > 0.5, else 0 (no weights): with
+    alpha = 1 the drawn action is exactly p."""
+    x = keras.Input((S, S, 3))
+    p = keras.layers.Lambda(lambda t: tf.cast(tf.reduce_mean(t[..., :1], axis=[1, 2, 3]) > 0.5, tf.float32)[:, None])(x)
+    return keras.Model(x, p, name="marker_policy")
+
+
+def _marked_batch(b=8, zoomed=4):
+    rng = np.random.default_rng(5)
+    x0 = rng.random((b, S, S, 3), np.float32) * 0.4  # first-channel mean ~0.2: no zoom
+    x0[:zoomed, ..., 0] += 0.6  # ~0.8: zoom
+    x1 = rng.random((b, 2 * S, 2 * S, 3), np.float32)
+    y = rng.integers(0, C, (b, 2 * S, 2 * S)).astype(np.int32)
+    return x0, x1, y
+
+
+def _conv_net(name="conv"):
+    """A seeded FCN without batch normalisation (whose batch statistics would mix the
+    regions a rule leaves out into the step)."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((S, S, 3))
+    return keras.Model(x, keras.layers.Softmax()(keras.layers.Conv2D(C, 3, padding="same")(x)), name=name)
+
+
+def _unit_step(unit_name, x0, x1, y, build):
+    """One step of the baseline ``unit_name`` on its network (the independent expectation)."""
+    from h2g.models.razn import unit_model
+
+    fcn = build()
+    trainer = UnitTrainer(unit_model(unit_name, fcn), lr=0.01)
+    trainer.step(x0, x1, y, 0)
+    return fcn
+
+
+def _razn_step(x0, x1, y, build, **kw):
+    nets = {"coarse": build(), "fine": build()}
+    trainer = RaznTrainer(_marker_policy(), nets["coarse"], nets["fine"], alpha=1.0, lr=0.01, seed=0, **kw)
+    logs = trainer.step(x0, x1, y, 0)
+    assert logs["zoom_rate"] == pytest.approx(0.5)
+    return nets
+
+
+def _seeded_fcn():
+    from h2g.models.razn import build_razn_networks
+
+    return build_razn_networks(C, S, 0.125, seed=0)["coarse"]
+
+
+def _assert_same_weights(a, b, same=True):
+    pairs = list(zip(a.variables, b.variables))
+    assert len(pairs) == len(a.variables) == len(b.variables)
+    close = [np.allclose(u.numpy(), v.numpy(), rtol=1e-5, atol=1e-6) for u, v in pairs]
+    assert all(close) if same else not all(close)
+
+
+def test_razn_fcns_start_from_the_baselines_weights():
+    from h2g.models.razn import build_razn_networks
+
+    nets = build_razn_networks(C, S, 0.125, seed=4)
+    keras.utils.set_random_seed(4)
+    scale1 = build_resnet18_fcn(C, S, 0.125)
+    for role in ("coarse", "fine"):
+        for u, v in zip(nets[role].variables, scale1.variables):
+            np.testing.assert_array_equal(u.numpy(), v.numpy())
+
+
+def test_algorithm1_trains_each_net_on_the_regions_its_action_chose():
+    """The paper's rule: the coarse net takes Scale 1's step on the 4 unzoomed regions
+    only, the fine net Scale 2's step on the 4 zoomed ones (nets without batch
+    normalisation: its batch statistics take every region the net runs on)."""
+    x0, x1, y = _marked_batch()
+    nets = _razn_step(x0, x1, y, _conv_net)
+    _assert_same_weights(nets["coarse"], _unit_step("scale1", x0[4:], x1[4:], y[4:], _conv_net))
+    _assert_same_weights(nets["fine"], _unit_step("scale2", x0[:4], x1[:4], y[:4], _conv_net))
+    _assert_same_weights(nets["coarse"], _unit_step("scale1", x0, x1, y, _conv_net), same=False)
+
+
+@pytest.mark.parametrize("build", [_conv_net, pytest.param(_seeded_fcn, marks=pytest.mark.slow, id="resnet18_fcn")])
+def test_nets_trained_on_all_regions_take_the_baselines_steps(build):
+    """coarse_regions = fine_regions = "all": whatever the policy draws, the coarse net
+    takes Scale 1's step on the whole batch and the fine net Scale 2's (with the dilated
+    ResNet18 FCN too, batch normalisation included)."""
+    x0, x1, y = _marked_batch()
+    nets = _razn_step(x0, x1, y, build, coarse_regions="all", fine_regions="all")
+    _assert_same_weights(nets["coarse"], _unit_step("scale1", x0, x1, y, build))
+    _assert_same_weights(nets["fine"], _unit_step("scale2", x0, x1, y, build))
+
+
+def test_unknown_region_rule_is_refused():
+    from h2g.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="coarse_regions"):
+        RaznTrainer(_marker_policy(), _uniform_net(S, "c"), _uniform_net(S, "f"), coarse_regions="some")
+
+
+def _half_toy_batch(rng, b=8):
+    """Half the regions are 'fine' ones: their x0 is blank (the coarse net guesses) and
+    their x1 shows the labels; the other half the reverse.  The policy sees x0 only."""
+    inputs, y = _toy_batch(rng, b)
+    fine = np.arange(b) < b // 2
+    inputs["x0"][fine] = 1.0 / 3
+    inputs["x1"][~fine] = 1.0 / 3
+    return inputs, y, fine
+
+
+@pytest.mark.slow
+def test_policy_learns_which_regions_zooming_helps():
+    """Per region, not on average: p > 0.5 exactly on the regions whose zoom shows the labels."""
+    keras.utils.set_random_seed(0)
+    policy = build_policy(S, width=0.125)
+    trainer = RaznTrainer(policy, _onehot_net(S, 2.0, "coarse"), _onehot_net(S, 2.0, "fine"), alpha=0.8,
+                          lr=0.01, seed=0)
+    rng = np.random.default_rng(0)
+    for step in range(60):
+        inputs, y, _ = _half_toy_batch(rng)
+        trainer.step(inputs["x0"], inputs["x1"], y, step)
+    test, _, fine = _half_toy_batch(np.random.default_rng(99), 32)
+    p = policy(test["x0"], training=False).numpy()[:, 0]
+    assert (p[fine] > 0.5).all() and (p[~fine] < 0.5).all()
+
+
+class _ModeNet(keras.layers.Layer):
+    """softmax(2 * input) at inference, uniform in training: a network whose training pass
+    and inference disagree (as batch normalisation's batch and moving statistics can)."""
+
+    def call(self, x, training=None):
+        return tf.ones_like(x) / 3.0 if training else tf.nn.softmax(2.0 * x)
+
+
+def _mode_net(name):
+    x = keras.Input((S, S, 3))
+    return keras.Model(x, _ModeNet()(x), name=name)
+
+
+@pytest.mark.parametrize("mode", ["training", "inference"])
+def test_reward_from_the_training_pass_or_from_inference(mode):
+    """The coarse net is uniform in its training pass (J0 = log 3, as the fine net) and
+    right at inference (J0 = -log(e^2 / (e^2 + 2))): the training pass rewards nothing,
+    inference's losses punish every zoom by (J0 - log 3) / J0."""
+    keras.utils.set_random_seed(0)
+    trainer = RaznTrainer(build_policy(S, width=0.125), _mode_net("c"), _uniform_net(S, "f"), alpha=0.8,
+                          lr=0.0, seed=3, reward_mode=mode)
+    inputs, y = _toy_batch(np.random.default_rng(0), 64)
+    logs = trainer.step(inputs["x0"], inputs["x1"], y, 0)
+    assert logs["j0"] == pytest.approx(np.log(3.0), rel=1e-5)  # the logged J0 is the training pass's
+    right = -np.log(np.exp(2) / (np.exp(2) + 2))
+    expected = 0.0 if mode == "training" else logs["zoom_rate"] * (right - np.log(3.0)) / right
+    assert logs["reward"] == pytest.approx(expected, rel=1e-4, abs=1e-7)
+
+
+def test_razn_config_refuses_unknown_rules_in_one_line():
+    from h2g.systems.registry import load_config
+    from h2g.core.errors import ConfigError
+
+    c = load_config("smoke")
+    for assignment in ("razn.coarse_regions=zoomed", "razn.fine_regions=unzoomed", "razn.reward_mode=eval"):
+        with pytest.raises(ConfigError, match=assignment.split("=")[0]):
+            c.override([assignment])

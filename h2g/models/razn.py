@@ -126,6 +126,21 @@ def build_policy(input_size: int = 256, width: float = 1.0, name: str = "policy"
     return keras.Model(image, layers.Activation("sigmoid", name="zoom")(logit), name=name)
 
 
+def build_razn_networks(n_classes: int, input_size: int = 256, width: float = 1.0, seed: int = 0) -> dict:
+    """RAZN's ``policy``, ``coarse`` and ``fine`` networks.  Each is built right after
+    ``keras.utils.set_random_seed(seed)``, so the coarse and the fine FCN start from the
+    weights a baseline's FCN (Scale 1's, Scale 2's) starts from with the same seed: at
+    equal training they are those baselines' networks, and RAZN's comparison with them
+    is one of the policy's decisions, not of initial weights."""
+    keras.utils.set_random_seed(seed)
+    policy = build_policy(input_size, width)
+    nets = {"policy": policy}
+    for role in ("coarse", "fine"):
+        keras.utils.set_random_seed(seed)
+        nets[role] = build_resnet18_fcn(n_classes, input_size, width, name=role)
+    return nets
+
+
 # --------------------------------------------------------------------------------------
 # Zoom geometry in Keras (numpy twins: h2g.inference.zoom)
 # --------------------------------------------------------------------------------------

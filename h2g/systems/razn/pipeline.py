@@ -103,9 +103,7 @@ class Pipeline(base.Pipeline):
         n = self.classes.n_classes
         keras.utils.set_random_seed(c.seed)
         if design.unit is None:
-            return {"policy": razn.build_policy(c.razn.size, c.razn.width),
-                    "coarse": razn.build_resnet18_fcn(n, c.razn.size, c.razn.width, name="coarse"),
-                    "fine": razn.build_resnet18_fcn(n, c.razn.size, c.razn.width, name="fine")}
+            return razn.build_razn_networks(n, c.razn.size, c.razn.width, seed=c.seed)
         fcn = razn.build_resnet18_fcn(n, c.razn.size, c.razn.width)
         return {"unit": razn.unit_model(design.unit, fcn, attention_width=c.razn.attention_width)}
 
@@ -127,7 +125,8 @@ class Pipeline(base.Pipeline):
                         seed=c.seed)
         if design.unit is None:
             trainer = RaznTrainer(nets["policy"], nets["coarse"], nets["fine"], alpha=c.razn.alpha,
-                                  reward_floor=c.razn.reward_floor, **schedule)
+                                  reward_floor=c.razn.reward_floor, coarse_regions=c.razn.coarse_regions,
+                                  fine_regions=c.razn.fine_regions, reward_mode=c.razn.reward_mode, **schedule)
         else:
             trainer = UnitTrainer(nets["unit"], outputs=design.losses, **schedule)
         history = trainer.fit(self.batches, steps=c.razn.steps, run_dir=stage.dir / "training",
@@ -166,6 +165,14 @@ class Pipeline(base.Pipeline):
         (:class:`h2g.systems.razn.segmenter.ZoomSegmenter`), a baseline's unit by sliding
         window over the same regions (:class:`h2g.inference.segmenter.SlidingSegmenter`)."""
         from h2g.inference.backends import KerasBackend
+
+        if design.unit is None:
+            return self.segmenter_of(design, {n: KerasBackend(stage.dir / f"{n}.keras") for n in RAZN_MODELS})
+        return self.segmenter_of(design, {"segmentation": KerasBackend(stage.dir / "unit.keras")})
+
+    def segmenter_of(self, design: Design, backends: dict):
+        """:meth:`segmenter` on given backends (RAZN's ``policy`` / ``coarse`` / ``fine``,
+        or a baseline's ``segmentation``), e.g. models loaded from a run folder."""
         from h2g.inference.segmenter import SlidingSegmenter, WindowOptions
         from h2g.systems.razn.segmenter import ZoomOptions, ZoomSegmenter
 
@@ -173,15 +180,13 @@ class Pipeline(base.Pipeline):
         detection = dict(tissue_magnification=c.patches.tissue_magnification,
                          saturation_threshold=c.patches.saturation_threshold)
         if design.unit is None:
-            backends = {n: KerasBackend(stage.dir / f"{n}.keras") for n in RAZN_MODELS}
             return ZoomSegmenter(backends, ZoomOptions(threshold=c.razn.zoom_threshold,
                                                        batch_size=c.razn.inference_batch, **detection),
                                  metadata={n: self.metadata(design, n) for n in RAZN_MODELS})
         meta = self.metadata(design, "segmentation")
         options = WindowOptions(stride=meta.extras["stride"], batch_size=c.razn.inference_batch,
                                 readers=c.sampler.readers, **detection)
-        return SlidingSegmenter({"segmentation": KerasBackend(stage.dir / "unit.keras")}, options,
-                                metadata={"segmentation": meta})
+        return SlidingSegmenter(backends, options, metadata={"segmentation": meta})
 
     def timing_regions(self) -> tuple[np.ndarray, np.ndarray]:
         """``(x0 (N, S, S, 3), x1 (N, 2S, 2S, 3))`` of ``timing_regions`` regions evenly

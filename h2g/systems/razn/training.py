@@ -25,7 +25,15 @@ and the label map ``y`` (B, 2S, 2S) of ``x1`` (255 = unannotated, ignored):
    ``-mean(R log(a p~ + (1 - a)(1 - p~)))`` (Eq. 6-7, ``R`` held constant);
 5. the fine network is updated on the mean ``J1`` of the regions with ``a = 1``, the
    coarse network on the mean ``J0`` of those with ``a = 0`` (a network none of whose
-   regions were drawn is not updated that step).
+   regions were drawn is not updated that step).  **Departure (optional):**
+   ``coarse_regions="all"`` updates the coarse network on the mean ``J0`` of *every*
+   region, and ``fine_regions="all"`` the fine one on every region's ``J1``; the paper's
+   rule is ``"unzoomed"`` / ``"zoomed"``.  At inference the coarse network segments every
+   region the policy does not zoom, which after training is not the set its draws gave
+   it; trained on all regions (and started from the baselines' initial weights, as
+   :meth:`h2g.systems.razn.pipeline.Pipeline.build` does) it is Scale 1's network, so a
+   RAZN that never zooms is Scale 1, and the policy's decisions are all that differ.
+   Both losses are computed on every region anyway (for the reward), so it costs nothing.
 
 Each network has its own Adam; the learning rate is ``lr * decay_rate ** (step //
 decay_steps)`` on the global step (the paper: 0.01, x0.1 every 50000 iterations).  The
@@ -56,12 +64,15 @@ import numpy as np
 import tensorflow as tf
 
 from h2g.core.atomic import replace_atomically, write_json
-from h2g.core.errors import ModelError
+from h2g.core.errors import ConfigError, ModelError
 from h2g.io.classes import IGNORE
 from h2g.models.razn import enlarge, split_zoom, stitch_zoom
 
 CHECKPOINT, STATE, LOG, CURVES = "checkpoint.npz", "state.json", "log.csv", "curves.png"
 EPS = 1e-6
+COARSE_REGIONS = ("unzoomed", "all")  # the coarse net's training regions: Algorithm 1's, or every region
+FINE_REGIONS = ("zoomed", "all")
+REWARD_MODES = ("training", "inference")  # the networks' mode (batch norm) when the reward's losses are taken
 
 
 def masked_cross_entropy(probs, labels, ignore: int = IGNORE):
@@ -74,6 +85,22 @@ def masked_cross_entropy(probs, labels, ignore: int = IGNORE):
     picked = tf.gather(probs, safe, axis=-1, batch_dims=3)
     nll = -tf.math.log(tf.clip_by_value(picked, 1e-7, 1.0)) * valid
     return tf.reduce_sum(nll, axis=[1, 2]) / tf.maximum(tf.reduce_sum(valid, axis=[1, 2]), 1.0)
+
+
+def region_weights(a, coarse_all: bool = False, fine_all: bool = False):
+    """``(w0, w1)``: which regions of a batch of actions ``a`` (1 = zoom) the coarse and
+    the fine network are trained on (module doc, step 5): Algorithm 1's ``1 - a`` and
+    ``a``, or every region (ones) for the one trained on all regions."""
+    ones = tf.ones_like(a)
+    return (ones if coarse_all else 1.0 - a), (ones if fine_all else a)
+
+
+def region_losses(coarse, fine, x0, x1, y, training: bool = True):
+    """``(J0, J1)`` per region (Eq. 1 on the fine grid): the coarse network on ``x0``
+    enlarged, the fine network on the four patches of ``x1`` stitched, against ``y``."""
+    j0 = masked_cross_entropy(enlarge(coarse(x0, training=training)), y)
+    j1 = masked_cross_entropy(stitch_zoom(fine(split_zoom(x1), training=training)), y)
+    return j0, j1
 
 
 def bounded(p, alpha: float):
@@ -181,28 +208,40 @@ class RaznTrainer(_Trainer):
     """Algorithm 1 (module doc) on ``policy`` (image -> p (B, 1)), ``coarse`` and ``fine``
     (image (B, S, S, 3) -> softmax (B, S, S, C))."""
 
-    def __init__(self, policy, coarse, fine, *, alpha: float = 0.8, reward_floor: float = 0.05, **kw):
+    def __init__(self, policy, coarse, fine, *, alpha: float = 0.8, reward_floor: float = 0.05,
+                 coarse_regions: str = "unzoomed", fine_regions: str = "zoomed", reward_mode: str = "training",
+                 **kw):
+        if coarse_regions not in COARSE_REGIONS or fine_regions not in FINE_REGIONS:
+            raise ConfigError(f"coarse_regions must be one of {COARSE_REGIONS} and fine_regions one of "
+                              f"{FINE_REGIONS}, got {coarse_regions!r} and {fine_regions!r}")
+        if reward_mode not in REWARD_MODES:
+            raise ConfigError(f"reward_mode must be one of {REWARD_MODES}, got {reward_mode!r}")
         super().__init__({"policy": policy, "coarse": coarse, "fine": fine}, **kw)
         self.alpha = float(alpha)
         self.reward_floor = max(float(reward_floor), EPS)
+        self.coarse_all, self.fine_all = coarse_regions == "all", fine_regions == "all"
+        self.inference_reward = reward_mode == "inference"
         self._compute = tf.function(self._gradients, reduce_retracing=True)
 
     def _gradients(self, x0, x1, y, seed):
         policy, coarse, fine = self.models["policy"], self.models["coarse"], self.models["fine"]
+        if self.inference_reward:  # the losses of the predictions inference makes (batch norm's moving statistics)
+            r0, r1 = region_losses(coarse, fine, x0, x1, y, training=False)
         with tf.GradientTape(persistent=True) as tape:
             p = policy(x0, training=True)[:, 0]
-            j0 = masked_cross_entropy(enlarge(coarse(x0, training=True)), y)
-            j1 = masked_cross_entropy(stitch_zoom(fine(split_zoom(x1), training=True)), y)
+            j0, j1 = region_losses(coarse, fine, x0, x1, y, training=True)
+            if not self.inference_reward:
+                r0, r1 = j0, j1
             pt = bounded(p, self.alpha)
             u = tf.random.stateless_uniform(tf.shape(p), seed)
             a = tf.cast(u < tf.stop_gradient(pt), tf.float32)
-            reward = tf.stop_gradient(a * (j0 - j1) / tf.maximum(j0, self.reward_floor))
+            reward = tf.stop_gradient(a * (r0 - r1) / tf.maximum(r0, self.reward_floor))
             log_prob = tf.math.log(tf.clip_by_value(a * pt + (1.0 - a) * (1.0 - pt), 1e-7, 1.0))
             policy_loss = -tf.reduce_mean(reward * log_prob)
-            n1 = tf.reduce_sum(a)
-            n0 = tf.cast(tf.size(a), tf.float32) - n1
-            fine_loss = tf.reduce_sum(a * j1) / tf.maximum(n1, 1.0)
-            coarse_loss = tf.reduce_sum((1.0 - a) * j0) / tf.maximum(n0, 1.0)
+            w0, w1 = region_weights(a, self.coarse_all, self.fine_all)
+            n0, n1 = tf.reduce_sum(w0), tf.reduce_sum(w1)
+            fine_loss = tf.reduce_sum(w1 * j1) / tf.maximum(n1, 1.0)
+            coarse_loss = tf.reduce_sum(w0 * j0) / tf.maximum(n0, 1.0)
         grads = {
             "policy": tape.gradient(policy_loss, policy.trainable_variables),
             "coarse": tape.gradient(coarse_loss, coarse.trainable_variables),
