@@ -179,7 +179,7 @@ def test_png_and_tiff_masks(small_slide, tmp_path, name):
 def test_mask_value_conventions(small_slide, tmp_path):
     expected = mask_image((1026, 770), RECTS)
     rgba = np.zeros(expected.shape + (4,), np.uint8)
-    rgba[..., 0] = np.where(expected, 200, 100)   # channel 0 > 127 is tumour
+    rgba[..., 0] = np.where(expected, 200, 0)     # channel 0 > 127 is tumour
     rgba[..., 3] = 255
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     np.testing.assert_array_equal(load_annotation(tmp_path / "rgba.png", small_slide).mask, expected)

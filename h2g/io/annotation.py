@@ -5,9 +5,10 @@ the image has several) whose size is the slide's level-0 size / ``downsample``. 
 its pixel values mean comes from a :class:`~h2g.io.classes.ClassTable`:
 
 - the default binary table (H2G-Net's tumour masks) keeps the historical rule: in a
-  0/1 mask 1 is tumour, otherwise a value > 127 is tumour.  A mask whose largest value
-  lies in 2..127 (a label map such as {0, 1, 2}) would become all non-tumour under that
-  rule: it is an :class:`~h2g.core.errors.AnnotationError` asking for a class table;
+  0/1 mask 1 is tumour, otherwise a value > 127 is tumour.  A mask with values in 1..127
+  that is not a 0/1 mask (a label map such as {0, 1, 2}, or 1 = tumour beside 255 =
+  ignore: {0, 1, 255}) would lose its tumour under that rule: it is an
+  :class:`~h2g.core.errors.AnnotationError` naming the values and asking for a class table;
 - any other table maps each pixel value to its class index, the table's ``ignore``
   values to :data:`IGNORE`; a value the table does not list is an error naming the file
   and the values.
@@ -112,14 +113,20 @@ def _binarise(values: np.ndarray, path: Path) -> np.ndarray:
     top = values.max()
     if top <= 1:
         return values > 0
-    if top <= 127:
-        shown = _format_values(_distinct_values(values))
-        raise AnnotationError(
-            path, f"mask values {shown} look like a label map, not a binary tumour mask "
-                  f"(with the default binary classes every pixel would be non-tumour); give "
-                  f"the manifest a class table ({sidecar_path('<manifest>.csv').name}: "
-                  f"name,value,colour)")
+    small = values[(values > 0) & (values <= 127)]
+    if small.size:  # label-like values (a label map, or 1 = tumour beside 255 = ignore)
+        raise AnnotationError(path, binary_values_problem(_distinct_values(values)))
     return values > 127
+
+
+def binary_values_problem(values) -> str:
+    """Why a mask holding ``values`` (some in 1..127, and not only 0/1) is refused under
+    the binary table, and the class-table fix."""
+    shown = _format_values(values)
+    return (f"mask values {shown} are not a binary tumour mask (0/1 or 0/255): with the default "
+            f"binary classes their meaning is ambiguous (1 = tumour beside 255 = ignore, or a label "
+            f"map); give the manifest a class table ({sidecar_path('<manifest>.csv').name}: "
+            f"name,value rows such as non-tumour,0 / tumour,1 / ignore,255)")
 
 
 def _distinct_values(values: np.ndarray) -> np.ndarray:
