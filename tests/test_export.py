@@ -348,9 +348,9 @@ def test_geojson_outlines_regions_holes_and_single_pixels():
     assert np.asarray(line[0]).max(axis=0).tolist() == [1100, 3800]
     assert len(square) == 2  # exterior + the hole
     exterior, hole = np.asarray(square[0]), np.asarray(square[1])
-    # the exterior runs through the centres of the square's border pixels
-    assert exterior.min(axis=0).tolist() == [250, 500] and exterior.max(axis=0).tolist() == [750, 1500]
-    assert (hole.min(axis=0) > exterior.min(axis=0)).all() and (hole.max(axis=0) < exterior.max(axis=0)).all()
+    # the outlines follow the pixel edges: pixels 2..7 -> level-0 x 200..800, y 400..1600; hole 4..5 -> 400..600, 800..1200
+    assert exterior.min(axis=0).tolist() == [200, 400] and exterior.max(axis=0).tolist() == [800, 1600]
+    assert hole.min(axis=0).tolist() == [400, 800] and hole.max(axis=0).tolist() == [600, 1200]
     assert tumour_geojson(np.zeros((4, 4), bool), (10, 10)) == {"type": "FeatureCollection", "features": []}
     single = tumour_geojson(mask[:10, :10], (1000, 1000))
     assert single["features"][0]["geometry"]["type"] == "Polygon"

@@ -100,7 +100,7 @@ class Pipeline:
             slide = open_slide(record.slide_path, mpp=record.mpp)
             self._annotations[key] = load_annotation(
                 record.annotation_path, slide, downsample=self.config.patches.annotation_downsample,
-                classes=self.classes)
+                classes=self.classes, required=record.split == "test")
         return self._annotations[key]
 
     def _annotated(self, split: str) -> list[SlideRecord]:

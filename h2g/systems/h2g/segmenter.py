@@ -248,7 +248,7 @@ class H2GSegmenter(Segmenter):
         import json
 
         from h2g.core.atomic import save_npy, write_json, write_text
-        from h2g.io.geojson import tumour_geojson
+        from h2g.io.geojson import origin_offset, tumour_geojson
         from h2g.io.overlay import write_grey_png, write_square_map_tiff
 
         out = Path(out_dir)
@@ -266,7 +266,8 @@ class H2GSegmenter(Segmenter):
                      geojson=out / "tumour.geojson", summary=out / "summary.json")
         write_grey_png(paths["segmentation_png"], seg.mask)
         write_square_map_tiff(paths["segmentation_tiff"], seg.mask, slide.dimensions, mpp)
-        write_text(paths["geojson"], json.dumps(tumour_geojson(seg.mask, slide.dimensions)))
+        write_text(paths["geojson"], json.dumps(tumour_geojson(
+            seg.mask, slide.dimensions, origin_offset(slide, self.options.geojson_origin))))
         summary = {
             "slide": str(slide.path),
             "dimensions": list(slide.dimensions),
