@@ -116,17 +116,33 @@ def _counts(n: int, fractions) -> list[int]:
 
 def assign_splits(ids: list[str], fractions, seed: int = 0, grades: dict | None = None) -> dict[str, str]:
     """``{id: split}``: ids (sorted) shuffled by ``seed`` and cut by ``fractions``
-    (train, val, test), within each grade when ``grades`` are given."""
+    (train, val, test).  With ``grades``, each grade gets its share of every split
+    (rounded down) and the remainders go where they are largest (ties broken by the
+    seed) so that the split sizes are those of the whole cohort."""
     rng = np.random.default_rng(seed)
     strata: dict = {}
     for slide_id in sorted(ids):
         strata.setdefault((grades or {}).get(slide_id), []).append(slide_id)
+    keys = sorted(strata, key=lambda g: (g is None, g))
+    members = {k: [strata[k][i] for i in rng.permutation(len(strata[k]))] for k in keys}
+    quota = np.array([[len(members[k]) * f for f in fractions] for k in keys])
+    counts = np.floor(quota + 1e-9).astype(int)
+    left = {k: len(members[k]) - counts[i].sum() for i, k in enumerate(keys)}
+    deficit = np.array(_counts(len(ids), fractions)) - counts.sum(axis=0)
+    pairs = [(i, j) for i in range(len(keys)) for j in range(len(fractions))]
+    tiebreak = rng.random(len(pairs))
+    pairs = [pairs[n] for n in sorted(range(len(pairs)),
+                                      key=lambda n: (-(quota[pairs[n]] - counts[pairs[n]]), tiebreak[n]))]
+    for i, j in pairs:  # largest remainders first (every pair is listed, so all is placed)
+        if left[keys[i]] > 0 and deficit[j] > 0:
+            counts[i, j] += 1
+            left[keys[i]] -= 1
+            deficit[j] -= 1
     out = {}
-    for key in sorted(strata, key=lambda g: (g is None, g)):
-        members = [strata[key][i] for i in rng.permutation(len(strata[key]))]
+    for i, k in enumerate(keys):
         start = 0
-        for split, count in zip(SPLITS, _counts(len(members), fractions)):
-            out.update({m: split for m in members[start:start + count]})
+        for split, count in zip(SPLITS, counts[i]):
+            out.update({m: split for m in members[k][start:start + count]})
             start += count
     return out
 
