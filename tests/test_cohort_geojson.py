@@ -120,3 +120,47 @@ def test_an_h2g_design_gives_the_same_dice_from_masks_and_geojson(tiny_cohort, t
     polygons = run(resolve(["mob_pw_unet"]), folder / cohort.GEOJSON_MANIFEST_NAME, tmp_path / "geojson",
                    tiny_config())
     assert abs(raster["mob_pw_unet"]["dice_mean"] - polygons["mob_pw_unet"]["dice_mean"]) <= 0.01
+
+
+def test_the_int8_guard_scores_test_slides_against_their_geojson(tiny_cohort):
+    """h2g.export.quantize._truth (the guard's truth) reads a GeoJSON manifest as it reads
+    masks: the same truth, and an empty test annotation is an error, not a perfect score."""
+    from types import SimpleNamespace
+
+    from h2g.core.errors import AnnotationError
+    from h2g.export import quantize
+
+    folder = tiny_cohort.parent
+    data = quantize.RunData(folder / cohort.GEOJSON_MANIFEST_NAME, 0)
+    group = SimpleNamespace(kind="h2g")
+    for a, b in zip(load_manifest(folder / cohort.MANIFEST_NAME).split("test"),
+                    load_manifest(folder / cohort.GEOJSON_MANIFEST_NAME).split("test")):
+        slide = open_slide(a.slide_path)
+        want = quantize._truth(group, {"size": 128}, a, slide, data)
+        got = quantize._truth(group, {"size": 128}, b, slide, data)
+        assert 2 * (want & got).sum() / (want.sum() + got.sum()) >= 0.99
+    empty = folder / "empty_test.geojson"
+    empty.write_text('{"type": "FeatureCollection", "features": []}')
+    with pytest.raises(AnnotationError, match="needs its annotation"):
+        quantize._truth(group, {"size": 128}, SimpleNamespace(annotation_path=empty), slide, data)
+    empty.unlink()
+
+
+def test_eval_real_reads_a_polygon_truth(tmp_path):
+    """A BCSS-like region whose truth is a GeoJSON of the same name (real.load_truth)."""
+    from PIL import Image
+
+    from h2g.evaluation import real
+
+    (tmp_path / "images").mkdir(), (tmp_path / "masks").mkdir()
+    Image.fromarray(np.full((300, 400, 3), 200, np.uint8)).save(tmp_path / "images" / "r1.jpg")
+    ring = [[100.5, 50.5], [300.5, 50.5], [300.5, 250.5], [100.5, 250.5], [100.5, 50.5]]
+    (tmp_path / "masks" / "r1.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [
+        {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+         "properties": {"classification": {"name": "Tumor"}}}]}))
+    (region,) = real.bcss_regions(tmp_path)
+    assert region.mask_path.name == "r1.geojson"
+    truth = real.load_truth(region.mask_path, (300, 400))
+    want = np.zeros((300, 400), bool)
+    want[50:250, 100:300] = True  # centres j + 0.5 in [100.5, 300.5): on a left / top edge is inside
+    np.testing.assert_array_equal(truth, want)

@@ -220,6 +220,7 @@ def test_segment_slide_runs_without_tensorflow_and_matches_keras(engine, checker
     models = (patch_onnx, refine_onnx) if engine == "onnxruntime" else (patch_xml, refine_xml)
     out = tmp_path / "out"
     extra = ["--precision", "f32"] if engine == "openvino" else []
+    extra += ["--geojson-origin", "bounds"] if engine == "openvino" else []  # the checker slide has no bounds
     done = run_script("segment_slide.py", checker_path, "--patch-model", models[0], "--refine-model", models[1],
                       "--engine", engine, "--device", "CPU", "--out", out, "--patch-size", PATCH,
                       "--size", REFINE_SIZE, "--batch-size", 4, "--quiet", *extra, tmp_path=tmp_path)
@@ -249,6 +250,14 @@ def test_segment_slide_runs_without_tensorflow_and_matches_keras(engine, checker
     assert feature["geometry"]["type"] in ("Polygon", "MultiPolygon")
     polygons = _polygons(geojson)
     assert polygons and all(_valid_ring(r, width, height) for p in polygons for r in p)
+    assert feature["properties"]["coordinateOrigin"] == "level0" and "originOffset" not in feature["properties"]
+    # the QuPath round trip: tumour.geojson read back as an annotation is the segmentation again
+    from h2g.io.annotation import load_annotation
+
+    with Slide(checker_path) as slide:
+        back = load_annotation(out / "tumour.geojson", slide).sample(
+            0, 0, width / REFINE_SIZE, height / REFINE_SIZE, REFINE_SIZE, REFINE_SIZE) == 1
+    assert (back & mask).sum() / (back | mask).sum() >= 0.99
 
     for name in ("heatmap.tiff", "segmentation.tiff"):
         with Slide(out / name) as overlay:  # OpenSlide opens it; aspect ratio of the slide
@@ -561,6 +570,16 @@ def test_multi_view_model_exports_with_parity_and_deploys_from_its_metadata(tmp_
         names = {f["properties"]["classification"]["name"] for f in
                  json.loads((out / "classes.geojson").read_text())["features"]}
         assert names == {"Red", "Green", "Blue"}
+        # the QuPath round trip: classes.geojson read back (partial: outside = 255) is the label image again
+        from h2g.io.annotation import load_annotation
+        from h2g.io.classes import ClassTable
+
+        table = ClassTable.of([("Red", 1), ("Green", 2), ("Blue", 3)], ignore=[0])
+        with Slide(slide_path) as slide:
+            back = load_annotation(out / "classes.geojson", slide, downsample=4, classes=table).labels[:384, :768]
+        for k in range(3):
+            a, b = back == k, expected == k + 1
+            assert (a & b).sum() / (a | b).sum() >= 0.99
         with Slide(out / "labels.tiff") as labels:  # overlays the slide: same physical size
             assert labels.dimensions == (768, 384) and labels.mpp == pytest.approx(1.0)
     # a magnification the model was not trained at: refused in one line, run only with --force

@@ -365,3 +365,22 @@ def test_qupath_round_trip_of_our_geojson_gives_the_mask_again(tmp_path):
     path.write_text(json.dumps(class_geojson(labels, (W, H), classes)))
     read = load_annotation(path, stub_slide(), downsample=100, classes=THREE).labels
     np.testing.assert_array_equal(read, np.where(labels < 0, IGNORE, labels))
+
+
+# ------------------------------------------------------------------ the memory benchmark
+def test_bench_annotations_runs_with_its_documented_arguments():
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "tools/bench_annotations.py", "--width", "8192", "--height", "12288",
+                           "--polygons", "40", "--views", "5", "--json"], cwd=repo, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)["geojson"]
+    assert [name for name, _, _ in result["steps"]] == ["imports", "load", "patch grid", "views", "truth 1024",
+                                                        "label map /32"]
+    assert max(peak for _, _, peak in result["steps"]) < 1024
+    counts = result["patch_counts"]  # the 8 x 12 grid of 1024 px cells
+    assert sum(counts.values()) == 8 * 12 and counts["background"] == 0
+    assert result["label_map_shape"] == [384, 256]

@@ -288,14 +288,13 @@ class RasterSource(AnnotationSource):
             return out
         c_lo, c_hi = int(ci[c_ok].min()), int(ci[c_ok].max()) + 1
         rows_ok = np.flatnonzero(r_ok)
+        level_rows = ri[rows_ok]  # ascending
         piece = max(1, (4 * BAND_SAMPLES) // max(1, c_hi - c_lo))  # level rows read at once
         start = 0
         while start < len(rows_ok):
-            r_lo = int(ri[rows_ok[start]])
-            end = start
-            while end < len(rows_ok) and ri[rows_ok[end]] < r_lo + piece:
-                end += 1
-            r_hi = int(ri[rows_ok[end - 1]]) + 1
+            r_lo = int(level_rows[start])
+            end = int(np.searchsorted(level_rows, r_lo + piece, side="left"))
+            r_hi = int(level_rows[end - 1]) + 1
             block = self._read_labels(level, c_lo, r_lo, c_hi - c_lo, r_hi - r_lo)
             these = rows_ok[start:end]
             out[np.ix_(these, c_ok)] = block[np.ix_(ri[these] - r_lo, ci[c_ok] - c_lo)]
@@ -665,13 +664,6 @@ class Annotation:
     def coverage(self, index: int, cols: int, rows: int) -> np.ndarray:
         """:meth:`AnnotationSource.coverage` (sampled relative to :attr:`downsample`)."""
         return self.source.coverage(index, cols, rows, self.downsample)
-
-    def class_counts(self) -> np.ndarray:
-        """Labelled pixels per class on the grid of :attr:`downsample`."""
-        if self._labels is not None:
-            labels = self._labels
-            return np.bincount(labels.ravel(), minlength=256)[:self.classes.n_classes].astype(np.int64)
-        return self.source.pixel_counts(self.downsample)
 
     @property
     def kind(self) -> str:
