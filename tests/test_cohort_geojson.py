@@ -164,3 +164,30 @@ def test_eval_real_reads_a_polygon_truth(tmp_path):
     want = np.zeros((300, 400), bool)
     want[50:250, 100:300] = True  # centres j + 0.5 in [100.5, 300.5): on a left / top edge is inside
     np.testing.assert_array_equal(truth, want)
+
+
+def test_an_empty_geojson_is_refused_for_a_test_slide_and_allowed_for_training(tiny_cohort, tmp_path):
+    """What the label-map systems read (LabelledPipeline.annotation) and H2G-Net's truth
+    of a test slide (the pipeline asks target_mask with required=True)."""
+    from h2g.core.errors import AnnotationError
+    from h2g.inference.lowres import target_mask
+    from h2g.systems.labelled import LabelledPipeline
+
+    folder = tiny_cohort.parent
+    empty = tmp_path / "empty.geojson"
+    empty.write_text('{"type": "FeatureCollection", "features": []}')
+    lines = (folder / cohort.MULTICLASS_GEOJSON_MANIFEST_NAME).read_text().splitlines()
+    rows = [lines[0]] + [",".join([r.split(",")[0], str(folder / r.split(",")[1]), str(empty), *r.split(",")[3:]])
+                         for r in lines[1:]]
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    shutil.copyfile(sidecar_path(folder / cohort.MULTICLASS_GEOJSON_MANIFEST_NAME), sidecar_path(manifest))
+    pipeline = LabelledPipeline(manifest, tmp_path / "out", load_config("smoke"))
+    train, test = pipeline.records("train")[0], pipeline.records("test")[0]
+    assert (pipeline.annotation(train).labels == IGNORE).all()  # unannotated training slide: a warning
+    with pytest.raises(AnnotationError, match="needs its annotation"):
+        pipeline.annotation(test)
+    slide = open_slide(test.slide_path)
+    assert not target_mask(empty, slide, 64).any()
+    with pytest.raises(AnnotationError, match="needs its annotation"):
+        target_mask(empty, slide, 64, required=True)

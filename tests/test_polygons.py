@@ -319,6 +319,12 @@ def test_large_raster_masks_are_read_by_region_with_the_same_labels(tmp_path, mo
     np.testing.assert_array_equal(lazy.labels, whole.labels)
     np.testing.assert_array_equal(lazy.sample(333, 77, 4, 4, 300, 200), whole.sample(333, 77, 4, 4, 300, 200))
     np.testing.assert_allclose(lazy.class_fractions(1024, (3, 4)), whole.class_fractions(1024, (3, 4)))
+    # the truth grid: box-filtered whole (PIL, as before) or by rows above BOX_FILTER_PIXELS (exact
+    # overlap areas; PIL's box kernel weighs the border pixels of fractional cells a little differently)
+    boxed = whole.coverage(1, 50, 40)
+    monkeypatch.setattr(annotation_module, "BOX_FILTER_PIXELS", 1000)
+    by_rows = whole.coverage(1, 50, 40)
+    assert np.abs(by_rows - boxed).mean() < 0.002 and np.abs(by_rows - boxed).max() < 0.03
     # a coarse grid reads the pyramid's second level (downsample 16): its centre samples
     coarse = lazy.sample(0, 0, 16, 16, 250, 187)
     np.testing.assert_array_equal(coarse, THREE_LUT[values[2::4, 2::4][:187, :250]])
