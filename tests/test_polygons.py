@@ -88,6 +88,13 @@ def test_rasteriser_labels_pixel_centres_like_an_independent_point_in_polygon_te
     canvas = np.zeros((30, 30), np.uint8)
     fill(canvas, polygon_edges(shapely.box(10.2, 10.2, 20.2, 20.2)), 1)
     assert np.argwhere(canvas).min(axis=0).tolist() == [10, 10] and np.argwhere(canvas).max(axis=0).tolist() == [19, 19]
+    # why not OpenCV's fillPoly (the README): it also draws the outline, one more pixel row and column here
+    import cv2
+
+    opencv = np.zeros((30, 30), np.uint8)
+    corners = (np.array([[10.2, 10.2], [20.2, 10.2], [20.2, 20.2], [10.2, 20.2]]) - 0.5) * 256  # centres at j + 0.5
+    cv2.fillPoly(opencv, [np.round(corners).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=8)
+    assert opencv.sum() == 11 * 11 and canvas.sum() == 10 * 10
 
 
 # ------------------------------------------------------------------ QuPath GeoJSON
