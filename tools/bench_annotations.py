@@ -12,7 +12,7 @@ are read):
 
 - ``load``: parse, class table, validity, clipping, spatial index;
 - ``patch grid``: class coverage of the paper's patch grid (256 px at 10x: 1024 level-0
-  px a side, ~19k cells), sampled at the patches' own pixels;
+  px a side, ~19k cells): the polygons' exact areas per patch;
 - ``views``: VIEWS label views of 256 x 256 px at 20x (DMMN's target) at random centres;
 - ``truth 1024``: H2G-Net's truth, tumour coverage on a 1024 x 1024 grid over the slide;
 - ``label map /32``: the whole slide's label map at downsample 32.

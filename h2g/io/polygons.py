@@ -40,6 +40,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from h2g.core.errors import AnnotationError
 from h2g.io.classes import name_key
 
@@ -191,6 +193,8 @@ def _flatten(geometry):
 
 
 def _distinct(ring) -> int:
+    if isinstance(ring, np.ndarray):
+        return len(np.unique(ring, axis=0)) if len(ring) else 0
     return len({(float(x), float(y)) for x, y in ring})
 
 
@@ -255,7 +259,7 @@ def _read_geojson(path: Path) -> PolygonFile:
             continue
         offset = _origin_offset(props.get("originOffset"), path, where)
         if offset is not None:
-            polygons = [[[(x + offset[0], y + offset[1]) for x, y in ring] for ring in rings] for rings in polygons]
+            polygons = [[np.asarray(ring, np.float64) + offset for ring in rings] for rings in polygons]
         shapes = [build.polygon(rings, where) for rings in polygons]
         shapes = [s for s in shapes if s is not None]
         if shapes:
@@ -326,6 +330,13 @@ def _rings(coords, path: Path, where: str) -> list[list[tuple[float, float]]]:
     for ring in coords:
         if not isinstance(ring, list):
             raise AnnotationError(path, f"{where}: a ring is not a list of [x, y] positions")
+        try:  # the common case, in one numpy pass; anything odd is named below
+            array = np.asarray(ring, dtype=np.float64)
+            if array.ndim == 2 and array.shape[1] >= 2 and np.isfinite(array[:, :2]).all():
+                rings.append(array[:, :2])
+                continue
+        except (TypeError, ValueError):
+            pass
         points = []
         for position in ring:
             if not isinstance(position, list) or len(position) < 2:

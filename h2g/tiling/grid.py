@@ -7,8 +7,8 @@ the fraction of its footprint covered by tissue is the exact area average of the
 mask over the footprint (every mask pixel counts with the area it shares with the patch,
 and the part of a footprint beyond the mask counts as neither); the fraction covered by
 each class comes from the annotation (:meth:`h2g.io.annotation.Annotation.class_fractions`:
-the same exact area average for raster masks, polygon coverage sampled at the patch's own
-pixels for polygon annotations), so no label map of the slide is made.
+the same exact area average for raster masks, the exact area of the polygons in the patch
+for polygon annotations), so no label map of the slide is made.
 
 Rules (the paper's, with its values as defaults):
 
