@@ -52,6 +52,7 @@ def test_on_the_real_slides_with_drawn_geojson(real_data, tmp_path):
     assert done.returncode == 0, done.stderr
     assert f"slide without an annotation (left out): {slides / 'broken.svs'}" in done.stdout
     assert f"annotation without a slide (left out): {annotations / 'orphan.geojson'}" in done.stdout
+    assert "--set sampler.stages=slide,class,patch" in done.stdout  # no grades: the sampler's grade stage
     manifest = load_manifest(out)  # what experiments/run.py --manifest does first
     records = {r.slide_id: r for r in manifest}
     assert set(records) == {"cmu_small_region", "tcga-cr-7395-01a-01-ts1"}

@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     counts = Counter(report.splits.values())
     print(f"wrote {report.manifest}: {len(pairing.pairs)} slides (train {counts['train']}, val {counts['val']}, "
           f"test {counts['test']})")
+    if args.grades is None:
+        print("no grades: the sampler's default stages balance on grade, so train with "
+              "--set sampler.stages=slide,class,patch (or give --grades)")
     return 0
 
 
