@@ -12,7 +12,7 @@ import pytest
 import tifffile
 from conftest import REPO, tiny_config
 
-from h2g.core.config import load_config
+from h2g.systems.registry import load_config
 from h2g.data import cohort
 from h2g.io.annotation import IGNORE, load_annotation
 from h2g.io.classes import sidecar_path
@@ -62,14 +62,15 @@ def test_every_annotation_reads_back_from_its_geojson_pixel_for_pixel(tiny_cohor
 
 
 def test_dmmn_partial_label_maps_are_the_same_from_both_manifests(tiny_cohort, tmp_path):
-    """What DMMN trains and is scored on (LabelledPipeline.annotation), from the label-map
-    TIFFs and from their GeoJSON: >= 99 % of pixels equal (they are all equal)."""
-    from h2g.systems.labelled import LabelledPipeline
+    """What DMMN trains and is scored on (base.Pipeline.annotation, which every system's
+    pipeline reads its annotations through), from the label-map TIFFs and from their
+    GeoJSON: >= 99 % of pixels equal (they are all equal)."""
+    from h2g.systems.base import Pipeline
 
     folder = tiny_cohort.parent
     config = load_config("smoke")
-    raster = LabelledPipeline(folder / cohort.MULTICLASS_MANIFEST_NAME, tmp_path / "a", config)
-    polygons = LabelledPipeline(folder / cohort.MULTICLASS_GEOJSON_MANIFEST_NAME, tmp_path / "b", config)
+    raster = Pipeline(folder / cohort.MULTICLASS_MANIFEST_NAME, tmp_path / "a", config)
+    polygons = Pipeline(folder / cohort.MULTICLASS_GEOJSON_MANIFEST_NAME, tmp_path / "b", config)
     assert raster.classes == polygons.classes
     partial = 0
     for a, b in zip(raster.manifest, polygons.manifest):
@@ -104,7 +105,9 @@ def test_ensure_cohort_writes_missing_geojson_without_touching_the_images(tiny_c
     for name in missing:
         (copy / name).unlink()
     stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*.tiff")}
-    assert cohort.ensure_cohort(copy / cohort.MULTICLASS_GEOJSON_MANIFEST_NAME) == copy / \
+    from h2g.data.embedded import ensure_cohort
+
+    assert ensure_cohort(copy / cohort.MULTICLASS_GEOJSON_MANIFEST_NAME) == copy / \
         cohort.MULTICLASS_GEOJSON_MANIFEST_NAME
     for name in missing:
         assert filecmp.cmp(copy / name, folder / name, shallow=False), name
@@ -132,17 +135,17 @@ def test_the_int8_guard_scores_test_slides_against_their_geojson(tiny_cohort):
 
     folder = tiny_cohort.parent
     data = quantize.RunData(folder / cohort.GEOJSON_MANIFEST_NAME, 0)
-    group = SimpleNamespace(kind="h2g")
+    seg = SimpleNamespace(raster=None, prob=np.zeros((128, 128), np.float32))  # H2G-Net's probability grid
     for a, b in zip(load_manifest(folder / cohort.MANIFEST_NAME).split("test"),
                     load_manifest(folder / cohort.GEOJSON_MANIFEST_NAME).split("test")):
         slide = open_slide(a.slide_path)
-        want = quantize._truth(group, {"size": 128}, a, slide, data)
-        got = quantize._truth(group, {"size": 128}, b, slide, data)
-        assert 2 * (want & got).sum() / (want.sum() + got.sum()) >= 0.99
+        want = quantize._truth(seg, a, slide, data)
+        got = quantize._truth(seg, b, slide, data)
+        assert want.shape == (128, 128) and 2 * (want & got).sum() / (want.sum() + got.sum()) >= 0.99
     empty = folder / "empty_test.geojson"
     empty.write_text('{"type": "FeatureCollection", "features": []}')
     with pytest.raises(AnnotationError, match="needs its annotation"):
-        quantize._truth(group, {"size": 128}, SimpleNamespace(annotation_path=empty), slide, data)
+        quantize._truth(seg, SimpleNamespace(annotation_path=empty), slide, data)
     empty.unlink()
 
 
@@ -167,11 +170,11 @@ def test_eval_real_reads_a_polygon_truth(tmp_path):
 
 
 def test_an_empty_geojson_is_refused_for_a_test_slide_and_allowed_for_training(tiny_cohort, tmp_path):
-    """What the label-map systems read (LabelledPipeline.annotation) and H2G-Net's truth
+    """What every system's pipeline reads (base.Pipeline.annotation) and H2G-Net's truth
     of a test slide (the pipeline asks target_mask with required=True)."""
     from h2g.core.errors import AnnotationError
     from h2g.inference.lowres import target_mask
-    from h2g.systems.labelled import LabelledPipeline
+    from h2g.systems.base import Pipeline
 
     folder = tiny_cohort.parent
     empty = tmp_path / "empty.geojson"
@@ -182,7 +185,7 @@ def test_an_empty_geojson_is_refused_for_a_test_slide_and_allowed_for_training(t
     manifest = tmp_path / "m.csv"
     manifest.write_text("\n".join(rows) + "\n")
     shutil.copyfile(sidecar_path(folder / cohort.MULTICLASS_GEOJSON_MANIFEST_NAME), sidecar_path(manifest))
-    pipeline = LabelledPipeline(manifest, tmp_path / "out", load_config("smoke"))
+    pipeline = Pipeline(manifest, tmp_path / "out", load_config("smoke"))
     train, test = pipeline.records("train")[0], pipeline.records("test")[0]
     assert (pipeline.annotation(train).labels == IGNORE).all()  # unannotated training slide: a warning
     with pytest.raises(AnnotationError, match="needs its annotation"):
