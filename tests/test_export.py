@@ -21,7 +21,7 @@ from synthetic import make_slide
 from helpers import PATCH, REFINE_SIZE, Recorder, colour_model, context_metadata, context_segmenter, expected_labels, make_block_slide, run_script, threshold_refiner
 
 from h2g.core.cli import run_cli
-from h2g.core.errors import ExportError
+from h2g.core.errors import ConfigError, ExportError
 from h2g.export.conversion import (
     convert_model,
     export_model,
@@ -680,6 +680,53 @@ def test_a_slide_without_tissue_warns_and_says_so(tmp_path, caplog):
     summary = json.loads(raster_paths["summary"].read_text())
     assert summary["no_tissue"] is True and summary["windows"] == 0
     assert not np.asarray(Image.open(raster_paths["labels_png"])).any()
+
+
+def test_the_geojson_origin_is_a_typed_option_of_every_segmenter(checker_path, tmp_path):
+    """--geojson-origin reaches the library as SegmentOptions.geojson_origin (every system's
+    options): "bounds" writes coordinates in QuPath's frame cropped to the slide's OpenSlide
+    bounds, records it in each feature, and reading the file back undoes it."""
+    import argparse
+
+    from h2g.data.views import View
+    from h2g.export.deploy import SEGMENT_SETTINGS, add_deploy_arguments
+    from h2g.inference.metadata import ModelMetadata
+    from h2g.inference.segmenter import SegmentOptions, SlidingSegmenter, WindowOptions
+    from h2g.io.annotation import load_annotation
+    from h2g.systems.h2g.segmenter import H2GOptions
+
+    parser = argparse.ArgumentParser()
+    add_deploy_arguments(parser)
+    assert parser.parse_args([]).geojson_origin is None and "geojson_origin" in SEGMENT_SETTINGS
+    assert parser.parse_args(["--geojson-origin", "bounds"]).geojson_origin == "bounds"
+    assert H2GOptions.given("H2G-Net", geojson_origin="bounds").geojson_origin == "bounds"
+    assert WindowOptions.given("sliding window", geojson_origin=None).geojson_origin == "level0"
+    with pytest.raises(ConfigError, match="GeoJSON origin must be one of level0, bounds, got 'qupath'"):
+        SegmentOptions(geojson_origin="qupath")
+
+    with Slide(checker_path) as slide:
+        width, height = slide.dimensions
+        slide.bounds_offset = (120, 40)  # as an MRXS slide's openslide.bounds-x / -y
+        h2g = h2g_segmenter(_Fake(["image"], 0.9), _Fake(["image", "heatmap"], 0.9), size=16, patch_size=PATCH,
+                            geojson_origin="bounds")
+        seg = h2g.segment(slide)
+        feature = json.loads(h2g.write(seg, slide, tmp_path / "h2g")["geojson"].read_text())["features"][0]
+        assert feature["properties"]["coordinateOrigin"] == "bounds"
+        assert feature["properties"]["originOffset"] == [120.0, 40.0]
+        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        assert ring.min(axis=0).tolist() == [-120, -40] and ring.max(axis=0).tolist() == [width - 120, height - 40]
+        back = load_annotation(tmp_path / "h2g" / "tumour.geojson", slide).sample(
+            0, 0, width / 16, height / 16, 16, 16)
+        assert (back == 1).all()  # the whole slide is tumour again, in level-0 pixels
+        meta = ModelMetadata(role="segmentation", views=(View("image", 10, 32),), output="pixel_probs")
+        for origin, props in (("level0", {"coordinateOrigin": "level0"}),
+                              ("bounds", {"coordinateOrigin": "bounds", "originOffset": [120.0, 40.0]})):
+            sliding = SlidingSegmenter({"segmentation": Recorder(["image"], 32, classes=3)},
+                                       WindowOptions(geojson_origin=origin), metadata={"segmentation": meta})
+            paths = sliding.write(sliding.segment(slide), slide, tmp_path / origin)
+            (feature,) = json.loads(paths["geojson"].read_text())["features"]
+            assert {k: feature["properties"].get(k) for k in props} == props
+            assert ("originOffset" in feature["properties"]) == (origin == "bounds")
 
 
 def test_a_failing_writer_leaves_no_partial_output(checker_path, monkeypatch, tmp_path):

@@ -17,7 +17,8 @@ refinement size, 1024 by default):
 - ``heatmap.tiff`` / ``segmentation.tiff``: the same maps resized to the slide's aspect
   ratio (long side S), as pyramidal TIFFs whose resolution makes them overlay the slide;
 - ``tumour.geojson``: the tumour outline as a FeatureCollection of one "Tumor" annotation
-  (Polygon or MultiPolygon, holes kept) in level-0 pixel coordinates, which QuPath imports;
+  (Polygon or MultiPolygon, holes kept) in level-0 pixel coordinates (or QuPath's frame
+  cropped to the OpenSlide bounds: ``geojson_origin``), which QuPath imports;
 - ``summary.json``: timings, backends, patch count, tumour fraction, ``no_tissue``.
 
 A slide without tissue (no patch over tissue) is reported with a warning naming it; its
