@@ -73,11 +73,13 @@ def main(argv=None) -> int:
     strategy = distribute.make_strategy(args.strategy, args.replicas)  # before anything runs on TensorFlow
     manifests = ({registry.systems()[d.system].manifest for d in chosen} if args.manifest is None
                  else {args.manifest})
-    if args.manifest is None or args.manifest.resolve() == DEFAULT_MANIFEST.resolve():
-        from h2g.data.embedded import ensure_cohort
+    from h2g.data.embedded import ensure_cohort
 
+    if args.manifest is None or args.manifest.resolve() == DEFAULT_MANIFEST.resolve():
         for manifest in sorted(manifests | {DEFAULT_MANIFEST}):  # the embedded cohort: generated once
             ensure_cohort(manifest, seed=0)
+    else:  # the embedded cohort's other manifests (data_manifest_geojson.csv, ...) generate their files too
+        ensure_cohort(args.manifest, seed=0)
     for manifest in sorted(manifests):
         load_manifest(manifest)  # every bad row, before any work starts
     out = distribute.worker_folder(args.out, strategy)

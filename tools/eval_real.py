@@ -12,7 +12,9 @@ written as a 0.25 um/px pyramidal TIFF (a temporary folder, deleted afterwards),
 to read back at that scale with the JPEG's pixels, and segmented with the run's models
 and settings exactly as the pipeline segments cohort slides (h2g.evaluation.real).  The
 prediction is the refinement resolution (``refine.size`` squared, over the region's
-extent); the truth (mask grey > 127) is area-averaged onto it and thresholded at 0.5.
+extent); the truth (``masks/<id>.jpg``, grey > 127; or a QuPath GeoJSON / ASAP / Aperio XML
+of the same name in ``masks/``, in the region's pixels) is area-averaged onto it and
+thresholded at 0.5.
 
 Writes ``OUT/real_bcss.csv`` (one row per region: Dice, recall, precision, predicted and
 true tumour shares, the heatmap's own Dice and share), ``OUT/real_bcss.json`` (the same,

@@ -1,13 +1,16 @@
 #!/usr/bin/env python
 """Inspect a whole-slide image: pyramid, scale, tissue and (with a mask) patch labels.
 
-    python tools/inspect_slide.py SLIDE [--annotation MASK] [--mpp X] [--png OUT.png] [--json]
+    python tools/inspect_slide.py SLIDE [--annotation FILE] [--classes CSV] [--mpp X] [--png OUT.png] [--json]
 
+``--annotation`` is anything a manifest accepts: a PNG / TIFF mask, a QuPath GeoJSON, an
+ASAP or Aperio XML (h2g.io.annotation); ``--classes`` its class table (default binary).
 ``--json`` prints one JSON object: ``path``, ``format``, ``dimensions`` (level 0 [w, h]),
 ``level_count``, ``level_dimensions``, ``level_downsamples``, ``mpp``,
 ``objective_power``, ``tissue_fraction`` (of the 1.25x plane), ``tissue_patches`` (256 x
 256 patches at 10x kept for their tissue) and, with ``--annotation``, ``patches`` =
-{``tumour``, ``non_tumour``, ``discarded``, ``background``}.  Without ``--json`` the same
+{``tumour``, ``non_tumour``, ``discarded``, ``background``} (with a class table: one
+count per class, ``discarded`` and ``background``) and ``annotation_warnings``.  Without ``--json`` the same
 facts are printed as a readable summary.  ``--png`` writes the 1.25x thumbnail with the
 tissue mask tinted and the kept patches outlined by label.  Bad input: exit code 2 and a
 one-line message on stderr.
@@ -26,6 +29,7 @@ from PIL import Image, ImageDraw
 from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import H2GError
 from h2g.io.annotation import load_annotation
+from h2g.io.classes import colour_rgb, load_class_table
 from h2g.io.slide import Slide
 from h2g.tiling.grid import PatchGrid, build_patch_grid
 from h2g.tiling.tissue import TissueMask, detect_tissue
@@ -39,16 +43,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_verbose_argument(parser)
     parser.add_argument("slide", type=Path, help="whole-slide image (any format OpenSlide reads)")
-    parser.add_argument("--annotation", type=Path, help="tumour mask (PNG or TIFF) at --annotation-downsample")
+    parser.add_argument("--annotation", type=Path,
+                        help="annotation: PNG / TIFF mask, QuPath GeoJSON, ASAP or Aperio XML")
+    parser.add_argument("--classes", type=Path, help="class table CSV of the annotation (default: binary tumour)")
     parser.add_argument("--annotation-downsample", type=float, default=4.0,
-                        help="level-0 pixels per mask pixel (default 4)")
+                        help="level-0 pixels per label-map pixel (default 4; a mask's own is found from its size)")
     parser.add_argument("--mpp", type=float, help="microns per level-0 pixel (overrides the metadata)")
     parser.add_argument("--png", type=Path, help="write the annotated thumbnail here")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     return parser.parse_args(argv)
 
 
-def inspect(slide: Slide, tissue: TissueMask, grid: PatchGrid, annotated: bool) -> dict:
+def inspect(slide: Slide, tissue: TissueMask, grid: PatchGrid, annotated: bool, warnings=()) -> dict:
     """The facts the tool reports about ``slide``."""
     report = {
         "path": str(slide.path),
@@ -63,7 +69,8 @@ def inspect(slide: Slide, tissue: TissueMask, grid: PatchGrid, annotated: bool) 
         "tissue_patches": int(np.prod(grid.grid_shape)) - grid.counts["background"],
     }
     if annotated:
-        report["patches"] = {k: grid.counts[k] for k in ("tumour", "non_tumour", "discarded", "background")}
+        report["patches"] = dict(grid.counts)
+        report["annotation_warnings"] = list(warnings)
     return report
 
 
@@ -76,9 +83,11 @@ def overview(slide: Slide, tissue: TissueMask, grid: PatchGrid) -> Image.Image:
     thumb = thumb.resize((thumb.width * zoom, thumb.height * zoom), Image.NEAREST)
     scale = zoom / tissue.downsample
     draw = ImageDraw.Draw(thumb)
+    colours = (LABEL_COLOURS if grid.classes.is_binary else
+               {-1: LABEL_COLOURS[-1], **{k: tuple(colour_rgb(c)) for k, c in enumerate(grid.classes.colours)}})
     for (x, y), label in zip(grid.coords, grid.labels):
         box = (x * scale, y * scale, (x + grid.step) * scale - 1, (y + grid.step) * scale - 1)
-        draw.rectangle(box, outline=LABEL_COLOURS[int(label)], width=max(1, zoom))
+        draw.rectangle(box, outline=colours[int(label)], width=max(1, zoom))
     return thumb
 
 
@@ -97,8 +106,13 @@ def summary(report: dict) -> str:
     ]
     if "patches" in report:
         p = report["patches"]
-        lines.append(f"labelled:        {p['tumour']} tumour, {p['non_tumour']} non-tumour, "
-                     f"{p['discarded']} discarded")
+        if "tumour" in p and "non_tumour" in p:
+            lines.append(f"labelled:        {p['tumour']} tumour, {p['non_tumour']} non-tumour, "
+                         f"{p['discarded']} discarded")
+        else:
+            counts = ", ".join(f"{n} {k}" for k, n in p.items() if k != "background")
+            lines.append(f"labelled:        {counts}")
+        lines += [f"warning:         {w}" for w in report.get("annotation_warnings", [])]
     return "\n".join(lines)
 
 
@@ -106,10 +120,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with Slide(args.slide, mpp=args.mpp) as slide:
         tissue = detect_tissue(slide)
-        annotation = (load_annotation(args.annotation, slide, args.annotation_downsample)
+        classes = load_class_table(args.classes) if args.classes else None
+        annotation = (load_annotation(args.annotation, slide, args.annotation_downsample, classes=classes)
                       if args.annotation else None)
         grid = build_patch_grid(slide, tissue, annotation)
-        report = inspect(slide, tissue, grid, annotated=annotation is not None)
+        report = inspect(slide, tissue, grid, annotated=annotation is not None,
+                         warnings=annotation.warnings if annotation is not None else ())
         if args.png:
             try:
                 overview(slide, tissue, grid).save(args.png)

@@ -9,11 +9,15 @@ per slide (:meth:`SlideRenderer.regions`), lossless annotations at downsample 4:
     <out>/data_manifest_multiclass.classes.csv    # its class table (h2g.io.classes)
     <out>/data_manifest_bach.csv                  # BACH-like normal / benign / in situ / invasive maps
     <out>/data_manifest_bach.classes.csv
+    <out>/data_manifest_geojson.csv               # the binary manifest on the masks' GeoJSON
+    <out>/data_manifest_multiclass_geojson.csv    # the multi-class one on the label maps' GeoJSON
+    <out>/data_manifest_multiclass_geojson.classes.csv
     <out>/cohort/slides/<id>.tiff
     <out>/cohort/masks/<id>_mask.tiff             # 255 = invasive tumour
     <out>/cohort/labels/<id>_labels.tiff           # full label map, every slide (LABEL_CLASSES)
     <out>/cohort/labels/<id>_partial.tiff          # partial label map, train and val slides
     <out>/cohort/labels/<id>_bach.tiff             # BACH-like map (BACH_CLASSES)
+    <out>/cohort/{masks,labels}/<same>.geojson     # each of them as QuPath GeoJSON (not the full preset)
 
 (:mod:`h2g.data.multistain` renders IHC versions of the same layouts for m-UNet.)
 
@@ -35,6 +39,13 @@ How a slide is drawn:
 - *look* (:mod:`h2g.data.artefacts`): with a preset's ``artefacts``, each slide has its
   own stain vectors and strengths, glass colour and section-thickness field, and some
   slides out-of-focus patches, a fold or a pen circle.
+
+Beside each mask and label map, :func:`write_slide` writes the same annotation as a
+QuPath GeoJSON (:mod:`h2g.io.geojson`: the exact outlines of its pixels, one feature
+per class; a partial map gives only its annotated blobs), so the cohort can be run from
+polygon annotations as a user's would be (``data_manifest_geojson.csv``,
+``data_manifest_multiclass_geojson.csv``).  The ``full`` preset has none (its mask is
+25k px a side and it only times deployment).
 
 The label maps come from the same regions (:data:`LABEL_OF_REGION`,
 :data:`BACH_OF_REGION`; the tumour mask is exactly the invasive region).  The partial maps
@@ -83,6 +94,8 @@ COARSE_CELLS = 128        # the layout grid has about this many cells on the lon
 
 MANIFEST_NAME = "data_manifest.csv"
 MULTICLASS_MANIFEST_NAME = "data_manifest_multiclass.csv"  # its classes: <stem>.classes.csv
+GEOJSON_MANIFEST_NAME = "data_manifest_geojson.csv"  # the binary manifest on the masks' GeoJSON
+MULTICLASS_GEOJSON_MANIFEST_NAME = "data_manifest_multiclass_geojson.csv"  # classes: <stem>.classes.csv
 PARTIAL_SPLITS = ("train", "val")  # slides whose multi-class annotation is partial
 MANIFEST_HEADER = ("slide_id", "slide_path", "annotation_path", "grade", "split")
 
@@ -656,6 +669,7 @@ class Preset:
     lesion_share: tuple[float, float] = (0.0, 0.0)
     nodules: tuple[int, int] = (0, 0)
     artefacts: bool = False
+    geojson: bool = True  # write each annotation as GeoJSON too
 
 
 def _balanced(per_split: dict[str, int]) -> tuple[tuple[int, ...], tuple[str, ...]]:
@@ -679,7 +693,7 @@ PRESETS = {
     "standard": Preset("standard", "m", *_balanced({"train": 2, "val": 1, "test": 1}), (30_000, 36_000),
                        tumour_share=(0.01, 0.3), lesion_share=(0.1, 0.25), nodules=(1, 4), artefacts=True),
     # one ~100k x 100k slide for runtime benchmarks (the look of the cohort before mimics)
-    "full": Preset("full", "f", (2,), ("test",), (96_000, 104_000)),
+    "full": Preset("full", "f", (2,), ("test",), (96_000, 104_000), geojson=False),
 }
 
 
@@ -691,6 +705,7 @@ class SlideSpec:
     grade: int
     split: str
     index: int
+    geojson: bool = True
 
     @property
     def slide_path(self) -> str:
@@ -724,10 +739,24 @@ class SlideSpec:
         return self.partial_path or self.labels_path
 
     @property
-    def outputs(self) -> tuple[str, ...]:
-        """Every file :func:`write_slide` writes for the slide."""
+    def rasters(self) -> tuple[str, ...]:
+        """The slide and its annotation images."""
         return tuple(p for p in (self.slide_path, self.annotation_path, self.labels_path,
                                  self.partial_path, self.bach_path) if p is not None)
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """Every file :func:`write_slide` writes for the slide: :attr:`rasters`, then the
+        annotations' GeoJSON (each after its image)."""
+        rasters = self.rasters
+        if not self.geojson:
+            return rasters
+        return rasters + tuple(geojson_path(p) for p in rasters[1:])
+
+
+def geojson_path(path: str) -> str:
+    """The GeoJSON beside the annotation image ``path`` (``.tiff`` -> ``.geojson``)."""
+    return path[: -len(".tiff")] + ".geojson"
 
 
 def get_preset(name: str) -> Preset:
@@ -741,21 +770,36 @@ def cohort_specs(preset_name: str) -> list[SlideSpec]:
     """The slides of a preset, in manifest order."""
     p = get_preset(preset_name)
     width = max(2, len(str(len(p.grades))))
-    return [SlideSpec(f"{p.prefix}{i + 1:0{width}d}", g, s, i)
+    return [SlideSpec(f"{p.prefix}{i + 1:0{width}d}", g, s, i, p.geojson)
             for i, (g, s) in enumerate(zip(p.grades, p.splits))]
 
 
-def manifest_text(preset_name: str, multiclass: bool = False, bach: bool = False) -> str:
+def manifest_text(preset_name: str, multiclass: bool = False, bach: bool = False, geojson: bool = False) -> str:
     """The manifest :func:`make_cohort` writes for a preset (it does not depend on the
     seed: the seed only changes pixels): the binary tumour masks, or with ``multiclass``
     the label maps (:data:`MULTICLASS_MANIFEST_NAME`; partial for train and val slides,
-    full for test slides) whose classes are :func:`classes_text`."""
+    full for test slides) whose classes are :func:`classes_text`; with ``geojson`` the
+    same annotations' GeoJSON files."""
     lines = [",".join(MANIFEST_HEADER)]
     for spec in cohort_specs(preset_name):
         annotation = (spec.bach_path if bach else spec.multiclass_annotation_path if multiclass
                       else spec.annotation_path)
+        if geojson:
+            annotation = geojson_path(annotation)
         lines.append(f"{spec.slide_id},{spec.slide_path},{annotation},{spec.grade},{spec.split}")
     return "\n".join(lines) + "\n"
+
+
+def manifest_texts(preset_name: str) -> dict[str, tuple[str, str | None]]:
+    """Every manifest of a preset: file name -> (text, class table text or None)."""
+    out = {MANIFEST_NAME: (manifest_text(preset_name), None),
+           MULTICLASS_MANIFEST_NAME: (manifest_text(preset_name, multiclass=True), classes_text()),
+           BACH_MANIFEST_NAME: (manifest_text(preset_name, bach=True), classes_text(bach=True))}
+    if get_preset(preset_name).geojson:
+        out[GEOJSON_MANIFEST_NAME] = (manifest_text(preset_name, geojson=True), None)
+        out[MULTICLASS_GEOJSON_MANIFEST_NAME] = (manifest_text(preset_name, multiclass=True, geojson=True),
+                                                 classes_text())
+    return out
 
 
 def classes_text(bach: bool = False) -> str:
@@ -826,7 +870,10 @@ def write_slide(out_dir: Path, preset_name: str, spec: SlideSpec, seed: int,
     renders = {spec.slide_path: None, spec.annotation_path: renderer.render_mask,
                spec.labels_path: render_labels, spec.partial_path: render_partial,
                spec.bach_path: renderer.render_bach}
-    for path in wanted:  # the full labels before the partial ones
+    for path in wanted:  # the full labels before the partial ones, each image before its GeoJSON
+        if path.endswith(".geojson"):
+            write_annotation_geojson(out_dir, spec, path, layout.size)
+            continue
         render = renders[path]
         if render is None:
             replace_atomically(out_dir / path, lambda tmp: write_pyramid_tiles(
@@ -839,6 +886,34 @@ def write_slide(out_dir: Path, preset_name: str, spec: SlideSpec, seed: int,
     return layout.size
 
 
+def write_annotation_geojson(out_dir: Path, spec: SlideSpec, path: str, size: tuple[int, int]) -> Path:
+    """The GeoJSON ``path`` of one of the slide's annotation images (read back from its
+    written TIFF): the mask as one "Tumor" annotation, a label map as one annotation per
+    class (QuPath classification = the class name), unannotated pixels left out."""
+    import json
+
+    import tifffile
+
+    from h2g.core.atomic import write_text
+    from h2g.io.classes import colour_rgb
+    from h2g.io.geojson import class_geojson, tumour_geojson
+
+    image = next(p for p in spec.rasters[1:] if geojson_path(p) == path)
+    with tifffile.TiffFile(out_dir / image) as tif:
+        values = tif.pages[0].asarray()
+    extent = (values.shape[1] * MASK_DOWNSAMPLE, values.shape[0] * MASK_DOWNSAMPLE)
+    if image == spec.annotation_path:
+        collection = tumour_geojson(values > 127, extent)
+    else:
+        table = BACH_CLASSES if image == spec.bach_path else LABEL_CLASSES
+        index = np.full(256, -1, np.int16)
+        for k, (_, value, _) in enumerate(table):
+            index[value] = k
+        collection = class_geojson(index[values], extent,
+                                   [{"name": name, "colour": colour_rgb(colour)} for name, _, colour in table])
+    return write_text(out_dir / path, json.dumps(collection, separators=(",", ":")))
+
+
 def _tile_count(size: tuple[int, int], tile: int = 256) -> int:
     """Tiles in the pyramid :func:`write_slide` writes for a slide of ``size``."""
     width, height = size
@@ -849,7 +924,8 @@ def _tile_count(size: tuple[int, int], tile: int = 256) -> int:
 def _output_tiles(size: tuple[int, int], spec: SlideSpec, paths) -> int:
     """Tiles in the pyramids of ``paths`` (outputs of ``spec``, a slide of ``size``)."""
     mask_size = tuple(-(-side // MASK_DOWNSAMPLE) for side in size)
-    return sum(_tile_count(size if path == spec.slide_path else mask_size) for path in paths)
+    return sum(_tile_count(size if path == spec.slide_path else mask_size) for path in paths
+               if path.endswith(".tiff"))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -895,12 +971,8 @@ def make_cohort(out_dir, preset: str = "smoke", seed: int = 0, progress: bool = 
                 for job in as_completed(jobs):
                     job.result()
                     bar.update(tiles[jobs[job].slide_id])
-    manifest = out_dir / MANIFEST_NAME
-    _write_text(manifest, manifest_text(preset))
-    multiclass = out_dir / MULTICLASS_MANIFEST_NAME
-    _write_text(multiclass, manifest_text(preset, multiclass=True))
-    _write_text(sidecar_path(multiclass), classes_text())
-    bach = out_dir / BACH_MANIFEST_NAME
-    _write_text(bach, manifest_text(preset, bach=True))
-    _write_text(sidecar_path(bach), classes_text(bach=True))
-    return manifest
+    for name, (text, classes) in manifest_texts(preset).items():
+        _write_text(out_dir / name, text)
+        if classes is not None:
+            _write_text(sidecar_path(out_dir / name), classes)
+    return out_dir / MANIFEST_NAME

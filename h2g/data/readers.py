@@ -186,17 +186,24 @@ def label_map(annotation: "Annotation") -> np.ndarray:
 def read_label_view(annotation: "Annotation", source: "SampleSource | Slide",
                     centre: tuple[float, float], view: View) -> np.ndarray:
     """``(size, size)`` uint8 class indices of ``annotation`` on ``view``'s pixel grid
-    around level-0 ``centre``: each output pixel takes the label of the label-map pixel
-    under its centre (nearest neighbour; labels are never blended).  Pixels whose centre
-    lies outside the label map, or outside the slide (where the view's padding shows
-    reflected or white context that is not annotated), are :data:`IGNORE`."""
+    around level-0 ``centre``: each output pixel takes the label under its centre
+    (nearest neighbour of a raster mask, the polygon containing it for polygons; labels
+    are never blended), read for this view only (:meth:`Annotation.sample`).  Pixels
+    whose centre lies outside the label map, or outside the slide (where the view's
+    padding shows reflected or white context that is not annotated), are :data:`IGNORE`."""
     slide = slide_of(source)
-    labels = label_map(annotation)
     step = slide.downsample_for(view.magnification)  # level-0 px per output px
     x0, y0 = view.top_left(slide, centre)
     size = int(view.size)
-    centres = np.arange(size) + 0.5
     width, height = slide.dimensions
+    centres = np.arange(size) + 0.5
+    if hasattr(annotation, "sample"):
+        out = annotation.sample(x0, y0, step, step, size, size)
+        xs, ys = x0 + centres * step, y0 + centres * step
+        out[:, (xs < 0) | (xs >= width)] = IGNORE  # the slide's own extent
+        out[(ys < 0) | (ys >= height), :] = IGNORE
+        return out
+    labels = label_map(annotation)  # a stand-in with a whole label map
 
     def index(start: float, limit: int, n_labels: int) -> np.ndarray:
         level0 = start + centres * step

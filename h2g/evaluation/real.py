@@ -3,7 +3,9 @@
 The real-data folder (``$H2G_REAL_DATA``, by default ``../shared/data/real`` beside the
 repository; never copied into it) holds ``bcss_roi/images/<id>.jpg``: regions of TCGA
 breast H&E at 0.25 um/px (40x), and ``bcss_roi/masks/<id>.jpg``: their tumour masks,
-JPEG-compressed RGB, tumour where grey > 127 (:func:`load_truth`).
+JPEG-compressed RGB, tumour where grey > 127 (:func:`load_truth`).  A region's truth may
+also be a polygon annotation of the same name (``masks/<id>.geojson`` / ``.xml``: QuPath,
+ASAP or Aperio, in the region's pixels), read by :func:`h2g.io.annotation.load_annotation`.
 
 Each region is written as a 0.25 um/px pyramidal tiled TIFF (:func:`write_region_slide`:
 level 0 lossless, so it holds exactly the JPEG's decoded pixels; checked when opened) and
@@ -43,6 +45,8 @@ BCSS_MPP = 0.25
 BCSS_FOLDER = "bcss_roi"
 #: the truth rule of the masks (grey level, 0-255)
 GREY_THRESHOLD = 127
+#: besides ``masks/<id>.jpg``: annotations of the same name that may hold a region's truth
+TRUTH_SUFFIXES = (".png", ".tif", ".tiff", ".geojson", ".json", ".xml")
 TRUTH_RULE = ("truth = mask grey > 127, area-averaged onto the prediction grid, then >= 0.5 "
               "(as h2g.systems.h2g.refinement.target_mask)")
 
@@ -72,9 +76,11 @@ def bcss_regions(real_data) -> list[Region]:
         raise ConfigError(f"{folder / 'images'}: no BCSS region images (*.jpg) found")
     regions = []
     for image in images:
-        mask = folder / "masks" / image.name
-        if not mask.is_file():
-            raise ConfigError(f"{mask}: the tumour mask of BCSS region {image.stem} is missing")
+        candidates = [folder / "masks" / image.name] + [folder / "masks" / (image.stem + s) for s in TRUTH_SUFFIXES]
+        mask = next((c for c in candidates if c.is_file()), None)
+        if mask is None:
+            raise ConfigError(f"{candidates[0]}: the tumour mask of BCSS region {image.stem} is missing (or a "
+                              f"{'/'.join(TRUTH_SUFFIXES)} annotation of the same name)")
         regions.append(Region(image.stem, image, mask))
     return regions
 
@@ -85,9 +91,22 @@ def load_image(path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def load_truth(path) -> np.ndarray:
+def load_truth(path, shape: tuple[int, int] | None = None) -> np.ndarray:
     """A region's ``(h, w)`` boolean tumour mask: grey (ITU-R 601 luma; the BCSS masks are
-    grey, R = G = B) > 127."""
+    grey, R = G = B) > 127; or, for a polygon annotation (QuPath GeoJSON, ASAP / Aperio
+    XML, level-0 pixels of the region, binary classes: tumour names are tumour), the
+    pixels whose centre lies in a tumour polygon on the region's ``shape`` = (h, w)."""
+    from h2g.io.polygons import sniff
+
+    if sniff(path) is not None:
+        if shape is None:
+            raise ConfigError(f"{path}: a polygon annotation needs the region's size")
+        from types import SimpleNamespace
+
+        from h2g.io.annotation import load_annotation
+
+        region = SimpleNamespace(dimensions=(int(shape[1]), int(shape[0])), path=Path(path))
+        return np.asarray(load_annotation(path, region, downsample=1.0).mask, bool)
     with Image.open(path) as mask:
         return np.asarray(mask.convert("L")) > GREY_THRESHOLD
 
@@ -214,7 +233,7 @@ def evaluate_region(region: Region, predictor: Predictor, slide_dir, *, threshol
     (:func:`open_region_slide`), run ``predictor`` on it and :func:`score` the result.
     The slide file is deleted afterwards unless ``keep_slide``."""
     image = load_image(region.image_path)
-    truth = load_truth(region.mask_path)
+    truth = load_truth(region.mask_path, image.shape[:2])
     if truth.shape != image.shape[:2]:
         raise ConfigError(f"{region.mask_path}: mask is {truth.shape[1]}x{truth.shape[0]}, "
                           f"its image {image.shape[1]}x{image.shape[0]}")

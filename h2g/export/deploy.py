@@ -22,7 +22,7 @@ from h2g.inference.segmenter import EngineOptions
 #: The segmentation settings a tool passes on by name (None = not given: the models'
 #: metadata or the system's default decides).
 SEGMENT_SETTINGS = ("magnification", "patch_size", "heatmap_stride", "size", "batch_size", "readers", "stride",
-                    "keep", "blend", "keep_ink", "force", "threshold", "raster_downsample")
+                    "keep", "blend", "keep_ink", "force", "threshold", "raster_downsample", "geojson_origin")
 
 
 @dataclass(frozen=True)
@@ -145,6 +145,9 @@ def add_deploy_arguments(parser, *, models: bool = True) -> None:
     parser.add_argument("--keep-ink", action="store_true",
                         help="keep green / blue / black pixels in the tissue mask (by default they are dropped as "
                              "pen ink; use this for images that are not H&E)")
+    parser.add_argument("--geojson-origin", choices=("level0", "bounds"), default=None,
+                        help="the written GeoJSON's coordinates: level-0 pixels (default) or QuPath's frame cropped "
+                             "to the slide's OpenSlide bounds (MRXS and other formats with openslide.bounds-x/y)")
 
 
 def deployment(args, models=()) -> Deployment:

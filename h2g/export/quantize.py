@@ -286,10 +286,10 @@ def _truth(seg, record, slide, data: RunData):
         from h2g.io.annotation import load_annotation
 
         return load_annotation(record.annotation_path, slide, downsample=data.annotation_downsample,
-                               classes=data.classes)
+                               classes=data.classes, required=True)
     from h2g.inference.lowres import target_mask
 
-    return target_mask(record.annotation_path, slide, seg.prob.shape[0], data.annotation_downsample)
+    return target_mask(record.annotation_path, slide, seg.prob.shape[0], data.annotation_downsample, required=True)
 
 
 def _scores(seg, truth) -> dict:

@@ -75,19 +75,15 @@ def refine(backend: Backend, image: np.ndarray, heat: np.ndarray | None = None) 
     return out[0, ..., 1]
 
 
-def target_mask(annotation_path: Path, slide, size: int, downsample: float = 4.0) -> np.ndarray:
-    """The tumour annotation resized to ``size x size`` over the slide's full extent (the
-    frame of the low-resolution image): area-averaged, then tumour where >= 0.5.  The
-    truth that refined and low-resolution predictions are trained and scored against."""
+def target_mask(annotation_path: Path, slide, size: int, downsample: float = 4.0, *,
+                required: bool = False) -> np.ndarray:
+    """The tumour annotation (raster or polygons) on a ``size x size`` grid over the
+    slide's full extent (the frame of the low-resolution image): area-averaged, then
+    tumour where >= 0.5 (:meth:`h2g.io.annotation.Annotation.coverage`: the mask at
+    ``downsample`` box-filtered, or polygons sampled finely within each cell).  The truth
+    that refined and low-resolution predictions are trained and scored against;
+    ``required``: a test slide's annotation may not be empty."""
     from h2g.io.annotation import load_annotation
 
-    annotation = load_annotation(annotation_path, slide, downsample=downsample)
-    # crop/pad the mask to exactly the slide's extent at its downsample, so that it is
-    # aligned with the low-resolution image, which spans the slide's level-0 extent
-    width, height = slide.dimensions
-    mw, mh = int(round(width / annotation.downsample)), int(round(height / annotation.downsample))
-    mask = np.zeros((mh, mw), np.float32)
-    src = annotation.mask[:mh, :mw]
-    mask[: src.shape[0], : src.shape[1]] = src
-    resized = Image.fromarray(mask, mode="F").resize((size, size), Image.BOX)
-    return np.asarray(resized) >= 0.5
+    annotation = load_annotation(annotation_path, slide, downsample=downsample, required=required)
+    return annotation.coverage(annotation.classes.tumour_index, size, size) >= 0.5

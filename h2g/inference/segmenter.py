@@ -111,7 +111,9 @@ class SegmentOptions:
     pixels in the tissue mask (images that are not H&E); ``force``: run at a
     magnification or size the models were not trained at (refused otherwise);
     ``tissue_magnification`` / ``saturation_threshold``: tissue detection
-    (:func:`h2g.tiling.tissue.detect_tissue`)."""
+    (:func:`h2g.tiling.tissue.detect_tissue`); ``geojson_origin``: the frame of the
+    written GeoJSON's coordinates, ``"level0"`` (level-0 pixels) or ``"bounds"`` (QuPath's
+    frame cropped to the slide's OpenSlide bounds: :func:`h2g.io.geojson.origin_offset`)."""
 
     batch_size: int | None = None
     readers: int = 2
@@ -119,12 +121,17 @@ class SegmentOptions:
     force: bool = False
     tissue_magnification: float = 1.25
     saturation_threshold: int = 20
+    geojson_origin: str = "level0"
 
     def __post_init__(self):
+        from h2g.io.geojson import ORIGINS
+
         if self.batch_size is not None and int(self.batch_size) < 1:
             raise ConfigError(f"batch size must be >= 1, got {self.batch_size}")
         if int(self.readers) < 1:
             raise ConfigError(f"readers must be >= 1, got {self.readers}")
+        if self.geojson_origin not in ORIGINS:
+            raise ConfigError(f"GeoJSON origin must be one of {', '.join(ORIGINS)}, got {self.geojson_origin!r}")
 
     @classmethod
     def given(cls, label: str, **values):
@@ -414,7 +421,8 @@ def raster_tumour_mm2(raster: Raster, class_names, mpp: float | None) -> float |
     return float(np.count_nonzero(raster.class_mask(index))) * pixel_um2 / 1e6
 
 
-def write_raster_outputs(seg: RasterSegmentation, slide, out_dir, extra: dict | None = None) -> dict[str, Path]:
+def write_raster_outputs(seg: RasterSegmentation, slide, out_dir, extra: dict | None = None,
+                         geojson_origin: str = "level0") -> dict[str, Path]:
     """Write a raster segmentation into ``out_dir`` (each file atomically):
 
     - ``probabilities.npy``: the raster ``(H, W, C)`` float32;
@@ -423,12 +431,13 @@ def write_raster_outputs(seg: RasterSegmentation, slide, out_dir, extra: dict | 
       pyramidal at the raster's resolution, so it overlays the slide;
     - ``probability_<class>.tiff``: each class's probability (grey level x 255), likewise;
     - ``overlay.png``: the label map in the classes' colours over the slide's thumbnail;
-    - ``classes.geojson``: one QuPath annotation per class present (level-0 pixels);
+    - ``classes.geojson``: one QuPath annotation per class present (level-0 pixels, or
+      QuPath's cropped frame with ``geojson_origin="bounds"``);
     - ``summary.json``: raster geometry, classes, class fractions, windows, timings."""
     import json
 
     from h2g.core.atomic import save_npy, write_json, write_text
-    from h2g.io.geojson import class_geojson
+    from h2g.io.geojson import class_geojson, origin_offset
     from h2g.io.overlay import write_label_overlay, write_map_tiff, write_png
 
     out = Path(out_dir)
@@ -448,7 +457,8 @@ def write_raster_outputs(seg: RasterSegmentation, slide, out_dir, extra: dict | 
         paths[f"probability_{_slug(cls['name'])}"] = write_map_tiff(
             out / f"probability_{_slug(cls['name'])}.tiff", raster.probs[..., i], mpp or 1.0, raster.downsample)
     write_label_overlay(paths["overlay_png"], slide, labels, [c["colour"] for c in classes])
-    write_text(paths["geojson"], json.dumps(class_geojson(labels, raster.covered_extent, classes)))
+    write_text(paths["geojson"], json.dumps(class_geojson(labels, raster.covered_extent, classes,
+                                                          offset=origin_offset(slide, geojson_origin))))
     covered = int(raster.covered.sum())
     meta = seg.metadata
     summary = {
@@ -482,7 +492,8 @@ class RasterSegmenter(Segmenter):
         return [c["name"] for c in classes_of(seg.metadata, seg.raster.classes)]
 
     def write(self, seg, slide, out_dir, extra=None):
-        return write_raster_outputs(seg, slide, out_dir, extra={"backends": self.info(), **(extra or {})})
+        return write_raster_outputs(seg, slide, out_dir, extra={"backends": self.info(), **(extra or {})},
+                                    geojson_origin=self.options.geojson_origin)
 
     def tumour_mm2(self, seg, slide):
         return raster_tumour_mm2(seg.raster, self.class_names(seg), slide_mpp(slide))

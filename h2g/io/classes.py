@@ -19,7 +19,10 @@ A manifest ``cohort/manifest.csv`` carries its class table in
 - ``name``: the class name (unique, case-insensitively);
 - ``value``: the pixel value(s) of the class in the masks, integers 0..65535, several
   separated by ``;`` (e.g. ``1;255``);
-- ``colour`` (optional): ``#rrggbb``; empty cells get a default palette colour.
+- ``colour`` (optional): ``#rrggbb``; empty cells get a default palette colour;
+- ``aliases`` (optional): other names of the class in polygon annotations (QuPath
+  classifications, ASAP groups, Aperio layers), separated by ``;``: e.g.
+  ``Tumor;_0;_1;Invasive``.
 
 One row per class, in index order (the first row is class 0).  A row whose name is
 ``ignore`` is not a class: its values are the unannotated pixel values.  Every problem
@@ -30,13 +33,17 @@ The tumour class (:attr:`ClassTable.tumour_index`) is the class named ``tumour``
 ``tumor``, ``invasive``, ``invasive tumour``/``tumor``, ``carcinoma``, ``invasive
 carcinoma`` or ``cancer`` (case, ``_`` and ``-`` do not matter); H2G-Net's binary tumour
 mask of a multi-class annotation is that class.
+
+Names in polygon annotations are matched by :meth:`ClassTable.lookup`: a class's name or
+one of its aliases, ignoring case, spaces, ``-`` and ``_`` (:func:`name_key`); the
+tumour class also answers to every tumour name above.
 """
 from __future__ import annotations
 
 import csv
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +74,7 @@ class ClassEntry:
     name: str
     values: tuple[int, ...]
     colour: str
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -78,6 +86,8 @@ class ClassTable:
 
     entries: tuple[ClassEntry, ...]
     ignore: tuple[int, ...] = ()
+    #: the CSV file the table was read from, for messages (not part of equality)
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "entries", tuple(self.entries))
@@ -87,15 +97,16 @@ class ClassTable:
             raise ConfigError("bad class table: " + "; ".join(problems))
 
     @classmethod
-    def of(cls, classes: Sequence[tuple], ignore: Iterable[int] = ()) -> ClassTable:
-        """A table from ``(name, value(s)[, colour])`` tuples in index order."""
+    def of(cls, classes: Sequence[tuple], ignore: Iterable[int] = (), source=None) -> ClassTable:
+        """A table from ``(name, value(s)[, colour[, aliases]])`` tuples in index order."""
         entries = []
         for index, item in enumerate(classes):
             name, values = item[0], item[1]
             colour = item[2] if len(item) > 2 and item[2] else PALETTE[index % len(PALETTE)]
+            aliases = tuple(str(a) for a in item[3]) if len(item) > 3 and item[3] else ()
             values = (values,) if isinstance(values, int) else tuple(values)
-            entries.append(ClassEntry(index, str(name), tuple(int(v) for v in values), colour))
-        return cls(tuple(entries), tuple(ignore))
+            entries.append(ClassEntry(index, str(name), tuple(int(v) for v in values), colour, aliases))
+        return cls(tuple(entries), tuple(ignore), None if source is None else str(source))
 
     # -------------------------------------------------------------- views
     @property
@@ -128,6 +139,23 @@ class ClassTable:
                 return entry.index
         raise ConfigError(f"unknown class {name!r}; the class table has {', '.join(self.names)}")
 
+    def lookup(self, name: str) -> int | None:
+        """The index of the class that ``name`` (a polygon annotation's class) names: a
+        class name or alias, ignoring case, spaces, ``-`` and ``_``; the tumour class also
+        answers to every tumour name (:data:`TUMOUR_NAMES`).  ``None`` when none does."""
+        key = name_key(name)
+        for entry in self.entries:
+            if key == name_key(entry.name) or key in {name_key(a) for a in entry.aliases}:
+                return entry.index
+        tumour = self.tumour_index
+        if tumour is not None and key in TUMOUR_KEYS:
+            return tumour
+        return None
+
+    def describe(self) -> str:
+        """The table's names (and aliases), for messages: ``tumour (Tumor, _0), stroma``."""
+        return ", ".join(e.name + (f" ({', '.join(e.aliases)})" if e.aliases else "") for e in self.entries)
+
     def value_map(self) -> dict[int, int]:
         """Pixel value -> label (class index, or :data:`IGNORE` for ignore values)."""
         out = {v: IGNORE for v in self.ignore}
@@ -139,8 +167,8 @@ class ClassTable:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (for export metadata); :meth:`from_dict` reads it back."""
         return {
-            "classes": [{"index": e.index, "name": e.name, "values": list(e.values),
-                         "colour": e.colour} for e in self.entries],
+            "classes": [{"index": e.index, "name": e.name, "values": list(e.values), "colour": e.colour,
+                         **({"aliases": list(e.aliases)} if e.aliases else {})} for e in self.entries],
             "ignore": list(self.ignore),
             "ignore_label": IGNORE,
         }
@@ -151,7 +179,8 @@ class ClassTable:
         try:
             items = sorted(data["classes"], key=lambda c: int(c["index"]))
             entries = tuple(ClassEntry(int(c["index"]), str(c["name"]),
-                                       tuple(int(v) for v in c["values"]), str(c["colour"]))
+                                       tuple(int(v) for v in c["values"]), str(c["colour"]),
+                                       tuple(str(a) for a in c.get("aliases", ())))
                             for c in items)
             ignore = tuple(int(v) for v in data.get("ignore", ()))
         except (KeyError, TypeError, ValueError) as exc:
@@ -176,6 +205,14 @@ def tumour_index_of(names: Iterable[str]) -> int | None:
 
 def _normal_name(name: str) -> str:
     return " ".join(re.split(r"[\s_\-]+", name.strip().lower()))
+
+
+def name_key(name: str) -> str:
+    """What class names are matched by: lower case, without spaces, ``-`` and ``_``."""
+    return re.sub(r"[\s_\-]+", "", str(name).strip().lower())
+
+
+TUMOUR_KEYS = frozenset(name_key(n) for n in TUMOUR_NAMES)
 
 
 def _table_problems(entries: Sequence[ClassEntry], ignore: Sequence[int]) -> list[str]:
@@ -207,12 +244,29 @@ def _table_problems(entries: Sequence[ClassEntry], ignore: Sequence[int]) -> lis
             owner.setdefault(value, entry.name)
         if not _COLOUR.match(entry.colour):
             problems.append(f"class {entry.name!r}: colour {entry.colour!r} is not #rrggbb")
+    problems += [text for _, text in _alias_problems([(e.name, e.aliases) for e in entries])]
     for value in ignore:
         if not 0 <= value <= MAX_VALUE:
             problems.append(f"ignore value {value} outside 0..{MAX_VALUE}")
     tumours = [e.name for e in entries if _normal_name(e.name) in TUMOUR_NAMES]
     if len(tumours) > 1:
         problems.append(f"several classes are named like tumour ({', '.join(tumours)}); keep one")
+    return problems
+
+
+def _alias_problems(named: Sequence[tuple[str, Sequence[str]]]) -> list[tuple[str, str]]:
+    """``(class name, problem)`` for aliases that are empty or name two classes (names and
+    aliases compared by :func:`name_key`)."""
+    problems, owner = [], {}
+    for name, _ in named:
+        owner.setdefault(name_key(name), name)
+    for name, aliases in named:
+        for alias in aliases:
+            key = name_key(alias)
+            if not key:
+                problems.append((name, f"class {name!r}: an empty alias"))
+            elif owner.setdefault(key, name) != name:
+                problems.append((name, f"class {name!r}: alias {alias!r} already names class {owner[key]!r}"))
     return problems
 
 
@@ -238,7 +292,7 @@ def load_class_table(path) -> ClassTable:
 
     if not path.is_file():
         raise ManifestError(path, [(str(path), None, None, "class table file not found")])
-    classes: list[tuple[int, str, tuple[int, ...], str]] = []  # (row, name, values, colour)
+    classes: list[tuple[int, str, tuple[int, ...], str, tuple[str, ...]]] = []  # (row, name, values, colour, aliases)
     ignore: list[int] = []
     ignore_row = None
     try:
@@ -259,6 +313,7 @@ def load_class_table(path) -> ClassTable:
                     name = values.get("name", "")
                     pixels = _parse_values(values.get("value", ""), number, problem)
                     colour = values.get("colour", "")
+                    aliases = tuple(a.strip() for a in values.get("aliases", "").split(";") if a.strip())
                     if colour and not _COLOUR.match(colour):
                         problem(number, "colour", f"colour {colour!r} is not #rrggbb")
                     if name.lower() == IGNORE_NAME:
@@ -269,13 +324,14 @@ def load_class_table(path) -> ClassTable:
                     elif not name:
                         problem(number, "name", "empty class name")
                     else:
-                        classes.append((number, name, pixels, colour))
+                        classes.append((number, name, pixels, colour, aliases))
     except (UnicodeDecodeError, csv.Error) as exc:
         problem(None, None, f"not a readable CSV file: {exc}")
     _check_rows(classes, ignore, ignore_row, problem)
     if problems:
         raise ManifestError(path, problems)
-    return ClassTable.of([(name, pixels, colour) for _, name, pixels, colour in classes], ignore)
+    return ClassTable.of([(name, pixels, colour, aliases) for _, name, pixels, colour, aliases in classes],
+                         ignore, source=path)
 
 
 def _parse_values(text: str, row: int, problem) -> tuple[int, ...]:
@@ -306,7 +362,7 @@ def _check_rows(classes, ignore, ignore_row, problem) -> None:
     first_name: dict[str, int] = {}
     first_value: dict[int, tuple[str, int | None]] = {v: (IGNORE_NAME, ignore_row) for v in ignore}
     tumours = []
-    for row, name, pixels, _ in classes:
+    for row, name, pixels, _, _ in classes:
         key = name.lower()
         if key in RESERVED_NAMES:
             problem(row, "name", f"class name {name!r} is reserved (patch-grid counts use it)")
@@ -324,3 +380,6 @@ def _check_rows(classes, ignore, ignore_row, problem) -> None:
             tumours.append((row, name))
     for row, name in tumours[1:]:
         problem(row, "name", f"a second tumour-like class {name!r} (first: {tumours[0][1]!r})")
+    rows = {name: row for row, name, *_ in classes}
+    for name, text in _alias_problems([(name, aliases) for _, name, _, _, aliases in classes]):
+        problem(rows.get(name), "aliases", text)

@@ -84,6 +84,14 @@ def power_from_mpp(mpp: float) -> float:
     return round(raw, 2)
 
 
+def _integer(value) -> int:
+    """An integer metadata value, 0 when missing or malformed."""
+    try:
+        return int(str(value).strip())
+    except (TypeError, ValueError):
+        return 0
+
+
 def _positive(value) -> float | None:
     try:
         number = float(value)
@@ -179,6 +187,11 @@ class Slide:
         self._mpp_meta = _positive(props.get(openslide.PROPERTY_NAME_MPP_X)) or _positive(
             props.get(openslide.PROPERTY_NAME_MPP_Y))
         self._power_meta = _positive(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
+        self.bounds_offset: tuple[int, int] = (_integer(props.get(openslide.PROPERTY_NAME_BOUNDS_X)),
+                                               _integer(props.get(openslide.PROPERTY_NAME_BOUNDS_Y)))
+        """Level-0 (x, y) of the corner of OpenSlide's bounds (``openslide.bounds-x`` /
+        ``-y``: the scanned area of MRXS and some other formats, where QuPath's
+        coordinates start); (0, 0) for slides without bounds."""
 
     # -- scale -------------------------------------------------------------------------
     @property

@@ -90,8 +90,10 @@ class Pipeline:
         return self.manifest.split(split)
 
     def annotation(self, record: SlideRecord):
-        """``record``'s annotation (:class:`h2g.io.annotation.Annotation`) in the manifest's
-        class table, read once per run."""
+        """``record``'s annotation (:class:`h2g.io.annotation.Annotation`: a mask, label
+        map or polygon file) in the manifest's class table, read once per run; a test
+        slide's may not be empty (an :class:`~h2g.core.errors.AnnotationError`), a
+        training slide's empty one is unannotated, with a warning."""
         from h2g.io.annotation import load_annotation
         from h2g.io.slide import open_slide
 
@@ -100,7 +102,7 @@ class Pipeline:
             slide = open_slide(record.slide_path, mpp=record.mpp)
             self._annotations[key] = load_annotation(
                 record.annotation_path, slide, downsample=self.config.patches.annotation_downsample,
-                classes=self.classes)
+                classes=self.classes, required=record.split == "test")
         return self._annotations[key]
 
     def _annotated(self, split: str) -> list[SlideRecord]:

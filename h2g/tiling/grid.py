@@ -3,9 +3,12 @@
 The grid cuts the whole slide into ``patch_size`` x ``patch_size`` patches at
 ``magnification`` (``step`` level-0 pixels a side), starting at (0, 0); the last row and
 column may run past the slide's edge (those parts read as white glass).  For each patch,
-the fraction of its footprint covered by tissue (and by each class) is the exact area
-average of the mask over the footprint: every mask pixel counts with the area it shares
-with the patch, and the part of a footprint beyond the mask counts as neither.
+the fraction of its footprint covered by tissue is the exact area average of the tissue
+mask over the footprint (every mask pixel counts with the area it shares with the patch,
+and the part of a footprint beyond the mask counts as neither); the fraction covered by
+each class comes from the annotation (:meth:`h2g.io.annotation.Annotation.class_fractions`:
+the same exact area average for raster masks, the exact area of the polygons in the patch
+for polygon annotations), so no label map of the slide is made.
 
 Rules (the paper's, with its values as defaults):
 
@@ -22,21 +25,18 @@ Rules (the paper's, with its values as defaults):
 ``counts`` holds the number of grid cells per outcome: for a binary annotation (or none)
 ``tumour``, ``non_tumour``, ``discarded`` and ``background``; for a multi-class one, one
 count per class name, ``discarded`` and ``background``.  Annotations are read by
-:func:`h2g.io.annotation.load_annotation`.
+:func:`h2g.io.annotation.load_annotation` (raster masks or polygons).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import sparse
 
 from h2g.io.annotation import Annotation
+from h2g.io.areas import cell_averages
 from h2g.io.classes import BINARY, ClassTable
 from h2g.tiling.tissue import TissueMask, detect_tissue
-
-_CHUNK_VALUES = 1 << 22  # mask values converted to float per chunk (bounds memory)
 
 
 @dataclass
@@ -59,29 +59,12 @@ class PatchGrid:
         return np.flatnonzero(self.labels == label)
 
 
-def _overlap_weights(cells: int, cell: float, pixels: int) -> sparse.csr_matrix:
-    """(cells, pixels) matrix: the length cell ``i`` = [i*cell, (i+1)*cell) shares with
-    pixel ``j`` = [j, j+1), divided by ``cell``."""
-    rows, cols, values = [], [], []
-    for i in range(cells):
-        start, stop = i * cell, (i + 1) * cell
-        j = np.arange(max(0, math.floor(start)), min(pixels, math.ceil(stop)))
-        overlap = np.minimum(stop, j + 1) - np.maximum(start, j)
-        keep = overlap > 1e-9
-        rows.append(np.full(keep.sum(), i))
-        cols.append(j[keep])
-        values.append(overlap[keep] / cell)
-    return sparse.csr_matrix(
-        (np.concatenate(values), (np.concatenate(rows), np.concatenate(cols))),
-        shape=(cells, pixels))
-
-
 def area_fractions(mask: np.ndarray, downsample: float, step: float,
                    grid_shape: tuple[int, int]) -> np.ndarray:
     """Fraction of each grid cell (``step`` level-0 px a side, ``grid_shape`` = (rows,
     cols)) covered by ``mask`` (``downsample`` level-0 px per mask px): the exact area
-    average, computed separably with sparse overlap weights, row chunk by row chunk."""
-    return _cell_averages(mask, downsample, step, grid_shape, [None])[0]
+    average (:func:`h2g.io.areas.cell_averages`)."""
+    return cell_averages(mask, None, downsample, step, grid_shape, [None])[0]
 
 
 def class_area_fractions(labels: np.ndarray, n_classes: int, downsample: float, step: float,
@@ -89,25 +72,7 @@ def class_area_fractions(labels: np.ndarray, n_classes: int, downsample: float, 
     """``(n_classes, rows, cols)``: the fraction of each grid cell covered by each class
     of the label map ``labels`` (as :func:`area_fractions` of ``labels == c``, without a
     full-size indicator image per class)."""
-    return _cell_averages(labels, downsample, step, grid_shape, list(range(n_classes)))
-
-
-def _cell_averages(image: np.ndarray, downsample: float, step: float,
-                   grid_shape: tuple[int, int], values: list) -> np.ndarray:
-    """Area averages over the grid cells of ``image`` (``None`` in ``values``) or of
-    ``image == v`` for each ``v`` in ``values``; shape ``(len(values), rows, cols)``."""
-    rows, cols = grid_shape
-    cell = step / downsample
-    across = _overlap_weights(cols, cell, image.shape[1])  # (cols, mask_w)
-    down = _overlap_weights(rows, cell, image.shape[0])    # (rows, mask_h)
-    chunk = max(1, _CHUNK_VALUES // max(1, image.shape[1]))
-    by_row = np.empty((len(values), image.shape[0], cols))
-    for top in range(0, image.shape[0], chunk):
-        rows_block = image[top:top + chunk]
-        for k, value in enumerate(values):
-            block = (rows_block if value is None else rows_block == value).astype(np.float32)
-            by_row[k, top:top + chunk] = (across @ block.T).T
-    return np.stack([down @ by_row[k] for k in range(len(values))])
+    return cell_averages(labels, None, downsample, step, grid_shape, list(range(n_classes)))
 
 
 def build_patch_grid(
@@ -135,8 +100,8 @@ def build_patch_grid(
     counts = {"tumour": 0, "non_tumour": 0, "discarded": 0,
               "background": int((~kept).sum())}
     if annotation is not None and classes.is_binary:
-        tumour_frac = area_fractions(annotation.mask, annotation.downsample, step,
-                                     grid_shape).ravel()
+        tumour_frac = annotation.class_fractions(step, grid_shape, patch_size,
+                                                 classes=[classes.tumour_index])[0].ravel()
         tumour = tumour_frac > tumour_threshold + 1e-9
         clean = tumour_frac == 0
         labels[tumour] = 1
@@ -146,8 +111,7 @@ def build_patch_grid(
                       discarded=int(discarded.sum()))
         kept &= ~discarded
     elif annotation is not None:
-        fractions = class_area_fractions(annotation.labels, classes.n_classes,
-                                         annotation.downsample, step, grid_shape)
+        fractions = annotation.class_fractions(step, grid_shape, patch_size)
         fractions = fractions.reshape(classes.n_classes, -1)
         labelled = fractions.sum(axis=0) > min_labelled + 1e-9
         majority = np.argmax(fractions, axis=0)

@@ -226,8 +226,8 @@ class Pipeline(base.Pipeline):
             slide = self._slide(record)
             heat = self.cached_heatmap(heatmaps, record) if heatmaps is not None else None
             image, heatmap = refinement_inputs(slide, heat, size=c.refine.size)
-            mask = (target_mask(record.annotation_path, slide, c.refine.size, c.patches.annotation_downsample)
-                    if record.annotation_path else None)
+            mask = (target_mask(record.annotation_path, slide, c.refine.size, c.patches.annotation_downsample,
+                                required=split == "test") if record.annotation_path else None)
             out.append(RefinementSample(record.slide_id, record.grade, image, heatmap, mask))
         self._samples[key] = out
         return out

@@ -17,7 +17,8 @@ refinement size, 1024 by default):
 - ``heatmap.tiff`` / ``segmentation.tiff``: the same maps resized to the slide's aspect
   ratio (long side S), as pyramidal TIFFs whose resolution makes them overlay the slide;
 - ``tumour.geojson``: the tumour outline as a FeatureCollection of one "Tumor" annotation
-  (Polygon or MultiPolygon, holes kept) in level-0 pixel coordinates, which QuPath imports;
+  (Polygon or MultiPolygon, holes kept) in level-0 pixel coordinates (or QuPath's frame
+  cropped to the OpenSlide bounds: ``geojson_origin``), which QuPath imports;
 - ``summary.json``: timings, backends, patch count, tumour fraction, ``no_tissue``.
 
 A slide without tissue (no patch over tissue) is reported with a warning naming it; its
@@ -248,7 +249,7 @@ class H2GSegmenter(Segmenter):
         import json
 
         from h2g.core.atomic import save_npy, write_json, write_text
-        from h2g.io.geojson import tumour_geojson
+        from h2g.io.geojson import origin_offset, tumour_geojson
         from h2g.io.overlay import write_grey_png, write_square_map_tiff
 
         out = Path(out_dir)
@@ -266,7 +267,8 @@ class H2GSegmenter(Segmenter):
                      geojson=out / "tumour.geojson", summary=out / "summary.json")
         write_grey_png(paths["segmentation_png"], seg.mask)
         write_square_map_tiff(paths["segmentation_tiff"], seg.mask, slide.dimensions, mpp)
-        write_text(paths["geojson"], json.dumps(tumour_geojson(seg.mask, slide.dimensions)))
+        write_text(paths["geojson"], json.dumps(tumour_geojson(
+            seg.mask, slide.dimensions, origin_offset(slide, self.options.geojson_origin))))
         summary = {
             "slide": str(slide.path),
             "dimensions": list(slide.dimensions),
