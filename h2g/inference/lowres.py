@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from h2g.core.errors import ExportError
+from h2g.core.errors import ConfigError, ExportError
 from h2g.inference.backends import INPUT_NAMES, Backend
 from h2g.inference.heatmap import Heatmap
 
@@ -21,6 +21,10 @@ def _resize_plane(plane: np.ndarray, size: int, box=None) -> np.ndarray:
     source rectangle in pixel units, fractional allowed)."""
     image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
     return np.asarray(image.resize((size, size), Image.BILINEAR, box=box), dtype=np.float32)
+
+
+#: Refinement sizes accepted (--size): the paper's is 1024, smoke models' 256.
+MIN_SIZE, MAX_SIZE = 16, 8192
 
 
 def lowres_level(slide, size: int = 1024) -> int:
@@ -50,6 +54,8 @@ def refinement_inputs(slide, heatmap: Heatmap | None, size: int = 1024) -> tuple
     scaled to [0, 1] and bilinearly resized - and ``heat`` ``(size, size, 1)`` float32 -
     the heatmap placed on the slide's level-0 extent and resized the same way
     (:func:`heatmap_raster`; zeros when ``heatmap`` is None, for image-only models)."""
+    if not MIN_SIZE <= int(size) <= MAX_SIZE:
+        raise ConfigError(f"refinement size {size}: must be from {MIN_SIZE} to {MAX_SIZE} px")
     level = slide.read_level(lowres_level(slide, size))
     image = np.stack([_resize_plane(level[..., c].astype(np.float32) / 255.0, size) for c in range(3)], axis=-1)
     if heatmap is None:
