@@ -280,3 +280,20 @@ def test_workers_are_replaced_after_max_slides(models, slide_files, tmp_path):
     assert len({r["pid"] for r in rows}) == 1
     with pytest.raises(ConfigError, match="--max-slides-per-worker must be >= 1"):
         make_executor("process", max_slides_per_worker=0)
+
+
+@pytest.mark.slow
+def test_ray_workers_are_replaced_after_max_slides(models, slide_files, tmp_path):
+    """Ray's own recycling (max_calls on the remote function): one CPU, so one worker at a
+    time, a new worker process every 2 slides."""
+    pytest.importorskip("ray")
+    from h2g.export.executors import make_executor
+
+    slides = [CohortSlide(f"{f.stem}-{k}", f) for k in range(2) for f in slide_files]  # 6 slides
+    with make_executor("ray", workers=1, max_slides_per_worker=2) as executor:
+        rows = run_cohort(slides, tmp_path / "ray", plan(models), executor, progress=False)
+    assert all(r["status"] == "done" for r in rows), rows
+    counts = {}
+    for r in rows:
+        counts[r["pid"]] = counts.get(r["pid"], 0) + 1
+    assert len(counts) >= 3 and max(counts.values()) <= 2, counts
