@@ -24,8 +24,9 @@ import logging
 import sys
 from pathlib import Path
 
-from h2g.core.cli import add_verbose_argument, run_cli
+from h2g.core.cli import add_verbose_argument, run_cli, start_tensorflow
 from h2g.core.config import PRESET_NAMES
+from h2g.core.outputs import check_output_dir
 from h2g.io.manifest import DEFAULT_MANIFEST
 from h2g.systems import registry
 
@@ -62,6 +63,8 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_output_dir(args.out)
+    start_tensorflow(args.verbose)  # after the arguments and --out are checked: a wrong one fails at once
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from h2g.io.manifest import load_manifest
@@ -95,7 +98,8 @@ def main(argv=None) -> int:
     results = registry.run(chosen, args.manifest, out, config, resume=args.resume, strategy=strategy)
     print(f"\n{'design':<20} {'system':<8} {'recall':>8} {'precision':>10} {'dice':>14}  (binary tumour, test slides)")
     for m in results.values():
-        print(f"{m['label']:<20} {m['system']:<8} {m['recall_mean']:>8.3f} {m['precision_mean']:>10.3f} "
+        print(f"{m['label'] + (' COLLAPSED' if m.get('collapsed') else ''):<20} {m['system']:<8} "
+              f"{m['recall_mean']:>8.3f} {m['precision_mean']:>10.3f} "
               f"{m['dice_mean']:>7.3f} ± {m['dice_sd']:.3f}")
     multiclass = [m for m in results.values() if "classes" in m]
     if multiclass:
@@ -103,10 +107,16 @@ def main(argv=None) -> int:
         print(f"\n{'design':<20} " + " ".join(f"{n[:9]:>9}" for n in names) + f" {'mean IoU':>9}  (per-class IoU, test slides)")
         for m in multiclass:
             ious = [m["classes"].get(n, {}).get("iou", float("nan")) for n in names]
-            print(f"{m['label']:<20} " + " ".join(f"{v:>9.3f}" for v in ious) + f" {m['mean_iou']:>9.3f}")
+            print(f"{m['label'] + (' COLLAPSED' if m.get('collapsed') else ''):<20} "
+                  + " ".join(f"{v:>9.3f}" for v in ious) + f" {m['mean_iou']:>9.3f}")
+    for m in results.values():
+        if m.get("collapsed"):
+            c = m["collapse"]
+            print(f"COLLAPSED: {m['label']} predicts {c['dominant']} for {100 * c['share']:.1f} % of the {c['where']} "
+                  f"pixels ({100 * c['truth_share']:.1f} % in the truth): not a trained model's figures")
     print(f"\nresults in {out.resolve()}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, tensorflow=True))
+    sys.exit(run_cli(main))

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, run_cli
 from h2g.core.errors import ConfigError
+from h2g.core.outputs import check_output_file
 
 PEERS = ("fast",)
 
@@ -99,6 +100,10 @@ def fast_peer_result(args, segmenter, slide_power: float) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.markdown:  # before the models load
+        check_output_file(args.markdown, "--markdown")
+    if args.json not in (None, "-"):
+        check_output_file(args.json, "--json")
     from h2g.export.benchmark import benchmark, benchmark_markdown
     from h2g.export.deploy import deployment
 

@@ -26,8 +26,9 @@ import json
 import sys
 from pathlib import Path
 
-from h2g.core.cli import add_verbose_argument, run_cli
+from h2g.core.cli import add_verbose_argument, run_cli, start_tensorflow
 from h2g.core.errors import ConfigError
+from h2g.core.outputs import check_output_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,8 +62,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def check_outputs(args) -> None:
+    """--out, or (without it) the folders the models' exports are written beside."""
+    if args.out is not None:
+        check_output_dir(args.out)
+        return
+    for path in args.paths:
+        if path.exists():
+            check_output_dir(path if path.is_dir() else path.parent, what="output folder of")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_outputs(args)
+    start_tensorflow(args.verbose)  # after the arguments and outputs are checked: a wrong one fails at once
     from h2g.export.conversion import convert, default_parity_slide
     from h2g.export.quantize import Int8Options, summary_lines
     from h2g.io.slide import Slide
@@ -98,4 +111,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, tensorflow=True))
+    sys.exit(run_cli(main))

@@ -15,19 +15,35 @@ the slides run in a local process pool with the same outputs (``--executor proce
 ``DIR/cohort.csv``: one row per slide (status done / skipped / failed, attempts, seconds,
 patches or windows, tumour area in mm^2, peak memory in MB, warning, error).  A rerun skips
 the slides whose outputs are complete; a failing slide is retried once, then recorded, and
-the others go on.  Exit code 1 when any slide failed (the summary names them), 2 on bad
-input (one line on stderr).  See :mod:`h2g.export.cohort`.
+the others go on.  One run at a time per DIR (a lock file; a second run is refused).
+Ctrl-C stops the workers, records the finished slides and exits with 130 (the same command
+resumes).  Exit code 1 when any slide failed (the summary names them), 2 on bad input (one
+line on stderr).  See :mod:`h2g.export.cohort`.
 """
 from __future__ import annotations
 
-import argparse
+import os
+import signal
 import sys
-from pathlib import Path
 
-from h2g.core.cli import add_verbose_argument, run_cli
+
+def _exit_130(signum, frame):  # Ctrl-C while the imports below run: exit 130 at once (run_cli takes over after)
+    os.write(2, b"interrupted\n")
+    os._exit(130)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, _exit_130)
+
+import argparse  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from h2g.core.cli import add_verbose_argument, run_cli  # noqa: E402
+from h2g.core.outputs import check_output_dir  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    # imported here, inside run_cli: a Ctrl-C while the engines load is an interrupt (130), not a traceback
     from h2g.export.deploy import add_deploy_arguments
     from h2g.export.executors import EXECUTORS
 
@@ -50,16 +66,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gpus-per-slide", type=float, default=0, help="GPUs each slide's task asks for (Ray; default 0)")
     p.add_argument("--memory-per-slide", type=float, default=None,
                    help="GiB of memory each slide's task asks for (Ray; default: no request)")
+    p.add_argument("--max-slides-per-worker", type=int, default=None, metavar="N",
+                   help="replace each worker process after N slides (Ray: max_calls; the process pool: "
+                        "max_tasks_per_child), a bound on anything a worker accumulates (default: never)")
     p.add_argument("--retries", type=int, default=1, help="retries of a failing slide (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.cpus_per_slide <= 0 or args.gpus_per_slide < 0 or (args.workers is not None and args.workers < 1):
         p.error("--cpus-per-slide must be > 0, --gpus-per-slide >= 0 and --workers >= 1")
+    if args.max_slides_per_worker is not None and args.max_slides_per_worker < 1:
+        p.error("--max-slides-per-worker must be >= 1")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_output_dir(args.out)  # before the models load
     import dataclasses
 
     from h2g.core.resources import available_cores
@@ -78,7 +100,8 @@ def main(argv=None) -> int:
     def executor():
         used.append(make_executor(args.executor, address=args.address, workers=workers,
                                   cpus_per_slide=args.cpus_per_slide, gpus_per_slide=args.gpus_per_slide,
-                                  memory_per_slide=args.memory_per_slide))
+                                  memory_per_slide=args.memory_per_slide,
+                                  max_slides_per_worker=args.max_slides_per_worker))
         return used[-1]
 
     rows = run_cohort(slides, args.out, plan, executor, retries=args.retries, progress=not args.quiet)

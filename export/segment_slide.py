@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, run_cli
+from h2g.core.outputs import check_output_dir
 
 MODEL_SUFFIXES = (".onnx", ".xml")
 
@@ -65,6 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_output_dir(args.out)  # before the models load
     from h2g.export.deploy import deployment
 
     plan = deployment(args, args.models)

@@ -60,22 +60,62 @@ def test_two_designs_write_per_class_and_binary_results(dmmn_run):
     assert "DSMN-S2" in tables and "DMMN-M3" in tables
 
 
-def test_class_weights_are_one_minus_the_annotated_share(multiclass_manifest, tmp_path):
-    """w_c = 1 - N_c / sum N over the training label maps, counted here straight from the
-    label TIFFs (pixel values 1..5 = classes, 0 = unannotated)."""
+def _sampled_counts(pipe, manifest, n_classes: int, value_of: dict) -> np.ndarray:
+    """Annotated pixels per class of the target patches the sampler draws for the class
+    weights, counted here straight from the label TIFFs: each 20x target patch's level-0
+    box (its grid cell) cropped from the map (downsample 4, so each map pixel is 2 x 2 target
+    pixels of these 40x slides), unannotated and off-map pixels left out."""
     from h2g.io.manifest import load_manifest
+    from h2g.io.slide import open_slide
+    from h2g.systems.dmmn.pipeline import WEIGHT_DRAWS
+
+    c = pipe.config
+    paths = {r.slide_id: (r.slide_path, r.annotation_path) for r in load_manifest(manifest).split("train")}
+    sampler = pipe.split_sampler("train")
+    counts = np.zeros(n_classes, np.int64)
+    for b in range(-(-WEIGHT_DRAWS // c.dmmn.batch_size)):
+        batch = sampler.batch_arrays(b, c.dmmn.batch_size)
+        for s, (x, y) in zip(batch.slide_index, batch.coords):
+            slide_path, label_path = paths[sampler.sources[s].slide_id]
+            extent = c.dmmn.size * open_slide(slide_path).downsample_for(c.dmmn.magnifications[0])
+            assert extent % 4 == 0 and x % 4 == 0 and y % 4 == 0  # the crop is exact on the map's grid
+            values = tifffile.imread(label_path)
+            values = values[..., 0] if values.ndim == 3 else values
+            crop = values[int(y) // 4:int(y + extent) // 4, int(x) // 4:int(x + extent) // 4]
+            per_pixel = (extent / 4 / c.dmmn.size) ** -2  # target pixels per map pixel
+            for value, cls in value_of.items():
+                counts[cls] += int((crop == value).sum() * per_pixel)
+    return counts
+
+
+def test_class_weights_are_one_minus_the_share_of_the_sampled_target_pixels(multiclass_manifest, tmp_path):
+    """w_c = 1 - N_c / sum N over the annotated pixels of the training patches as drawn
+    (the paper's balanced set of patches), counted independently from the label TIFFs
+    (pixel values 1..5 = classes, 0 = unannotated)."""
     from h2g.systems.dmmn.pipeline import Pipeline
 
-    manifest = load_manifest(multiclass_manifest)
-    counts = np.zeros(5, np.int64)
-    for record in manifest.split("train"):
-        values = tifffile.imread(record.annotation_path)
-        values = values[..., 0] if values.ndim == 3 else values
-        counts += np.bincount(values.ravel(), minlength=6)[1:6]
-    expected = 1 - counts / counts.sum()
-    got = Pipeline(multiclass_manifest, tmp_path, dmmn_config()).class_weights()
-    np.testing.assert_allclose(got, expected, rtol=1e-6)
-    assert (counts[:3] > 0).all()  # tumour, benign and stroma are annotated in training
+    pipe = Pipeline(multiclass_manifest, tmp_path, dmmn_config())
+    counts = _sampled_counts(pipe, multiclass_manifest, 5, {v: v - 1 for v in range(1, 6)})
+    np.testing.assert_allclose(pipe.class_weights(), 1 - counts / counts.sum(), rtol=1e-6)
+    assert (counts[:3] > 0).all()  # tumour, benign and stroma are in the training patches
+
+
+def test_binary_class_weights_do_not_balance_a_second_time(tiny_cohort, tmp_path):
+    """On a binary manifest (mostly non-tumour glass and stroma) the weights used to come
+    from the whole masks, 1 - N_c / N = about 0.15 / 0.85, on top of the sampler's class
+    balance: DSMN-S2 then called everything tumour (issue 29).  Counted over the sampled
+    patches, each class carries the same share of the loss (w_c p_c equal: 1 - p_c with
+    two classes), and no weight is more than twice the other."""
+    from h2g.systems.dmmn.pipeline import Pipeline
+
+    pipe = Pipeline(tiny_cohort, tmp_path, dmmn_config())
+    assert pipe.classes.names == ("non-tumour", "tumour")
+    counts = _sampled_counts(pipe, tiny_cohort, 2, {0: 0, 1: 1, 255: 1})  # masks: 0 / 1 or 0 / 255
+    weights = pipe.class_weights()
+    np.testing.assert_allclose(weights, 1 - counts / counts.sum(), rtol=1e-6)
+    shares = counts / counts.sum()
+    assert weights.max() / weights.min() < 2.0, weights
+    np.testing.assert_allclose(weights[0] * shares[0], weights[1] * shares[1], rtol=1e-6)
 
 
 def test_uncovered_pixels_are_glass_and_partial_truth_is_ignored(multiclass_manifest, tmp_path):

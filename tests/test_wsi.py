@@ -140,6 +140,7 @@ def test_large_levels_are_read_in_bands_with_the_same_pixels(noise, monkeypatch)
     with Slide(noise) as slide:
         one_call = slide.read_magnification(1.25)  # level 2 (192 rows) shrunk by 2, in one read
         monkeypatch.setattr(wsi, "BAND_ROWS", 7)  # 6-row bands when shrinking by 2
+        monkeypatch.setattr(wsi, "BLOCK_COLS", 100)  # and 100-column blocks
         for level in (0, 1):
             whole = np.asarray(osr.read_region((0, 0), level, osr.level_dimensions[level]))[..., :3]
             np.testing.assert_array_equal(slide.read_level(level), whole)
@@ -317,3 +318,39 @@ def test_mpp_override_also_sets_the_objective_power(folder):
             assert slide.downsample_for(5) == pytest.approx(power / 5)
     with Slide(path, mpp=1.0) as slide:  # 10x = level 0: no resizing
         np.testing.assert_array_equal(slide.read_region((100, 200), (64, 64), 10), image[200:264, 100:164])
+
+
+def test_a_level_too_large_to_hold_is_read_region_by_region_into_an_overview(folder, monkeypatch, capsys):
+    """A single-level slide's coarse views come from an overview built block by block (a
+    progress bar on the way): the same block means as the whole level read at once and
+    box-shrunk (cv2's area filter: within 1 grey level), and the level is never read
+    whole."""
+    from h2g.io import slide as wsi
+
+    path = make_slide(folder / "flat.tiff", (1200, 900), pattern="noise", downsamples=(1,))
+    with Slide(path) as slide:
+        whole = slide.read_level(0)
+    monkeypatch.setattr(wsi, "LARGE_LEVEL_PIXELS", 1000)  # this level counts as too large to hold
+    monkeypatch.setattr(wsi, "OVERVIEW_SIDE", 300)  # overview shrunk by 4: 300 x 225
+    monkeypatch.setattr(wsi, "BAND_ROWS", 100)
+    monkeypatch.setattr(wsi, "BLOCK_COLS", 256)
+    monkeypatch.setattr(wsi, "PROGRESS_BLOCKS", 4)
+    monkeypatch.setattr(wsi, "SHOW_PROGRESS", True)
+    largest = []
+    read = Slide._level_region
+
+    def spy(self, level, left, top, cols, rows):
+        largest.append(cols * rows)
+        return read(self, level, left, top, cols, rows)
+
+    monkeypatch.setattr(Slide, "_level_region", spy)
+    with Slide(path) as slide:
+        by8 = slide.read_level_shrunk(0, 8)  # from the overview: 4 x 2
+        lowres = slide.read_magnification(2.5)  # 40x / 16 = 75 x 56.25 -> 75 x 56
+    assert max(largest) <= 100 * 256
+    assert by8.shape == (113, 150, 3)
+    assert np.abs(by8[:112].astype(int) - block_mean(whole[:896].astype(float), 8)).max() <= 1.5
+    real = whole[896:900].astype(float).reshape(4, 150, 8, 3).sum(axis=(0, 2))  # the last row: 4 slide rows ...
+    assert np.abs(by8[112] - (real + 32 * 255.0) / 64).max() <= 1.5  # ... and 4 rows of white glass padding
+    assert lowres.shape == (56, 75, 3)
+    assert "reading flat.tiff level 0" in capsys.readouterr().err

@@ -9,7 +9,10 @@
   CLIs that use TensorFlow pass ``tensorflow=True`` so that its C++ start-up lines,
   which no log level silences in TF 2.21, are swallowed too, and so that a deployment
   install (the base package, no TensorFlow) gets one line naming the extra to install
-  (:func:`require_training_stack`) instead of an ImportError.
+  (:func:`require_training_stack`) instead of an ImportError; or, better, they parse
+  their arguments and check their outputs first and then call :func:`start_tensorflow`
+  (a wrong option is then reported in a fraction of a second, not after TensorFlow's
+  start-up).
 - :func:`add_verbose_argument`: the ``-v`` option every CLI shares.
 """
 from __future__ import annotations
@@ -83,6 +86,17 @@ def require_training_stack(what: str = "this command") -> None:
                        "benchmarks of exported models need only the base install")
 
 
+def start_tensorflow(verbose: bool = False, what: str | None = None) -> None:
+    """What a CLI that trains or converts does once its arguments are parsed and its
+    outputs checked: :func:`require_training_stack` (one line naming the extra in a
+    deployment install), then TensorFlow imported quietly unless ``verbose``
+    (:func:`preload_tensorflow_quietly`).  Called after argument parsing, so that a
+    mistyped option is reported at once, not after TensorFlow's seconds of start-up."""
+    require_training_stack(what or Path(sys.argv[0]).name or "this command")
+    if not verbose:
+        preload_tensorflow_quietly()
+
+
 def add_verbose_argument(parser) -> None:
     parser.add_argument(*VERBOSE_FLAGS, dest="verbose", action="store_true",
                         help="also show TensorFlow's own log lines and debug messages")
@@ -91,21 +105,126 @@ def add_verbose_argument(parser) -> None:
 def run_cli(main, argv=None, *, tensorflow: bool = False) -> int:
     """Run ``main(argv)``; an :class:`H2GError` becomes exit code 2 and its message on
     stderr without a traceback.  Returns the exit code (``main``'s return or 0).
-    ``tensorflow=True`` (CLIs that train or convert) preloads TensorFlow quietly unless
-    ``-v`` is given (:func:`preload_tensorflow_quietly`)."""
+    ``tensorflow=True`` preloads TensorFlow quietly unless ``-v`` is given
+    (:func:`preload_tensorflow_quietly`) before ``main`` runs; CLIs whose arguments are
+    cheap to check first (experiments/run.py, export/convert.py) call
+    :func:`start_tensorflow` themselves after parsing instead."""
     args = sys.argv[1:] if argv is None else argv
     verbose = any(a in VERBOSE_FLAGS for a in args)
     quiet_tensorflow(verbose=verbose)
-    try:
-        if tensorflow and not any(a in ("-h", "--help") for a in args):
-            require_training_stack(Path(sys.argv[0]).name or "this command")
-            if not verbose:
-                preload_tensorflow_quietly()
-        code = main(argv)
-    except H2GError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    with _InterruptWatch() as interrupted:
+        try:
+            if tensorflow and not any(a in ("-h", "--help") for a in args):
+                start_tensorflow(verbose)
+            code = main(argv)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return 130
+        except H2GError as exc:
+            if interrupted.seen:  # the interrupt surfaced as another error (e.g. an import cut short)
+                print("interrupted", file=sys.stderr)
+                return 130
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        except Exception:
+            if interrupted.seen:
+                print("interrupted", file=sys.stderr)
+                return 130
+            raise
     return 0 if code is None else int(code)
+
+
+#: Seconds a Ctrl-C gives the main thread to wind down before the process exits anyway.
+INTERRUPT_GRACE_S = 3.0
+
+
+class _InterruptWatch:
+    """How a CLI answers Ctrl-C (main thread only; elsewhere it does nothing):
+
+    - a SIGINT handler that notes the interrupt, then raises KeyboardInterrupt as
+      Python's own does: a Ctrl-C that a library turns into another error (numpy's C
+      extension import fails with ImportError when interrupted) is still exit code 130;
+    - a watchdog thread woken by the signal itself (``signal.set_wakeup_fd``), which does
+      not wait for the main thread: Python runs handlers only between bytecodes, and a
+      native call (an engine loading a model) can hold the main thread for seconds.
+      If the main thread has not finished within :data:`INTERRUPT_GRACE_S`, the watchdog
+      terminates this process's worker processes and exits with 130.
+
+    A SIGINT that is ignored (``SIG_IGN``, e.g. while the cohort stops its workers) wakes
+    neither; after an interrupt, SIGINT stays ignored while the process exits."""
+
+    def __init__(self):
+        self.seen: list[int] = []
+        self._installed = False
+
+    def __enter__(self) -> "_InterruptWatch":
+        import signal
+        import threading
+
+        current = signal.getsignal(signal.SIGINT)
+        early = getattr(current, "__name__", "") == "_exit_130"  # a CLI's own, while it imported
+        if threading.current_thread() is not threading.main_thread() \
+                or (current is not signal.default_int_handler and not early):
+            return self  # not ours to change (a test harness, an embedding program)
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        try:
+            self._previous_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(self._read)
+            os.close(self._write)
+            return self
+        self._done = threading.Event()
+        self._previous_handler = current
+        signal.signal(signal.SIGINT, self._handler)
+        self._thread = threading.Thread(target=self._watch, name="h2g-interrupt-watch", daemon=True)
+        self._thread.start()
+        self._installed = True
+        return self
+
+    def _handler(self, signum, frame):
+        self.seen.append(signum)
+        raise KeyboardInterrupt
+
+    def _watch(self) -> None:
+        import signal
+
+        while True:
+            try:
+                data = os.read(self._read, 64)
+            except OSError:
+                return
+            if not data:  # closed: the CLI returned
+                return
+            if signal.SIGINT in data and not self._done.wait(INTERRUPT_GRACE_S):
+                self._exit_now()
+
+    @staticmethod
+    def _exit_now() -> None:
+        import multiprocessing
+
+        for child in multiprocessing.active_children():  # a process pool's workers
+            child.terminate()
+        for child in multiprocessing.active_children():
+            child.join(0.5)
+            if child.is_alive():
+                child.kill()
+        try:
+            sys.stderr.write("interrupted\n")
+            sys.stderr.flush()
+        finally:
+            os._exit(130)
+
+    def __exit__(self, *exc) -> None:
+        if not self._installed:
+            return
+        import signal
+
+        self._done.set()
+        # after an interrupt the process is on its way out (exit code 130): a second Ctrl-C
+        # must not cut its exit short with a traceback, so it is ignored from here on
+        signal.signal(signal.SIGINT, signal.SIG_IGN if self.seen else self._previous_handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        os.close(self._write)  # wakes the watchdog, which then returns
+        self._thread.join(1.0)
+        os.close(self._read)

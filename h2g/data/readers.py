@@ -225,3 +225,23 @@ def grid_centre(grid, slide: "Slide", x: float, y: float) -> tuple[float, float]
     cell spans ``grid.patch_size`` px at ``grid.magnification``."""
     half = grid.patch_size * slide.downsample_for(grid.magnification) / 2
     return x + half, y + half
+
+
+def sampled_label_counts(sampler, view: View, annotations, *, n_batches: int, batch_size: int,
+                         n_classes: int, stream: int = 0) -> np.ndarray:
+    """Pixels per class (int64, ``n_classes``) of ``view``'s label maps over batches
+    ``0 .. n_batches - 1`` of ``stream`` as ``sampler`` draws them (the pixels training
+    sees, before augmentation), :data:`IGNORE` left out; ``annotations`` by slide id.
+    Only label maps are read, no slide pixels."""
+    from h2g.io.classes import IGNORE
+
+    counts = np.zeros(n_classes, np.int64)
+    for index in range(n_batches):
+        batch = sampler.batch_arrays(index, batch_size, stream)
+        for slide_index, (x, y) in zip(batch.slide_index, batch.coords):
+            source = sampler.sources[slide_index]
+            slide = slide_of(source)
+            centre = grid_centre(source.grid, slide, float(x), float(y))
+            labels = read_label_view(annotations[source.slide_id], slide, centre, view)
+            counts += np.bincount(labels[labels != IGNORE].ravel(), minlength=n_classes)[:n_classes]
+    return counts

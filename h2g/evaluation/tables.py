@@ -23,6 +23,7 @@ import numpy as np
 from scipy import stats
 
 from h2g.core.errors import ConfigError
+from h2g.evaluation.collapse import RULE, from_confusion, note
 
 if TYPE_CHECKING:  # pragma: no cover - imports for type hints only
     from h2g.evaluation.metrics import ClassScores
@@ -173,12 +174,15 @@ def write_tables(
     summaries = [summary[d] for d in designs]
     grades = sorted({g for s in summaries for g in s.dice_by_grade}, key=_grade_order)
     tk = tukey(rows, tukey_designs if tukey_designs is not None else designs)
+    collapsed = _collapse_notes(rows)
 
     paths = {name: out_dir / f"{name}.{ext}" for name, ext in
              (("tables", "md"), ("table1", "csv"), ("table2", "csv"), ("tukey", "csv"), ("per_slide", "csv"))}
-    paths["tables"].write_text(_markdown(summaries, grades, tk, resolution), encoding="utf-8")
-    _write_csv(paths["table1"], ["design", "n_slides"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "sd")],
-               [[s.design, s.n] + [v for m in METRICS for v in (getattr(s, m).mean, getattr(s, m).sd)] for s in summaries])
+    paths["tables"].write_text(_markdown(summaries, grades, tk, resolution, collapsed), encoding="utf-8")
+    _write_csv(paths["table1"], ["design", "n_slides"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "sd")]
+               + ["collapsed"],
+               [[s.design, s.n] + [v for m in METRICS for v in (getattr(s, m).mean, getattr(s, m).sd)]
+                + [collapsed.get(s.design, "")] for s in summaries])
     _write_csv(paths["table2"], ["design"] + [f"grade_{g}_{s}" for g in grades for s in ("mean", "sd", "n")],
                [[s.design] + [v for g in grades for v in _grade_cells(s, g)] for s in summaries])
     _write_csv(paths["tukey"], ["design", *tk.designs],
@@ -188,7 +192,20 @@ def write_tables(
     return paths
 
 
-def _markdown(summaries: list[DesignSummary], grades: list[str], tk: TukeyResult, resolution: int | str) -> str:
+def _collapse_notes(rows: Sequence[dict]) -> dict[str, str]:
+    """design -> the collapse note its rows carry (:func:`h2g.evaluation.collapse.mark`)."""
+    return {r["design"]: r["collapsed"] for r in rows if r.get("collapsed")}
+
+
+def flagged(design: str, collapsed: Mapping[str, str]) -> str:
+    """A design's name as the tables print it: with its collapse note when it has one, so
+    a collapsed run is never an ordinary row."""
+    return f"{design} **[{collapsed[design]}]**" if collapsed.get(design) else design
+
+
+def _markdown(summaries: list[DesignSummary], grades: list[str], tk: TukeyResult, resolution: int | str,
+              collapsed: Mapping[str, str] | None = None) -> str:
+    collapsed = collapsed or {}
     n_slides = sorted({s.n for s in summaries})
     where = f"at {resolution}x{resolution} pixels per slide" if isinstance(resolution, int) else f"at {resolution}"
     lines = [
@@ -200,14 +217,17 @@ def _markdown(summaries: list[DesignSummary], grades: list[str], tk: TukeyResult
         "## Table 1",
         "",
         _md_table(["Design", "Recall", "Precision", "DSC"],
-                  [[s.design, str(s.recall), str(s.precision), str(s.dice)] for s in summaries]),
+                  [[flagged(s.design, collapsed), str(s.recall), str(s.precision), str(s.dice)] for s in summaries]),
         "",
         "DSC: Dice similarity coefficient. Mean ± standard deviation over slides.",
+        *(["", f"**collapsed**: the design's predictions fall almost entirely into one class ({RULE}); its "
+               "figures are not those of a trained model."] if collapsed else []),
         "",
         "## Table 2: DSC per histological grade",
         "",
         _md_table(["Design"] + [f"Grade {g} (n = {_grade_n(summaries, g)})" for g in grades],
-                  [[s.design] + [str(s.dice_by_grade[g]) if g in s.dice_by_grade else "n/a" for g in grades]
+                  [[flagged(s.design, collapsed)] + [str(s.dice_by_grade[g]) if g in s.dice_by_grade else "n/a"
+                                                     for g in grades]
                    for s in summaries]),
         "",
         "n: test slides of that grade (several numbers when designs differ); n/a: no slide of that grade.",
@@ -215,7 +235,7 @@ def _markdown(summaries: list[DesignSummary], grades: list[str], tk: TukeyResult
         "## Tukey HSD p-values (DSC)",
         "",
         _md_table(["Design", *tk.designs],
-                  [[a, *(_format_p(p) for p in row)] for a, row in zip(tk.designs, tk.pvalues)]),
+                  [[flagged(a, collapsed), *(_format_p(p) for p in row)] for a, row in zip(tk.designs, tk.pvalues)]),
         "",
     ]
     if tk.note:
@@ -259,12 +279,15 @@ def write_class_tables(
     lines = ["# Per-class segmentation performance", "",
              ("Pixel-wise, unannotated pixels ignored; n/a: class absent from truth and prediction; "
               "mIoU: mean IoU over the classes present."), ""]
+    collapsed = {d: note(from_confusion(scores[d].confusion, names)) for d in designs}
+    if any(collapsed.values()):
+        lines += [f"**collapsed**: the design's predictions fall almost entirely into one class ({RULE}).", ""]
     for metric in CLASS_METRICS:
         extra = ["mIoU"] if metric == "iou" else []
         body = []
         for d in designs:
             s = scores[d]
-            row = [d] + [cell(s, metric, c) for c in range(len(names))]
+            row = [flagged(d, collapsed)] + [cell(s, metric, c) for c in range(len(names))]
             if metric == "iou":
                 row.append("n/a" if math.isnan(s.mean_iou) else f"{s.mean_iou:.3f}")
             body.append(row)
@@ -274,10 +297,10 @@ def write_class_tables(
     body = []
     for d in designs:
         s = scores[d]
-        body += [[d, name, *(float(getattr(s, m)[c]) for m in CLASS_METRICS), bool(s.present[c])]
+        body += [[d, name, *(float(getattr(s, m)[c]) for m in CLASS_METRICS), bool(s.present[c]), collapsed[d]]
                  for c, name in enumerate(names)]
-        body.append([d, "mean_iou", s.mean_iou, "", "", "", ""])
-    _write_csv(paths["csv"], ["design", "class", *CLASS_METRICS, "present"], body)
+        body.append([d, "mean_iou", s.mean_iou, "", "", "", "", collapsed[d]])
+    _write_csv(paths["csv"], ["design", "class", *CLASS_METRICS, "present", "collapsed"], body)
     return paths
 
 

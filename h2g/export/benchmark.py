@@ -48,6 +48,18 @@ def ceiling(n: int, read_only: Timed, inference_only: Timed, pipeline_s: float, 
     }
 
 
+def warm_up(run):
+    """``run()`` as the warm-up: its warnings are held back (the timed runs that follow
+    repeat them), so that a slide without tissue ends in :func:`benchmark`'s one line."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    try:
+        return run()
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def benchmark(segmenter, slide, *, repeats: int = 10, progress: bool = False) -> dict:
     """Time ``segmenter`` on ``slide``: one warm-up, then ``repeats`` runs of
     :meth:`segment`; per stage mean and sd; items/s over the overlapped reading +
@@ -58,7 +70,7 @@ def benchmark(segmenter, slide, *, repeats: int = 10, progress: bool = False) ->
     :class:`ExportError` says so."""
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
-    warm = segmenter.segment(slide, progress=progress)
+    warm = warm_up(lambda: segmenter.segment(slide, progress=progress))
     if warm.no_tissue or warm.count == 0:
         raise ExportError(f"{slide.path}: no tissue found (no {segmenter.unit} over tissue): nothing to time")
     runs = []

@@ -36,6 +36,12 @@ outputs.  :func:`run_cohort` drives a cohort:
   that slide's peak (model loading, segmentation, writing).  Where the OS does not allow
   the reset it is the worker's peak so far.
 
+One run per folder: :func:`run_cohort` holds ``DIR/.cohort.lock`` (:class:`h2g.core.lock.RunLock`)
+while it runs.  On Ctrl-C it stops the workers, records every slide whose folder is complete
+and re-raises (:func:`_interrupted`; the CLI exits with 130).  Each task also returns the
+worker's ``pid`` and resident memory after the slide (``rss_mb``; tools/bench_memory.py),
+after handing freed memory back to the system (:func:`release_free_memory`).
+
 A slide without tissue is ``done`` with a ``warning`` ("no tissue found ..."), not
 ``failed``: the pipeline ran correctly and wrote its (empty) outputs, the slide needs a
 person to look at it (an empty or mis-scanned glass, a wrong file), and re-running it
@@ -59,6 +65,7 @@ from pathlib import Path
 
 from h2g.core.atomic import write_json, write_text
 from h2g.core.errors import ConfigError
+from h2g.core.lock import RunLock
 from h2g.core.measure import peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,7 @@ COLUMNS = ("slide_id", "path", "status", "attempts", "seconds", "patches", "tumo
 DONE_MARKER = "done.json"
 TABLE_NAME = "cohort.csv"
 SETTINGS_NAME = "cohort.json"
+LOCK_NAME = ".cohort.lock"  # pid and host of the run using the folder (h2g.core.lock)
 TMP_MARK = ".tmp-"
 
 
@@ -220,20 +228,52 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"
 
 
+def resident_memory_mb() -> float | None:
+    """This process's resident memory now (``VmRSS``, MiB); None where /proc has none."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def release_free_memory() -> None:
+    """Hand the allocator's free pages back to the system (glibc ``malloc_trim``): a
+    worker's resident size then shows what it holds, not what earlier slides freed.
+    A no-op elsewhere."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def run_task(job: dict) -> dict:
     """The worker's side of one slide: :func:`segment_one` on ``job`` (slide_id, path, mpp,
     out_dir, plan), never raising: a failure is a row with status ``failed``, the error,
     the seconds until it and the peak memory.  The worker's peak memory is reset first
-    (:func:`h2g.core.measure.reset_peak_memory`), so the row's is this slide's."""
+    (:func:`h2g.core.measure.reset_peak_memory`), so the row's is this slide's; after the
+    slide the freed memory goes back to the system (:func:`release_free_memory`) and the
+    row gets the worker's ``pid`` and resident memory ``rss_mb`` (not columns of
+    cohort.csv: tools/bench_memory.py reads them)."""
     reset_peak_memory()
     start = time.perf_counter()
     try:
         row = segment_one(job["path"], job["out_dir"], job["plan"], mpp=job.get("mpp"), slide_id=job["slide_id"])
-        return {**row, "status": "done"}
+        row = {**row, "status": "done"}
     except Exception as exc:  # noqa: BLE001  (recorded; the cohort goes on)
-        return {"slide_id": job["slide_id"], "path": str(job["path"]), "status": "failed",
-                "error": _one_line(exc), "seconds": round(time.perf_counter() - start, 3),
-                "peak_memory_mb": round(peak_memory_mb(), 1)}
+        row = {"slide_id": job["slide_id"], "path": str(job["path"]), "status": "failed",
+               "error": _one_line(exc), "seconds": round(time.perf_counter() - start, 3),
+               "peak_memory_mb": round(peak_memory_mb(), 1)}
+    release_free_memory()
+    rss = resident_memory_mb()
+    return {**row, "pid": os.getpid(), "rss_mb": None if rss is None else round(rss, 1)}
 
 
 # --------------------------------------------------------------------------------------
@@ -321,11 +361,14 @@ def run_cohort(slides: list[CohortSlide], out_dir, plan, executor, *, retries: i
     models and record the settings), skipping the complete ones and retrying a failed
     slide ``retries`` times; writes ``cohort.csv`` after each slide and returns the rows
     in ``slides``' order.  ``executor`` (:mod:`h2g.export.executors`: ``submit(job) ->
-    key``, ``wait() -> (key, row)``) or a callable making one, called only once the folder's
-    settings are checked and some slide needs to run (a finished cohort starts no Ray),
-    then closed at the end."""
-    from tqdm import tqdm
+    key``, ``wait() -> (key, row)``, ``abort()``) or a callable making one, called only once
+    the folder's settings are checked and some slide needs to run (a finished cohort starts
+    no Ray), then closed at the end.
 
+    The folder is locked for the run (``DIR/.cohort.lock``, :class:`h2g.core.lock.RunLock`:
+    a second run on it is refused; a lock left by a process that is gone is cleared).  A
+    Ctrl-C (KeyboardInterrupt) stops the workers, records what finished and re-raises
+    (:func:`_interrupted`)."""
     import dataclasses
 
     out_dir = Path(out_dir)
@@ -333,7 +376,17 @@ def run_cohort(slides: list[CohortSlide], out_dir, plan, executor, *, retries: i
     # thread: the driver of a GPU cluster may have no GPU)
     check = dataclasses.replace(plan, engine=dataclasses.replace(plan.engine, device="CPU", threads=1))
     settings = cohort_settings(plan, check.segmenter())
+    del check
     out_dir.mkdir(parents=True, exist_ok=True)
+    with RunLock(out_dir / LOCK_NAME, what="cohort run"):
+        return _run_locked(slides, out_dir, plan, settings, executor, retries=retries, progress=progress)
+
+
+def _run_locked(slides: list[CohortSlide], out_dir: Path, plan, settings: dict, executor, *, retries: int,
+                progress: bool) -> list[dict]:
+    """:func:`run_cohort` once the folder's lock is held."""
+    from tqdm import tqdm
+
     check_settings(out_dir, settings)
     stale = remove_stale_temporaries(out_dir)
     if stale:
@@ -353,10 +406,13 @@ def run_cohort(slides: list[CohortSlide], out_dir, plan, executor, *, retries: i
     if not todo:
         return ordered()
     owned = callable(executor) and not hasattr(executor, "submit")
-    runner = executor() if owned else executor
+    runner = None
+    attempts = {slide.slide_id: 1 for slide, _ in todo}
     try:
-        jobs = {runner.submit(job): (slide, job) for slide, job in todo}  # executor key -> (slide, job)
-        attempts = {slide.slide_id: 1 for slide, _ in todo}
+        runner = executor() if owned else executor
+        jobs = {}  # executor key -> (slide, job)
+        for slide, job in todo:
+            jobs[runner.submit(job)] = (slide, job)
         start, patches = time.perf_counter(), 0
         with tqdm(total=len(slides), initial=len(rows), unit="slide", desc="cohort", disable=not progress) as bar:
             while jobs:
@@ -375,10 +431,37 @@ def run_cohort(slides: list[CohortSlide], out_dir, plan, executor, *, retries: i
                                  "failed": failed}, refresh=False)
                 bar.update(1)
                 write_table(table, ordered())
+    except KeyboardInterrupt:
+        _interrupted(runner, out_dir, [slide for slide, _ in todo], rows, attempts, table, ordered)
+        raise
     finally:
-        if owned:
+        if owned and runner is not None:
             runner.close()
     return ordered()
+
+
+def _interrupted(runner, out_dir: Path, todo: list[CohortSlide], rows: dict, attempts: dict, table: Path,
+                 ordered) -> None:
+    """The one interrupt path (Ctrl-C): with further Ctrl-C ignored until it is done, stop
+    submitting and stop the workers (:meth:`abort`: cancel, terminate, reap), then record
+    in ``cohort.csv`` every slide whose folder is complete (finished by a worker before it
+    was stopped, even if its result never reached this process), and remove the
+    temporary folders the stopped workers left.  The caller re-raises: exit code 130."""
+    from h2g.export.executors import interrupts_ignored
+
+    with interrupts_ignored():
+        if runner is not None and hasattr(runner, "abort"):
+            runner.abort()
+        for slide in todo:
+            target = out_dir / slide.slide_id
+            if slide.slide_id not in rows and is_done(target):
+                rows[slide.slide_id] = {**skipped_row(slide, target), "status": "done",
+                                        "attempts": attempts.get(slide.slide_id, 1)}
+        write_table(table, ordered())
+        remove_stale_temporaries(out_dir)
+        left = sum(s.slide_id not in rows for s in todo)
+        log.warning("interrupted: %d slide(s) recorded in %s, %d not run; the same command resumes", len(rows), table,
+                    left)
 
 
 def summary_lines(rows: list[dict], out_dir) -> list[str]:

@@ -150,9 +150,26 @@ def add_deploy_arguments(parser, *, models: bool = True) -> None:
                              "to the slide's OpenSlide bounds (MRXS and other formats with openslide.bounds-x/y)")
 
 
+#: Accepted ranges of the size options (checked before any model loads: --size 100000
+#: would need a 120 GB float image, --size 0 cannot be resized to).  The refinement size's
+#: range is the one H2G-Net's segmenter accepts (:data:`h2g.inference.lowres.MAX_SIZE`).
+RANGES = {"size": (16, 8192), "patch_size": (8, 2048), "batch_size": (1, 1024), "readers": (1, 64),
+          "stride": (1, 8192), "keep": (1, 8192)}
+
+
+def check_ranges(args) -> None:
+    """:class:`ConfigError` (one line naming the option and its range) for a given size
+    option of :data:`RANGES` outside it."""
+    for name, (low, high) in RANGES.items():
+        value = getattr(args, name, None)
+        if value is not None and not low <= value <= high:
+            raise ConfigError(f"--{name.replace('_', '-')} {value:g}: must be from {low} to {high}")
+
+
 def deployment(args, models=()) -> Deployment:
     """The :class:`Deployment` of parsed :func:`add_deploy_arguments` options and the
     model files given as arguments (or ``--patch-model`` / ``--refine-model``)."""
+    check_ranges(args)
     models = [Path(m) for m in models]
     by_role = {role: p for role, p in (("patch_classifier", getattr(args, "patch_model", None)),
                                        ("refinement", getattr(args, "refine_model", None))) if p is not None}

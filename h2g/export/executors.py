@@ -15,12 +15,23 @@ context managers.
 - :class:`PoolExecutor`: ``concurrent.futures.ProcessPoolExecutor`` (spawn context) of
   ``workers`` processes on this machine; what runs without the ``cluster`` extra.
 
+Both take ``max_slides_per_worker`` (a worker process is replaced after that many slides:
+Ray's ``max_calls``, the pool's ``max_tasks_per_child``), a safety net against anything a
+worker might accumulate from slide to slide, and both have ``abort()``: what an interrupt
+calls to stop every worker at once (see :func:`h2g.export.cohort.run_cohort`).
+
 :func:`make_executor` picks one (``auto``: Ray when it is installed).
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import multiprocessing
+import signal
+import sys
+import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 
@@ -52,6 +63,33 @@ def ray_available() -> bool:
     return True
 
 
+#: Seconds a terminated worker gets to exit before it is killed (an interrupt's clean-up).
+TERMINATE_GRACE_S = 2.0
+
+
+def ignore_interrupts() -> None:
+    """A worker's initializer: Ctrl-C goes to the whole foreground process group, and only
+    the driver acts on it (it stops the workers itself, see :meth:`PoolExecutor.abort`)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def interrupts_ignored():
+    """SIGINT ignored in this process for the block (workers started inside inherit that,
+    so a Ctrl-C while they import cannot kill them with a traceback; the driver's clean-up
+    is not cut short by a second Ctrl-C).  Only the main thread can change it: elsewhere a
+    no-op."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _crashed(job: dict, exc: BaseException) -> dict:
     text = " ".join(str(exc).split())[:500]
     return {"slide_id": job["slide_id"], "path": str(job["path"]), "status": "failed",
@@ -64,7 +102,8 @@ class RayExecutor:
     name = "ray"
 
     def __init__(self, address: str | None = None, workers: int = 1, cpus_per_slide: float = 1,
-                 gpus_per_slide: float = 0, memory_per_slide: float | None = None):
+                 gpus_per_slide: float = 0, memory_per_slide: float | None = None,
+                 max_slides_per_worker: int | None = None):
         try:
             import ray
         except ImportError:
@@ -86,6 +125,8 @@ class RayExecutor:
         requests = {"num_cpus": cpus_per_slide, "num_gpus": gpus_per_slide, "max_retries": 0}
         if memory_per_slide:
             requests["memory"] = int(memory_per_slide * 2**30)
+        if max_slides_per_worker:  # Ray's own recycling: the worker process exits after that many calls
+            requests["max_calls"] = int(max_slides_per_worker)
         self.task = ray.remote(**requests)(run_task)
         self.jobs: dict = {}  # ObjectRef -> job
 
@@ -115,6 +156,17 @@ class RayExecutor:
         if self.owned and self.ray.is_initialized():
             self.ray.shutdown()
 
+    def abort(self) -> None:
+        """Stop now (an interrupt): cancel every slide not finished, killing the tasks
+        that run, then :meth:`close`."""
+        for ref in list(self.jobs):
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:  # noqa: BLE001  (already finished, or Ray is going down)
+                pass
+        self.jobs.clear()
+        self.close()
+
     def __enter__(self):
         return self
 
@@ -123,38 +175,92 @@ class RayExecutor:
 
 
 class PoolExecutor:
-    """A local pool of ``workers`` spawned processes (a new pool after a worker died)."""
+    """A local pool of ``workers`` spawned processes (a new pool after a worker died).
+
+    Slides wait in this process and go to the pool only as workers free up (at most
+    ``workers`` in the pool at a time): an interrupt then has nothing queued to cancel,
+    and ``max_slides_per_worker`` (a worker process is replaced after that many slides:
+    ``max_tasks_per_child``, Python 3.11+), a bound on whatever a worker accumulates, does
+    not meet CPython's deadlock with a backlog queued in the pool (gh-115634: with
+    ``max_tasks_per_child`` the pool can stop replacing workers and hang).  Workers
+    ignore Ctrl-C; the driver stops them (:meth:`abort`)."""
 
     name = "process"
 
-    def __init__(self, workers: int = 1):
+    def __init__(self, workers: int = 1, max_slides_per_worker: int | None = None):
         self.workers = max(1, int(workers))
+        self.max_slides_per_worker = int(max_slides_per_worker) if max_slides_per_worker else None
+        if self.max_slides_per_worker and sys.version_info < (3, 11):
+            raise ConfigError("--max-slides-per-worker with the process pool needs Python 3.11 or newer "
+                              "(or use --executor ray)")
         self.pool = self._new_pool()
-        self.jobs: dict = {}  # Future -> job
+        self._keys = itertools.count()
+        self.backlog: deque = deque()  # (key, job) not yet in the pool
+        self.running: dict = {}  # Future -> (key, job)
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        extra = {"max_tasks_per_child": self.max_slides_per_worker} if self.max_slides_per_worker else {}
+        return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=ignore_interrupts, **extra)
 
     def submit(self, job: dict):
-        try:
-            future = self.pool.submit(run_task, job)
-        except BrokenProcessPool:  # a worker died earlier: the pool takes no more work
-            self.pool.shutdown(wait=False, cancel_futures=True)
-            self.pool = self._new_pool()
-            future = self.pool.submit(run_task, job)
-        self.jobs[future] = job
-        return future
+        key = next(self._keys)
+        self.backlog.append((key, job))
+        self._fill()
+        return key
+
+    def _fill(self) -> None:
+        """Hand waiting slides to the pool while a worker is free."""
+        while self.backlog and len(self.running) < self.workers:
+            key, job = self.backlog.popleft()
+            with interrupts_ignored():  # workers spawned now start with Ctrl-C ignored
+                try:
+                    future = self.pool.submit(run_task, job)
+                except BrokenProcessPool:  # a worker died earlier: the pool takes no more work
+                    self.pool.shutdown(wait=False, cancel_futures=True)
+                    self.pool = self._new_pool()
+                    future = self.pool.submit(run_task, job)
+            self.running[future] = (key, job)
 
     def wait(self):
-        done, _ = wait(list(self.jobs), return_when=FIRST_COMPLETED)
+        self._fill()
+        done, _ = wait(list(self.running), return_when=FIRST_COMPLETED)
         future = next(iter(done))
-        job = self.jobs.pop(future)
+        key, job = self.running.pop(future)
         try:
-            return future, future.result()
+            row = future.result()
         except Exception as exc:  # noqa: BLE001  (BrokenProcessPool: a worker died; its slides in flight fail)
-            return future, _crashed(job, exc)
+            row = _crashed(job, exc)
+        self._fill()
+        return key, row
+
+    def worker_pids(self) -> list[int]:
+        """The pool's live worker processes."""
+        return [p.pid for p in list((self.pool._processes or {}).values()) if p.is_alive()]
+
+    def abort(self) -> None:
+        """Stop now (an interrupt): no waiting slide starts, the workers are terminated
+        (killed when they take longer than :data:`TERMINATE_GRACE_S`) and reaped, so that
+        no worker goes on writing slides nobody will record."""
+        self.backlog.clear()
+        # No future.cancel() here: the pool's manager thread fails every pending future
+        # with BrokenProcessPool once its workers are gone, and a future cancelled
+        # beforehand makes it raise InvalidStateError (Python 3.11).
+        processes = list((self.pool._processes or {}).values())
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        deadline = time.monotonic() + TERMINATE_GRACE_S
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                process.kill()
+                process.join(1.0)
+        self.pool.shutdown(wait=False)
+        self.running.clear()
 
     def close(self) -> None:
+        self.backlog.clear()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self):
@@ -165,15 +271,19 @@ class PoolExecutor:
 
 
 def make_executor(kind: str = "auto", *, address: str | None = None, workers: int = 1, cpus_per_slide: float = 1,
-                  gpus_per_slide: float = 0, memory_per_slide: float | None = None):
-    """The executor ``kind`` names (``auto``: Ray when installed, else the process pool)."""
+                  gpus_per_slide: float = 0, memory_per_slide: float | None = None,
+                  max_slides_per_worker: int | None = None):
+    """The executor ``kind`` names (``auto``: Ray when installed, else the process pool);
+    ``max_slides_per_worker``: worker processes are replaced after that many slides."""
     kind = Executor.parse(kind, "executor")
+    if max_slides_per_worker is not None and max_slides_per_worker < 1:
+        raise ConfigError(f"--max-slides-per-worker must be >= 1, got {max_slides_per_worker}")
     if kind == Executor.AUTO:
         kind = Executor.RAY if ray_available() else Executor.PROCESS
     if kind == Executor.RAY:
-        return RayExecutor(address, workers, cpus_per_slide, gpus_per_slide, memory_per_slide)
+        return RayExecutor(address, workers, cpus_per_slide, gpus_per_slide, memory_per_slide, max_slides_per_worker)
     if address:
         raise ConfigError("--address joins a Ray cluster; the process pool runs on this machine only")
     if gpus_per_slide:
         log.warning("--gpus-per-slide is a Ray resource request; the process pool does not assign GPUs")
-    return PoolExecutor(workers)
+    return PoolExecutor(workers, max_slides_per_worker)

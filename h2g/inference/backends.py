@@ -162,6 +162,39 @@ class _BackendBase:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source!r}, device={self.device!r}, precision={self.precision!r})"
 
+    def check_output(self, shape) -> None:
+        """:class:`ExportError` (one line: the model file, its output shape and what the
+        metadata says) when the first output's ``shape`` (``None`` for a dynamic
+        dimension) disagrees with the metadata: its rank with the output kind
+        (``class_probs`` (B, C), ``pixel_probs`` (B, H, W, C)) or its last dimension with
+        the number of classes.  Called when a backend loads its model, so a classifier with
+        three outputs whose metadata names two is refused before a slide is read."""
+        check_output_shape(shape, self.metadata, self.source)
+
+
+#: The first output's rank for each metadata output kind (clusters: not checked).
+OUTPUT_RANKS = {"class_probs": 2, "pixel_probs": 4}
+
+
+def check_output_shape(shape, metadata, source: str) -> None:
+    """See :meth:`_BackendBase.check_output`; nothing to check without metadata."""
+    if metadata is None:
+        return
+    dims = tuple(d if isinstance(d, int) and d >= 0 else None for d in shape)
+    rank = OUTPUT_RANKS.get(metadata.output)
+    n = len(metadata.classes)
+    wanted = None
+    if rank is not None and len(dims) != rank:
+        wanted = "(batch, classes)" if rank == 2 else "(batch, height, width, classes)"
+    elif n and dims and dims[-1] is not None and dims[-1] != n:
+        wanted = f"{n} classes in the last dimension"
+    if wanted is not None:
+        shown = "(" + ", ".join("?" if d is None else str(d) for d in dims) + ")"
+        names = f" ({', '.join(metadata.class_names)})" if n else ""
+        raise ExportError(f"{source}: the model's output has shape {shown}, but its metadata says {metadata.output} "
+                          f"over {n} classes{names}: {wanted} expected; the model and its metadata do not belong "
+                          "together (export it again with export/convert.py)")
+
 
 def _square_side(shape: tuple) -> int | None:
     """The side of a ``(batch, S, S, channels)`` input whose S is fixed, else None."""
@@ -259,6 +292,7 @@ class KerasBackend(_BackendBase):
         # a single input is the image, whatever its Keras name (as in export)
         self.input_names = self._keras_order if len(self._keras_order) > 1 else ("image",)
         self.image_size = _square_side(tuple(self.model.inputs[0].shape))
+        self.check_output(tuple(self.model.outputs[0].shape))
 
     def predict(self, inputs: Inputs) -> np.ndarray:
         # eager: no retracing per batch size
@@ -365,6 +399,7 @@ class OnnxRuntimeBackend(_BackendBase):
         self.image_size = _square_side(tuple(self.session.get_inputs()[0].shape))
         self.metadata = _embedded(self.session.get_modelmeta().custom_metadata_map.get(_META_KEY), path)
         self._output = self.session.get_outputs()[0].name
+        self.check_output(tuple(self.session.get_outputs()[0].shape))
 
     def info(self) -> dict:
         """:meth:`_BackendBase.info` and the execution ``providers`` the session runs with."""
@@ -463,6 +498,8 @@ class OpenVINOBackend(_BackendBase):
         self.input_names = tuple(i.get_any_name() for i in self.compiled.inputs)
         first = self.compiled.inputs[0].get_partial_shape()
         self.image_size = _square_side(tuple(d.get_length() if d.is_static else None for d in first))
+        output = self.compiled.outputs[0].get_partial_shape()
+        self.check_output(tuple(d.get_length() if d.is_static else None for d in output))
         self.hint = hint
         try:
             self.streams = int(self.compiled.get_property("NUM_STREAMS"))
@@ -471,13 +508,13 @@ class OpenVINOBackend(_BackendBase):
         self._request = self.compiled.create_infer_request()
         self._queue = None
         self.sub_batch = int(sub_batch) if sub_batch else (1 if device == "CPU" else None)
+        self._parts: dict[int, np.ndarray] = {}
         if hint == "throughput":
             self._queue = ov.AsyncInferQueue(self.compiled, 2 * max(1, self.streams))
-            self._queue.set_callback(self._collect)
-        self._parts: dict[int, np.ndarray] = {}
-
-    def _collect(self, request, start: int) -> None:  # runs in OpenVINO's callback thread
-        self._parts[start] = request.get_output_tensor(0).data.copy()
+            # The callback must not hold the backend: the queue keeps it in C++, where Python's
+            # garbage collector cannot see the cycle, and a backend in such a cycle (its compiled
+            # model and stream threads) was never freed: a cohort worker grew by 8 MB per slide.
+            self._queue.set_callback(_collector(self._parts))
 
     def predict(self, inputs: Inputs) -> np.ndarray:
         feed = self._feed(inputs)
@@ -485,13 +522,23 @@ class OpenVINOBackend(_BackendBase):
             if self._queue is None or _rows(feed) < 2:
                 self._request.infer(feed)
                 return self._request.get_output_tensor(0).data.copy()
-            self._parts = {}
+            self._parts.clear()
             for start, part in _sub_feeds(feed, self.sub_batch or -(-_rows(feed) // max(1, self.streams))):
                 self._queue.start_async(part, start)
             self._queue.wait_all()
         except Exception as exc:  # OpenVINO's RuntimeError subclasses
             raise self._failed(feed, exc) from None
         return np.concatenate([self._parts[k] for k in sorted(self._parts)])
+
+
+def _collector(parts: dict):
+    """An AsyncInferQueue callback storing each request's output in ``parts`` by its
+    userdata (the sub-batch's first row); it runs in OpenVINO's callback thread."""
+
+    def collect(request, start: int) -> None:
+        parts[start] = request.get_output_tensor(0).data.copy()
+
+    return collect
 
 
 _META_KEY = "h2g"  # = h2g.inference.metadata.KEY

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from h2g.core.errors import ExportError
+from h2g.core.errors import ConfigError, ExportError
 from h2g.inference.backends import INPUT_NAMES, Backend
 from h2g.inference.heatmap import Heatmap
 
@@ -21,6 +21,12 @@ def _resize_plane(plane: np.ndarray, size: int, box=None) -> np.ndarray:
     source rectangle in pixel units, fractional allowed)."""
     image = Image.fromarray(np.ascontiguousarray(plane, dtype=np.float32), mode="F")
     return np.asarray(image.resize((size, size), Image.BILINEAR, box=box), dtype=np.float32)
+
+
+#: Refinement sizes accepted (--size): the paper's is 1024, smoke models' 256.
+MIN_SIZE, MAX_SIZE = 16, 8192
+#: A level more than this many times the size on its short side is read box-shrunk first.
+OVERSAMPLE = 4
 
 
 def lowres_level(slide, size: int = 1024) -> int:
@@ -47,11 +53,23 @@ def heatmap_raster(heatmap: Heatmap, dimensions: tuple[int, int], size: int) -> 
 def refinement_inputs(slide, heatmap: Heatmap | None, size: int = 1024) -> tuple[np.ndarray, np.ndarray]:
     """The refinement network's inputs: ``image`` ``(size, size, 3)`` float32 in [0, 1] -
     the lowest pyramid level with at least ``size`` px a side (:func:`lowres_level`),
-    scaled to [0, 1] and bilinearly resized - and ``heat`` ``(size, size, 1)`` float32 -
+    scaled to [0, 1] and bilinearly resized; a level more than :data:`OVERSAMPLE` times
+    ``size`` on its short side (no pyramid) is first box-shrunk to 2-3 times ``size``
+    (:meth:`h2g.io.slide.Slide.read_level_shrunk`, region by region), never read whole -
+    and ``heat`` ``(size, size, 1)`` float32 -
     the heatmap placed on the slide's level-0 extent and resized the same way
     (:func:`heatmap_raster`; zeros when ``heatmap`` is None, for image-only models)."""
-    level = slide.read_level(lowres_level(slide, size))
-    image = np.stack([_resize_plane(level[..., c].astype(np.float32) / 255.0, size) for c in range(3)], axis=-1)
+    if not MIN_SIZE <= int(size) <= MAX_SIZE:
+        raise ConfigError(f"refinement size {size}: must be from {MIN_SIZE} to {MAX_SIZE} px")
+    index = lowres_level(slide, size)
+    width, height = slide.level_dimensions[index]
+    factor = min(width, height) // (2 * size) if min(width, height) > OVERSAMPLE * size else 1
+    if factor == 1:
+        level, box = slide.read_level(index), None
+    else:  # no pyramid level near the size (a single-level slide): read it shrunk, region by region
+        level, box = slide.read_level_shrunk(index, factor), (0.0, 0.0, width / factor, height / factor)
+    image = np.stack([_resize_plane(level[..., c].astype(np.float32) / 255.0, size, box) for c in range(3)],
+                     axis=-1)
     if heatmap is None:
         heat = np.zeros((size, size), np.float32)
     else:

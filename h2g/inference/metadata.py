@@ -23,6 +23,7 @@ TensorFlow-free (ONNX / OpenVINO are imported inside the functions that need the
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -194,22 +195,89 @@ def embed_openvino(ov_model, metadata: ModelMetadata):
     return ov_model
 
 
-def read_onnx_metadata(onnx_path) -> ModelMetadata | None:
-    """The metadata of an ONNX file, read with the ``onnx`` package (OpenVINO's reader
-    drops ``metadata_props``); None when absent or ``onnx`` is not installed."""
+def _varint(fh) -> int | None:
+    """A protobuf varint read from ``fh`` (None at the end of the file)."""
+    value, shift = 0, 0
+    while True:
+        byte = fh.read(1)
+        if not byte:
+            if shift:
+                raise ValueError("truncated varint")
+            return None
+        value |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return value
+        shift += 7
+        if shift > 63:
+            raise ValueError("bad varint")
+
+
+def _fields(fh, end: int | None = None):
+    """``(field number, wire type, value)`` of the protobuf message in ``fh`` up to
+    ``end``; a length-delimited field's value is its ``(offset, length)`` (the file is
+    positioned after it), so that large fields (the graph, its weights) are skipped, not
+    read."""
+    while end is None or fh.tell() < end:
+        key = _varint(fh)
+        if key is None:
+            return
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value = _varint(fh)
+        elif wire == 1:
+            value = fh.seek(8, 1)
+        elif wire == 5:
+            value = fh.seek(4, 1)
+        elif wire == 2:
+            length = _varint(fh)
+            value = (fh.tell(), length)
+            fh.seek(length, 1)
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, wire, value
+
+
+def onnx_metadata_props(onnx_path) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX file (``ModelProto`` field 14, key / value
+    strings), read from the protobuf wire format directly: no ``onnx`` package (whose
+    import takes seconds and holds the interpreter while it does), and the graph is
+    skipped, not parsed.  :class:`ExportError` for a file that is not a protobuf message."""
+    props: dict[str, str] = {}
     try:
-        import onnx
-    except ImportError:
-        return None
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    text = {p.key: p.value for p in model.metadata_props}.get(KEY)
+        with open(onnx_path, "rb") as fh:
+            entries = [value for number, wire, value in _fields(fh) if number == 14 and wire == 2]
+            if fh.tell() > os.fstat(fh.fileno()).st_size:
+                raise ValueError("the file is truncated")
+            for offset, length in entries:
+                fh.seek(offset)
+                key = value = ""
+                for number, wire, (start, size) in ((n, w, v) for n, w, v in _fields(fh, offset + length)
+                                                    if w == 2):
+                    here = fh.tell()
+                    fh.seek(start)
+                    text = fh.read(size).decode("utf-8")
+                    fh.seek(here)
+                    if number == 1:
+                        key = text
+                    elif number == 2:
+                        value = text
+                props[key] = value
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ExportError(f"{onnx_path}: not a readable ONNX file: {exc}") from None
+    return props
+
+
+def read_onnx_metadata(onnx_path) -> ModelMetadata | None:
+    """The metadata of an ONNX file (None when absent), from its ``metadata_props``
+    (:func:`onnx_metadata_props`; OpenVINO's reader drops them)."""
+    text = onnx_metadata_props(onnx_path).get(KEY)
     return ModelMetadata.from_json(text, str(onnx_path)) if text else None
 
 
 def model_metadata(path) -> ModelMetadata | None:
     """The metadata of a model file without compiling it: an OpenVINO IR's rt_info, an
-    ONNX file's metadata_props (the ``onnx`` package, else ONNX Runtime), a ``.keras``
-    file's sidecar.  None when the file carries none."""
+    ONNX file's metadata_props (:func:`onnx_metadata_props`), a ``.keras`` file's sidecar.
+    None when the file carries none."""
     path = Path(path)
     if not path.is_file():
         raise ExportError(f"{path}: model file not found")
@@ -227,23 +295,7 @@ def model_metadata(path) -> ModelMetadata | None:
             raise ExportError(f"{path}: OpenVINO cannot read the model: {exc}") from None
         return from_text(model.get_rt_info(KEY).astype(str), str(path)) if model.has_rt_info(KEY) else None
     if suffix == ".onnx":
-        try:
-            import onnx  # noqa: F401
-        except ImportError:
-            try:
-                import onnxruntime as ort
-            except ImportError:
-                raise ExportError("neither onnx nor onnxruntime is installed to read "
-                                  f"{path}'s metadata") from None
-            try:
-                session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            except Exception as exc:  # onnxruntime's own error types
-                raise ExportError(f"{path}: ONNX Runtime cannot load the model: {exc}") from None
-            return from_text(session.get_modelmeta().custom_metadata_map.get(KEY), str(path))
-        try:
-            return read_onnx_metadata(path)
-        except Exception as exc:  # onnx raises DecodeError and others on bad files
-            raise ExportError(f"{path}: not a readable ONNX file: {exc}") from None
+        return read_onnx_metadata(path)
     raise ExportError(f"{path}: not a model file (.keras, .onnx or .xml expected)")
 
 

@@ -64,9 +64,17 @@ def blend_over(base_rgb: np.ndarray, map_rgb: np.ndarray, alpha: float = OVERLAY
     return Image.blend(base, layer, alpha)
 
 
+#: Longest side of a thumbnail read from a slide whose smallest level is larger (no pyramid).
+THUMBNAIL_SIDE = 2048
+
+
 def thumbnail(slide) -> np.ndarray:
-    """The slide's smallest pyramid level as ``(h, w, 3)`` uint8 RGB."""
-    return slide.read_level(slide.level_count - 1)
+    """The slide's smallest pyramid level as ``(h, w, 3)`` uint8 RGB; when that level is
+    more than twice :data:`THUMBNAIL_SIDE` (a slide without a pyramid), the level
+    box-shrunk region by region to about that size."""
+    level = slide.level_count - 1
+    factor = max(slide.level_dimensions[level]) // THUMBNAIL_SIDE
+    return slide.read_level(level) if factor < 2 else slide.read_level_shrunk(level, factor)
 
 
 def write_overlay(path, slide, map_rgb: np.ndarray, alpha: float = OVERLAY_ALPHA) -> Path:

@@ -44,8 +44,11 @@ from h2g.core.resources import available_cores
 STANDARD_POWERS = (2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0)
 #: Snap tolerance: derived power within this factor of a standard power takes its value.
 SNAP_FACTOR = 1.15
-#: Whole levels taller than BAND_ROWS are read in bands of that many rows by BAND_THREADS threads.
+#: Whole levels larger than one block are read in blocks of BAND_ROWS rows x BLOCK_COLS columns
+#: (level px) by BAND_THREADS threads, so a read holds a few blocks at a time, whatever the
+#: level's size (a slide without a pyramid has only its full-resolution level).
 BAND_ROWS = 1024
+BLOCK_COLS = 8192
 BAND_THREADS = 2
 
 
@@ -59,6 +62,15 @@ class Reader(Choice):
 
 
 READERS = Reader.values()
+#: A read of more blocks than this shows a progress bar: on a terminal (None), always (True), never (False).
+PROGRESS_BLOCKS = 16
+SHOW_PROGRESS: bool | None = None
+#: Levels of more pixels than this (256 MiB of RGBA) are never read whole to be resized:
+#: their coarse views come from an overview, the level box-shrunk once (region by region) by
+#: the smallest power of two that brings its long side to OVERVIEW_SIDE px or less, kept
+#: with the open slide (at most 192 MiB) - an in-memory pyramid level for slides without one.
+LARGE_LEVEL_PIXELS = 1 << 26
+OVERVIEW_SIDE = 8192
 #: Suffixes of the slide formats OpenSlide reads; an unrecognised file with one of these
 #: is reported as corrupt rather than "not a slide".
 SLIDE_SUFFIXES = frozenset(
@@ -182,6 +194,8 @@ class Slide:
             from h2g.io.tiles import TileSource
 
             self._tiles = TileSource.open(self.path, self.level_dimensions)
+        self._overviews: dict[int, tuple[np.ndarray, int]] = {}
+        self._overview_lock = threading.Lock()
         self._mpp_override = _positive(mpp)
         self._mpp_default = _positive(default_mpp)
         self._mpp_meta = _positive(props.get(openslide.PROPERTY_NAME_MPP_X)) or _positive(
@@ -318,53 +332,161 @@ class Slide:
 
     def read_level(self, level: int) -> np.ndarray:
         """The whole pyramid level ``level`` as ``(h, w, 3)`` uint8 RGB (large levels are
-        read in bands of :data:`BAND_ROWS` rows by :data:`BAND_THREADS` threads; with
-        ``reader="tiles"`` / ``"reduced"``, a tiled level is decoded tile row by tile row
-        in one thread per core instead: the same pixels, without OpenSlide's ARGB round
-        trip, which was most of the time of tissue detection on a full-size slide)."""
+        read in blocks by :data:`BAND_THREADS` threads; with ``reader="tiles"`` /
+        ``"reduced"``, a tiled level that is not too large to hold (:data:`LARGE_LEVEL_PIXELS`)
+        is decoded tile row by tile row in one thread per core instead: the same pixels,
+        without OpenSlide's ARGB round trip, which was most of the time of tissue detection
+        on a full-size slide).  Its size is the level's: use :meth:`read_level_shrunk` for a
+        view of a level too large to hold."""
+        self._check_level(level)
+        return self._read_level_shrunk(level, 1)
+
+    def read_level_shrunk(self, level: int, factor: int) -> np.ndarray:
+        """Level ``level`` box-filtered by the integer ``factor``: ``(ceil(h / factor),
+        ceil(w / factor), 3)`` uint8, each pixel the mean of a ``factor`` x ``factor``
+        block (blocks past the level's right / bottom edge are padded with white glass:
+        the image spans ``factor x`` its size in level pixels).  Read region by region, so
+        the memory it needs is the output plus a few blocks, and a large read shows a
+        progress bar: how a slide without a pyramid gives its low-resolution views."""
+        self._check_level(level)
+        if int(factor) != factor or factor < 1:
+            raise SlideError(self.path, f"shrink factor must be a positive integer, got {factor!r}")
+        factor = int(factor)
+        if factor > 1 and self._large(level) and factor >= self._overview_factor(level):
+            return self._from_overview(level, factor)
+        return self._read_level_shrunk(level, factor)
+
+    def _large(self, level: int) -> bool:
+        width, height = self.level_dimensions[level]
+        return width * height > LARGE_LEVEL_PIXELS
+
+    def _overview_factor(self, level: int) -> int:
+        factor = 1
+        while max(self.level_dimensions[level]) > OVERVIEW_SIDE * factor:
+            factor *= 2
+        return factor
+
+    def _overview(self, level: int) -> tuple[np.ndarray, int]:
+        """The level's overview (see :data:`OVERVIEW_SIDE`) and its factor, read once."""
+        with self._overview_lock:
+            if level not in self._overviews:
+                factor = self._overview_factor(level)
+                self._overviews[level] = (self._read_level_shrunk(level, factor, fast=True), factor)
+            return self._overviews[level]
+
+    def _from_overview(self, level: int, factor: int) -> np.ndarray:
+        """:meth:`read_level_shrunk` of a large level from its overview (box filter)."""
+        overview, first = self._overview(level)
+        width, height = self.level_dimensions[level]
+        out = (-(-width // factor), -(-height // factor))
+        ratio = factor / first
+        need = (math.ceil(out[0] * ratio), math.ceil(out[1] * ratio))
+        if need[0] > overview.shape[1] or need[1] > overview.shape[0]:  # the last blocks reach past it: glass
+            overview = np.pad(overview, ((0, max(0, need[1] - overview.shape[0])),
+                                         (0, max(0, need[0] - overview.shape[1])), (0, 0)), constant_values=255)
+        if ratio == 1:
+            return overview[:out[1], :out[0]].copy()
+        return np.asarray(Image.fromarray(overview).resize(out, Image.BOX, box=(0.0, 0.0, out[0] * ratio,
+                                                                                 out[1] * ratio)))
+
+    def _check_level(self, level: int) -> None:
         if not 0 <= level < self.level_count:
             raise SlideError(self.path, f"level {level} does not exist (the slide has "
                                         f"{self.level_count} levels)")
-        return self._read_level_shrunk(level, 1)
 
-    def _read_level_shrunk(self, level: int, factor: int) -> np.ndarray:
-        """Level ``level`` box-filtered by the integer ``factor`` (its sides must be
-        multiples of it), read and shrunk band by band in threads when it is large."""
+    def _read_level_shrunk(self, level: int, factor: int, fast: bool = False) -> np.ndarray:
+        """Level ``level`` box-filtered by the integer ``factor``, read and shrunk block by
+        block in threads when it is larger than one block (see :meth:`read_level_shrunk`).
+        ``fast``: OpenCV's area resize (4x faster than PIL's box filter; block means that
+        may differ from PIL's by one grey level), for an overview."""
         width, height = self.level_dimensions[level]
         downsample = self.level_downsamples[level]
-        out_size = (width // factor, height // factor)
+        out_size = (-(-width // factor), -(-height // factor))
+        rows_per_band = max(factor, BAND_ROWS - BAND_ROWS % factor)  # whole output rows per block
+        cols_per_block = max(factor, BLOCK_COLS - BLOCK_COLS % factor)
+        # block origins are level-0 px (x downsample): exact only for an integer downsample,
+        # so a level with another one is read in one call unless it is too large for that
+        inexact = downsample != int(downsample) and width * height <= LARGE_LEVEL_PIXELS
         tiled = self._tiles.level(level) if self._tiles is not None else None
-        if tiled is not None and (width, height) == (out_size[0] * factor, out_size[1] * factor) \
+        if tiled is not None and not self._large(level) and width % factor == 0 and height % factor == 0 \
                 and tiled.tile_height % factor == 0 and tiled.tile_width % factor == 0:
             try:  # the same pixels as OpenSlide (tests/test_tissue.py), without its ARGB round trip
                 return tiled.read_level(factor, threads=max(BAND_THREADS, available_cores()), shrink=_resize)
             except Exception as exc:  # tifffile / imagecodecs raise many types on corrupt data
                 raise SlideError(self.path, f"cannot decode image data of level {level}: {exc}") from None
-        if height <= BAND_ROWS or downsample != int(downsample):  # bands must start on exact rows
-            return _resize(self._read((0, 0), level, (width, height)), out_size)
-        rows_per_band = BAND_ROWS - BAND_ROWS % factor  # whole output rows per band
+        if (height <= rows_per_band and width <= cols_per_block) or inexact:
+            return self._shrunk_block(level, 0, 0, width, height, factor, fast)
         out = np.empty((out_size[1], out_size[0], 3), np.uint8)
+        blocks = [(left, top) for top in range(0, height, rows_per_band) for left in range(0, width, cols_per_block)]
 
-        def band(top: int) -> None:  # OpenSlide is thread-safe and releases the GIL
-            rows = min(rows_per_band, height - top)
-            plane = self._read((0, top * int(downsample)), level, (width, rows))
-            out[top // factor:(top + rows) // factor] = _resize(plane, (out_size[0], rows // factor))
+        def block(origin) -> None:  # OpenSlide is thread-safe and releases the GIL
+            left, top = origin
+            cols, rows = min(cols_per_block, width - left), min(rows_per_band, height - top)
+            out[top // factor:top // factor + -(-rows // factor),
+                left // factor:left // factor + -(-cols // factor)] = self._shrunk_block(level, left, top, cols, rows,
+                                                                                        factor, fast)
 
-        with ThreadPoolExecutor(BAND_THREADS) as pool:
-            list(pool.map(band, range(0, height, rows_per_band)))
+        from tqdm import tqdm
+
+        with ThreadPoolExecutor(BAND_THREADS) as pool, \
+                tqdm(total=len(blocks), desc=f"reading {self.path.name} level {level}", unit="block", leave=False,
+                     disable=True if len(blocks) <= PROGRESS_BLOCKS else
+                     (None if SHOW_PROGRESS is None else not SHOW_PROGRESS)) as bar:
+            for _ in pool.map(block, blocks):
+                bar.update(1)
         return out
+
+    def _shrunk_block(self, level: int, left: int, top: int, cols: int, rows: int, factor: int,
+                      fast: bool = False) -> np.ndarray:
+        """The level's ``cols`` x ``rows`` px at (``left``, ``top``) (level px) box-shrunk by
+        ``factor``; a partial last block is padded with white to whole ``factor`` blocks.
+        Read from the decoded tiles when the slide's reader serves this level (the same
+        pixels as OpenSlide, without its ARGB round trip), else through OpenSlide."""
+        plane = self._level_region(level, left, top, cols, rows)
+        if factor == 1:
+            return plane
+        pad_rows, pad_cols = -rows % factor, -cols % factor
+        if pad_rows or pad_cols:
+            plane = np.pad(plane, ((0, pad_rows), (0, pad_cols), (0, 0)), constant_values=255)
+        size = (plane.shape[1] // factor, plane.shape[0] // factor)
+        if fast:
+            import cv2  # opencv-python-headless: in the base install
+
+            return cv2.resize(plane, size, interpolation=cv2.INTER_AREA)
+        return _resize(plane, size)
+
+    def _level_region(self, level: int, left: int, top: int, cols: int, rows: int) -> np.ndarray:
+        """``rows`` x ``cols`` px of level ``level`` at (``left``, ``top``) in its own pixels."""
+        tiled = self._tiles.level(level, 1) if self._tiles is not None else None
+        if tiled is not None:
+            if self._closed:
+                raise SlideError(self.path, "the slide has been closed")
+            try:
+                return tiled.read(left, top, cols, rows, cache=False)  # each tile once
+            except Exception as exc:  # tifffile / imagecodecs raise many types on corrupt data
+                raise SlideError(self.path, f"cannot decode image data of level {level}: {exc}") from None
+        downsample = self.level_downsamples[level]
+        return self._read((round(left * downsample), round(top * downsample)), level, (cols, rows))
 
     def read_magnification(self, magnification: float) -> np.ndarray:
         """The whole slide at ``magnification``: the nearest finer level resized to
         ``round(level-0 size / downsample)`` (at least 1 px a side).  When that is an
-        exact integer shrink of the level, bands are read and shrunk in threads."""
+        exact integer shrink of the level, blocks are read and shrunk in threads; a level
+        larger than :data:`LARGE_LEVEL_PIXELS` (a slide without a pyramid) is first shrunk
+        block by block by the largest integer factor that fits, so the whole level is
+        never held at once."""
         downsample = self.downsample_for(magnification)
         size = tuple(max(1, round(d / downsample)) for d in self.dimensions)
         level = self.best_level_for(downsample)
         width, height = self.level_dimensions[level]
         factor = width // size[0]
         if (width, height) == (size[0] * factor, size[1] * factor):
-            return self._read_level_shrunk(level, factor)  # box filter = exact block means
+            return self.read_level_shrunk(level, factor)  # box filter = exact block means
+        factor = min(width // size[0], height // size[1])
+        if self._large(level) and factor > 1:
+            shrunk = self.read_level_shrunk(level, factor)  # spans factor x its size: crop the padding
+            box = (0.0, 0.0, width / factor, height / factor)
+            return np.asarray(Image.fromarray(shrunk).resize(size, Image.BOX, box=box))
         return _resize(self.read_level(level), size)
 
     # -- lifetime ----------------------------------------------------------------------
@@ -373,6 +495,7 @@ class Slide:
         forget(self)
         if not self._closed:
             self._closed = True
+            self._overviews.clear()
             self._osr.close()
             if self._tiles is not None:
                 self._tiles.close()

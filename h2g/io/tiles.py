@@ -30,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
-#: decoded tiles kept per slide (a 256 x 256 RGB tile is 192 KiB: 512 tiles ~ 100 MB)
-CACHE_TILES = 512
+#: bytes of decoded tiles kept per slide (a 256 x 256 RGB tile is 192 KiB: 512 of them;
+#: a 1024 x 1024 one 3 MiB: 32), so the cache is bounded whatever the slide's tile size
+CACHE_BYTES = 96 << 20
 REDUCED_SCALES = (2, 4, 8)
 
 
@@ -83,17 +84,19 @@ class TiledLevel:
             tile = full
         return tile
 
-    def tile(self, column: int, row: int, scale: int = 1) -> np.ndarray:
-        """The decoded tile ``(column, row)`` at 1/``scale`` size (cached)."""
+    def tile(self, column: int, row: int, scale: int = 1, cache: bool = True) -> np.ndarray:
+        """The decoded tile ``(column, row)`` at 1/``scale`` size (cached unless ``cache``
+        is false: a pass over a whole level reads each tile once)."""
         index = row * self.columns + column
         key = (self._key, scale, index)
         tile = self._cache.get(key)
         if tile is None:
             tile = self._decode(index, scale)
-            self._cache.put(key, tile)
+            if cache:
+                self._cache.put(key, tile)
         return tile
 
-    def read(self, x: int, y: int, width: int, height: int, scale: int = 1) -> np.ndarray:
+    def read(self, x: int, y: int, width: int, height: int, scale: int = 1, cache: bool = True) -> np.ndarray:
         """``(height, width, 3)`` uint8 of this level shrunk by ``scale``, top-left at
         ``(x, y)`` in that shrunk level's pixels; outside the level is white (glass)."""
         out = np.full((height, width, 3), 255, np.uint8)
@@ -105,7 +108,7 @@ class TiledLevel:
             return out
         for row in range(y0 // th, (y1 - 1) // th + 1):
             for column in range(x0 // tw, (x1 - 1) // tw + 1):
-                tile = self.tile(column, row, scale)
+                tile = self.tile(column, row, scale, cache)
                 left, top = column * tw, row * th
                 a, b = max(x0, left), min(x1, left + tw)
                 c, d = max(y0, top), min(y1, top + th)
@@ -153,11 +156,12 @@ class TiledLevel:
 
 
 class TileCache:
-    """A thread-safe LRU of decoded tiles (two threads may decode the same tile at once;
-    both results are equal, the later one is kept)."""
+    """A thread-safe LRU of decoded tiles holding at most ``capacity`` bytes (two threads
+    may decode the same tile at once; both results are equal, the later one is kept)."""
 
-    def __init__(self, capacity: int = CACHE_TILES):
+    def __init__(self, capacity: int = CACHE_BYTES):
         self.capacity = int(capacity)
+        self.nbytes = 0
         self._tiles: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
@@ -170,10 +174,13 @@ class TileCache:
 
     def put(self, key, tile) -> None:
         with self._lock:
+            old = self._tiles.pop(key, None)
+            if old is not None:
+                self.nbytes -= old.nbytes
             self._tiles[key] = tile
-            self._tiles.move_to_end(key)
-            while len(self._tiles) > self.capacity:
-                self._tiles.popitem(last=False)
+            self.nbytes += tile.nbytes
+            while self.nbytes > self.capacity and len(self._tiles) > 1:
+                self.nbytes -= self._tiles.popitem(last=False)[1].nbytes
 
 
 class TileSource:
@@ -181,16 +188,16 @@ class TileSource:
     (``level_dimensions``, (w, h) per level); :meth:`open` gives None when the file is
     not such a slide."""
 
-    def __init__(self, path: Path, tif, levels: list, cache_tiles: int = CACHE_TILES):
+    def __init__(self, path: Path, tif, levels: list, cache_bytes: int = CACHE_BYTES):
         self.path = Path(path)
         self._tif = tif
         self._fd = os.open(str(path), os.O_RDONLY)
-        self._cache = TileCache(cache_tiles)
+        self._cache = TileCache(cache_bytes)
         self._levels = [TiledLevel(self._fd, page, self._cache, k) if page is not None else None
                         for k, page in enumerate(levels)]
 
     @classmethod
-    def open(cls, path, level_dimensions, cache_tiles: int = CACHE_TILES) -> "TileSource | None":
+    def open(cls, path, level_dimensions, cache_bytes: int = CACHE_BYTES) -> "TileSource | None":
         try:
             import tifffile
         except ImportError:
@@ -220,7 +227,7 @@ class TileSource:
         if not any(levels):
             tif.close()
             return None
-        return cls(path, tif, levels, cache_tiles)
+        return cls(path, tif, levels, cache_bytes)
 
     def level(self, index: int, scale: int = 1) -> TiledLevel | None:
         """Level ``index`` when it can be read at 1/``scale`` from its tiles, else None."""

@@ -26,7 +26,7 @@ from h2g.core.atomic import replace_atomically, write_json
 from h2g.core.config import Config
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage, data_key
-from h2g.evaluation import metrics, tables
+from h2g.evaluation import collapse, metrics, tables
 from h2g.io.classes import IGNORE
 from h2g.io.manifest import Manifest, SlideRecord, load_manifest
 
@@ -237,7 +237,9 @@ class Pipeline:
                      resolution: str, examples: list | None = None, **fields) -> dict:
         """The result of a label-map design (mean IoU, per class scores, mean IoU by slide
         and the ``fields``), its class tables, its Table 1 rows (with a tumour class) and
-        its example figure; ``self.scores`` keeps its pooled scores for the combined tables."""
+        its example figure; ``self.scores`` keeps its pooled scores for the combined tables.
+        The collapse check of the pooled test predictions (:mod:`h2g.evaluation.collapse`)
+        goes into the result and the rows (so every table flags it), with a warning."""
         from h2g.evaluation import figures
 
         folder.mkdir(parents=True, exist_ok=True)
@@ -246,6 +248,7 @@ class Pipeline:
         result = self.result(design, n_test_slides=len(rows), resolution=resolution, unevaluated=unevaluated,
                              **{"mean_iou": pooled.mean_iou, "classes": self.class_entries(pooled),
                                 "mean_iou_by_slide": {r["slide_id"]: r["mean_iou"] for r in rows}, **fields})
+        collapse.mark(result, collapse.from_confusion(pooled.confusion, self.classes.names), rows, design.label)
         if self.classes.tumour_index is not None:
             summary = tables.metrics_summary(rows, design.label)
             result.update({k: v for k, v in summary.items() if k != "design"})

@@ -7,9 +7,9 @@
   (the centre 512 px of the 1024 px input region, downsampled x2) and ``x5`` (the whole
   region, x4) - and the target is the label map of ``x20`` (255 = unannotated).
 - **Training** (Section II-E): weighted cross-entropy, ``w_c = 1 - N_c / sum_k N_k`` with
-  ``N_c`` the annotated pixels of class ``c`` in the training label maps, unannotated
-  pixels weight 0; SGD (lr 5e-5, momentum 0.99, weight decay 1e-4) in the ``paper``
-  preset; the epoch with the best validation mean IoU is kept.  Augmentation: flips,
+  ``N_c`` the annotated pixels of class ``c`` in the training patches as the class-balanced
+  sampler draws them (the paper's balanced set of patches), unannotated pixels weight 0;
+  SGD (lr 5e-5, momentum 0.99, weight decay 1e-4) in the ``paper`` preset; the epoch with the best validation mean IoU is kept.  Augmentation: flips,
   rotations, elastic deformation, hue / saturation and brightness / contrast
   (:func:`h2g.data.augment.multiview_augmenter`).
 - **Inference** (Section II-F): sliding window over the slide at 20x with stride 256, the
@@ -46,6 +46,8 @@ from h2g.systems.dmmn.designs import Design
 log = logging.getLogger("h2g")
 
 VIEW_NAMES = ("x20", "x10", "x5")
+#: Target patches whose label pixels give the class weights (:meth:`Pipeline.class_weights`).
+WEIGHT_DRAWS = 1024
 BACKGROUND_NAMES = metrics.BACKGROUND_NAMES  # the class of pixels no window covered, when the table has one
 
 
@@ -89,12 +91,25 @@ class Pipeline(base.Pipeline):
             n_classes=self.classes.n_classes, annotations=annotations, shard=shard)
 
     def class_weights(self) -> np.ndarray:
-        """``w_c = 1 - N_c / sum_k N_k`` over the annotated pixels of the training label maps."""
-        counts = self.annotated_pixels(self._annotated("train"))
-        if counts.sum() == 0:
-            raise ConfigError(f"{self.manifest_path}: the training label maps have no annotated pixel")
+        """``w_c = 1 - N_c / sum_k N_k`` over the annotated pixels of the training patches
+        as the sampler draws them (the paper's "training set" is its class-balanced set of
+        patches): the first :data:`WEIGHT_DRAWS` target patches of the training stream.
+        Counted over the whole label maps instead, the weights balanced a second time what
+        the sampler's class stage had already balanced; with two classes ``1 - N_c / N`` is
+        the full inverse frequency (a binary mask is mostly non-tumour glass and stroma:
+        weights 0.15 / 0.85), and DSMN-S2 on a binary manifest called everything tumour."""
+        from h2g.data.readers import sampled_label_counts
         from h2g.training.losses import class_weights_from_counts
 
+        c = self.config
+        sampler = self.split_sampler("train")
+        annotations = {r.slide_id: self.annotation(r) for r in self._annotated("train")}
+        target = View("x20", float(c.dmmn.magnifications[0]), c.dmmn.size)
+        counts = sampled_label_counts(sampler, target, annotations, n_classes=self.classes.n_classes,
+                                      batch_size=c.dmmn.batch_size,
+                                      n_batches=-(-WEIGHT_DRAWS // c.dmmn.batch_size))
+        if counts.sum() == 0:
+            raise ConfigError(f"{self.manifest_path}: the training patches have no annotated pixel")
         return class_weights_from_counts(counts)
 
     # ------------------------------------------------------------------ stages
@@ -108,7 +123,7 @@ class Pipeline(base.Pipeline):
 
         c = self.config
         stage = self.training_stage("dmmn", ("dmmn", "patches", "sampler"), architecture=design.architecture,
-                                    classes=list(self.classes.names))
+                                    classes=list(self.classes.names), class_weights="sampled")
         if stage.done:
             return stage
         resumed = stage.prepare(self.resume)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from h2g.core.atomic import replace_atomically, save_npz
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
-from h2g.evaluation import figures, metrics, tables
+from h2g.evaluation import collapse, figures, metrics, tables
 from h2g.inference.metadata import h2g_patch_metadata, h2g_refinement_metadata
 from h2g.io.overlay import write_heatmap_overlay
 from h2g.io.slide import open_slide
@@ -345,6 +345,8 @@ class Pipeline(base.Pipeline):
                              **{k: v for k, v in summary.items() if k not in ("design", "n_test_slides")},
                              dice_by_slide={r["slide_id"]: r["dice"] for r in rows}, threshold_sweep=sweep,
                              threshold=c.eval.threshold)
+        collapse.mark(result, collapse.from_masks((metrics.binarise(p, c.eval.threshold), s.mask) for s, p in pairs
+                                                  if s.mask is not None), rows, design.label)
         folder.mkdir(parents=True, exist_ok=True)
         tables.write_tables(folder, rows, [design.label], resolution=c.refine.size)
         tables.write_threshold_table(folder, {design.label: sweep})

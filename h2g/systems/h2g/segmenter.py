@@ -38,6 +38,7 @@ import numpy as np
 from h2g.core.errors import ConfigError, ExportError
 from h2g.core.measure import Timed
 from h2g.inference.heatmap import Heatmap
+from h2g.inference.lowres import MAX_SIZE, MIN_SIZE
 from h2g.inference.segmenter import (
     SegmentOptions,
     Segmentation,
@@ -71,8 +72,8 @@ class H2GOptions(SegmentOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        if self.size is not None and not 16 <= int(self.size) <= 8192:
-            raise ConfigError(f"refinement size must be from 16 to 8192 px, got {self.size}")
+        if self.size is not None and not MIN_SIZE <= int(self.size) <= MAX_SIZE:
+            raise ConfigError(f"refinement size must be from {MIN_SIZE} to {MAX_SIZE} px, got {self.size}")
         if self.patch_size is not None and int(self.patch_size) < 1:
             raise ConfigError(f"patch size must be >= 1, got {self.patch_size}")
         if self.magnification is not None and not self.magnification > 0:

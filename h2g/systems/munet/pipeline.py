@@ -46,7 +46,7 @@ from h2g.core.atomic import replace_atomically, write_text
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
 from h2g.data.views import View
-from h2g.evaluation import metrics
+from h2g.evaluation import collapse, metrics
 from h2g.io.classes import IGNORE, colour_rgb
 from h2g.io.manifest import SlideRecord
 from h2g.io.slide import open_slide
@@ -411,7 +411,8 @@ class Pipeline(base.Pipeline):
         pooled = evaluated["pooled"]
         rows = [dict(r, design=design.label) for r in evaluated["rows"]]
         folder.mkdir(parents=True, exist_ok=True)
-        write_text(folder / "munet_tables.md", munet_tables(design.label, evaluated, rounds))
+        write_text(folder / "munet_tables.md", munet_tables(collapse.flagged_label(
+            design.label, collapse.from_confusion(pooled.confusion, pooled.names)), evaluated, rounds))
         figures.group_iou_plot(folder / "iou_by_stain_scanner.png", evaluated["groups"],
                                [n for n in pooled.names if n != pooled.names[0]], title=design.label)
         resolution = f"the label maps' grid (downsample {c.patches.annotation_downsample:g})"

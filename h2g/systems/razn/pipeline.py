@@ -36,7 +36,7 @@ from h2g.core.atomic import replace_atomically, write_text
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
 from h2g.data.views import View
-from h2g.evaluation import metrics
+from h2g.evaluation import collapse, metrics
 from h2g.inference.zoom import ZOOM_RATE, zoom_views
 from h2g.io.classes import colour_rgb
 from h2g.io.manifest import SlideRecord
@@ -369,7 +369,8 @@ def table1_markdown(results: list[dict]) -> str:
         ious = [f"{r['classes'][n]['iou']:.3f}" if r["classes"][n]["present"] else "n/a" for n in names]
         t = r["relative_time"]
         zoom = f"{100 * r['zoom_fraction']:.0f} %" if r.get("zoom_fraction") is not None else "-"
-        lines.append("| " + " | ".join([r["label"], *ious, f"{r['mean_iou']:.3f}", f"{r['weighted_iou']:.3f}",
+        label = collapse.flagged_label(r["label"], {"collapsed": r.get("collapsed"), **r.get("collapse", {})})
+        lines.append("| " + " | ".join([label, *ious, f"{r['mean_iou']:.3f}", f"{r['weighted_iou']:.3f}",
                                         f"{r['inverse_weighted_iou']:.3f}", f"{t['mean']:.2f} ± {t['sd']:.2f}",
                                         f"{r['relative_flops']:.2f}", zoom]) + " |")
     return "\n".join(lines) + "\n"
