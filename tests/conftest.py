@@ -51,6 +51,17 @@ def tiny_config(seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def smoke_run(tiny_cohort, tmp_path_factory):
+    """Every H2G-Net design through the registry on the tiny cohort (tiny models, seed 0):
+    ``(run folder, metrics by design)``; its stages (``OUT/_cache``) serve other tests."""
+    from h2g.systems.registry import resolve, run
+
+    out = tmp_path_factory.mktemp("runs")
+    results = run(resolve("all", system="h2g"), tiny_cohort, out, tiny_config())
+    return out, results
+
+
+@pytest.fixture(scope="session")
 def checker_path(tmp_path_factory) -> Path:
     """A 40x checker slide of 4.5 x 3.25 patches (helpers.CELL), pixel-exact."""
     from helpers import CELL
@@ -96,9 +107,18 @@ def _cpu_now() -> float:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    start = _cpu_now()
+    """CPU seconds per test (``--cpu-durations``); with ``$H2G_TEST_TIMES`` set, one line per
+    test appended to that file as it finishes (wall s, CPU s, node id), so that a long run
+    can be read while it goes."""
+    import time
+
+    start, wall = _cpu_now(), time.perf_counter()
     yield
     _CPU[item.nodeid] = _cpu_now() - start
+    log = os.environ.get("H2G_TEST_TIMES")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{time.perf_counter() - wall:8.1f} {_CPU[item.nodeid]:8.1f} {item.nodeid}\n")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):

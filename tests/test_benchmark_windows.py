@@ -53,6 +53,7 @@ def small_slide(tmp_path_factory):
                       tissue=(256, 192, 384, 256), compression=None, downsamples=(1, 4))
 
 
+@pytest.mark.slow
 def test_benchmark_times_a_multi_view_sliding_window_model(dmmn_onnx, small_slide, tmp_path):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
     done = run_script("benchmark.py", "--slide", small_slide, "--model", dmmn_onnx, "--engine", "onnxruntime",
@@ -100,6 +101,7 @@ def test_benchmark_times_a_multi_view_sliding_window_model(dmmn_onnx, small_slid
     assert "pipeline efficiency" in table and "±" in table
 
 
+@pytest.mark.slow
 def test_sliding_window_options_are_refused_for_h2g_and_peer_for_windows(dmmn_onnx, small_slide, tmp_path):
     peer = run_script("benchmark.py", "--slide", small_slide, "--model", dmmn_onnx, "--engine", "onnxruntime",
                       "--repeats", 1, "--peer", "fast", tmp_path=tmp_path)

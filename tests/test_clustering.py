@@ -139,6 +139,7 @@ def reference_ids(features, stats):
     return np.argmin(((projected[:, None, :] - stats.centroids[None]) ** 2).sum(-1), axis=1)
 
 
+@pytest.mark.slow
 def test_vgg16_cluster_model_end_to_end(tmp_path):
     keras.utils.set_random_seed(0)
     extractor = vgg16_extractor(weights=None, input_size=32, patch_size=64)
@@ -197,6 +198,7 @@ def load_camelyon(folder):
     return np.stack(images)
 
 
+@pytest.mark.slow
 def test_real_camelyon_patches_through_cluster_model_and_classifier(real_data):
     from h2g.training.fit import evaluate_classifier
     from h2g.training.losses import CWCELoss, cluster_guided

@@ -121,6 +121,7 @@ def test_masks_are_lossless_at_downsample_4(tiny):
         assert 0.03 < tumour < 0.5, f"{record.slide_id}: tumour covers {tumour:.2f}"
 
 
+@pytest.mark.slow
 def test_slides_look_like_stained_tissue_on_glass(tiny):
     """At 1 um/px (level 1): glass is bright and grey, tissue covers 30-60% and is pink
     (red above green), tumour is darker than the rest of the tissue (more nuclei), and
@@ -161,6 +162,7 @@ def test_every_slide_has_tumour_and_non_tumour_patches_at_10x(tiny):
 
 # ------------------------------------------------------------------------- determinism
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_files(tiny, tmp_path):
     spec = cohort.cohort_specs("tiny")[1]
     cohort.write_slide(tmp_path, "tiny", spec, seed=0)
@@ -169,6 +171,7 @@ def test_same_seed_gives_identical_files(tiny, tmp_path):
         assert filecmp.cmp(tmp_path / name, tiny / name, shallow=False), name
 
 
+@pytest.mark.slow
 def test_another_seed_gives_other_pixels(tiny, tmp_path):
     spec = cohort.cohort_specs("tiny")[1]
     cohort.write_slide(tmp_path, "tiny", spec, seed=1)
@@ -229,6 +232,7 @@ def test_glass_colour_is_the_unstained_lut_entry():
 
 # ----------------------------------------------------------------------- ensure_cohort
 
+@pytest.mark.slow
 def test_ensure_cohort_regenerates_missing_files_identically(tiny, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny, copy)
@@ -349,6 +353,7 @@ def test_tile_count_matches_the_written_pyramid(tmp_path):
 
 
 
+@pytest.mark.slow
 def test_cli_names_the_slides_of_non_smoke_presets(tiny_cohort, tmp_path, capsys, monkeypatch):
     tool = _tool()
     monkeypatch.setattr(tool, "make_cohort", lambda out, preset, seed, progress: tiny_cohort)
@@ -555,6 +560,7 @@ def test_committed_multiclass_manifest_is_what_the_smoke_preset_writes():
         (r.slide_id, r.grade, r.split) for r in binary]
 
 
+@pytest.mark.slow
 def test_ensure_cohort_completes_a_multiclass_cohort_without_touching_slides(tiny, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(tiny, copy)
@@ -573,6 +579,7 @@ def test_ensure_cohort_completes_a_multiclass_cohort_without_touching_slides(tin
     assert not list(copy.rglob("*.tmp")) and not list(copy.rglob(".pyramid-*"))
 
 
+@pytest.mark.slow
 def test_pyramid_rendered_in_processes_is_the_same_file(tmp_path):
     """write_pyramid_tiles with level 0 rendered by two worker processes (and tiles
     compressed by two threads) writes the same bytes as one process: the full preset's

@@ -38,6 +38,7 @@ def test_committed_geojson_manifests_are_what_the_smoke_preset_writes():
     assert multiclass.classes == load_manifest(REPO / cohort.MULTICLASS_MANIFEST_NAME, check_files=False).classes
 
 
+@pytest.mark.slow
 def test_every_annotation_reads_back_from_its_geojson_pixel_for_pixel(tiny_cohort):
     folder = tiny_cohort.parent
     table = load_manifest(folder / cohort.MULTICLASS_MANIFEST_NAME).classes
@@ -96,6 +97,7 @@ def test_h2g_truths_are_the_same_from_masks_and_geojson(tiny_cohort):
         assert dice >= 0.99, (a.slide_id, dice)
 
 
+@pytest.mark.slow
 def test_ensure_cohort_writes_missing_geojson_without_touching_the_images(tiny_cohort, tmp_path):
     folder = tiny_cohort.parent
     copy = tmp_path / "copy"
@@ -115,14 +117,16 @@ def test_ensure_cohort_writes_missing_geojson_without_touching_the_images(tiny_c
 
 
 @pytest.mark.slow
-def test_an_h2g_design_gives_the_same_dice_from_masks_and_geojson(tiny_cohort, tmp_path):
+def test_an_h2g_design_gives_the_same_dice_from_masks_and_geojson(smoke_run, tiny_cohort, tmp_path):
+    """Mob-PW trained and scored from the GeoJSON manifest, against the same design from the
+    masks (the session's smoke run, same config and seed)."""
     from h2g.systems.registry import resolve, run
 
-    folder = tiny_cohort.parent
-    raster = run(resolve(["mob_pw_unet"]), folder / cohort.MANIFEST_NAME, tmp_path / "raster", tiny_config())
-    polygons = run(resolve(["mob_pw_unet"]), folder / cohort.GEOJSON_MANIFEST_NAME, tmp_path / "geojson",
+    _, raster = smoke_run
+    assert tiny_cohort.name == cohort.MANIFEST_NAME
+    polygons = run(resolve(["mob_pw"]), tiny_cohort.parent / cohort.GEOJSON_MANIFEST_NAME, tmp_path / "geojson",
                    tiny_config())
-    assert abs(raster["mob_pw_unet"]["dice_mean"] - polygons["mob_pw_unet"]["dice_mean"]) <= 0.01
+    assert abs(raster["mob_pw"]["dice_mean"] - polygons["mob_pw"]["dice_mean"]) <= 0.01
 
 
 def test_the_int8_guard_scores_test_slides_against_their_geojson(tiny_cohort):

@@ -86,6 +86,7 @@ def ray_run(local_ray, cohort, deploy_models, tmp_path_factory):  # noqa: F811
     return out, code, stdout.getvalue()
 
 
+@pytest.mark.slow
 def test_ray_cohort_completes_good_slides_and_reports_both_problems(ray_run):
     out, code, printed = ray_run
     assert code == 1  # one slide failed
@@ -153,6 +154,7 @@ def test_a_second_run_skips_every_finished_slide_without_rewriting_it(ray_run, c
     assert output_files(out) == before
 
 
+@pytest.mark.slow
 def test_process_pool_without_ray_gives_the_same_outputs(cohort, deploy_models, tmp_path, monkeypatch, capsys,  # noqa: F811
                                                          request):
     """With ``ray`` not importable the same command runs on the process pool; its outputs
@@ -245,6 +247,7 @@ def test_tumour_area_of_masks_and_multi_class_rasters():
     assert raster_tumour_mm2(raster, ["stroma", "benign", "fat"], 0.25) is None
 
 
+@pytest.mark.slow
 def test_mpp_is_a_fallback_and_force_mpp_an_override(deploy_models, tmp_path, capsys):  # noqa: F811
     """--mpp scales only a slide whose file states no scale: a 0.25 um/px slide beside one
     without a scale keeps its own patches and tumour area; --force-mpp rescales both.

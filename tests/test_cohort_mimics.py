@@ -63,6 +63,7 @@ def _nucleus_blobs(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return areas, centres
 
 
+@pytest.mark.slow
 def test_every_smoke_slide_has_mimics_and_all_kinds_occur():
     found = set()
     for index in range(len(cohort.cohort_specs("smoke"))):
@@ -78,6 +79,7 @@ def test_every_smoke_slide_has_mimics_and_all_kinds_occur():
 
 
 @pytest.mark.parametrize("index", [0, 1])  # grade 1 and 2 smoke slides
+@pytest.mark.slow
 def test_mimics_match_the_tumour_at_low_resolution(index):
     """At 8 um/px the glandular mimics' mean colour is much closer to the tumour's than
     the stroma's is (seed 0: within 0.75 of the stroma's distance, summed over RGB)."""
@@ -91,6 +93,7 @@ def test_mimics_match_the_tumour_at_low_resolution(index):
         assert np.abs(means[kind] - tumour).sum() < 0.75 * stroma_gap, (kind, means[kind], tumour)
 
 
+@pytest.mark.slow
 def test_benign_mimic_nuclei_are_smaller_than_tumour_nuclei_at_high_resolution():
     """At 40x the nuclei of the benign mimics' epithelium are clearly smaller than those of
     the invasive epithelium (the feature a patch classifier can use and a low-resolution

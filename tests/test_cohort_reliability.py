@@ -246,6 +246,7 @@ def test_ctrl_c_after_slides_finished_records_them_and_the_rerun_completes(model
 
 # ------------------------------------------------------------------ item 7: worker memory
 @pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+@pytest.mark.slow
 def test_a_dropped_backend_is_freed(engine, models):
     """The cause of the cohort workers' growth (8 MB per slide with OpenVINO): a
     throughput-hint OpenVINO backend was kept alive by a reference cycle through its

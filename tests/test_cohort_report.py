@@ -163,6 +163,7 @@ def test_stats_rows_groups_and_csv_on_hand_made_samples(tmp_path):
 
 # --------------------------------------------------------------------------- thumbnails
 
+@pytest.mark.slow
 def test_thumbnail_from_a_slide_file_matches_the_rendered_one(tiny_views, tmp_path):
     view = tiny_views[0]
     cohort.write_slide(tmp_path, "tiny", view.spec, 0, only=(view.spec.slide_path,))
@@ -178,6 +179,7 @@ def test_thumbnail_from_a_slide_file_matches_the_rendered_one(tiny_views, tmp_pa
     assert tool.disk_thumbnail(tmp_path / "missing.tiff", view, factor) is None
 
 
+@pytest.mark.slow
 def test_thumbnail_of_a_large_slide_samples_bands(tiny_views, monkeypatch):
     """Beyond the render budget only a band of rows per thumbnail row is rendered: it
     still looks like the full thumbnail (same size, close colours)."""

@@ -175,6 +175,7 @@ _CONCURRENCY_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_batches_are_read_in_parallel_under_op_determinism():
     """A stateful tf.numpy_function makes tf.data read one batch after another under op
     determinism; the readers are stateless, so two batches are read at once, in order."""

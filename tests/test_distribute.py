@@ -138,6 +138,7 @@ def test_two_workers_train_the_classifier_in_lockstep(tiny_cohort, tmp_path):
     assert len(a) == len(b) and all(np.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
 
 
+@pytest.mark.slow
 def test_multiworker_without_tf_config_is_a_clear_error(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
     proc = subprocess.run([sys.executable, str(REPO / "experiments" / "run.py"), "--design", "otsu",

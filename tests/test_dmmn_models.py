@@ -187,6 +187,7 @@ def test_random_weights_context_outside_the_field_matters_less_for_m2s():
 
 # --------------------------------------------------------------------------- training
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_one_training_step(name):
     import keras
 
@@ -219,6 +220,7 @@ def nondegenerate(model, feed: dict) -> np.ndarray:
 
 
 @pytest.mark.parametrize("name", NAMES)
+@pytest.mark.slow
 def test_onnx_parity(name, tmp_path):
     import onnx
     import onnxruntime as ort

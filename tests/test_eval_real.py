@@ -92,6 +92,7 @@ def test_truth_on_grid_is_area_average_then_half():
 
 
 @pytest.mark.parametrize("region_id", sorted(README_SHARES))
+@pytest.mark.slow
 def test_scoring_with_stub_predictors(real_data, tmp_path, region_id):
     region = _region(real_data, region_id)
     truth = _numpy_truth(region)

@@ -101,6 +101,7 @@ def _check_onnx_file(path: Path, names: list[str], opset: int) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
+@pytest.mark.slow
 def test_every_architecture_converts_with_parity(name, parity_slide, tmp_path):
     import keras
 
@@ -266,6 +267,7 @@ def test_segment_slide_runs_without_tensorflow_and_matches_keras(engine, checker
             assert overlay.mpp == pytest.approx(mpp * width / w, rel=0.01)
 
 
+@pytest.mark.slow
 def test_refiner_metadata_carries_the_heatmap_stride_to_deployment(checker_path, deploy_models, tmp_path):
     """A refinement net trained on half-stride heatmaps records the stride; segment_slide.py
     then cuts the heatmap at that stride unless --heatmap-stride overrides it (a warning)."""
@@ -303,6 +305,7 @@ def test_refiner_metadata_carries_the_heatmap_stride_to_deployment(checker_path,
     assert result["heatmap_stride"] == PATCH // 2 and result["patches"] == fine.n_patches
 
 
+@pytest.mark.slow
 def test_segment_slide_reports_bad_input_in_one_line(checker_path, deploy_models, tmp_path):
     patch_onnx, patch_xml = deploy_models["patch"][1:]
     missing = run_script("segment_slide.py", checker_path, "--patch-model", tmp_path / "nope.onnx",
@@ -530,6 +533,7 @@ def test_fast_batch_one_copies_predict_like_the_original(deploy_models, tmp_path
 
 
 # ---------------------------------------------------------------------------- any-input export
+@pytest.mark.slow
 def test_multi_view_model_exports_with_parity_and_deploys_from_its_metadata(tmp_path):
     """A 3-class two-view segmentation model: ONNX / OpenVINO parity on real views, its
     metadata in both files, and segment_slide.py run with the model and the slide only."""

@@ -114,6 +114,7 @@ def toy_registered():
     registry.unregister("toy")
 
 
+@pytest.mark.slow
 def test_a_toy_system_registers_trains_evaluates_and_deploys(toy_registered, tiny_cohort, tmp_path):
     from h2g.export.conversion import convert_model
     from h2g.export.deploy import Deployment

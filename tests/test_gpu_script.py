@@ -24,6 +24,7 @@ def run(*args, script=SCRIPT, env=None, cwd=ROOT):
                           cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_dry_run_prints_every_command_and_finds_every_flag():
     done = run("--dry-run", "--python", sys.executable)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr

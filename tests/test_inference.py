@@ -414,6 +414,7 @@ def test_missing_engine_is_a_clear_error(monkeypatch, colour_files):
         OpenVINOBackend(colour_files[2])
 
 
+@pytest.mark.slow
 def test_backends_report_the_fixed_image_size_of_a_model(tmp_path):
     """segment_slide/benchmark take the refinement resolution from the model itself."""
     import keras

@@ -59,6 +59,7 @@ def cmu(real_data):
     return path
 
 
+@pytest.mark.slow
 def test_geojson_with_a_hole_a_multipolygon_and_two_classes(cmu, tmp_path):
     tumour = [star(900, 1100, 520, 380, phase=0.1), star(880, 1090, 160, 120, n=12, phase=0.3)]  # with a hole
     stroma = [[star(1700, 600, 200, 150, n=9)], [star(1600, 2400, 260, 180, n=11, phase=0.2)]]    # MultiPolygon

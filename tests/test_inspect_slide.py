@@ -98,6 +98,7 @@ def test_bad_input_exits_2_with_one_line(files, tmp_path, capsys):
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_real_slides(real_data):
     slides = real_data / "slides"
     done = run_tool(slides / "cmu_small_region.svs", "--json")

@@ -33,6 +33,7 @@ def tumour_geojson_file(path: Path, box=(300, 300, 1300, 1300)) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_on_the_real_slides_with_drawn_geojson(real_data, tmp_path):
     """cmu_small_region (20x, mpp in its metadata) and the TCGA frozen section (no scale:
     --mpp is its fallback only); broken.svs has no annotation; an orphan annotation."""

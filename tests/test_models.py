@@ -63,6 +63,7 @@ def tiny(name: str) -> keras.Model:
 
 # --------------------------------------------------------------------------- forward passes
 @pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.slow
 def test_tiny_forward_gives_softmax_of_the_right_shape(name):
     model = tiny(name)
     x = inputs_for(model)
@@ -79,6 +80,7 @@ def test_tiny_forward_gives_softmax_of_the_right_shape(name):
 
 
 @pytest.mark.parametrize("name", list(TINY))
+@pytest.mark.slow
 def test_keras_save_reload_round_trip(name, tmp_path):
     model = tiny(name)
     x = inputs_for(model, seed=2)
@@ -91,6 +93,7 @@ def test_keras_save_reload_round_trip(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", list(DEEP))
+@pytest.mark.slow
 def test_deep_supervision_outputs_and_inference_model(name):
     keras.utils.set_random_seed(0)
     size = TINY[name]["input_size"]
@@ -115,6 +118,7 @@ def test_deep_supervision_outputs_and_inference_model(name):
     np.testing.assert_allclose(np.asarray(single(x, training=False)), outs[0], rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_same_seed_same_weights():
     def weights():
         keras.utils.set_random_seed(5)
@@ -152,6 +156,7 @@ def full(name: str) -> keras.Model:
 
 
 @pytest.mark.parametrize("name", [*models.PAPER_PARAMS, "unet_lr"])  # H2G-Net's (DMMN's paper gives no counts)
+@pytest.mark.slow
 def test_full_size_parameter_counts_within_5_percent_of_the_paper(name):
     params = full(name).count_params()
     paper = models.PAPER_PARAMS.get(name, models.PAPER_PARAMS["unet"])  # UNet-LR: U-Net's figure
@@ -271,6 +276,7 @@ def test_imagenet_weights_missing_is_a_model_error(tmp_path, monkeypatch):
     assert str(tmp_path / "models") in str(err.value)
 
 
+@pytest.mark.slow
 def test_imagenet_weights_load_from_keras_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     (tmp_path / "models").mkdir()
@@ -300,6 +306,7 @@ def load_tool():
     return module
 
 
+@pytest.mark.slow
 def test_model_summary_json_and_table(capsys):
     tool = load_tool()
     assert tool.main(["--json", "unet_lr"]) == 0
@@ -319,6 +326,7 @@ def test_model_summary_unknown_name_exits_2(capsys):
     assert len(err) == 1 and "resnet" in err[0]
 
 
+@pytest.mark.slow
 def test_model_summary_saves_seeded_untrained_models(tmp_path, capsys):
     """--save writes loadable full-size models; the same seed gives the same weights."""
 
@@ -341,6 +349,7 @@ def test_model_summary_save_onto_a_file_exits_2(tmp_path, capsys):
     assert "not a folder" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_model_summary_tiny_dmmn_stand_in_carries_its_views(tmp_path, capsys):
     """--tiny --save dmmn_m3: the small stand-in (64 px views, width 1/8) with a sidecar
     naming DMMN's three views at 20x / 10x / 5x and the target x20, so that export and

@@ -159,6 +159,7 @@ def test_pseudo_labels_below_the_threshold_are_ignored_by_the_loss():
         assert np.abs(grad[low]).max() == 0.0 and np.abs(grad[~low]).max() > 0
 
 
+@pytest.mark.slow
 def test_tiny_munet_trains_a_step_with_a_loss_per_output():
     import keras
 
@@ -252,6 +253,7 @@ def test_multistain_manifest_is_committed_and_classes_club_the_label_values():
     assert {r.attributes["stain"] for r in test} >= {"he"} and len({r.attributes["scanner"] for r in test}) > 1
 
 
+@pytest.mark.slow
 def test_same_seed_same_ihc_bytes(tmp_path):
     from h2g.data import multistain as ms
 

@@ -20,14 +20,6 @@ ALL = ("otsu", "unet_lr", "inc_pw", "mob_pw", "mob_km_pw", "mob_pw_unet", "mob_p
        "mob_pw_doubleunet")
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tiny_cohort, tmp_path_factory):
-    """Every H2G-Net design through the registry on the tiny cohort (tiny models)."""
-    out = tmp_path_factory.mktemp("runs")
-    results = run(resolve("all", system="h2g"), tiny_cohort, out, tiny_config())
-    return out, results
-
-
 def test_every_design_runs_and_writes_its_results(smoke_run):
     out, results = smoke_run
     assert tuple(results) == ALL

@@ -399,6 +399,7 @@ def test_bench_annotations_runs_with_its_documented_arguments():
     assert result["label_map_shape"] == [384, 256]
 
 
+@pytest.mark.slow
 def test_exact_patch_coverage_agrees_with_the_painted_labels(tmp_path):
     """Overlapping shapes of two classes and exclusions: the geometric class fractions
     (PolygonSource.class_fractions) against labels painted at 256 x 256 points per cell

@@ -143,6 +143,7 @@ def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * inter / total
 
 
+@pytest.mark.slow
 def test_guard_scores_what_deployment_segments(converted, tiny_cohort):
     from h2g.inference.lowres import target_mask
     from h2g.inference.segmenter import EngineOptions
@@ -176,6 +177,7 @@ def test_guard_scores_what_deployment_segments(converted, tiny_cohort):
     assert result["pixel_prob_diff"]["n"] == 2 * REFINE * REFINE
 
 
+@pytest.mark.slow
 def test_a_failing_guard_keeps_f32_removes_int8_and_fails_clearly(run_folder, tiny_cohort, capsys):
     import importlib.util
     import sys
@@ -219,6 +221,7 @@ def test_int8_needs_a_manifest(tmp_path):
         quantize.quantize_entries([], quantize.Int8Options(engines=("tensorrt",)))
 
 
+@pytest.mark.slow
 def test_benchmark_times_the_int8_models_in_the_same_run(converted, tiny_cohort, tmp_path):
 
     report = quantize.quantize_entries(converted, quantize.Int8Options(samples=30, engines=("openvino",),
@@ -246,6 +249,7 @@ def test_benchmark_times_the_int8_models_in_the_same_run(converted, tiny_cohort,
         assert missing.returncode == 2 and "export/convert.py --int8" in missing.stderr
 
 
+@pytest.mark.slow
 def test_guard_of_a_multi_class_sliding_window_model(tiny_cohort, tmp_path):
     """DSMN-S2 (one 20x view, the manifest's five classes): per-class IoU over the pooled
     test pixels and the tumour Dice, f32 against int8, from the same segmentation the

@@ -131,6 +131,7 @@ def trained_nets():
     return nets
 
 
+@pytest.mark.slow
 def test_tiny_networks_export_with_parity(trained_nets, tiny_cohort, tmp_path):
     from h2g.data.views import View
     from h2g.export.conversion import export_model

@@ -51,10 +51,12 @@ def _train_policy(zoom_helps: bool, steps=60):
     return float(np.mean(policy(test["x0"], training=False)))
 
 
+@pytest.mark.slow
 def test_policy_learns_to_zoom_when_zooming_lowers_the_loss():
     assert _train_policy(zoom_helps=True) > 0.9
 
 
+@pytest.mark.slow
 def test_policy_learns_not_to_zoom_when_zooming_raises_the_loss():
     assert _train_policy(zoom_helps=False) < 0.1
 
@@ -97,6 +99,7 @@ def _batches(start):
     return gen()
 
 
+@pytest.mark.slow
 def test_resumed_run_gives_the_weights_of_an_uninterrupted_one(tmp_path):
     """Fresh networks from the same seed restored from a checkpoint after 2 of 4 steps end
     with the weights of a 4-step run (so training is also repeatable for a seed)."""
@@ -114,6 +117,7 @@ def test_resumed_run_gives_the_weights_of_an_uninterrupted_one(tmp_path):
     assert any(not np.array_equal(a.numpy(), b.numpy()) for a, b in zip(whole._variables(), part._variables()))
 
 
+@pytest.mark.slow
 def test_baseline_unit_trains_a_step():
     from h2g.models.razn import unit_model
 

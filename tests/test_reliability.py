@@ -221,6 +221,7 @@ def test_benchmark_of_a_slide_without_tissue_says_there_is_nothing_to_time(model
 
 
 @pytest.mark.parametrize("slide", ["tiny", "tissue", "glass"])
+@pytest.mark.slow
 def test_inspect_slide_and_segment_slide_agree_on_tissue(slide, models, slides, tmp_path):
     """The 200 x 150 px slide is all tissue-coloured, but no 256 px patch at 10x (1024
     level-0 px) over it is more than 25 % tissue: both tools say there is no tissue."""

@@ -84,6 +84,7 @@ def test_runs_that_cannot_be_compared_are_refused(tmp_path, runs):
         seeds.paired_difference(seeds.load_runs([*runs, partial]), "mob_pw_unet", "unet_lr")
 
 
+@pytest.mark.slow
 def test_cli_prints_writes_table_and_figure_and_fails_cleanly(runs, tmp_path):
     out = tmp_path / "summary"
     cmd = [sys.executable, str(REPO / "tools" / "seed_summary.py"), *map(str, runs),

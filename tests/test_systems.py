@@ -73,6 +73,7 @@ def test_cli_lists_every_design_and_system():
         assert name in proc.stdout, name
 
 
+@pytest.mark.slow
 def test_cli_bad_override_is_one_clear_line(tmp_path):
     proc = _cli("--design", "otsu", "--set", "refine.epochz=3", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2
@@ -93,6 +94,7 @@ def _tf_cli(*args):
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
 
 
+@pytest.mark.slow
 def test_cli_keeps_tensorflow_start_up_lines_quiet_unless_verbose():
     quiet = _tf_cli()
     assert quiet.returncode == 0 and quiet.stdout.strip() == "3"
