@@ -147,6 +147,7 @@ def test_cluster_model_converts_with_identical_ids(parity_slide, tmp_path):
         assert parity[engine]["mismatches"] == 0
 
 
+@pytest.mark.slow
 def test_convert_cli_on_a_run_folder(parity_slide, tmp_path, capsys):
     from convert import main as convert_main  # export/ is put on sys.path below
 

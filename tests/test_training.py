@@ -135,6 +135,7 @@ def train(run_dir, epochs, resume=False, seed=0, model_seed=0):
     return model, result
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     """Dropout RNG, Adam moments and a gradient-accumulation window that spans the epoch
     boundary (3 micro-batches per epoch, accumulation 2) all continue exactly."""
@@ -178,6 +179,7 @@ def cluster_guided_toy(dropout=0.3):
     return cluster_guided(tiny_classifier(0, dropout), cluster_model)
 
 
+@pytest.mark.slow
 def test_cwce_wrapper_trains_and_unwraps(tmp_path):
     wrapper = cluster_guided_toy()
     result = fit(wrapper, toy_train, toy_val(), loss=CWCELoss(n_classes=2), run_dir=tmp_path,
@@ -192,6 +194,7 @@ def test_cwce_wrapper_trains_and_unwraps(tmp_path):
     assert evaluate_classifier(wrapper, toy_val())["accuracy"] > 0.8
 
 
+@pytest.mark.slow
 def test_cwce_wrapper_resumes_exactly(tmp_path):
     kw = dict(loss=CWCELoss(2), steps_per_epoch=3, learning_rate=1e-2, accumulation_steps=2,
               restore_best=False, verbose=0)

@@ -129,6 +129,7 @@ def test_whole_slide_reads(noise):
             slide.read_level(5)
 
 
+@pytest.mark.slow
 def test_large_levels_are_read_in_bands_with_the_same_pixels(noise, monkeypatch):
     """Bands (here 7 rows, not a tile multiple) give exactly the one-call read, on level 0
     and on a reduced level (band tops in level-0 pixels = rows x downsample)."""

@@ -447,7 +447,7 @@ def _interrupted(runner, out_dir: Path, todo: list[CohortSlide], rows: dict, att
     in ``cohort.csv`` every slide whose folder is complete (finished by a worker before it
     was stopped, even if its result never reached this process), and remove the
     temporary folders the stopped workers left.  The caller re-raises: exit code 130."""
-    from h2g.export.executors import interrupts_ignored
+    from h2g.core.interrupts import interrupts_ignored
 
     with interrupts_ignored():
         if runner is not None and hasattr(runner, "abort"):

@@ -24,11 +24,9 @@ calls to stop every worker at once (see :func:`h2g.export.cohort.run_cohort`).
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import multiprocessing
-import signal
 import sys
 import time
 from collections import deque
@@ -37,6 +35,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from h2g.core.choices import Choice
 from h2g.core.errors import ConfigError
+from h2g.core.interrupts import ignore_interrupts, interrupts_ignored  # noqa: F401 (re-exported)
 from h2g.export.cohort import run_task
 
 log = logging.getLogger(__name__)
@@ -65,29 +64,6 @@ def ray_available() -> bool:
 
 #: Seconds a terminated worker gets to exit before it is killed (an interrupt's clean-up).
 TERMINATE_GRACE_S = 2.0
-
-
-def ignore_interrupts() -> None:
-    """A worker's initializer: Ctrl-C goes to the whole foreground process group, and only
-    the driver acts on it (it stops the workers itself, see :meth:`PoolExecutor.abort`)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@contextlib.contextmanager
-def interrupts_ignored():
-    """SIGINT ignored in this process for the block (workers started inside inherit that,
-    so a Ctrl-C while they import cannot kill them with a traceback; the driver's clean-up
-    is not cut short by a second Ctrl-C).  Only the main thread can change it: elsewhere a
-    no-op."""
-    try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _crashed(job: dict, exc: BaseException) -> dict:
