@@ -150,6 +150,24 @@ class RayExecutor:
         self.close()
 
 
+def _start_quiet_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (if it is not running) without its
+    "leaked semaphore objects" warning: workers terminated by :meth:`PoolExecutor.abort`
+    (Ctrl-C) can die holding the pool's queue semaphores, which the tracker then removes
+    at exit, as it should, but with a warning printed after the CLI's last line."""
+    from multiprocessing import resource_tracker
+
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    added = quiet not in sys.warnoptions
+    if added:
+        sys.warnoptions.append(quiet)  # the tracker's interpreter gets the -W options
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if added:
+            sys.warnoptions.remove(quiet)
+
+
 class PoolExecutor:
     """A local pool of ``workers`` spawned processes (a new pool after a worker died).
 
@@ -175,6 +193,7 @@ class PoolExecutor:
         self.running: dict = {}  # Future -> (key, job)
 
     def _new_pool(self) -> ProcessPoolExecutor:
+        _start_quiet_resource_tracker()
         extra = {"max_tasks_per_child": self.max_slides_per_worker} if self.max_slides_per_worker else {}
         return ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=ignore_interrupts, **extra)
