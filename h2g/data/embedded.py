@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from h2g.core.errors import ManifestError
 from h2g.data.cohort import PRESETS, _write_text, make_cohort, manifest_texts
 from h2g.data.multistain import ensure_multistain
 from h2g.io.classes import sidecar_path
@@ -23,7 +24,11 @@ def ensure_cohort(manifest_path=DEFAULT_MANIFEST, seed: int = 0) -> Path:
     missing; any other manifest with missing files raises the
     :class:`~h2g.core.errors.ManifestError` of :func:`load_manifest`."""
     manifest_path = Path(manifest_path)
-    manifest = load_manifest(manifest_path, check_files=False)
+    try:
+        manifest = load_manifest(manifest_path, check_files=False)
+    except ManifestError:
+        load_manifest(manifest_path)  # every problem of the manifest, missing files included
+        raise
     text = manifest_path.read_text()
     sidecar = sidecar_path(manifest_path)
     preset = next((name for name in PRESETS for known, _ in manifest_texts(name).values() if text == known), None)
