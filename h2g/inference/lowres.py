@@ -25,8 +25,11 @@ def _resize_plane(plane: np.ndarray, size: int, box=None) -> np.ndarray:
 
 #: Refinement sizes accepted (--size): the paper's is 1024, smoke models' 256.
 MIN_SIZE, MAX_SIZE = 16, 8192
-#: A level more than this many times the size on its short side is read box-shrunk first.
+#: A level more than this many times the size on its short side, and too large to read
+#: whole (more than WHOLE_LEVEL_PX pixels: a slide without a pyramid), is read box-shrunk
+#: first; any other level is read whole, as training always has.
 OVERSAMPLE = 4
+WHOLE_LEVEL_PX = 64 * 2**20
 
 
 def lowres_level(slide, size: int = 1024) -> int:
@@ -54,7 +57,8 @@ def refinement_inputs(slide, heatmap: Heatmap | None, size: int = 1024) -> tuple
     """The refinement network's inputs: ``image`` ``(size, size, 3)`` float32 in [0, 1] -
     the lowest pyramid level with at least ``size`` px a side (:func:`lowres_level`),
     scaled to [0, 1] and bilinearly resized; a level more than :data:`OVERSAMPLE` times
-    ``size`` on its short side (no pyramid) is first box-shrunk to 2-3 times ``size``
+    ``size`` on its short side and over :data:`WHOLE_LEVEL_PX` pixels (no pyramid) is
+    first box-shrunk to 2-3 times ``size``
     (:meth:`h2g.io.slide.Slide.read_level_shrunk`, region by region), never read whole -
     and ``heat`` ``(size, size, 1)`` float32 -
     the heatmap placed on the slide's level-0 extent and resized the same way
@@ -63,7 +67,8 @@ def refinement_inputs(slide, heatmap: Heatmap | None, size: int = 1024) -> tuple
         raise ConfigError(f"refinement size {size}: must be from {MIN_SIZE} to {MAX_SIZE} px")
     index = lowres_level(slide, size)
     width, height = slide.level_dimensions[index]
-    factor = min(width, height) // (2 * size) if min(width, height) > OVERSAMPLE * size else 1
+    large = min(width, height) > OVERSAMPLE * size and width * height > WHOLE_LEVEL_PX
+    factor = min(width, height) // (2 * size) if large else 1
     if factor == 1:
         level, box = slide.read_level(index), None
     else:  # no pyramid level near the size (a single-level slide): read it shrunk, region by region
