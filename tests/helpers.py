@@ -180,3 +180,22 @@ def load_cli(name: str, folder: str = "export"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def centres_inside(rings_list, shape, downsample):
+    """Independent truth for rasterised polygons: pixel centres of a ``shape`` grid at
+    ``downsample`` level-0 px per pixel inside a polygon's exterior and outside its holes
+    (matplotlib's point-in-polygon), over ``rings_list`` (one ``[exterior, hole, ...]``
+    per polygon)."""
+    from matplotlib.path import Path as MplPath
+
+    rows, cols = shape
+    ys, xs = np.mgrid[0:rows, 0:cols]
+    points = np.c_[(xs.ravel() + 0.5) * downsample, (ys.ravel() + 0.5) * downsample]
+    inside = np.zeros(len(points), bool)
+    for rings in rings_list:
+        hit = MplPath(np.asarray(rings[0], float)).contains_points(points)
+        for hole in rings[1:]:
+            hit &= ~MplPath(np.asarray(hole, float)).contains_points(points)
+        inside |= hit
+    return inside.reshape(rows, cols)

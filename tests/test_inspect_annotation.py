@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from matplotlib.path import Path as MplPath
+from helpers import centres_inside
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,19 +36,6 @@ def star(cx, cy, r_out, r_in, n=24, phase=0.0):
 def shoelace(ring) -> float:
     x, y = np.asarray(ring, float).T
     return 0.5 * abs(np.dot(x[:-1], y[1:]) - np.dot(y[:-1], x[1:]))
-
-
-def inside(rings_list, shape, downsample):
-    rows, cols = shape
-    ys, xs = np.mgrid[0:rows, 0:cols]
-    points = np.c_[(xs.ravel() + 0.5) * downsample, (ys.ravel() + 0.5) * downsample]
-    hit = np.zeros(len(points), bool)
-    for rings in rings_list:
-        part = MplPath(rings[0]).contains_points(points)
-        for hole in rings[1:]:
-            part &= ~MplPath(hole).contains_points(points)
-        hit |= part
-    return hit.reshape(rows, cols)
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +76,8 @@ def test_geojson_with_a_hole_a_multipolygon_and_two_classes(cmu, tmp_path):
     labels = np.asarray(Image.open(labels_png))
     assert labels.shape == (742, 555)  # 2967 / 4, 2220 / 4 rounded up
     expected = np.full(labels.shape, 255, np.uint8)
-    expected[inside([stroma[0], stroma[1]], labels.shape, 4)] = 1
-    expected[inside([tumour], labels.shape, 4)] = 0
+    expected[centres_inside([stroma[0], stroma[1]], labels.shape, 4)] = 1
+    expected[centres_inside([tumour], labels.shape, 4)] = 0
     assert (labels == expected).mean() >= 0.99
     assert (labels == expected)[expected != 255].mean() >= 0.99  # on the annotated pixels alone too
     picture = np.asarray(Image.open(overlay).convert("RGB"))
@@ -117,7 +104,7 @@ def test_asap_xml_with_an_exclusion_group(cmu, tmp_path):
     tumour = {c["name"]: c for c in report["classes"]}["tumour"]
     assert tumour["area_mm2"] == pytest.approx((shoelace(outer) - shoelace(excluded)) * 0.499 ** 2 / 1e6, rel=0.01)
     labels = np.asarray(Image.open(labels_png))
-    expected = inside([[outer, excluded]], labels.shape, 8).astype(np.uint8)  # binary: outside is non-tumour
+    expected = centres_inside([[outer, excluded]], labels.shape, 8).astype(np.uint8)  # binary: outside is non-tumour
     beyond = (np.arange(labels.shape[1]) + 0.5) * 8 >= 2220  # 2220 / 8 = 277.5: the last column's centres
     expected[:, beyond] = 255                                  # lie beyond the slide
     assert labels.shape == (371, 278) and beyond.sum() == 1

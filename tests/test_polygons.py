@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import tifffile
-from matplotlib.path import Path as MplPath
+from helpers import centres_inside
 from PIL import Image
 
 from h2g.core.errors import AnnotationError
@@ -50,20 +50,6 @@ def feature(rings_or_polys, name=None, multi=False, **props):
 def write_geojson(path, features, bare=False):
     path.write_text(json.dumps(features if bare else {"type": "FeatureCollection", "features": features}))
     return path
-
-
-def centres_inside(rings_list, shape, downsample):
-    """Independent truth: pixel centres (matplotlib) inside exterior and outside holes."""
-    rows, cols = shape
-    ys, xs = np.mgrid[0:rows, 0:cols]
-    points = np.c_[(xs.ravel() + 0.5) * downsample, (ys.ravel() + 0.5) * downsample]
-    inside = np.zeros(len(points), bool)
-    for rings in rings_list:
-        hit = MplPath(np.asarray(rings[0], float)).contains_points(points)
-        for hole in rings[1:]:
-            hit &= ~MplPath(np.asarray(hole, float)).contains_points(points)
-        inside |= hit
-    return inside.reshape(rows, cols)
 
 
 THREE = ClassTable.of([("stroma", 1), ("tumour", 2, "", ("Invasive_Carcinoma", "_0", "_1")), ("fat", 3)], ignore=[0])

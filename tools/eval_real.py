@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, preload_tensorflow_quietly, require_training_stack, run_cli
-from h2g.core.errors import ConfigError
+from h2g.core.outputs import check_output_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_REAL_DATA = Path(os.environ.get("H2G_REAL_DATA", REPO.parent / "shared" / "data" / "real"))
@@ -57,8 +57,7 @@ def main(argv=None) -> int:
     run = runs.load_run(args.run_dir)  # fast checks first: before TensorFlow starts
     regions = real.bcss_regions(args.real_data)
     out = args.out if args.out is not None else run.folder
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    check_output_dir(out)
     require_training_stack("eval_real.py")
     if not args.verbose:
         preload_tensorflow_quietly()

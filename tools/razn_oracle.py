@@ -27,6 +27,7 @@ from pathlib import Path
 
 from h2g.core.cli import add_verbose_argument, preload_tensorflow_quietly, require_training_stack, run_cli
 from h2g.core.errors import ConfigError
+from h2g.core.outputs import check_output_dir
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,8 +53,7 @@ def main(argv=None) -> int:
     if args.reward_batches < 0:
         raise ConfigError(f"--reward-batches must be >= 0, got {args.reward_batches}")
     out = args.out if args.out is not None else args.run_dir
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    check_output_dir(out)
     require_training_stack("razn_oracle.py")
     if not args.verbose:
         preload_tensorflow_quietly()
