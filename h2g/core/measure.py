@@ -58,14 +58,25 @@ def peak_memory_mb() -> float:
     mark that ``ru_maxrss`` reports without the part inherited through fork + exec (a
     spawned pool worker's ``ru_maxrss`` starts at its parent's peak); elsewhere
     :func:`peak_memory_mib`."""
+    peak = _status_mib("VmHWM")
+    return peak if peak is not None else peak_memory_mib()
+
+
+def resident_memory_mb() -> float | None:
+    """This process's resident memory now (``VmRSS``, MiB); None where /proc has none."""
+    return _status_mib("VmRSS")
+
+
+def _status_mib(field: str) -> float | None:
+    """A kB field of ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in MiB; None without it."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except (OSError, ValueError, IndexError):
         pass
-    return peak_memory_mib()
+    return None
 
 
 def host() -> dict:

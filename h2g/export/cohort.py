@@ -66,7 +66,7 @@ from pathlib import Path
 from h2g.core.atomic import write_json, write_text
 from h2g.core.errors import ConfigError
 from h2g.core.lock import RunLock
-from h2g.core.measure import peak_memory_mb, reset_peak_memory
+from h2g.core.measure import peak_memory_mb, reset_peak_memory, resident_memory_mb
 
 log = logging.getLogger(__name__)
 
@@ -226,18 +226,6 @@ def segment_one(slide_path, out_dir, plan, *, mpp: float | None = None, slide_id
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or "(no message)"
     return f"{type(exc).__name__}: {text}"
-
-
-def resident_memory_mb() -> float | None:
-    """This process's resident memory now (``VmRSS``, MiB); None where /proc has none."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def release_free_memory() -> None:
