@@ -88,6 +88,47 @@ def deploy_models(tmp_path_factory):
     return files
 
 
+# ------------------------------------------------------------- parallel runs (pytest-xdist)
+#: session fixtures cheap enough for each xdist worker to build its own copy
+CHEAP_SHARED = {"real_data", "tiny_cohort", "checker_path", "deploy_models"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the marks
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n 2 --dist loadgroup`` (the README's test command) tests that share an
+    expensive module- or session-scoped fixture (a trained run such as ``smoke_run``) must
+    run on one worker, or each worker would build the fixture again.  Each test gets the
+    ``xdist_group`` of the fixtures it shares with others: tests linked through any shared
+    fixture (transitively) form one group; tests sharing none are spread freely.  Without
+    xdist the mark does nothing."""
+    parent: dict[str, str] = {}
+
+    def find(node: str) -> str:
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+
+    shared_of = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        nodes = []
+        for name in (info.names_closure if info else ()):
+            defs = info.name2fixturedefs.get(name)
+            if (not defs or name in CHEAP_SHARED or not defs[-1].baseid.startswith("tests")
+                    or defs[-1].scope not in ("module", "package", "session")):
+                continue  # pytest's own (tmp_path_factory), per-test, or cheap
+            nodes.append(f"{defs[-1].baseid}::{name}")
+        nodes += [f"mark::{m.args[0]}" for m in item.iter_markers("xdist_group") if m.args]
+        for node in nodes[1:]:
+            parent[find(node)] = find(nodes[0])
+        shared_of[item] = nodes
+    for item, nodes in shared_of.items():
+        item.own_markers[:] = [m for m in item.own_markers if m.name != "xdist_group"]
+        if nodes:
+            item.add_marker(pytest.mark.xdist_group(find(nodes[0]).replace("/", ".")))
+
+
 # ---------------------------------------------------------------------------- CPU seconds per test
 def pytest_addoption(parser):
     parser.addoption("--cpu-durations", type=int, default=0, metavar="N",
