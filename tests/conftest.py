@@ -89,44 +89,24 @@ def deploy_models(tmp_path_factory):
 
 
 # ------------------------------------------------------------- parallel runs (pytest-xdist)
-#: session fixtures cheap enough for each xdist worker to build its own copy
-CHEAP_SHARED = {"real_data", "tiny_cohort", "checker_path", "deploy_models"}
+#: test files holding minutes of training, longest first: collected before every other file,
+#: so that ``pytest -n 2 --dist loadfile --no-loadscope-reorder`` (the README's test command)
+#: starts them first and the short files fill the other worker meanwhile
+LONG_FILES = ("test_pipeline.py", "test_pipeline_training.py", "test_munet.py", "test_dmmn_pipeline.py",
+              "test_distribute.py", "test_tools.py", "test_razn_training.py", "test_razn_pipeline.py")
+#: session fixtures too costly to build twice: every test using one lives in one file, so
+#: that ``--dist loadfile`` builds it on one worker
+ONE_FILE_FIXTURES = ("smoke_run",)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's worker reads the marks
 def pytest_collection_modifyitems(config, items):
-    """Under ``pytest -n 2 --dist loadgroup`` (the README's test command) tests that share an
-    expensive module- or session-scoped fixture (a trained run such as ``smoke_run``) must
-    run on one worker, or each worker would build the fixture again.  Each test gets the
-    ``xdist_group`` of the fixtures it shares with others: tests linked through any shared
-    fixture (transitively) form one group; tests sharing none are spread freely.  Without
-    xdist the mark does nothing."""
-    parent: dict[str, str] = {}
-
-    def find(node: str) -> str:
-        while parent.setdefault(node, node) != node:
-            parent[node] = parent[parent[node]]
-            node = parent[node]
-        return node
-
-    shared_of = {}
-    for item in items:
-        info = getattr(item, "_fixtureinfo", None)
-        nodes = []
-        for name in (info.names_closure if info else ()):
-            defs = info.name2fixturedefs.get(name)
-            if (not defs or name in CHEAP_SHARED or not defs[-1].baseid.startswith("tests")
-                    or defs[-1].scope not in ("module", "package", "session")):
-                continue  # pytest's own (tmp_path_factory), per-test, or cheap
-            nodes.append(f"{defs[-1].baseid}::{name}")
-        nodes += [f"mark::{m.args[0]}" for m in item.iter_markers("xdist_group") if m.args]
-        for node in nodes[1:]:
-            parent[find(node)] = find(nodes[0])
-        shared_of[item] = nodes
-    for item, nodes in shared_of.items():
-        item.own_markers[:] = [m for m in item.own_markers if m.name != "xdist_group"]
-        if nodes:
-            item.add_marker(pytest.mark.xdist_group(find(nodes[0]).replace("/", ".")))
+    for name in ONE_FILE_FIXTURES:
+        files = sorted({item.path.name for item in items if name in getattr(item, "fixturenames", ())})
+        if len(files) > 1:
+            raise pytest.UsageError(f"the session fixture {name!r} is used in {', '.join(files)}: keep its tests "
+                                    f"in one file, or each pytest-xdist worker trains it again")
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: collection order within
 
 
 # ---------------------------------------------------------------------------- CPU seconds per test

@@ -174,6 +174,16 @@ def run_script(script: str, *args, block_tensorflow: bool = True, tmp_path: Path
                           capture_output=True, text=True, env=env, timeout=600)
 
 
+def run_tool(name: str, *args, timeout: float = 1800) -> subprocess.CompletedProcess:
+    """``python tools/NAME.py ARGS`` from the repository root, as the README runs it; its
+    exit code must be 0 and its stderr free of tracebacks."""
+    proc = subprocess.run([sys.executable, f"tools/{name}.py", *map(str, args)], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, f"{name} {args}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return proc
+
+
 def load_cli(name: str, folder: str = "export"):
     """``<folder>/<name>.py`` as a module (its ``main`` runs in this process)."""
     spec = importlib.util.spec_from_file_location(f"cli_{folder}_{name}", REPO / folder / f"{name}.py")

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 import tifffile
-from conftest import REPO, tiny_config
+from conftest import REPO
 
 from h2g.systems.registry import load_config
 from h2g.data import cohort
@@ -114,19 +114,6 @@ def test_ensure_cohort_writes_missing_geojson_without_touching_the_images(tiny_c
     for name in missing:
         assert filecmp.cmp(copy / name, folder / name, shallow=False), name
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
-
-
-@pytest.mark.slow
-def test_an_h2g_design_gives_the_same_dice_from_masks_and_geojson(smoke_run, tiny_cohort, tmp_path):
-    """Mob-PW trained and scored from the GeoJSON manifest, against the same design from the
-    masks (the session's smoke run, same config and seed)."""
-    from h2g.systems.registry import resolve, run
-
-    _, raster = smoke_run
-    assert tiny_cohort.name == cohort.MANIFEST_NAME
-    polygons = run(resolve(["mob_pw"]), tiny_cohort.parent / cohort.GEOJSON_MANIFEST_NAME, tmp_path / "geojson",
-                   tiny_config())
-    assert abs(raster["mob_pw"]["dice_mean"] - polygons["mob_pw"]["dice_mean"]) <= 0.01
 
 
 def test_the_int8_guard_scores_test_slides_against_their_geojson(tiny_cohort):

@@ -16,14 +16,10 @@ from pathlib import Path
 
 import pytest
 from conftest import REAL_DATA, REPO
+from helpers import run_tool
 
 
-def tool(name: str, *args, timeout: float = 1800) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, f"tools/{name}.py", *map(str, args)], cwd=REPO, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert proc.returncode == 0, f"{name} {args}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return proc
+tool = run_tool  # (tests/helpers.py)
 
 
 def test_the_tools_table_lists_every_tool():
@@ -167,11 +163,3 @@ def test_seed_summary(two_seeds, tmp_path):
     assert "Mob-PW-UNet" in out.stdout
     assert "| Mob-PW-UNet − UNet-LR | +0.100 | +0.020 | +0.060 ± 0.057 | 2 of 2 |" in out.stdout  # by hand
     assert (tmp_path / "summary" / "seeds.png").stat().st_size > 0
-
-
-@pytest.mark.slow
-def test_eval_real(smoke_run, real_data, tmp_path):
-    out = tool("eval_real", smoke_run[0] / "mob_pw_unet", "--real-data", real_data, "--out", tmp_path)
-    assert "Dice" in out.stdout
-    table = list(csv.DictReader((tmp_path / "real_bcss.csv").open()))
-    assert len(table) == 3
