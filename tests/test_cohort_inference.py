@@ -116,6 +116,7 @@ def test_ray_cohort_completes_good_slides_and_reports_both_problems(ray_run):
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
 
 
+@pytest.mark.slow
 def test_a_second_run_skips_every_finished_slide_without_rewriting_it(ray_run, cohort, deploy_models, capsys):  # noqa: F811
     out, _, _ = ray_run
     before, first = output_files(out), read_table(out)

@@ -125,6 +125,7 @@ def test_every_architecture_converts_with_parity(name, parity_slide, tmp_path):
     assert Path(entry["openvino"]).is_file() and Path(entry["openvino"]).with_suffix(".bin").is_file()
 
 
+@pytest.mark.slow
 def test_cluster_model_converts_with_identical_ids(parity_slide, tmp_path):
     import keras
 

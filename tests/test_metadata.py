@@ -41,6 +41,7 @@ def test_json_and_sidecar_round_trip(tmp_path):
         read_sidecar(model)
 
 
+@pytest.mark.slow
 def test_metadata_round_trips_through_onnx_and_openvino(tmp_path):
     import keras
 

@@ -168,6 +168,7 @@ def test_full_size_parameter_counts_within_5_percent_of_the_paper(name):
 
 
 @pytest.mark.parametrize("name", models.CLASSIFIERS)
+@pytest.mark.slow
 def test_classifier_scales_to_minus1_1_and_has_the_paper_head(name):
     model = tiny(name)
     scale = model.get_layer("to_minus1_1")

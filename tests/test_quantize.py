@@ -103,6 +103,7 @@ def test_calibration_is_repeatable_and_reads_training_slides_only(run_folder, ti
 
 
 @pytest.mark.parametrize("engine", ["openvino", "onnxruntime"])
+@pytest.mark.slow
 def test_int8_models_stay_close_to_f32_and_say_so(engine, converted, run_folder):
     entry = next(e for e in converted if e["metadata"]["role"] == "patch_classifier")
     data = quantize.run_data(Path(entry["keras"]), quantize.Int8Options())

@@ -132,6 +132,7 @@ def test_baseline_unit_trains_a_step():
     assert any(not np.array_equal(a, b.numpy()) for a, b in zip(before, unit.trainable_variables))
 
 
+@pytest.mark.slow
 def test_reward_by_hand_with_the_floor():
     """R = a (J0 - J1) / max(J0, floor), checked on constant networks: coarse J0 =
     -log(1/3), fine J1 = -log(p_true) of softmax(2 * one-hot); zoom draws with p~ = 0.8."""
@@ -216,6 +217,7 @@ def test_razn_fcns_start_from_the_baselines_weights():
             np.testing.assert_array_equal(u.numpy(), v.numpy())
 
 
+@pytest.mark.slow
 def test_algorithm1_trains_each_net_on_the_regions_its_action_chose():
     """The paper's rule: the coarse net takes Scale 1's step on the 4 unzoomed regions
     only, the fine net Scale 2's step on the 4 zoomed ones (nets without batch

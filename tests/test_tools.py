@@ -158,6 +158,7 @@ def two_seeds(tmp_path) -> list[Path]:
     return runs
 
 
+@pytest.mark.slow
 def test_seed_summary(two_seeds, tmp_path):
     out = tool("seed_summary", *two_seeds, "--pair", "mob_pw_unet", "unet_lr", "--out", tmp_path / "summary")
     assert "Mob-PW-UNet" in out.stdout

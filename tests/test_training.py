@@ -87,6 +87,7 @@ def test_sgd_accumulation_equals_one_big_batch():
     assert int(model.optimizer.iterations) == 1
 
 
+@pytest.mark.slow
 def test_adam_accumulation_in_fit_equals_big_batches(tmp_path):
     """Through fit: 8 micro-batches of 8 with accumulation 4 = 2 Adam steps on batches of 32."""
     x, y = dense_data(64)
@@ -106,6 +107,7 @@ def test_adam_accumulation_in_fit_equals_big_batches(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_smoke_training_beats_chance_and_writes_the_run_folder(tmp_path):
     model = tiny_classifier(0)
     result = fit(model, toy_train, toy_val(), loss="categorical_crossentropy", run_dir=tmp_path,
@@ -162,6 +164,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_early_stopping_with_patience(tmp_path):
     model = tiny_classifier(0)
     result = fit(model, toy_train, toy_val(), loss="categorical_crossentropy", run_dir=tmp_path,
@@ -222,6 +225,7 @@ def test_bad_options_are_config_errors(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Skipping:UserWarning")  # Keras on the mismatched file
+@pytest.mark.slow
 def test_resuming_another_model_is_a_model_error(tmp_path):
     common = dict(loss="categorical_crossentropy", run_dir=tmp_path, steps_per_epoch=1,
                   learning_rate=1e-3, verbose=0)
