@@ -164,3 +164,15 @@ def test_seed_summary(two_seeds, tmp_path):
     assert "Mob-PW-UNet" in out.stdout
     assert "| Mob-PW-UNet − UNet-LR | +0.100 | +0.020 | +0.060 ± 0.057 | 2 of 2 |" in out.stdout  # by hand
     assert (tmp_path / "summary" / "seeds.png").stat().st_size > 0
+
+
+def test_ci_runs_the_readmes_test_command():
+    """`.ci/run` ends in the README's test command (the quick start's second line), and that
+    command runs the two workers `tests/conftest.py` arranges the files for."""
+    readme = (REPO / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    command = quick_start.strip().splitlines()[1].split("&&", 1)[1].strip()
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip().startswith("python -m pytest")]
+    assert ci == [command]
+    assert "--dist loadfile" in command and "--no-loadscope-reorder" in command
