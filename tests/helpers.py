@@ -192,6 +192,14 @@ def load_cli(name: str, folder: str = "export"):
     return module
 
 
+def dice(pred, truth) -> float:
+    """2|P & T| / (|P| + |T|) of two boolean masks (1.0 when both are empty), written out here
+    rather than taken from h2g.evaluation."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    total = pred.sum() + truth.sum()
+    return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
+
+
 def centres_inside(rings_list, shape, downsample):
     """Independent truth for rasterised polygons: pixel centres of a ``shape`` grid at
     ``downsample`` level-0 px per pixel inside a polygon's exterior and outside its holes

@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 from conftest import REPO, tiny_config
+from helpers import dice
 
 from h2g.systems.registry import resolve, run
 
@@ -117,13 +118,6 @@ def test_slides_without_annotation_are_reported_not_silently_dropped(tiny_cohort
         Pipeline(manifest, tmp_path / "out2", tiny_config()).samples("val", None)
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    """2|P & T| / (|P| + |T|), written out here rather than taken from h2g.evaluation."""
-    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
-
-
 def test_refinement_beats_otsu_and_uses_the_heatmap(tiny_cohort, tmp_path):
     """Design VI end to end on the tiny cohort, trained just long enough for the patch
     classifier to be informative (80 steps) and the refiner to converge (120 steps):
@@ -160,9 +154,9 @@ def test_refinement_beats_otsu_and_uses_the_heatmap(tiny_cohort, tmp_path):
         assert s.mask.any()
         for name, heat in (("refined", s.heatmap), ("zeroed", np.zeros_like(s.heatmap))):
             prob = refiner.predict({"image": s.image[None], "heatmap": heat[None]}, verbose=0)[0, ..., 1]
-            scores[name].append(_dice(prob > 0.5, s.mask))
-        scores["heatmap"].append(_dice(s.heatmap[..., 0] > 0.5, s.mask))
-        scores["otsu"].append(_dice(otsu[s.slide_id] > 0.5, s.mask))
+            scores[name].append(dice(prob > 0.5, s.mask))
+        scores["heatmap"].append(dice(s.heatmap[..., 0] > 0.5, s.mask))
+        scores["otsu"].append(dice(otsu[s.slide_id] > 0.5, s.mask))
     mean = {k: float(np.mean(v)) for k, v in scores.items()}
     assert mean["refined"] > mean["otsu"] + 0.1, mean
     assert mean["refined"] > mean["heatmap"], mean

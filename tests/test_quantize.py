@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import run_script, threshold_refiner
+from helpers import dice, run_script, threshold_refiner
 
 from h2g.core.cli import run_cli
 from h2g.core.errors import ConfigError
@@ -138,12 +138,6 @@ def test_int8_models_stay_close_to_f32_and_say_so(engine, converted, run_folder)
         assert "FakeQuantize" in {op.get_type_name() for op in ov.Core().read_model(str(path)).get_ops()}
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    inter = np.logical_and(pred, truth).sum()
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else 2.0 * inter / total
-
-
 @pytest.mark.slow
 def test_guard_scores_what_deployment_segments(converted, tiny_cohort):
     from h2g.inference.lowres import target_mask
@@ -167,7 +161,7 @@ def test_guard_scores_what_deployment_segments(converted, tiny_cohort):
                     EngineOptions(precision=precision, hint="latency"), H2GOptions(size=REFINE, magnification=MAGNIFICATION,
                                                                    patch_size=PATCH))
                 seg = segmenter.segment(slide)
-                dices[variant].append(_dice(seg.prob > 0.5, truth))
+                dices[variant].append(dice(seg.prob > 0.5, truth))
                 # the console line names the precision the models run at (an int8 model is not "f32")
                 line = segmenter.describe(seg)
                 assert ("openvino CPU int8+" in line) if variant == "int8" else line.endswith("(openvino CPU f32)")

@@ -16,10 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import REAL_DATA, REPO
-from helpers import run_tool
-
-
-tool = run_tool  # (tests/helpers.py)
+from helpers import run_tool as tool
 
 
 def test_the_tools_table_lists_every_tool():
