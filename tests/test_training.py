@@ -113,7 +113,7 @@ def test_smoke_training_beats_chance_and_writes_the_run_folder(tmp_path):
     result = fit(model, toy_train, toy_val(), loss="categorical_crossentropy", run_dir=tmp_path,
                  epochs=2, steps_per_epoch=12, learning_rate=3e-2, metrics=["accuracy"], verbose=0)
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"best.keras", "last.keras", "last_rng.npz", "state.json", "log.csv", "curves.png"} <= names
+    assert {"best.keras", "best.npz", "last.npz", "state.json", "log.csv", "curves.png"} <= names
     assert Image.open(tmp_path / "curves.png").format == "PNG"
     history = result.history
     assert history["epoch"] == [1, 2] and result.epochs_completed == 2 and not result.stopped_early
@@ -148,8 +148,13 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     shutil.copytree(tmp_path / "resumed", tmp_path / "rng_lost")
     fresh = tiny_classifier(0, dropout=0.5)
     weights = {id(w) for w in fresh.weights}
-    np.savez(tmp_path / "rng_lost" / "last_rng.npz",
-             *[v.numpy() for v in fresh.variables if id(v) not in weights])
+    initial_rng = [v.numpy() for v in fresh.variables if id(v) not in weights]
+    with np.load(tmp_path / "rng_lost" / "last.npz") as data:
+        arrays = dict(data)
+    assert sum(k.startswith("rng_") for k in arrays) == len(initial_rng) > 0
+    assert any(not np.array_equal(arrays[f"rng_{i}"], v) for i, v in enumerate(initial_rng))
+    arrays.update({f"rng_{i}": v for i, v in enumerate(initial_rng)})
+    np.savez(tmp_path / "rng_lost" / "last.npz", **arrays)
     resumed, resumed_result = train(tmp_path / "resumed", 2, resume=True)
     for a, b in zip(straight.get_weights(), resumed.get_weights()):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
@@ -224,11 +229,14 @@ def test_bad_options_are_config_errors(tmp_path):
         fit(model, toy_train, toy_val(), monitor="val_auc", **common)
 
 
-@pytest.mark.filterwarnings("ignore:Skipping:UserWarning")  # Keras on the mismatched file
 @pytest.mark.slow
 def test_resuming_another_model_is_a_model_error(tmp_path):
     common = dict(loss="categorical_crossentropy", run_dir=tmp_path, steps_per_epoch=1,
                   learning_rate=1e-3, verbose=0)
     fit(tiny_classifier(0), toy_train, toy_val(), epochs=1, **common)
-    with pytest.raises(ModelError, match="last.keras.*cannot resume"):
+    with pytest.raises(ModelError, match="last.npz.*cannot resume"):
         fit(tiny_classifier(0, filters=6), toy_train, toy_val(), epochs=2, resume=True, **common)
+    # a run folder of an older h2g (last.keras, no last.npz) is refused, not half-resumed
+    (tmp_path / "last.npz").rename(tmp_path / "last.keras")
+    with pytest.raises(ModelError, match="no last.npz.*cannot resume"):
+        fit(tiny_classifier(0), toy_train, toy_val(), epochs=2, resume=True, **common)
