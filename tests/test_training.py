@@ -240,3 +240,23 @@ def test_resuming_another_model_is_a_model_error(tmp_path):
     (tmp_path / "last.npz").rename(tmp_path / "last.keras")
     with pytest.raises(ModelError, match="no last.npz.*cannot resume"):
         fit(tiny_classifier(0), toy_train, toy_val(), epochs=2, resume=True, **common)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("outputs", [1, 2])
+def test_the_train_step_is_traced_once(tmp_path, outputs):
+    """Without a strategy Keras builds the optimizer (and a multi-output loss's trackers)
+    inside the first trace of the train step, and tf.function then traces the whole step a
+    second time because variables were created in the first: twice the tracing, which
+    dominates a short fit.  ``fit`` builds them beforehand, so the step is traced once."""
+    model = tiny_classifier(0)
+    if outputs == 2:
+        model = keras.Model(model.inputs, [model.outputs[0], model.outputs[0]])
+    traces = []
+    step = model.train_step
+    model.train_step = lambda data: (traces.append(1), step(data))[1]
+    two = (lambda start: toy_train(start).map(lambda x, y: (x, (y, y)))) if outputs == 2 else toy_train
+    val = toy_val().map(lambda x, y: (x, (y, y))) if outputs == 2 else toy_val()
+    fit(model, two, val, loss=["categorical_crossentropy"] * outputs if outputs == 2 else "categorical_crossentropy",
+        run_dir=tmp_path, epochs=2, steps_per_epoch=2, learning_rate=1e-3, verbose=0)
+    assert len(traces) == 1
