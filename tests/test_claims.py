@@ -81,6 +81,22 @@ def test_markdown_rows():
     assert "**undecided**" in text
     table = claims.seeds_markdown(seeds(), ["a", "b"], {"a": "Design A"})
     assert "| Design A | Dice | 0.800 | 0.787 | 0.807 | 0.798 ± 0.010 |" in table
+    assert "collapsed" not in table and "collapsed" not in text
+
+
+def test_a_collapsed_run_is_never_a_row_or_a_verdict_without_its_flag():
+    runs = seeds()
+    runs[1].metrics["b"].update(collapsed=True, collapse={"dominant": "tumour", "share": 0.985, "truth_share": 0.3,
+                                                          "where": "test"})
+    result, = claims.evaluate([Claim("A beats B", "a", "b", "dice")], runs)
+    assert result["collapsed"] == ["b seed 1"]
+    text = claims.claims_markdown([result], {"a": "Design A", "b": "Design B"})
+    assert "**undecided** (collapsed: b seed 1) |" in text
+    table = claims.seeds_markdown(runs, ["a", "b"], {"a": "Design A", "b": "Design B"})
+    assert "| Design A | Dice | 0.800 | 0.787 | 0.807 | 0.798 ± 0.010 |" in table  # A did not collapse
+    b_dice = [line for line in table.splitlines() if line.startswith("| Design B | Dice |")]
+    assert b_dice == ["| Design B | Dice | 0.740 | 0.747 (collapsed) | 0.730 | 0.739 ± 0.008 (collapsed runs in it) |"]
+    assert "Design B seed 1: collapsed: 98.5% tumour" in table
 
 
 # ---------------------------------------------------------------------------- --seeds end to end
@@ -132,7 +148,9 @@ def test_run_seeds_writes_every_seed_and_the_claims(tmp_path, monkeypatch):
     assert set(saved[0]) >= {"claim", "better", "worse", "metric", "paper", "differences", "mean", "sd", "test", "p",
                              "verdict"}
     assert "Design A > Design B" in (tmp_path / "out" / "claims.md").read_text()
-    assert "0.798 ± 0.010" in (tmp_path / "out" / "seeds.md").read_text()
+    seeds_md = (tmp_path / "out" / "seeds.md").read_text()
+    assert "0.798 ± 0.010" in seeds_md
+    assert seeds_md.startswith("Run on ") and all(f"seed {s} " in seeds_md.splitlines()[0] for s in (0, 1, 2))
     with pytest.raises(Exception, match="distinct seeds"):
         registry.run_seeds(registry.resolve("all"), None, tmp_path / "o", config, [1, 1])
 

@@ -33,6 +33,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from h2g.core.errors import ConfigError
+from h2g.evaluation.collapse import note
 
 ALPHA = 0.05
 HOLDS, DOES_NOT_HOLD, UNDECIDED = "holds", "does not hold", "undecided"
@@ -114,9 +115,17 @@ def metrics_of(seed: SeedResults, name: str) -> Mapping | None:
     return rounds.get(k)
 
 
+def collapsed_run(seed: SeedResults, name: str) -> bool:
+    """Whether design ``name`` (``design/round<k>``: its design) was flagged as collapsed
+    under ``seed`` (:mod:`h2g.evaluation.collapse`: its predictions almost all one class)."""
+    metrics = seed.metrics.get(name.partition("/")[0])
+    return bool(metrics and metrics.get("collapsed"))
+
+
 def evaluate(claims: Sequence[Claim], seeds: Sequence[SeedResults], alpha: float = ALPHA) -> list[dict]:
     """Each claim whose two designs ran under every seed and report its metric, evaluated
-    (module doc); the others are left out."""
+    (module doc); the others are left out.  ``collapsed`` names the runs of the two designs
+    flagged as collapsed: the claims table never shows their verdict without that flag."""
     out = []
     for claim in claims:
         pairs = [(metrics_of(s, claim.better), metrics_of(s, claim.worse)) for s in seeds]
@@ -142,12 +151,15 @@ def evaluate(claims: Sequence[Claim], seeds: Sequence[SeedResults], alpha: float
             p, test = _t_test(differences), f"two-sided t-test over {len(seeds)} seeds (no per-slide values)"
         mean = float(np.mean(differences))
         sd = float(np.std(differences, ddof=1)) if len(differences) > 1 else 0.0
+        collapsed = [f"{name} seed {s.seed}" for name in (claim.better, claim.worse) for s in seeds
+                     if collapsed_run(s, name)]
         out.append({
             "claim": claim.claim, "better": claim.better, "worse": claim.worse, "metric": claim.metric,
             "lower_is_better": claim.lower_is_better, "paper": list(claim.paper),
             "seeds": [s.seed for s in seeds],
             "differences": differences, "mean": mean, "sd": sd, "test": test,
             "p": None if p is None or math.isnan(p) else p, "verdict": verdict(mean, p, alpha),
+            "collapsed": collapsed,
         })
     return out
 
@@ -172,9 +184,17 @@ def claims_markdown(results: Sequence[dict], labels: Mapping[str, str] | None = 
         lines.append("| " + " | ".join([
             f"{better} {relation} {worse}: {r['claim']}", r["metric"], paper,
             *(f"{d:+.3f}" for d in r["differences"]), f"{r['mean']:+.3f} ± {r['sd']:.3f}", _f(r["p"], 4),
-            f"**{r['verdict']}**"]) + " |")
+            f"**{r['verdict']}**" + (f" (collapsed: {', '.join(r['collapsed'])})" if r.get("collapsed") else "")])
+            + " |")
+    tests: dict[str, list[str]] = {}
+    for r in results:
+        metrics = tests.setdefault(r["test"].split(" of ")[0], [])
+        if r["metric"] not in metrics:
+            metrics.append(r["metric"])
+    used = (next(iter(tests)) if len(tests) == 1
+            else "; ".join(f"{test} ({', '.join(metrics)})" for test, metrics in tests.items()))
     lines += ["", "Differences favour the claim when positive (for a cost, lower is better: the sign is "
-              "turned).  p: " + (results[0]["test"].split(" of ")[0] if results else "") + " (see "
+              "turned).  p: " + used + " (see "
               "h2g.evaluation.claims); holds: the mean over seeds favours the claim and p < 0.05; does not "
               "hold: the mean goes against it; undecided: it favours it but p >= 0.05."]
     return "\n".join(lines) + "\n"
@@ -208,7 +228,9 @@ def seeds_markdown(seeds: Sequence[SeedResults], designs: Sequence[str], labels:
                    classes: bool = True) -> str:
     """Each design's metrics as mean ± sd over seeds (sample sd), with every seed's value:
     Dice (binary tumour, mean over test slides), mean IoU, each class's IoU (pooled over
-    the test pixels) and the relative inference time, where the design reports them."""
+    the test pixels) and the relative inference time, where the design reports them.  A
+    value from a run flagged as collapsed carries "(collapsed)", and a note below the table
+    says what it predicted."""
     labels = labels or {}
     lines = [f"Mean ± sd over {len(seeds)} seeds ({', '.join(str(s.seed) for s in seeds)}); sample sd over seeds.",
              "", "| Design | Metric | " + " | ".join(f"seed {s.seed}" for s in seeds) + " | Mean ± sd |",
@@ -226,6 +248,18 @@ def seeds_markdown(seeds: Sequence[SeedResults], designs: Sequence[str], labels:
             except ConfigError:
                 continue
             sd = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            lines.append(f"| {labels.get(name, name)} | {title} | " + " | ".join(f"{v:.3f}" for v in values)
-                         + f" | {float(np.mean(values)):.3f} ± {sd:.3f} |")
+            flags = [" (collapsed)" if collapsed_run(s, name) else "" for s in seeds]
+            lines.append(f"| {labels.get(name, name)} | {title} | "
+                         + " | ".join(f"{v:.3f}{flag}" for v, flag in zip(values, flags))
+                         + f" | {float(np.mean(values)):.3f} ± {sd:.3f}{' (collapsed runs in it)' if any(flags) else ''} |")
+    notes = [f"{labels.get(name, name)} seed {s.seed}: {_collapse_text(s.metrics[name.partition('/')[0]])}"
+             for name in designs for s in seeds if collapsed_run(s, name)]
+    if notes:
+        lines += ["", "Collapsed runs (their predictions fall almost entirely into one class: not a trained "
+                  "model's figures): " + "; ".join(notes) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _collapse_text(metrics: Mapping) -> str:
+    c = metrics.get("collapse") or {}
+    return note({**c, "collapsed": True}) if c.get("dominant") else "collapsed"

@@ -25,6 +25,7 @@ from typing import Callable, ClassVar, Mapping
 from h2g.core.atomic import replace_atomically, write_json
 from h2g.core.config import Config
 from h2g.core.errors import ConfigError
+from h2g.core.numerics import numerics_host
 from h2g.core.stages import Stage, data_key
 from h2g.evaluation import collapse, metrics, tables
 from h2g.io.classes import IGNORE
@@ -275,10 +276,12 @@ class Pipeline:
         return saved
 
     def write_result(self, folder: Path, design, result: dict) -> dict:
-        """``config.json`` (design, system, manifest and the config) and, last,
+        """``config.json`` (design, system, manifest, the config and the machine's part of the
+        numbers, :func:`~h2g.core.numerics.numerics_host`) and, last,
         ``metrics.json`` (``result``) into ``folder``; returns ``result``."""
         folder.mkdir(parents=True, exist_ok=True)
         write_json(folder / "config.json", {"design": design.name, "system": design.system,
-                                            "manifest": str(self.manifest_path), **self.config.to_dict()})
+                                            "manifest": str(self.manifest_path), **self.config.to_dict(),
+                                            "machine": numerics_host()})
         write_json(folder / "metrics.json", result)
         return result

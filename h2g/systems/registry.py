@@ -21,12 +21,14 @@ recall / precision / Dice, so all designs sit in one table).
 from __future__ import annotations
 
 import importlib
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from h2g.core.errors import ConfigError, ExportError
+from h2g.core.numerics import numerics_host
 
 SYSTEM_PACKAGES = ("h2g.systems.h2g", "h2g.systems.dmmn", "h2g.systems.munet", "h2g.systems.razn")
 REPO = Path(__file__).resolve().parents[2]
@@ -179,7 +181,8 @@ def run_seeds(chosen: Sequence, manifest_path: Path | None, out: Path, config, s
               resume: bool = False, strategy=None) -> tuple[dict[int, dict[str, dict]], list[dict]]:
     """:func:`run` once per seed into ``out/seed<S>/`` (every seed's stages in one cache,
     ``out/_cache``, so a stage the seed does not enter runs once), then over the seeds:
-    ``out/seeds.md`` (each design's metrics, mean ± sd over seeds) and the claims of the
+    ``out/seeds.md`` (the machine and each seed's wall time, then each design's metrics,
+    mean ± sd over seeds) and the claims of the
     chosen designs' papers between the chosen designs (``out/claims.md`` / ``claims.json``:
     :mod:`h2g.evaluation.claims`).  Returns each seed's metrics by design, and the claims."""
     from h2g.core.atomic import write_json, write_text
@@ -188,10 +191,12 @@ def run_seeds(chosen: Sequence, manifest_path: Path | None, out: Path, config, s
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ConfigError(f"--seeds needs distinct seeds, got {list(seeds)}")
     out = Path(out)
-    results = {}
+    results, walls = {}, {}
     for seed in seeds:
+        start = time.perf_counter()
         results[seed] = run(chosen, manifest_path, out / f"seed{seed}", config.replace(seed=seed), resume=resume,
                             strategy=strategy, cache=out)  # the stages in out/_cache
+        walls[seed] = time.perf_counter() - start
     loaded = evaluation.load_seeds({s: out / f"seed{s}" for s in seeds})
     labels = {d.name: d.label for d in chosen}
     tables, claims_md, found = [], [], []
@@ -206,7 +211,11 @@ def run_seeds(chosen: Sequence, manifest_path: Path | None, out: Path, config, s
         found += [{"system": system.name, **c} for c in checked]
         tables += [f"## {system.label}", "", evaluation.seeds_markdown(loaded, [d.name for d in mine], labels)]
         claims_md += [f"## {system.label}", "", evaluation.claims_markdown(checked, labels)]
-    write_text(out / "seeds.md", "\n".join(tables))
+    host = numerics_host()
+    timing = (f"Run on {host['cpu'] or 'an unknown CPU'} ({host['cpus']} cores), wall time of this invocation: "
+              + ", ".join(f"seed {s} {walls[s] / 60:.1f} min" for s in seeds)
+              + " (a stage no seed enters runs once, in the first seed's time).")
+    write_text(out / "seeds.md", "\n".join([timing, "", *tables]))
     write_text(out / "claims.md", "\n".join(claims_md))
     write_json(out / "claims.json", found)
     return results, found
