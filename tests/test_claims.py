@@ -70,6 +70,8 @@ def test_the_verdicts_and_a_cost_where_lower_is_better():
 def test_rounds_of_a_design_and_claims_that_cannot_be_checked():
     rounds, = claims.evaluate([Claim("round 1 > round 0", "a/round1", "a/round0", "mean_iou")], seeds())
     assert rounds["differences"] == pytest.approx([0.05, 0.06, 0.07])
+    assert "| Design A round 1 > Design A round 0: round 1 > round 0 |" in claims.claims_markdown([rounds],
+                                                                                            {"a": "Design A"})
     missing = claims.evaluate([Claim("x", "a", "nowhere", "dice"), Claim("y", "a", "b", "iou:tumour")], seeds())
     assert missing == []  # a design that did not run, a class the designs do not report
 

@@ -168,6 +168,13 @@ def _f(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _label(name: str, labels: Mapping[str, str]) -> str:
+    """A design's label; ``design/round<k>`` (a pseudo-label round) as "<label> round k"."""
+    design, _, part = name.partition("/")
+    label = labels.get(design, design)
+    return f"{label} round {part.removeprefix('round')}" if part else label
+
+
 def claims_markdown(results: Sequence[dict], labels: Mapping[str, str] | None = None) -> str:
     """The claims table: the claim, the paper's figures, each seed's difference (oriented
     to favour the claim), mean ± sd over seeds, p and the verdict."""
@@ -178,7 +185,7 @@ def claims_markdown(results: Sequence[dict], labels: Mapping[str, str] | None = 
     head = ["Claim", "Metric", "Paper", *(f"seed {s}" for s in seeds), "Mean ± sd", "p", "Verdict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
-        better, worse = labels.get(r["better"], r["better"]), labels.get(r["worse"], r["worse"])
+        better, worse = _label(r["better"], labels), _label(r["worse"], labels)
         relation = "<" if r["lower_is_better"] else ">"
         paper = " vs ".join("-" if v is None else f"{v:g}" for v in r["paper"])
         lines.append("| " + " | ".join([
