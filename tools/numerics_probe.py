@@ -61,11 +61,11 @@ def train_once(out: Path, steps: int) -> None:
     """The probe's training run in this process: predictions to ``out`` (.npy), a JSON line
     of the weights' digest, the final loss and ms per step to stdout."""
     import hashlib
-    import time
 
     import numpy as np
     import keras
 
+    from h2g.core.measure import Timed
     from h2g.core.numerics import numerics_host
 
     keras.utils.set_random_seed(0)
@@ -79,9 +79,9 @@ def train_once(out: Path, steps: int) -> None:
         keras.layers.ReLU(), keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2, activation="softmax")])
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)  # traces and warms up
-    start = time.perf_counter()
-    history = model.fit(x, y, batch_size=8, epochs=steps // 8 - 1, shuffle=False, verbose=0)
-    ms_per_step = 1000 * (time.perf_counter() - start) / (steps - 8)
+    with Timed() as timed:
+        history = model.fit(x, y, batch_size=8, epochs=steps // 8 - 1, shuffle=False, verbose=0)
+    ms_per_step = 1000 * timed.wall / (steps - 8)
     digest = hashlib.sha256(b"".join(np.asarray(w).tobytes() for w in model.get_weights())).hexdigest()
     np.save(out, model.predict(x, batch_size=64, verbose=0))
     print(json.dumps({"digest": digest[:12], "loss": float(history.history["loss"][-1]),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from importlib import metadata
 
-from h2g.core.resources import available_cores
+from h2g.core.measure import host
 
 #: the /proc/cpuinfo flags that select oneDNN's x86 code paths (AVX2, AVX-512, VNNI, bf16, AMX)
 ISA_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
@@ -53,9 +53,9 @@ def _version(package: str) -> str | None:
 
 
 def numerics_host() -> dict:
-    """The machine's part of a run's numbers: CPU model and instruction sets, the cores this
-    process may use, the settings of :data:`SETTINGS` (None: unset, the library's default)
-    and the versions of :data:`PACKAGES`."""
-    return {**cpu_info(), "cpus": available_cores(),
+    """The machine's part of a run's numbers: :func:`~h2g.core.measure.host` (Python, machine,
+    the cores this process may use), CPU model and instruction sets, the settings of
+    :data:`SETTINGS` (None: unset, the library's default) and the versions of :data:`PACKAGES`."""
+    return {**host(), **cpu_info(),
             "settings": {name: os.environ.get(name) for name in SETTINGS},
             "versions": {name: _version(name) for name in PACKAGES}}

@@ -21,13 +21,13 @@ recall / precision / Dice, so all designs sit in one table).
 from __future__ import annotations
 
 import importlib
-import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from h2g.core.errors import ConfigError, ExportError
+from h2g.core.measure import Timed
 from h2g.core.numerics import numerics_host
 
 SYSTEM_PACKAGES = ("h2g.systems.h2g", "h2g.systems.dmmn", "h2g.systems.munet", "h2g.systems.razn")
@@ -193,10 +193,10 @@ def run_seeds(chosen: Sequence, manifest_path: Path | None, out: Path, config, s
     out = Path(out)
     results, walls = {}, {}
     for seed in seeds:
-        start = time.perf_counter()
-        results[seed] = run(chosen, manifest_path, out / f"seed{seed}", config.replace(seed=seed), resume=resume,
-                            strategy=strategy, cache=out)  # the stages in out/_cache
-        walls[seed] = time.perf_counter() - start
+        with Timed() as timed:
+            results[seed] = run(chosen, manifest_path, out / f"seed{seed}", config.replace(seed=seed),
+                                resume=resume, strategy=strategy, cache=out)  # the stages in out/_cache
+        walls[seed] = timed.wall
     loaded = evaluation.load_seeds({s: out / f"seed{s}" for s in seeds})
     labels = {d.name: d.label for d in chosen}
     tables, claims_md, found = [], [], []
