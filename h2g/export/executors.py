@@ -35,7 +35,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from h2g.core.choices import Choice
 from h2g.core.errors import ConfigError
-from h2g.core.interrupts import ignore_interrupts, interrupts_ignored  # noqa: F401 (re-exported)
+from h2g.core.interrupts import ignore_interrupts, interrupts_deferred, interrupts_ignored  # noqa: F401 (re-exported)
 from h2g.export.cohort import run_task
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ class PoolExecutor:
         """Hand waiting slides to the pool while a worker is free."""
         while self.backlog and len(self.running) < self.workers:
             key, job = self.backlog.popleft()
-            with interrupts_ignored():  # workers spawned now start with Ctrl-C ignored
+            with interrupts_deferred():  # workers spawned now start with Ctrl-C held back; ours acts after
                 try:
                     future = self.pool.submit(run_task, job)
                 except BrokenProcessPool:  # a worker died earlier: the pool takes no more work
