@@ -335,7 +335,7 @@ def test_model_summary_saves_seeded_untrained_models(tmp_path, capsys):
     for folder in ("a", "b"):
         assert tool.main(["--json", "mobilenetv2", "--save", str(tmp_path / folder), "--seed", "3"]) == 0
         row = json.loads(capsys.readouterr().out)["mobilenetv2"]
-        assert row["saved"] == str(tmp_path / folder / "mobilenetv2.keras")
+        assert row["saved"] == [str(tmp_path / folder / "mobilenetv2.keras")] and "sidecars" not in row
     a, b = (keras.saving.load_model(tmp_path / f / "mobilenetv2.keras") for f in ("a", "b"))
     assert a.count_params() == row["params"] and a.input_shape == (None, 256, 256, 3)
     assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
@@ -360,7 +360,7 @@ def test_model_summary_tiny_dmmn_stand_in_carries_its_views(tmp_path, capsys):
     tool = load_tool()
     assert tool.main(["--json", "dmmn_m3", "--tiny", "--save", str(tmp_path)]) == 0
     row = json.loads(capsys.readouterr().out)["dmmn_m3"]
-    assert row["paper_params"] is None and row["sidecar"] == str(tmp_path / "dmmn_m3.meta.json")
+    assert row["paper_params"] is None and row["sidecars"] == [str(tmp_path / "dmmn_m3.meta.json")]
     meta = read_sidecar(tmp_path / "dmmn_m3.keras")
     assert (meta.system, meta.design, meta.role, meta.output) == ("dmmn", "dmmn_m3", "segmentation", "pixel_probs")
     assert [(v.name, v.magnification, v.size) for v in meta.views] == [("x20", 20.0, 64), ("x10", 10.0, 64),
@@ -370,3 +370,39 @@ def test_model_summary_tiny_dmmn_stand_in_carries_its_views(tmp_path, capsys):
 
     with pytest.raises(ConfigError, match="--tiny has stand-ins"):
         tool.main(["unet_lr", "--tiny"])
+
+
+@pytest.mark.slow
+def test_model_summary_munet_and_razn_stand_ins_deploy_as_their_systems(tmp_path, capsys):
+    """--tiny --save munet razn_policy resnet18_fcn: m-UNet's two views (10x and 2.5x, the
+    paper's levels 1 and 3 of a 40x scan) and RAZN's three networks (the FCN saved twice,
+    as coarse and fine) with the metadata their deployed segmenters need: the m-UNet file
+    is a sliding window over x_hi, the three RAZN files are RAZN's conditional zoom with
+    256 px-style regions (here the stand-in's 64 px) at 20x, zoomed x2 to 40x."""
+    from h2g.inference.metadata import read_sidecar
+    from h2g.inference.segmenter import SlidingSegmenter
+    from h2g.systems.razn.segmenter import ZoomSegmenter, geometry
+    from h2g.systems.registry import segmenter_class
+
+    tool = load_tool()
+    assert tool.main(["--json", "munet", "razn_policy", "resnet18_fcn", "--tiny", "--save", str(tmp_path)]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows["resnet18_fcn"]["saved"] == [str(tmp_path / "razn_coarse.keras"), str(tmp_path / "razn_fine.keras")]
+    assert sorted(p.name for p in tmp_path.glob("*.keras")) == ["munet.keras", "razn_coarse.keras", "razn_fine.keras",
+                                                                 "razn_policy.keras"]
+    munet = read_sidecar(tmp_path / "munet.keras")
+    assert (munet.system, munet.role, munet.output) == ("munet", "segmentation", "pixel_probs")
+    assert [(v.name, v.magnification, v.size) for v in munet.views] == [("x_hi", 10.0, 128), ("x_lo", 2.5, 128)]
+    assert munet.view().name == "x_hi" and munet.extras["stride"] == 128 and munet.extras["untrained"]
+    model = keras.saving.load_model(tmp_path / "munet.keras")
+    assert [i.name for i in model.inputs] == ["x_hi", "x_lo"]  # what the views feed
+    assert segmenter_class({"segmentation": munet}) is SlidingSegmenter
+
+    razn = {role: read_sidecar(tmp_path / f"razn_{role}.keras") for role in ("policy", "coarse", "fine")}
+    assert {role: m.role for role, m in razn.items()} == {"policy": "policy", "coarse": "coarse", "fine": "fine"}
+    assert segmenter_class(razn) is ZoomSegmenter
+    assert geometry(razn["coarse"]) == (64, 20.0, 0.5)
+    assert [(v.name, v.magnification, v.size) for v in razn["fine"].views] == [("x1_patch", 40.0, 64)]
+    assert razn["policy"].output == "class_probs" and razn["coarse"].extras["zoom_rate"] == 2
+    coarse, fine = (keras.saving.load_model(tmp_path / f"razn_{r}.keras") for r in ("coarse", "fine"))
+    assert all(np.array_equal(a, b) for a, b in zip(coarse.get_weights(), fine.get_weights()))

@@ -13,7 +13,11 @@ figure (UNet-LR).  ``--save DIR`` also writes each model, randomly initialised w
 ``--seed``, as ``DIR/<name>.keras`` (single-output for deeply supervised nets): full-size
 stand-ins for the runtime benchmark (``export/convert.py DIR`` then
 ``export/benchmark.py``), whose timings do not depend on the weights.  They are
-untrained: never use them for segmentation.
+untrained: never use them for segmentation.  Where deployment needs to know a model's
+views (DMMN, m-UNet, RAZN), a ``<stem>.meta.json`` sidecar with the paper's settings is
+written beside it (:func:`deployment_metadata`), so ``export/convert.py DIR`` gives
+deployable models: ``munet.onnx``; RAZN's ``razn_policy``, ``razn_coarse`` and
+``razn_fine`` (``razn_policy resnet18_fcn --save DIR``).
 """
 from __future__ import annotations
 
@@ -38,7 +42,9 @@ PAPER_ARGUMENTS = {"resnet18_fcn": {"n_classes": 4}}
 #: deployment pipeline end to end in seconds (tools/gpu_table3.sh --cpu-check)
 TINY = {"mobilenetv2": {"input_size": 64, "alpha": 0.35}, "unet": {"input_size": 256, "width": 1 / 16},
         "dsmn_s2": {"input_size": 64, "width": 0.125}, "dmmn_ms": {"input_size": 64, "width": 0.125},
-        "dmmn_m2s": {"input_size": 64, "width": 0.125}, "dmmn_m3": {"input_size": 64, "width": 0.125}}
+        "dmmn_m2s": {"input_size": 64, "width": 0.125}, "dmmn_m3": {"input_size": 64, "width": 0.125},
+        "munet": {"input_size": 128, "encoder": "b0", "decoder_width": 0.125},
+        "razn_policy": {"input_size": 64, "width": 0.125}, "resnet18_fcn": {"input_size": 64, "width": 0.125}}
 
 
 def summary(names, save_dir: Path | None = None, seed: int = 0, tiny: bool = False) -> dict:
@@ -56,36 +62,56 @@ def summary(names, save_dir: Path | None = None, seed: int = 0, tiny: bool = Fal
         out[name] = {"params": int(model.count_params()),
                      "paper_params": None if tiny else models.PAPER_PARAMS.get(name)}  # no paper figure for stand-ins
         if save_dir is not None:
-            path = save_dir / f"{name}.keras"
-            models.inference_model(model).save(path)
-            out[name]["saved"] = str(path)
-            meta = deployment_metadata(name, model)
-            if meta is not None:  # what export/convert.py embeds, so that deployment knows the views
-                from h2g.inference.metadata import write_sidecar
+            from h2g.inference.metadata import write_sidecar
 
-                out[name]["sidecar"] = str(write_sidecar(path, meta))
+            # where deployment must know the views, the files a system deploys (RAZN's
+            # coarse and fine FCN are one architecture under two roles), each with its sidecar
+            deployable = deployment_metadata(name, model) or {name: None}
+            for stem, meta in deployable.items():
+                path = save_dir / f"{stem}.keras"
+                models.inference_model(model).save(path)
+                out[name].setdefault("saved", []).append(str(path))
+                if meta is not None:  # what export/convert.py embeds
+                    out[name].setdefault("sidecars", []).append(str(write_sidecar(path, meta)))
         keras.backend.clear_session()
     return out
 
 
-def deployment_metadata(name: str, model):
-    """The metadata a full-size sliding-window stand-in needs to be deployed: DMMN's
-    architectures with their paper views (``dmmn`` config: three 256 px views at 20x,
-    10x and 5x, target x20, stride 256), as the DMMN pipeline writes for a trained
-    model; None for the others (H2G-Net's models get theirs inferred by convert)."""
-    from h2g.systems.dmmn.config import DMMNConfig
+def deployment_metadata(name: str, model) -> dict:
+    """``{file stem: metadata}``: what deployment needs to know of a full-size stand-in, as
+    each system's pipeline writes it for a trained model, with the paper's settings (each
+    system's config defaults) and ``untrained: true``.  DMMN's architectures: their views
+    (three 256 px views at 20x, 10x and 5x, target x20, stride 256); ``munet``: m-UNet's
+    two 512 px views at 10x and 2.5x (the paper's levels 1 and 3), stride 512;
+    ``razn_policy``: RAZN's policy (256 px regions at 20x, zoomed x2); ``resnet18_fcn``:
+    RAZN's coarse and fine networks (``razn_coarse``, ``razn_fine``: the same architecture,
+    the fine one on the zoomed region's four patches).  Empty for the others (H2G-Net's
+    models get theirs inferred by convert).  A ``--tiny`` stand-in's views take its own
+    input size."""
     from h2g.inference.metadata import ModelMetadata
+    from h2g.systems.dmmn.config import DMMNConfig
     from h2g.systems.dmmn.designs import DESIGNS
+    from h2g.systems.munet.config import MUNetConfig
+    from h2g.systems.munet.pipeline import segmentation_metadata
+    from h2g.systems.razn.config import RAZNConfig
+    from h2g.systems.razn.pipeline import network_metadata
 
+    size = int(model.inputs[0].shape[1])  # the config's size at full size
+    if name == "munet":
+        c = MUNetConfig(size=size, stride=size)
+        return {name: segmentation_metadata(c, "munet_b4", untrained=True)}
+    if name in ("razn_policy", "resnet18_fcn"):
+        c = RAZNConfig(size=size)
+        roles = ("policy",) if name == "razn_policy" else ("coarse", "fine")
+        return {f"razn_{role}": network_metadata(role, c, untrained=True) for role in roles}
     design = next((d for d in DESIGNS.values() if d.architecture == name), None)
     if design is None:
-        return None
+        return {}
     c = DMMNConfig()
-    size = int(model.inputs[0].shape[1])  # c.size at full size
     every = {view: View(view, float(m), size) for view, m in zip(("x20", "x10", "x5"), c.magnifications)}
-    return ModelMetadata(system="dmmn", design=design.name, role="segmentation",
-                         views=tuple(every[v] for v in design.views), output="pixel_probs",
-                         extras={"target": "x20", "stride": size, "untrained": True})
+    return {name: ModelMetadata(system="dmmn", design=design.name, role="segmentation",
+                                views=tuple(every[v] for v in design.views), output="pixel_probs",
+                                extras={"target": "x20", "stride": size, "untrained": True})}
 
 
 def table(rows: dict) -> str:
@@ -130,7 +156,8 @@ def main(argv=None) -> int:
     print(json.dumps(rows, indent=2) if args.json else table(rows))
     for row in rows.values():
         if "saved" in row and not args.json:
-            print(f"saved {row['saved']} (untrained: for timing only)")
+            print(f"saved {', '.join(row['saved'])} (untrained: for timing only)"
+                  + (f" with the paper's views in {', '.join(row['sidecars'])}" if "sidecars" in row else ""))
     return 0
 
 

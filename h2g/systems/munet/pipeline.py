@@ -59,6 +59,23 @@ HI, LO = "x_hi", "x_lo"
 OUTPUTS = ("segmentation", "high", "low")
 
 
+def munet_views(c, both: bool = True) -> tuple[View, ...]:
+    """The ``munet`` config ``c``'s views: the high one, and with ``both`` the low one."""
+    hi = View(HI, float(c.magnifications[0]), c.size)
+    return (hi, View(LO, float(c.magnifications[1]), c.size)) if both else (hi,)
+
+
+def segmentation_metadata(c, design: str = "", classes=(), both: bool = True, **extras):
+    """What deployment needs to know of an m-UNet (``both`` views) or U-Net (the high view)
+    trained with the ``munet`` config ``c``: its views, the target view and the stride of
+    its windows; ``extras`` are added (e.g. ``untrained`` for tools/model_summary.py's
+    stand-ins)."""
+    from h2g.inference.metadata import ModelMetadata
+
+    return ModelMetadata(system="munet", design=design, role="segmentation", views=munet_views(c, both),
+                         classes=classes, output="pixel_probs", extras={"target": HI, "stride": c.stride, **extras})
+
+
 @dataclass
 class Pipeline(base.Pipeline):
     """m-UNet's stages over one manifest."""
@@ -90,9 +107,7 @@ class Pipeline(base.Pipeline):
 
     # ------------------------------------------------------------------ data
     def views(self, both: bool = True) -> tuple[View, ...]:
-        c = self.config.munet
-        hi = View(HI, float(c.magnifications[0]), c.size)
-        return (hi, View(LO, float(c.magnifications[1]), c.size)) if both else (hi,)
+        return munet_views(self.config.munet, both)
 
     def records(self, split: str) -> list[SlideRecord]:
         records = self.manifest.split(split)
@@ -293,14 +308,12 @@ class Pipeline(base.Pipeline):
         """The class-probability raster of one slide by ``model_path``, as deployment runs
         it (:class:`h2g.inference.segmenter.SlidingSegmenter`, one per model)."""
         from h2g.inference.backends import KerasBackend
-        from h2g.inference.metadata import ModelMetadata
         from h2g.inference.segmenter import SlidingSegmenter, WindowOptions
 
         c = self.config
         key = (str(model_path), both)
         if key not in self._segmenters:
-            meta = ModelMetadata(system="munet", role="segmentation", views=self.views(both), output="pixel_probs",
-                                 extras={"target": HI, "stride": c.munet.stride})
+            meta = segmentation_metadata(c.munet, both=both)
             options = WindowOptions(stride=c.munet.stride, batch_size=c.munet.inference_batch,
                                     readers=c.sampler.readers, tissue_magnification=c.patches.tissue_magnification,
                                     saturation_threshold=c.patches.saturation_threshold)
@@ -381,13 +394,9 @@ class Pipeline(base.Pipeline):
         return result
 
     def metadata(self, design: Design):
-        from h2g.inference.metadata import ModelMetadata
-
         classes = [{"name": name, "colour": colour_rgb(colour)} for name, colour in zip(self.classes.names,
                                                                                   self.classes.colours)]
-        return ModelMetadata(system="munet", design=design.name, role="segmentation",
-                             views=self.views(design.rounds), classes=classes, output="pixel_probs",
-                             extras={"target": HI, "stride": self.config.munet.stride})
+        return segmentation_metadata(self.config.munet, design.name, classes, both=design.rounds)
 
     def run(self, design: Design) -> dict:
         """Train (or reuse) and evaluate ``design``; writes ``OUT/<design>/``."""

@@ -48,6 +48,29 @@ log = logging.getLogger("h2g")
 RAZN_MODELS = ("policy", "coarse", "fine")
 
 
+def network_metadata(role: str, c, design: str = "razn", classes=(), **extras):
+    """What deployment needs to know of RAZN's ``policy``, ``coarse`` or ``fine`` network
+    trained with the ``razn`` config ``c`` (region size and magnification, zoom rate and
+    threshold: :func:`h2g.systems.razn.segmenter.geometry` reads them back); ``extras``
+    are added (e.g. ``untrained`` for tools/model_summary.py's stand-ins)."""
+    from h2g.inference.metadata import ModelMetadata
+
+    x0, x1 = zoom_views(c.size, c.magnification)
+    extras = {"zoom_rate": ZOOM_RATE, "size": c.size, "magnification": c.magnification,
+              "threshold": c.zoom_threshold, "alpha": c.alpha, **extras}
+    if role == "policy":
+        return ModelMetadata(system="razn", design=design, role="policy", views=(x0,), output="class_probs",
+                             extras=extras)
+    if role == "coarse":
+        return ModelMetadata(system="razn", design=design, role="coarse", views=(x0,), classes=classes,
+                             output="pixel_probs", extras=extras)
+    if role == "fine":
+        return ModelMetadata(system="razn", design=design, role="fine", views=(View("x1_patch", x1.magnification,
+                                                                                    c.size),),
+                             classes=classes, output="pixel_probs", extras=extras)
+    raise ConfigError(f"RAZN's networks are {', '.join(RAZN_MODELS)}, not {role!r}")
+
+
 @dataclass
 class Pipeline(base.Pipeline):
     """RAZN's stages over one manifest."""
@@ -137,24 +160,13 @@ class Pipeline(base.Pipeline):
         return stage
 
     def metadata(self, design: Design, role: str):
+        classes = [{"name": name, "colour": colour_rgb(colour)} for name, colour in zip(self.classes.names,
+                                                                                  self.classes.colours)]
+        if role in RAZN_MODELS:
+            return network_metadata(role, self.config.razn, design.name, classes)
         from h2g.inference.metadata import ModelMetadata
 
         c = self.config.razn
-        classes = [{"name": name, "colour": colour_rgb(colour)} for name, colour in zip(self.classes.names,
-                                                                                  self.classes.colours)]
-        x0, x1 = self.zoom_views
-        extras = {"zoom_rate": ZOOM_RATE, "size": c.size, "magnification": c.magnification,
-                  "threshold": c.zoom_threshold, "alpha": c.alpha}
-        if role == "policy":
-            return ModelMetadata(system="razn", design=design.name, role="policy", views=(x0,),
-                                 output="class_probs", extras=extras)
-        if role == "coarse":
-            return ModelMetadata(system="razn", design=design.name, role="coarse", views=(x0,), classes=classes,
-                                 output="pixel_probs", extras=extras)
-        if role == "fine":
-            patch = View("x1_patch", x1.magnification, c.size)
-            return ModelMetadata(system="razn", design=design.name, role="fine", views=(patch,), classes=classes,
-                                 output="pixel_probs", extras=extras)
         target = "x1" if "x1" in design.views else "x0"
         stride = dict(x0=c.size, x1=ZOOM_RATE * c.size)[target]
         return ModelMetadata(system="razn", design=design.name, role="segmentation", views=self.views(design),
