@@ -3,7 +3,7 @@
 
     python export/benchmark.py --slide S --patch-model M --refine-model R --engine openvino \\
         --device CPU --repeats 10 --json [OUT.json] [--threads N] [--precision f32|bf16|f16] \\
-        [--markdown OUT.md] [--peer fast] [--int8]
+        [--markdown OUT.md] [--peer fast] [--int8] [--quiet]
     python export/benchmark.py --slide S --model M... [--engine openvino|onnxruntime] [--int8] \\
         [--stride N] [--keep N] [--blend centre|tent] --repeats 10 [--json [OUT.json]] [--markdown OUT.md]
 
@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="exported model(s) (.onnx / .xml); what runs comes from their metadata")
     add_deploy_arguments(p)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress: otherwise the warm-up's time and how long the rest will take, then "
+                        "each timed pass with a progress bar, on stderr")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT.json",
                    help="write the results as JSON (stdout without a path)")
     p.add_argument("--markdown", type=Path, default=None, metavar="OUT.md", help="write a Table 3 style report")
@@ -109,10 +112,11 @@ def main(argv=None) -> int:
 
     plan = deployment(args, args.model)
     segmenter = plan.segmenter()
+    show = dict(progress=not args.quiet, say=None if args.quiet else (lambda line: print(line, file=sys.stderr)))
     with plan.slides.open(args.slide) as slide:
-        result = benchmark(segmenter, slide, repeats=args.repeats)
+        result = benchmark(segmenter, slide, repeats=args.repeats, **show)
         if args.int8:
-            result["int8"] = benchmark(int8_twins(plan).segmenter(), slide, repeats=args.repeats)
+            result["int8"] = benchmark(int8_twins(plan).segmenter(), slide, repeats=args.repeats, **show)
         power = slide.objective_power
     peer = None
     if args.peer == "fast":

@@ -67,6 +67,10 @@ def test_benchmark_times_a_multi_view_sliding_window_model(dmmn_onnx, small_slid
         expected = window_grid(slide, magnification=20.0, size=SIZE, stride=STRIDE, tissue=detect_tissue(slide))
     assert result["windows"] == result["count"] == len(expected) > 0
     assert all(run["windows"] == len(expected) for run in result["runs"])
+    # progress on stderr: the warm-up's count and time first, then each timed pass
+    said = [line for line in done.stderr.replace("\r", "\n").splitlines() if line.startswith(("warm-up", "timed"))]
+    assert said[0].startswith(f"warm-up: {len(expected)} windows in ") and said[1:] == ["timed pass 1 of 2",
+                                                                                        "timed pass 2 of 2"]
 
     assert (result["system"], result["design"], result["target_view"]) == ("dmmn", "dmmn_m3", "x20")
     assert [(v["name"], v["magnification"], v["size"]) for v in result["views"]] == [

@@ -60,21 +60,33 @@ def warm_up(run):
         logging.disable(logging.NOTSET)
 
 
-def benchmark(segmenter, slide, *, repeats: int = 10, progress: bool = False) -> dict:
+def benchmark(segmenter, slide, *, repeats: int = 10, progress: bool = False, say=None) -> dict:
     """Time ``segmenter`` on ``slide``: one warm-up, then ``repeats`` runs of
     :meth:`segment`; per stage mean and sd; items/s over the overlapped reading +
     inference stage (``per_second``) and over the whole run (``total_per_second``); then,
     in the same process, the read-only and inference-only times of the same items
     (:meth:`work_alone`), ``pipeline_efficiency`` = (read-only s + inference-only s) /
     pipeline s and the :func:`ceiling`.  A slide without tissue has nothing to time: an
-    :class:`ExportError` says so."""
+    :class:`ExportError` says so.  ``progress``: the segmenter's progress bar in every
+    timed pass; ``say``: called with a line after the warm-up (its time and what the rest
+    will take: a full slide on a small CPU runs for many minutes) and as each pass starts."""
+    import time
+
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
-    warm = warm_up(lambda: segmenter.segment(slide, progress=progress))
+    say = say or (lambda line: None)
+    start = time.perf_counter()
+    # no bar in the warm-up: a slide without tissue ends in one line (the error), not a bar
+    warm = warm_up(lambda: segmenter.segment(slide, progress=False))
     if warm.no_tissue or warm.count == 0:
         raise ExportError(f"{slide.path}: no tissue found (no {segmenter.unit} over tissue): nothing to time")
+    once = time.perf_counter() - start
+    rest = once * (repeats + 1)
+    say(f"warm-up: {warm.count} {segmenter.unit} in {once:.1f} s; {repeats} timed pass(es) and the read-only and "
+        f"inference-only passes follow (about {f'{rest / 60:.0f} min' if rest >= 120 else f'{rest:.0f} s'} more)")
     runs = []
-    for _ in range(repeats):
+    for k in range(repeats):
+        say(f"timed pass {k + 1} of {repeats}")
         timings = dict(segmenter.segment(slide, progress=progress).timings)
         timings.update(segmenter.derived_timings(timings))
         runs.append(timings)
@@ -107,6 +119,7 @@ def benchmark(segmenter, slide, *, repeats: int = 10, progress: bool = False) ->
         "host": host(),
         "runs": runs,
     }
+    say("read-only and inference-only passes")
     alone = segmenter.work_alone(slide, warm)
     if alone is not None:
         read_only, inference_only = alone
