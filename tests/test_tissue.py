@@ -195,6 +195,52 @@ def test_tiles_shrink_a_level_in_whole_tile_rows_like_the_whole_level(tmp_path):
             source.close()
 
 
+def test_reduced_reader_decodes_a_shrunk_level_at_reduced_scale(tmp_path, monkeypatch):
+    """reader="reduced": a JPEG level shrunk by 2 or 4 is decoded at 1/2 or 1/4 size
+    (libjpeg's DCT scaling) and not shrunk afterwards: the same pixels as the level's
+    tiles decoded at that scale one by one, within a few grey levels of the box filter of
+    OpenSlide's level (what training sees); an uncompressed level cannot be decoded at
+    reduced scale and gets the box filter exactly."""
+    from h2g.io import tiles
+    from h2g.io.slide import _resize
+    from h2g.io.tiles import TileSource
+
+    jpeg = make_slide(tmp_path / "jpeg.tiff", size=(2048, 1536), downsamples=(1, 2))
+    raw = make_slide(tmp_path / "raw.tiff", size=(2048, 1536), downsamples=(1, 2), compression=None)
+    for path, reducible in ((jpeg, True), (raw, False)):
+        with Slide(path) as plain:
+            level = plain.read_level(1)  # 1024 x 768: 4 x 3 tiles of 256
+            source = TileSource.open(path, plain.level_dimensions)
+            try:
+                tiled = source.level(1)
+                assert tiled.reducible == reducible
+                for factor in (2, 4):
+                    box = _resize(level, (1024 // factor, 768 // factor))
+                    got = tiled.read_level(factor, threads=2, shrink=_resize, reduced=True)
+                    if not reducible:
+                        np.testing.assert_array_equal(got, box)
+                        continue
+                    by_tile = np.concatenate([np.concatenate([tiled.tile(c, r, factor) for c in range(4)], axis=1)
+                                              for r in range(3)], axis=0)
+                    np.testing.assert_array_equal(got, by_tile[:768 // factor, :1024 // factor])
+                    assert got.shape == box.shape == (768 // factor, 1024 // factor, 3)
+                    diff = np.abs(got.astype(int) - box.astype(int))
+                    assert diff.mean() < 2.0 and diff.max() < 48, (factor, diff.mean(), diff.max())
+                    assert not np.array_equal(got, box)  # really the scaled decode, not the box filter
+            finally:
+                source.close()
+    # through the Slide: the 1.25x plane of tissue detection comes from the reduced decode
+    with Slide(jpeg, reader="reduced") as reduced, Slide(jpeg, reader="tiles") as exact:
+        level = exact.best_level_for(exact.downsample_for(1.25))
+        calls = []
+        real = tiles.TiledLevel.read_level
+        monkeypatch.setattr(tiles.TiledLevel, "read_level",
+                            lambda self, *a, **k: calls.append(k.get("reduced")) or real(self, *a, **k))
+        a, b = reduced.read_magnification(1.25), exact.read_magnification(1.25)
+        assert calls == [True, False] and a.shape == b.shape and level >= 0
+        assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0
+
+
 @pytest.mark.realdata
 @pytest.mark.parametrize("name, mpp", [("cmu_small_region.svs", None), ("tcga-cr-7395-01a-01-ts1.svs", 0.25)])
 def test_tiles_give_the_same_tissue_mask_on_real_slides(real_data, name, mpp):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REAL_DATA, REPO
 from helpers import run_tool as tool
@@ -95,6 +96,9 @@ def test_bench_cohort_and_reads(tmp_path):
     assert report["workers"]["1"]["slides_per_hour"] > 0 and report["ratio"] > 0
     slide = sorted((tmp_path / "cohort").rglob("slides/*.tiff"))[0]
     assert "ms" in tool("bench_reads", "--slide", slide, "--patches", "20").stdout
+    tissue = json.loads(tool("bench_reads", "--slide", slide, "--tissue", "--rounds", "1", "--json").stdout)
+    assert set(tissue["seconds"]) == {"openslide", "tiles", "reduced"} and tissue["mask_pixels_differing"] == 0
+    assert 0 <= tissue["reduced_mask_pixels_differing"] < 0.02 * np.prod(tissue["mask_shape"])
 
 
 @pytest.mark.slow

@@ -20,8 +20,8 @@ of the decoded tiles of a tiled TIFF / SVS level when the region sits on that le
 pixel grid: the same pixels as OpenSlide, without its ARGB round trip.
 ``reader="reduced"`` also decodes JPEG tiles at 1/2, 1/4 or 1/8 size (libjpeg's DCT
 scaling) for a magnification that has no level of its own but is that much coarser than
-one; those pixels differ slightly from OpenSlide + area resize (what training saw), so it
-is opt-in.  Anything else is read by OpenSlide.  ``reader="openslide"`` (the default, and
+one, and for a whole level shrunk that much (tissue detection's 1.25x plane); those pixels
+differ slightly from OpenSlide + area resize (what training saw), so it is opt-in.  Anything else is read by OpenSlide.  ``reader="openslide"`` (the default, and
 what training uses) always reads through OpenSlide.
 """
 from __future__ import annotations
@@ -411,7 +411,8 @@ class Slide:
         if tiled is not None and not self._large(level) and width % factor == 0 and height % factor == 0 \
                 and tiled.tile_height % factor == 0 and tiled.tile_width % factor == 0:
             try:  # the same pixels as OpenSlide (tests/test_tissue.py), without its ARGB round trip
-                return tiled.read_level(factor, threads=max(BAND_THREADS, available_cores()), shrink=_resize)
+                return tiled.read_level(factor, threads=max(BAND_THREADS, available_cores()), shrink=_resize,
+                                        reduced=self.reader == Reader.REDUCED)
             except Exception as exc:  # tifffile / imagecodecs raise many types on corrupt data
                 raise SlideError(self.path, f"cannot decode image data of level {level}: {exc}") from None
         if (height <= rows_per_band and width <= cols_per_block) or inexact:

@@ -116,7 +116,7 @@ class TiledLevel:
         return out
 
 
-    def read_level(self, factor: int = 1, threads: int = 1, shrink=None) -> np.ndarray:
+    def read_level(self, factor: int = 1, threads: int = 1, shrink=None, reduced: bool = False) -> np.ndarray:
         """The whole level, box-shrunk by the integer ``factor`` (its sides must be
         multiples of it, and so must the tile sides), as ``(height / factor, width /
         factor, 3)`` uint8: decoded one tile row at a time by ``threads`` threads (each
@@ -124,7 +124,10 @@ class TiledLevel:
         patch reader's tiles) and each tile shrunk by ``shrink(tile, (w, h))``
         (:func:`h2g.io.slide._resize`, PIL's box filter, separable with exact weights for
         an integer factor: whole output pixels per tile, so the same pixels as shrinking
-        the whole level at once; tested)."""
+        the whole level at once; tested).  ``reduced``: where the level's JPEG tiles can
+        be decoded at 1/``factor`` size (:meth:`supports`), they are, and nothing is
+        shrunk: most of the decoding and the shrink are skipped, but the pixels are
+        libjpeg's scaled IDCT, not block means (apart by a few grey levels)."""
         from concurrent.futures import ThreadPoolExecutor
 
         if self.width % factor or self.height % factor or self.tile_height % factor:
@@ -135,14 +138,16 @@ class TiledLevel:
         if factor > 1 and self.tile_width % factor:
             raise ValueError(f"tiles {self.tile_width} px wide cannot be shrunk by {factor} tile by tile")
 
+        scale = factor if reduced and factor > 1 and self.supports(factor) else 1
+
         def tile_row(row: int) -> None:  # each tile shrunk on its own, while it is in cache
             top = row * self.tile_height
             rows = min(self.tile_height, self.height - top)
             for column in range(self.columns):
                 left = column * self.tile_width
                 cols = min(self.tile_width, self.width - left)
-                tile = self._decode(row * self.columns + column, 1)[:rows, :cols]
-                if factor > 1:
+                tile = self._decode(row * self.columns + column, scale)[:rows // scale, :cols // scale]
+                if factor > scale:
                     tile = shrink(np.ascontiguousarray(tile), (cols // factor, rows // factor))
                 out[top // factor:(top + rows) // factor, left // factor:(left + cols) // factor] = tile
 
