@@ -14,7 +14,8 @@ written; with several designs, ``OUT/tables.md`` compares them.  With ``--seeds`
 runs into ``OUT/seed<S>/`` (one stage cache for all), then ``OUT/seeds.md`` gives every
 design's metrics as mean ± sd over the seeds and ``OUT/claims.md`` / ``claims.json`` the
 papers' claims between the chosen designs, tested over seeds and slides
-(:mod:`h2g.evaluation.claims`).  A bad manifest exits with code 2 and lists every bad row
+(:mod:`h2g.evaluation.claims`); they are rewritten after every seed (marked partial until
+the last), so a stopped run keeps what it measured.  A bad manifest exits with code 2 and lists every bad row
 before any work starts.
 """
 from __future__ import annotations

@@ -157,6 +157,40 @@ def test_run_seeds_writes_every_seed_and_the_claims(tmp_path, monkeypatch):
         registry.run_seeds(registry.resolve("all"), None, tmp_path / "o", config, [1, 1])
 
 
+def test_a_run_stopped_after_a_seed_leaves_its_tables_saying_so(tmp_path, monkeypatch):
+    """seeds.md / claims.md are written after every seed: Ctrl-C during seed 1 of three
+    leaves seed 0's tables (the claim's difference is seed 0's, by hand), marked partial;
+    the finished run's files are not marked."""
+    registry.register(FIXED)
+    real = registry.run
+
+    def stop_at_seed_1(chosen, manifest_path, out, config, **kw):
+        if config.seed == 1:
+            raise KeyboardInterrupt
+        return real(chosen, manifest_path, out, config, **kw)
+
+    try:
+        monkeypatch.setattr("h2g.evaluation.tables.write_tables", lambda *a, **k: None)
+        monkeypatch.setattr("h2g.evaluation.figures.dice_boxplot", lambda *a, **k: None)
+        monkeypatch.setattr(registry, "run", stop_at_seed_1)
+        config = registry.load_config("smoke")
+        with pytest.raises(KeyboardInterrupt):
+            registry.run_seeds(registry.resolve(system="fixed"), tmp_path, tmp_path / "out", config, [0, 1, 2])
+        out = tmp_path / "out"
+        seeds_md, claims_md = (out / "seeds.md").read_text(), (out / "claims.md").read_text()
+        assert "**Partial: 1 of 3 seeds finished** (seed 1, 2 not yet run" in seeds_md
+        assert claims_md.startswith("**Partial: 1 of 3 seeds finished**")
+        saved, = json.loads((out / "claims.json").read_text())
+        assert saved["seeds"] == [0]
+        assert saved["differences"] == pytest.approx([np.mean(DICE[0]["a"]) - np.mean(DICE[0]["b"])])
+        monkeypatch.setattr(registry, "run", real)
+        registry.run_seeds(registry.resolve(system="fixed"), tmp_path, tmp_path / "again", config, [0, 1])
+    finally:
+        registry.unregister("fixed")
+    assert "Partial" not in (tmp_path / "again" / "seeds.md").read_text()
+    assert "Partial" not in (tmp_path / "again" / "claims.md").read_text()
+
+
 def test_seeds_share_one_stage_cache(tmp_path, monkeypatch):
     """run_seeds gives every seed's pipeline OUT as the cache root: stages land in
     OUT/_cache, not in each seed's folder."""

@@ -184,20 +184,32 @@ def run_seeds(chosen: Sequence, manifest_path: Path | None, out: Path, config, s
     ``out/seeds.md`` (the machine and each seed's wall time, then each design's metrics,
     mean ± sd over seeds) and the claims of the
     chosen designs' papers between the chosen designs (``out/claims.md`` / ``claims.json``:
-    :mod:`h2g.evaluation.claims`).  Returns each seed's metrics by design, and the claims."""
-    from h2g.core.atomic import write_json, write_text
-    from h2g.evaluation import claims as evaluation
-
+    :mod:`h2g.evaluation.claims`).  Both are written again after every seed, over the
+    seeds finished so far and saying so, so that a run stopped part way (hours, on a small
+    CPU) still leaves what it measured; the same command then resumes from the cache.
+    Returns each seed's metrics by design, and the claims."""
     if len(set(seeds)) != len(seeds) or not seeds:
         raise ConfigError(f"--seeds needs distinct seeds, got {list(seeds)}")
     out = Path(out)
     results, walls = {}, {}
+    found: list[dict] = []
     for seed in seeds:
         with Timed() as timed:
             results[seed] = run(chosen, manifest_path, out / f"seed{seed}", config.replace(seed=seed),
                                 resume=resume, strategy=strategy, cache=out)  # the stages in out/_cache
         walls[seed] = timed.wall
-    loaded = evaluation.load_seeds({s: out / f"seed{s}" for s in seeds})
+        found = summarise_seeds(chosen, out, list(results), walls, planned=seeds)
+    return results, found
+
+
+def summarise_seeds(chosen: Sequence, out: Path, done: Sequence[int], walls: Mapping[int, float],
+                    planned: Sequence[int]) -> list[dict]:
+    """``out/seeds.md``, ``claims.md`` and ``claims.json`` over the finished seeds
+    ``done`` of the ``planned`` ones (see :func:`run_seeds`); returns the claims."""
+    from h2g.core.atomic import write_json, write_text
+    from h2g.evaluation import claims as evaluation
+
+    loaded = evaluation.load_seeds({s: out / f"seed{s}" for s in done})
     labels = {d.name: d.label for d in chosen}
     tables, claims_md, found = [], [], []
     for system in systems().values():
@@ -213,12 +225,15 @@ def run_seeds(chosen: Sequence, manifest_path: Path | None, out: Path, config, s
         claims_md += [f"## {system.label}", "", evaluation.claims_markdown(checked, labels)]
     host = numerics_host()
     timing = (f"Run on {host['cpu'] or 'an unknown CPU'} ({host['cpus']} cores), wall time of this invocation: "
-              + ", ".join(f"seed {s} {walls[s] / 60:.1f} min" for s in seeds)
+              + ", ".join(f"seed {s} {walls[s] / 60:.1f} min" for s in done)
               + " (a stage no seed enters runs once, in the first seed's time).")
-    write_text(out / "seeds.md", "\n".join([timing, "", *tables]))
-    write_text(out / "claims.md", "\n".join(claims_md))
+    missing = [s for s in planned if s not in done]
+    partial = ([f"**Partial: {len(done)} of {len(planned)} seeds finished** (seed {', '.join(map(str, missing))} "
+                "not yet run; the same command resumes, reusing every finished stage).", ""] if missing else [])
+    write_text(out / "seeds.md", "\n".join([timing, "", *partial, *tables]))
+    write_text(out / "claims.md", "\n".join([*partial, *claims_md]))
     write_json(out / "claims.json", found)
-    return results, found
+    return found
 
 
 # --------------------------------------------------------------------------------------
