@@ -180,6 +180,9 @@ def test_a_run_stopped_after_a_seed_leaves_its_tables_saying_so(tmp_path, monkey
         seeds_md, claims_md = (out / "seeds.md").read_text(), (out / "claims.md").read_text()
         assert "**Partial: 1 of 3 seeds finished** (seed 1, 2 not yet run" in seeds_md
         assert claims_md.startswith("**Partial: 1 of 3 seeds finished**")
+        # one seed has no sd over seeds: said, not printed as 0
+        assert "| Design A | Dice | 0.800 | 0.800 (one seed) |" in seeds_md and "± 0.000" not in seeds_md
+        assert "(one seed) |" in claims_md and "± 0.000" not in claims_md
         saved, = json.loads((out / "claims.json").read_text())
         assert saved["seeds"] == [0]
         assert saved["differences"] == pytest.approx([np.mean(DICE[0]["a"]) - np.mean(DICE[0]["b"])])

@@ -190,7 +190,9 @@ def claims_markdown(results: Sequence[dict], labels: Mapping[str, str] | None = 
         paper = " vs ".join("-" if v is None else f"{v:g}" for v in r["paper"])
         lines.append("| " + " | ".join([
             f"{better} {relation} {worse}: {r['claim']}", r["metric"], paper,
-            *(f"{d:+.3f}" for d in r["differences"]), f"{r['mean']:+.3f} ± {r['sd']:.3f}", _f(r["p"], 4),
+            *(f"{d:+.3f}" for d in r["differences"]),
+            f"{r['mean']:+.3f} ± {r['sd']:.3f}" if len(r["differences"]) > 1 else f"{r['mean']:+.3f} (one seed)",
+            _f(r["p"], 4),
             f"**{r['verdict']}**" + (f" (collapsed: {', '.join(r['collapsed'])})" if r.get("collapsed") else "")])
             + " |")
     tests: dict[str, list[str]] = {}
@@ -239,7 +241,8 @@ def seeds_markdown(seeds: Sequence[SeedResults], designs: Sequence[str], labels:
     value from a run flagged as collapsed carries "(collapsed)", and a note below the table
     says what it predicted."""
     labels = labels or {}
-    lines = [f"Mean ± sd over {len(seeds)} seeds ({', '.join(str(s.seed) for s in seeds)}); sample sd over seeds.",
+    lines = [f"Mean ± sd over {len(seeds)} seeds ({', '.join(str(s.seed) for s in seeds)}); sample sd over seeds."
+             if len(seeds) > 1 else f"One seed ({seeds[0].seed}): no sd over seeds." if seeds else "No seed.",
              "", "| Design | Metric | " + " | ".join(f"seed {s.seed}" for s in seeds) + " | Mean ± sd |",
              "|---|---|" + "---|" * (len(seeds) + 1)]
     for name in designs:
@@ -258,7 +261,8 @@ def seeds_markdown(seeds: Sequence[SeedResults], designs: Sequence[str], labels:
             flags = [" (collapsed)" if collapsed_run(s, name) else "" for s in seeds]
             lines.append(f"| {labels.get(name, name)} | {title} | "
                          + " | ".join(f"{v:.3f}{flag}" for v, flag in zip(values, flags))
-                         + f" | {float(np.mean(values)):.3f} ± {sd:.3f}{' (collapsed runs in it)' if any(flags) else ''} |")
+                         + f" | {float(np.mean(values)):.3f}" + (f" ± {sd:.3f}" if len(values) > 1 else " (one seed)")
+                         + f"{' (collapsed runs in it)' if any(flags) else ''} |")
     notes = [f"{labels.get(name, name)} seed {s.seed}: {_collapse_text(s.metrics[name.partition('/')[0]])}"
              for name in designs for s in seeds if collapsed_run(s, name)]
     if notes:
