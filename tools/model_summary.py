@@ -67,9 +67,10 @@ def summary(names, save_dir: Path | None = None, seed: int = 0, tiny: bool = Fal
             # where deployment must know the views, the files a system deploys (RAZN's
             # coarse and fine FCN are one architecture under two roles), each with its sidecar
             deployable = deployment_metadata(name, model) or {name: None}
+            inference = models.inference_model(model)
             for stem, meta in deployable.items():
                 path = save_dir / f"{stem}.keras"
-                models.inference_model(model).save(path)
+                inference.save(path)
                 out[name].setdefault("saved", []).append(str(path))
                 if meta is not None:  # what export/convert.py embeds
                     out[name].setdefault("sidecars", []).append(str(write_sidecar(path, meta)))

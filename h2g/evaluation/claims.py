@@ -168,6 +168,11 @@ def _f(value, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _mean_sd(mean: float, sd: float, n: int, sign: str = "") -> str:
+    """``mean ± sd`` over ``n`` seeds; one seed has no sd, and says so."""
+    return f"{mean:{sign}.3f} ± {sd:.3f}" if n > 1 else f"{mean:{sign}.3f} (one seed)"
+
+
 def _label(name: str, labels: Mapping[str, str]) -> str:
     """A design's label; ``design/round<k>`` (a pseudo-label round) as "<label> round k"."""
     design, _, part = name.partition("/")
@@ -191,7 +196,7 @@ def claims_markdown(results: Sequence[dict], labels: Mapping[str, str] | None = 
         lines.append("| " + " | ".join([
             f"{better} {relation} {worse}: {r['claim']}", r["metric"], paper,
             *(f"{d:+.3f}" for d in r["differences"]),
-            f"{r['mean']:+.3f} ± {r['sd']:.3f}" if len(r["differences"]) > 1 else f"{r['mean']:+.3f} (one seed)",
+            _mean_sd(r["mean"], r["sd"], len(r["differences"]), "+"),
             _f(r["p"], 4),
             f"**{r['verdict']}**" + (f" (collapsed: {', '.join(r['collapsed'])})" if r.get("collapsed") else "")])
             + " |")
@@ -261,7 +266,7 @@ def seeds_markdown(seeds: Sequence[SeedResults], designs: Sequence[str], labels:
             flags = [" (collapsed)" if collapsed_run(s, name) else "" for s in seeds]
             lines.append(f"| {labels.get(name, name)} | {title} | "
                          + " | ".join(f"{v:.3f}{flag}" for v, flag in zip(values, flags))
-                         + f" | {float(np.mean(values)):.3f}" + (f" ± {sd:.3f}" if len(values) > 1 else " (one seed)")
+                         + f" | {_mean_sd(float(np.mean(values)), sd, len(values))}"
                          + f"{' (collapsed runs in it)' if any(flags) else ''} |")
     notes = [f"{labels.get(name, name)} seed {s.seed}: {_collapse_text(s.metrics[name.partition('/')[0]])}"
              for name in designs for s in seeds if collapsed_run(s, name)]

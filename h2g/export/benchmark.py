@@ -70,17 +70,14 @@ def benchmark(segmenter, slide, *, repeats: int = 10, progress: bool = False, sa
     :class:`ExportError` says so.  ``progress``: the segmenter's progress bar in every
     timed pass; ``say``: called with a line after the warm-up (its time and what the rest
     will take: a full slide on a small CPU runs for many minutes) and as each pass starts."""
-    import time
-
     if repeats < 1:
         raise ConfigError(f"repeats must be >= 1, got {repeats}")
     say = say or (lambda line: None)
-    start = time.perf_counter()
-    # no bar in the warm-up: a slide without tissue ends in one line (the error), not a bar
-    warm = warm_up(lambda: segmenter.segment(slide, progress=False))
+    with Timed() as warming:  # no bar in the warm-up: a slide without tissue ends in one line (the error)
+        warm = warm_up(lambda: segmenter.segment(slide, progress=False))
     if warm.no_tissue or warm.count == 0:
         raise ExportError(f"{slide.path}: no tissue found (no {segmenter.unit} over tissue): nothing to time")
-    once = time.perf_counter() - start
+    once = warming.wall
     rest = once * (repeats + 1)
     say(f"warm-up: {warm.count} {segmenter.unit} in {once:.1f} s; {repeats} timed pass(es) and the read-only and "
         f"inference-only passes follow (about {f'{rest / 60:.0f} min' if rest >= 120 else f'{rest:.0f} s'} more)")

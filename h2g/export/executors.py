@@ -35,7 +35,7 @@ from concurrent.futures.process import BrokenProcessPool
 
 from h2g.core.choices import Choice
 from h2g.core.errors import ConfigError
-from h2g.core.interrupts import ignore_interrupts, interrupts_deferred, interrupts_ignored  # noqa: F401 (re-exported)
+from h2g.core.interrupts import ignore_interrupts, interrupts_deferred
 from h2g.export.cohort import run_task
 
 log = logging.getLogger(__name__)

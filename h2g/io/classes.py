@@ -121,6 +121,11 @@ class ClassTable:
     def colours(self) -> tuple[str, ...]:
         return tuple(e.colour for e in self.entries)
 
+    def metadata_classes(self) -> list[dict]:
+        """The classes as a deployed model's metadata lists them: ``{"name", "colour": [r, g, b]}``
+        in index order."""
+        return [{"name": e.name, "colour": colour_rgb(e.colour)} for e in self.entries]
+
     @property
     def tumour_index(self) -> int | None:
         """Index of the tumour class (see the module doc), ``None`` if there is none."""

@@ -21,8 +21,9 @@ pixel grid: the same pixels as OpenSlide, without its ARGB round trip.
 ``reader="reduced"`` also decodes JPEG tiles at 1/2, 1/4 or 1/8 size (libjpeg's DCT
 scaling) for a magnification that has no level of its own but is that much coarser than
 one, and for a whole level shrunk that much (tissue detection's 1.25x plane); those pixels
-differ slightly from OpenSlide + area resize (what training saw), so it is opt-in.  Anything else is read by OpenSlide.  ``reader="openslide"`` (the default, and
-what training uses) always reads through OpenSlide.
+differ slightly from OpenSlide + area resize (what training saw), so it is opt-in.
+Anything else is read by OpenSlide.  ``reader="openslide"`` (the default, and what
+training uses) always reads through OpenSlide.
 """
 from __future__ import annotations
 

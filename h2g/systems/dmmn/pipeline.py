@@ -37,7 +37,7 @@ from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
 from h2g.data.views import View
 from h2g.evaluation import metrics
-from h2g.io.classes import IGNORE, colour_rgb
+from h2g.io.classes import IGNORE
 from h2g.io.manifest import SlideRecord
 from h2g.io.slide import open_slide
 from h2g.systems import base
@@ -157,10 +157,8 @@ class Pipeline(base.Pipeline):
     def metadata(self, design: Design):
         from h2g.inference.metadata import ModelMetadata
 
-        classes = [{"name": name, "colour": colour_rgb(colour)} for name, colour in zip(self.classes.names,
-                                                                                  self.classes.colours)]
         return ModelMetadata(system="dmmn", design=design.name, role="segmentation", views=self.views(design),
-                             classes=classes, output="pixel_probs",
+                             classes=self.classes.metadata_classes(), output="pixel_probs",
                              extras={"target": "x20", "stride": self.config.dmmn.stride})
 
     # ------------------------------------------------------------------ inference / evaluation

@@ -47,7 +47,7 @@ from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
 from h2g.data.views import View
 from h2g.evaluation import collapse, metrics
-from h2g.io.classes import IGNORE, colour_rgb
+from h2g.io.classes import IGNORE
 from h2g.io.manifest import SlideRecord
 from h2g.io.slide import open_slide
 from h2g.systems import base
@@ -394,9 +394,8 @@ class Pipeline(base.Pipeline):
         return result
 
     def metadata(self, design: Design):
-        classes = [{"name": name, "colour": colour_rgb(colour)} for name, colour in zip(self.classes.names,
-                                                                                  self.classes.colours)]
-        return segmentation_metadata(self.config.munet, design.name, classes, both=design.rounds)
+        return segmentation_metadata(self.config.munet, design.name, self.classes.metadata_classes(),
+                                     both=design.rounds)
 
     def run(self, design: Design) -> dict:
         """Train (or reuse) and evaluate ``design``; writes ``OUT/<design>/``."""

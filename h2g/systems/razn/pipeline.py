@@ -160,8 +160,7 @@ class Pipeline(base.Pipeline):
         return stage
 
     def metadata(self, design: Design, role: str):
-        classes = [{"name": name, "colour": colour_rgb(colour)} for name, colour in zip(self.classes.names,
-                                                                                  self.classes.colours)]
+        classes = self.classes.metadata_classes()
         if role in RAZN_MODELS:
             return network_metadata(role, self.config.razn, design.name, classes)
         from h2g.inference.metadata import ModelMetadata
