@@ -130,18 +130,22 @@ def test_a_changed_section_reruns_only_the_stages_that_read_it(smoke_run, tiny_c
     assert [name.split("-")[0] for name in added] == ["refiner"]
 
 
-def test_an_interrupted_stage_resumes_to_the_same_model(smoke_run, tiny_cohort, tmp_path, monkeypatch):
-    """A classifier stage interrupted after its first epoch, rerun with resume, ends with
-    the weights of an uninterrupted run (the session run's Mob-PW classifier: same
-    config, seed and data, so the same stage key)."""
+def test_an_interrupted_stage_resumes_to_the_same_model_and_metrics(smoke_run, tiny_cohort, tmp_path, monkeypatch):
+    """A fresh run folder whose Mob-PW classifier stage is interrupted after its first
+    epoch, then rerun with resume, ends with the weights of the session's uninterrupted
+    run (same config, seed and data, so the same stage key), and the design run from that
+    folder (heatmaps remade, test slides scored) gives identical metrics: same seed from
+    scratch, same numbers, interrupted or not (the tiny models collapse, so the heatmaps'
+    probabilities are compared too, not only the Dice)."""
     import keras
 
     from h2g.systems.h2g.pipeline import Pipeline
     from h2g.systems.registry import get_design
     from h2g.training import fit as training
 
+    out, results = smoke_run
     design = get_design("mob_pw")
-    whole = Pipeline(tiny_cohort, smoke_run[0], tiny_config()).classifier_stage(design)
+    whole = Pipeline(tiny_cohort, out, tiny_config()).classifier_stage(design)
     assert whole.done
 
     original = training._Checkpointer.on_epoch_end
@@ -153,34 +157,50 @@ def test_an_interrupted_stage_resumes_to_the_same_model(smoke_run, tiny_cohort, 
 
     monkeypatch.setattr(training._Checkpointer, "on_epoch_end", stop_after_first)
     with pytest.raises(KeyboardInterrupt):
-        Pipeline(tiny_cohort, tmp_path / "cut", tiny_config()).classifier_stage(design)
+        Pipeline(tiny_cohort, tmp_path, tiny_config()).classifier_stage(design)
     monkeypatch.setattr(training._Checkpointer, "on_epoch_end", original)
-    resumed = Pipeline(tiny_cohort, tmp_path / "cut", tiny_config(), resume=True).classifier_stage(design)
+    resumed = Pipeline(tiny_cohort, tmp_path, tiny_config(), resume=True).classifier_stage(design)
     assert resumed.key == whole.key and resumed.info()["inputs"] == whole.info()["inputs"]
     a = keras.models.load_model(whole.dir / "classifier.keras").get_weights()
     b = keras.models.load_model(resumed.dir / "classifier.keras").get_weights()
     assert len(a) == len(b) and all(np.array_equal(x, y) for x, y in zip(a, b))
 
-
-def test_same_seed_from_scratch_gives_identical_metrics(smoke_run, tiny_cohort, tmp_path):
-    """A fresh run folder retrains the classifier and remakes the heatmaps: the numbers
-    must not change."""
-    _, results = smoke_run
+    stamp = (resumed.dir / "done.json").stat().st_mtime_ns
     again = run(resolve(["mob_pw"]), tiny_cohort, tmp_path, tiny_config())
+    assert (resumed.dir / "done.json").stat().st_mtime_ns == stamp  # the resumed classifier, not a new one
+    fresh = list((tmp_path / "_cache").glob("heatmaps-*/*.npz"))  # probabilities, not only the collapsed Dice
+    assert len(fresh) == 6
+    for path in fresh:
+        session = np.load(out / "_cache" / path.parent.name / path.name)["probs"]
+        assert np.array_equal(np.load(path)["probs"], session), path.name
     for key in ("recall_mean", "precision_mean", "dice_mean", "dice_sd", "dice_by_grade"):
         assert again["mob_pw"][key] == results["mob_pw"][key], key
 
 
 def test_an_h2g_design_gives_the_same_dice_from_masks_and_geojson(smoke_run, tiny_cohort, tmp_path):
     """Mob-PW trained and scored from the cohort's GeoJSON manifest, against the same design
-    from the masks (the session's run, same config and seed)."""
+    from the masks (the session's run, same config and seed): the same patch labels train
+    the same classifier, so its heatmaps are identical (compared because the tiny models
+    collapse: both Dice are those of an all-background prediction), and the Dice agree."""
     from h2g.data import cohort
+    from h2g.systems.h2g.pipeline import Pipeline
+    from h2g.systems.registry import get_design
 
-    _, raster = smoke_run
+    out, raster = smoke_run
     assert tiny_cohort.name == cohort.MANIFEST_NAME
-    polygons = run(resolve(["mob_pw"]), tiny_cohort.parent / cohort.GEOJSON_MANIFEST_NAME, tmp_path / "geojson",
-                   tiny_config())
+    geojson = tiny_cohort.parent / cohort.GEOJSON_MANIFEST_NAME
+    polygons = run(resolve(["mob_pw"]), geojson, tmp_path / "geojson", tiny_config())
     assert abs(raster["mob_pw"]["dice_mean"] - polygons["mob_pw"]["dice_mean"]) <= 0.01
+    design = get_design("mob_pw")
+    folders = []
+    for manifest, folder in ((tiny_cohort, out), (geojson, tmp_path / "geojson")):
+        pipe = Pipeline(manifest, folder, tiny_config())
+        folders.append(pipe.heatmap_stage(pipe.classifier_stage(design)).dir)  # both done: nothing retrained
+    assert folders[0].name != folders[1].name  # different manifests, different stages
+    slides = sorted(p.name for p in folders[0].glob("*.npz"))
+    assert len(slides) == 6 and slides == sorted(p.name for p in folders[1].glob("*.npz"))
+    for name in slides:
+        assert np.array_equal(np.load(folders[0] / name)["probs"], np.load(folders[1] / name)["probs"]), name
 
 
 def test_eval_real(smoke_run, real_data, tmp_path):

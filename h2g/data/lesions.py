@@ -28,8 +28,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from h2g.data.fields import Grid, as_distance, fraction, smooth_field, smoothstep, um
-from h2g.data.nuclei import BENIGN, GRADE1, LYMPHOCYTE, MYOEPITHELIAL, NONE, NORMAL, ORIENTATIONS, SPINDLE
+from h2g.data.fields import Grid, as_distance, fraction, smooth_field, um
+from h2g.data.nuclei import BENIGN, GRADE1, MYOEPITHELIAL, NONE, NORMAL, ORIENTATIONS, SPINDLE
 
 # Region kinds of the layout's lesions (indices into h2g.data.cohort.REGION_NAMES).
 ADENOSIS, SCLEROSING, DCIS, LYMPHOID, NODULE = 6, 7, 8, 9, 10

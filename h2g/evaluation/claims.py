@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -217,7 +218,7 @@ def claims_markdown(results: Sequence[dict], labels: Mapping[str, str] | None = 
 # --------------------------------------------------------------------------------------
 # Run folders over seeds
 # --------------------------------------------------------------------------------------
-def load_seeds(folders: Mapping[int, "Path"]) -> list[SeedResults]:  # noqa: F821
+def load_seeds(folders: Mapping[int, Path]) -> list[SeedResults]:
     """``{seed: run folder}`` -> each seed's finished designs (``<folder>/<design>/metrics.json``)."""
     import json
     from pathlib import Path

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import tempfile
 import time
 from dataclasses import dataclass, field

@@ -5,6 +5,8 @@ the lowest pyramid level with at least ``size`` px a side resized to ``size`` x 
 (:func:`refine`).  TensorFlow-free."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 

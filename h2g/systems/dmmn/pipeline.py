@@ -38,7 +38,6 @@ from h2g.core.stages import Stage
 from h2g.data.views import View
 from h2g.evaluation import metrics
 from h2g.io.classes import IGNORE
-from h2g.io.manifest import SlideRecord
 from h2g.io.slide import open_slide
 from h2g.systems import base
 from h2g.systems.dmmn.designs import Design

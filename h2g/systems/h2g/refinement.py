@@ -9,11 +9,9 @@ defines them for training and for deployment alike.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from PIL import Image
 
 from h2g.core.errors import ConfigError
 from h2g.inference.lowres import target_mask  # noqa: F401  (the refinement targets)

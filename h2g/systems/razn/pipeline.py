@@ -39,7 +39,6 @@ from h2g.data.views import View
 from h2g.evaluation import collapse, metrics
 from h2g.inference.zoom import ZOOM_RATE, zoom_views
 from h2g.io.classes import colour_rgb
-from h2g.io.manifest import SlideRecord
 from h2g.io.slide import open_slide
 from h2g.systems import base
 from h2g.systems.razn.designs import DESIGNS, Design
