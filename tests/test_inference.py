@@ -301,6 +301,37 @@ def test_throughput_hint_splits_batches_over_streams_in_order(colour_files, engi
         cls(path, hint="throughput", sub_batch=0)
 
 
+def test_the_main_networks_sub_batch_is_an_engine_option_and_a_cli_flag(colour_files):
+    """``--patch-sub-batch N`` reaches the main network's backend (throughput hint) and no
+    other; a size below 1, or one with the latency hint (which has no sub-batches), is
+    refused in one line.  Any size gives the same per-patch answers."""
+    import argparse
+
+    from h2g.export.deploy import add_deploy_arguments, deployment
+    from h2g.inference.segmenter import EngineOptions
+
+    _, _, xml_path = colour_files
+    options = EngineOptions(precision="f32", threads=2, sub_batch=4)
+    main, other = options.backend(xml_path, main=True), options.backend(xml_path)
+    assert (main.info()["hint"], main.info()["sub_batch"]) == ("throughput", 4)
+    assert (other.info()["hint"], other.info()["sub_batch"]) == ("latency", None)
+    assert EngineOptions(precision="f32", threads=2).backend(xml_path, main=True).info()["sub_batch"] == 1
+    rng = np.random.default_rng(2)
+    means = rng.random((9, 3), np.float32)
+    batch = np.broadcast_to(means[:, None, None, :], (9, PATCH, PATCH, 3)).copy()
+    np.testing.assert_allclose(main.predict(batch)[:, 1], colour_probability(means), atol=1e-5)
+    with pytest.raises(ConfigError, match="sub_batch must be >= 1, got 0"):
+        EngineOptions(sub_batch=0)
+    with pytest.raises(ConfigError, match="applies to the throughput hint"):
+        EngineOptions(hint="latency", sub_batch=4)
+
+    parser = argparse.ArgumentParser()
+    add_deploy_arguments(parser)
+    plan = deployment(parser.parse_args(["--patch-sub-batch", "8"]), [xml_path])
+    assert plan.engine.sub_batch == 8 and plan.engine.to_dict()["sub_batch"] == 8
+    assert deployment(parser.parse_args([]), [xml_path]).engine.sub_batch is None
+
+
 def test_backends_agree_on_real_patches(real_data, colour_files):
     model, onnx_path, xml_path = colour_files
     paths = sorted((real_data / "camelyon16_patches" / "tumor").glob("*.png"))[:6]

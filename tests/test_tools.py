@@ -102,6 +102,22 @@ def test_bench_cohort_and_reads(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_sub_batch(deploy_models, tmp_path):
+    """Every size and the latency row of each model, the ratio against size 1 of the same
+    model; a size above the batch is one line, exit 2."""
+    xml = deploy_models["patch"][2]
+    out = tool("bench_sub_batch", xml, "--sizes", "1", "2", "--batch", "4", "--batches", "1", "--rounds", "2",
+               "--precision", "f32", "--markdown", tmp_path / "sub.md")
+    rows = [line for line in (tmp_path / "sub.md").read_text().splitlines() if line.startswith(f"| {xml.name}")]
+    assert [r.split(" | ")[1:3] for r in rows] == [["throughput", "1"], ["throughput", "2"], ["latency", "-"]]
+    assert rows[0].split(" | ")[6] == "1.00x" and "wrote" in out.stdout
+    bad = subprocess.run([sys.executable, "tools/bench_sub_batch.py", str(xml), "--sizes", "8", "--batch", "4"],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: --sizes must be from 1 to --batch (4), got [8]"]
+
+
+@pytest.mark.slow
 def test_bench_memory(tmp_path):
     report = json.loads(tool("bench_memory", "--slides", "14", "--warmup", "2", "--engine", "onnxruntime",
                              "--max-slides-per-worker", "7", "--work", tmp_path, "--json").stdout)

@@ -287,6 +287,8 @@ def cohort_settings(plan, segmenter) -> dict:
     engine = plan.engine.to_dict()
     engine.pop("threads", None)  # threads and the hint change speed, not outputs
     engine.pop("hint", None)
+    if engine.get("sub_batch") is None:  # a set sub-batch size may change the rounding: kept
+        engine.pop("sub_batch", None)
     return {"models": described, "engine": engine,
             "slides": {"mpp": plan.slides.mpp, "force_mpp": plan.slides.force_mpp, "reader": str(plan.slides.reader)},
             **segmenter.settings()}

@@ -104,6 +104,10 @@ def add_deploy_arguments(parser, *, models: bool = True) -> None:
                         help="performance hint of the main network (the patch classifier, a sliding-window model; "
                              "default throughput: sub-batches on concurrent streams, which lose less to the readers "
                              "sharing the cores); the others always run latency")
+    parser.add_argument("--patch-sub-batch", type=int, default=None, metavar="N",
+                        help="throughput hint: the main network's sub-batch size, run concurrently on the streams "
+                             "(default: the engine's, 1 on CPU; the fastest size depends on the CPU and precision: "
+                             "tools/bench_sub_batch.py measures it)")
     parser.add_argument("--mpp", type=float, default=None,
                         help="microns per pixel for slides whose file states no scale (a fallback: a slide's own "
                              "scale is kept)")
@@ -187,7 +191,7 @@ def deployment(args, models=()) -> Deployment:
         if not Path(path).is_file():
             raise ConfigError(f"{path}: model file not found")
     engine = EngineOptions(engine=args.engine, device=args.device, precision=args.precision, threads=args.threads,
-                           hint=args.patch_hint, provider=args.provider)
+                           hint=args.patch_hint, provider=args.provider, sub_batch=args.patch_sub_batch)
     slides = SlideOptions(mpp=args.mpp, force_mpp=args.force_mpp, reader=args.reader)
     settings = {k: getattr(args, k, None) for k in SEGMENT_SETTINGS}
     return Deployment(chosen, engine, slides, settings)

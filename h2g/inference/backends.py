@@ -446,7 +446,9 @@ class OpenVINOBackend(_BackendBase):
     request on all threads (best for one large input: the refinement network).
     ``"throughput"`` compiles several streams (:attr:`streams`), each with its own threads,
     and splits each batch into sub-batches of ``sub_batch`` (default: 1 on CPU, measured
-    fastest for MobileNetV2 on 2 cores; an equal share per stream on GPU) queued on twice
+    fastest for MobileNetV2 on 2 cores of an earlier machine; on an AVX-512 EPYC 2-4 was 6 % faster
+    in bf16 and no different in int8: ``tools/bench_sub_batch.py``; an equal share per
+    stream on GPU) queued on twice
     as many requests as streams, so no stream waits for Python between sub-batches.  A
     stream's threads need no barrier with the others', so when patch-reader threads share
     the cores, inference loses less to them (the patch classifier in the slide pipeline)."""
@@ -600,11 +602,12 @@ def engine_for(path) -> str:
 
 def make_backend(model_or_path, engine: str | None = None, device: str = "CPU",
                  precision: str | None = None, threads: int | None = None,
-                 hint: str = "latency", provider: str | None = None) -> Backend:
+                 hint: str = "latency", provider: str | None = None, sub_batch: int | None = None) -> Backend:
     """A backend for a Keras model object or a model file.  ``engine`` defaults from the
     file type (:func:`engine_for`); OpenVINO also runs ``.onnx`` files.  ``hint``
     (``latency`` or ``throughput``: see :class:`OpenVINOBackend` and
-    :class:`OnnxRuntimeBackend`) is ignored by the Keras backend.  ``provider``
+    :class:`OnnxRuntimeBackend`) and ``sub_batch`` (the throughput hint's sub-batch size,
+    None: the engine's default) are ignored by the Keras backend.  ``provider``
     (ONNX Runtime on GPU: ``auto``, ``tensorrt`` or ``cuda``, :func:`gpu_providers`)
     is refused by the other engines."""
     if engine is None:
@@ -624,5 +627,6 @@ def make_backend(model_or_path, engine: str | None = None, device: str = "CPU",
         raise ConfigError(f"engine {engine} needs a model file, not a Keras model")
     if engine == Engine.ONNXRUNTIME:
         return OnnxRuntimeBackend(model_or_path, device=device, threads=threads, precision=precision, hint=hint,
-                                  provider=provider)
-    return OpenVINOBackend(model_or_path, device=device, precision=precision, threads=threads, hint=hint)
+                                  provider=provider, sub_batch=sub_batch)
+    return OpenVINOBackend(model_or_path, device=device, precision=precision, threads=threads, hint=hint,
+                           sub_batch=sub_batch)

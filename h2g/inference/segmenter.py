@@ -58,7 +58,10 @@ PALETTE = ((200, 0, 0), (0, 150, 0), (0, 0, 200), (200, 200, 0), (150, 0, 150), 
 class EngineOptions:
     """How the networks run: engine, device, precision (None: the engine's choice), inference
     threads (None: every core) and the performance hint of the segmenter's main network
-    (the patch classifier, the sliding-window model); its other networks run ``latency``."""
+    (the patch classifier, the sliding-window model); its other networks run ``latency``.
+    ``sub_batch``: the main network's sub-batch size under the throughput hint (None: the
+    engine's default, 1 on CPU; the best size depends on the CPU and the precision:
+    ``tools/bench_sub_batch.py`` measures it)."""
 
     engine: Engine = Engine.OPENVINO
     device: str = "CPU"
@@ -66,6 +69,7 @@ class EngineOptions:
     threads: int | None = None
     hint: Hint = Hint.THROUGHPUT
     provider: Provider = Provider.AUTO  # ONNX Runtime on a GPU: TensorRT / CUDA
+    sub_batch: int | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "engine", Engine.parse(self.engine, "engine"))
@@ -77,6 +81,11 @@ class EngineOptions:
             object.__setattr__(self, "precision", Precision.parse(self.precision, "precision"))
         if self.threads is not None and int(self.threads) < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        if self.sub_batch is not None:
+            if int(self.sub_batch) < 1:
+                raise ConfigError(f"sub_batch must be >= 1, got {self.sub_batch}")
+            if self.hint != Hint.THROUGHPUT:
+                raise ConfigError(f"sub_batch {self.sub_batch} applies to the throughput hint; the hint is {self.hint}")
 
     def check_gpu(self) -> None:
         """ONNX Runtime on a GPU: the provider asked for is installed, else an
@@ -97,7 +106,8 @@ class EngineOptions:
             engine = Engine.KERAS
         return make_backend(model, engine=engine, device=self.device, precision=self.precision,
                             threads=self.threads, hint=self.hint if main else Hint.LATENCY,
-                            provider=self.provider if engine == Engine.ONNXRUNTIME else None)
+                            provider=self.provider if engine == Engine.ONNXRUNTIME else None,
+                            sub_batch=self.sub_batch if main else None)
 
     def to_dict(self) -> dict:
         return {k: (None if v is None else (str(v) if not isinstance(v, int) else v))
