@@ -361,7 +361,7 @@ class OnnxRuntimeBackend(_BackendBase):
             raise ConfigError(f"ONNX Runtime runs the model in its stored precision (f32); "
                               f"precision {precision!r} needs --engine openvino")
         device = _check_device(device)
-        _check_concurrency(hint, sub_batch)
+        check_concurrency(hint, sub_batch)
         available = ort.get_available_providers()
         providers = ["CPUExecutionProvider"]
         if device == "GPU":
@@ -468,7 +468,7 @@ class OpenVINOBackend(_BackendBase):
         device = _check_device(device)
         if precision is not None:
             precision = Precision.parse(precision, "precision")
-        _check_concurrency(hint, sub_batch)
+        check_concurrency(hint, sub_batch)
         hint = Hint(hint)
         config = {"PERFORMANCE_HINT": hint.value.upper()}
         if precision is not None:
@@ -577,7 +577,8 @@ def _sub_feeds(feed: dict[str, np.ndarray], size: int) -> Iterator[tuple[int, di
         yield start, {name: value[start:start + size] for name, value in feed.items()}
 
 
-def _check_concurrency(hint: str, sub_batch: int | None) -> None:
+def check_concurrency(hint: str, sub_batch: int | None) -> None:
+    """:class:`ConfigError` for an unknown hint or a sub-batch size below 1."""
     Hint.parse(hint, "hint")
     if sub_batch is not None and int(sub_batch) < 1:
         raise ConfigError(f"sub_batch must be >= 1, got {sub_batch}")

@@ -42,7 +42,7 @@ import numpy as np
 from h2g.core.errors import ConfigError, ExportError
 from h2g.core.measure import Timed
 from h2g.data.views import View
-from h2g.inference.backends import Backend, Engine, Hint, Precision, Provider, make_backend
+from h2g.inference.backends import Backend, Engine, Hint, Precision, Provider, check_concurrency, make_backend
 from h2g.inference.metadata import ModelMetadata
 from h2g.inference.raster import Raster
 from h2g.inference.sliding import Blend
@@ -81,9 +81,8 @@ class EngineOptions:
             object.__setattr__(self, "precision", Precision.parse(self.precision, "precision"))
         if self.threads is not None and int(self.threads) < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        check_concurrency(self.hint, self.sub_batch)
         if self.sub_batch is not None:
-            if int(self.sub_batch) < 1:
-                raise ConfigError(f"sub_batch must be >= 1, got {self.sub_batch}")
             if self.hint != Hint.THROUGHPUT:
                 raise ConfigError(f"sub_batch {self.sub_batch} applies to the throughput hint; the hint is {self.hint}")
 
