@@ -111,6 +111,7 @@ def test_bench_sub_batch(deploy_models, tmp_path):
     rows = [line for line in (tmp_path / "sub.md").read_text().splitlines() if line.startswith(f"| {xml.name}")]
     assert [r.split(" | ")[1:3] for r in rows] == [["throughput", "1"], ["throughput", "2"], ["latency", "-"]]
     assert rows[0].split(" | ")[6] == "1.00x" and "wrote" in out.stdout
+    assert "ratio to sub-batch 1 (the first size)" in (tmp_path / "sub.md").read_text()
     bad = subprocess.run([sys.executable, "tools/bench_sub_batch.py", str(xml), "--sizes", "8", "--batch", "4"],
                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

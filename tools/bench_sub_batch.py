@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Which sub-batch size runs a patch model fastest on this CPU, under the throughput hint
 the deployment pipeline gives its main network (``--patch-sub-batch`` of the deployment
-tools): inference-only patches/s of each size, and the ratio to size 1, measured in one run.
+tools): inference-only patches/s of each size, and the ratio to the first (1 by default), measured in one run.
 
     python tools/bench_sub_batch.py MODEL.xml [MODEL_int8.xml ...] [--engine openvino]
                                     [--sizes 1 2 4 8] [--batch 32] [--batches 10] [--rounds 3]
@@ -107,7 +107,7 @@ def markdown(rows: list[dict], args) -> str:
     lines = [f"Sub-batch sizes on {host.get('cpu', 'this CPU')} ({', '.join(host.get('isa', []))}; "
              f"{host.get('cpus', '?')} cores), engine "
              f"{args.engine}; batches of {args.batch}, median of {args.rounds} rounds of {args.batches} batches; "
-             f"ratio to sub-batch 1 of the same model, measured in this run.", "",
+             f"ratio to sub-batch {args.sizes[0]} (the first size) of the same model, measured in this run.", "",
              "| Model | Hint | Sub-batch | Streams | Precision | Patches/s | Ratio | Runs |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -82,9 +82,8 @@ class EngineOptions:
         if self.threads is not None and int(self.threads) < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         check_concurrency(self.hint, self.sub_batch)
-        if self.sub_batch is not None:
-            if self.hint != Hint.THROUGHPUT:
-                raise ConfigError(f"sub_batch {self.sub_batch} applies to the throughput hint; the hint is {self.hint}")
+        if self.sub_batch is not None and self.hint != Hint.THROUGHPUT:
+            raise ConfigError(f"sub_batch {self.sub_batch} applies to the throughput hint; the hint is {self.hint}")
 
     def check_gpu(self) -> None:
         """ONNX Runtime on a GPU: the provider asked for is installed, else an
