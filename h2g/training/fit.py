@@ -88,6 +88,14 @@ class FitResult:
     def best_model_path(self) -> Path:
         return self.run_dir / BEST
 
+    def require_best(self) -> "FitResult":
+        """This result, or a :class:`ModelError` when no epoch had a finite monitored value
+        (a loss that was NaN throughout): then there is no best model to keep."""
+        if self.best_epoch is None:
+            raise ModelError(f"{self.run_dir}: no epoch of {self.epochs_completed} had a finite monitored value "
+                             f"(see log.csv): nothing to keep; lower the learning rate or check the data")
+        return self
+
     @property
     def last_checkpoint_path(self) -> Path:
         """The variables after the last completed epoch (arrays, see the module docstring)."""
