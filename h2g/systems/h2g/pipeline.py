@@ -103,6 +103,8 @@ class Pipeline(base.Pipeline):
     # ------------------------------------------------------------------ stages
     def cluster_stage(self) -> Stage:
         """Fit VGG16 features -> z-score -> PCA -> k-means on sampler batches (train)."""
+        import keras
+
         from h2g.training import clustering
 
         c = self.config
@@ -113,6 +115,9 @@ class Pipeline(base.Pipeline):
         log.info("fitting the k-means cluster model -> %s", stage.dir)
         ds = self._patch_data("train", c.cluster.batch_size, training=False, n_batches=c.cluster.n_batches)
         batches = (x.numpy() for x, _ in tqdm(ds, total=c.cluster.n_batches, desc="cluster features"))
+        # seeded: without ImageNet weights (the smoke preset) VGG16 is randomly initialised,
+        # and unseeded its features, clusters and the CWCE classifier changed from run to run
+        keras.utils.set_random_seed(c.seed)
         extractor = clustering.vgg16_extractor(weights=c.cluster.weights, input_size=c.cluster.feature_size)
         stats = clustering.fit_clusterer(batches, extractor, n_clusters=c.cluster.n_clusters, variance=c.cluster.variance, seed=c.seed)
         stats.save(stage.dir / "cluster_stats.npz")
