@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from h2g.core.errors import ModelError
 from h2g.inference.zoom import bounded_bernoulli
 from h2g.models.razn import build_policy, build_resnet18_fcn
-from h2g.systems.razn.training import RaznTrainer, UnitTrainer, masked_cross_entropy
+from h2g.systems.razn.training import RaznTrainer, UnitTrainer, masked_cross_entropy, read_log
 
 S, C = 16, 3
 
@@ -97,6 +98,26 @@ def _batches(start):
                 rng.integers(0, C, (4, 2 * S, 2 * S)).astype(np.int32)
             k += 1
     return gen()
+
+
+def test_a_diverged_step_stops_training_before_its_weights_are_saved(tmp_path):
+    """A NaN image from step 3 on makes every loss NaN: training stops there with one line
+    naming the run folder and the step, and the step-2 checkpoint is left as it was (the
+    weights in it are numbers), so nothing downstream gets NaN networks."""
+    def poisoned(start):
+        for k, (inputs, y) in enumerate(_batches(start), start=start):
+            if k >= 2:
+                inputs = {"x0": np.full_like(inputs["x0"], np.nan), "x1": inputs["x1"]}
+            yield inputs, y
+
+    trainer = _real_trainer()
+    with pytest.raises(ModelError, match=r"training diverged at step 3: .*policy_loss.* the checkpoint of "
+                                         r"step 2 is kept") as error:
+        trainer.fit(poisoned, steps=6, run_dir=tmp_path, checkpoint_every=2, progress=False)
+    assert str(tmp_path) in str(error.value)
+    saved = np.load(tmp_path / "checkpoint.npz")
+    assert saved.files and all(np.isfinite(saved[k]).all() for k in saved.files)
+    assert read_log(tmp_path / "log.csv")["step"] == [2.0]
 
 
 @pytest.mark.slow

@@ -179,19 +179,26 @@ def test_early_stopping_with_patience(tmp_path):
 
 
 def test_a_run_without_a_finite_validation_loss_has_no_best_model_to_keep(tmp_path):
-    """NaN validation labels: no epoch improves, so there is no best.keras, and the
-    pipelines' ``require_best`` says so in one line instead of keeping the last weights."""
+    """NaN validation labels: no epoch improves, so there is no best.keras.  Every system's
+    stages call ``fit`` with ``restore_best``: it refuses in one line naming the run folder
+    instead of leaving the model with its last weights; without ``restore_best`` the result
+    says so and ``require_best`` makes the same check."""
     def nan_val(i):
         images, labels = toy_batch(i)
         return images, labels * float("nan")
 
-    result = fit(tiny_classifier(0), toy_train, tf.data.Dataset.range(10_000, 10_002).map(nan_val),
-                 loss="categorical_crossentropy", run_dir=tmp_path, epochs=2, steps_per_epoch=1,
-                 learning_rate=1e-3, verbose=0)
-    assert result.best_epoch is None and not result.best_model_path.exists()
+    common = dict(loss="categorical_crossentropy", epochs=2, steps_per_epoch=1, learning_rate=1e-3, verbose=0)
     with pytest.raises(ModelError, match=r"no epoch of 2 had a finite monitored value") as error:
+        fit(tiny_classifier(0), toy_train, tf.data.Dataset.range(10_000, 10_002).map(nan_val),
+            run_dir=tmp_path / "restored", **common)
+    assert str(tmp_path / "restored") in str(error.value)
+    assert not (tmp_path / "restored" / "best.keras").exists()
+
+    result = fit(tiny_classifier(0), toy_train, tf.data.Dataset.range(10_000, 10_002).map(nan_val),
+                 run_dir=tmp_path / "kept", restore_best=False, **common)
+    assert result.best_epoch is None and result.epochs_completed == 2 and not result.best_model_path.exists()
+    with pytest.raises(ModelError, match=r"no epoch of 2 had a finite monitored value"):
         result.require_best()
-    assert str(tmp_path) in str(error.value)
 
 
 def cluster_guided_toy(dropout=0.3):

@@ -288,7 +288,10 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
     epochs without improvement).  ``resume=True`` continues from ``last.npz`` when the
     run folder has one (the same model must be passed, built the same way) and gives the
     same weights as an uninterrupted run; a finished run is not trained further.  With
-    ``restore_best`` the model ends with the weights of ``best.keras``.  ``verbose`` is
+    ``restore_best`` the model ends with the weights of ``best.keras``, and a run in which
+    no epoch had a finite monitored value (a NaN loss throughout) is a :class:`ModelError`
+    naming the run folder rather than a model silently left with its last weights; without
+    it, :meth:`FitResult.require_best` makes the same check.  ``verbose`` is
     passed to Keras (its progress bar).  ``deterministic=False`` skips
     ``enable_op_determinism`` (some GPU kernels have no deterministic version).
     ``optimizer``: ``"adam"`` (default) or ``"sgd"`` with ``momentum``; ``weight_decay``
@@ -355,9 +358,10 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
                 _write_best_model(model, run_dir, restore_best)
             elif restore_best:
                 load_variables(run_dir / BEST_ARRAYS, model)
-    return FitResult(run_dir=run_dir, history=read_log(run_dir / LOG),
-                     epochs_completed=state["epoch"], best_epoch=state["best_epoch"],
-                     best_value=state["best_value"], stopped_early=state["stopped"])
+    result = FitResult(run_dir=run_dir, history=read_log(run_dir / LOG),
+                       epochs_completed=state["epoch"], best_epoch=state["best_epoch"],
+                       best_value=state["best_value"], stopped_early=state["stopped"])
+    return result.require_best() if restore_best else result
 
 
 def evaluate_classifier(model: keras.Model, val_data: tf.data.Dataset) -> dict[str, float]:

@@ -176,7 +176,7 @@ class Pipeline(base.Pipeline):
             resume=resumed,
             seed=c.seed,
             strategy=self.strategy,
-        ).require_best()
+        )
         # fit restored the best weights into the model; under a strategy its variables are
         # distributed (its predict would gather every worker's batches), so load a plain copy
         best = model if self.strategy is None else keras.models.load_model(result.best_model_path)
@@ -298,7 +298,7 @@ class Pipeline(base.Pipeline):
             resume=resumed,
             seed=c.seed,
             strategy=self.strategy,
-        ).require_best()
+        )
         # fit restored the best weights
         replace_atomically(stage.dir / "refiner.keras", models.inference_model(model).save)
         stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value})

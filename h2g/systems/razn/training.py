@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -168,7 +169,9 @@ class _Trainer:
     def fit(self, batches: Callable[[int], Iterable], *, steps: int, run_dir, checkpoint_every: int = 1000,
             resume: bool = False, progress: bool = True) -> dict:
         """Train to ``steps`` steps; ``batches(start)`` yields ``({"x0", "x1"}, y)``
-        batches from global batch number ``start`` on.  Returns the log as columns."""
+        batches from global batch number ``start`` on.  Returns the log as columns.  A step
+        whose logged losses are not finite (diverged) is a :class:`ModelError` naming the run
+        folder; the last checkpoint written before it is left as it was."""
         from tqdm.auto import tqdm
 
         run_dir = Path(run_dir)
@@ -189,6 +192,11 @@ class _Trainer:
                 for step in range(start, steps):
                     inputs, y = next(data)
                     got = self.step(inputs["x0"], inputs["x1"], y, step)
+                    bad = sorted(k for k, v in got.items() if not math.isfinite(v))
+                    if bad:  # the networks' weights are no longer numbers: stop before they are saved
+                        raise ModelError(
+                            f"{run_dir}: training diverged at step {step + 1}: {', '.join(bad)} is not finite; "
+                            f"{_kept_checkpoint(run_dir)}; lower the learning rate or check the data")
                     for k, v in got.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     count += 1
@@ -202,6 +210,12 @@ class _Trainer:
                         plot_log(run_dir / LOG, run_dir / CURVES)
                         sums, count = {}, 0
         return read_log(run_dir / LOG)
+
+
+def _kept_checkpoint(run_dir: Path) -> str:
+    if (run_dir / STATE).is_file():
+        return f"the checkpoint of step {json.loads((run_dir / STATE).read_text())['step']} is kept"
+    return "no checkpoint was written"
 
 
 class RaznTrainer(_Trainer):
