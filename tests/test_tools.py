@@ -120,9 +120,9 @@ def test_bench_sub_batch(deploy_models, tmp_path):
 
 @pytest.mark.slow
 def test_bench_memory(tmp_path):
-    report = json.loads(tool("bench_memory", "--slides", "14", "--warmup", "2", "--engine", "onnxruntime",
-                             "--max-slides-per-worker", "7", "--work", tmp_path, "--json").stdout)
-    assert report["slides"] == 14 and report["worker_processes"] == 2
+    report = json.loads(tool("bench_memory", "--slides", "6", "--warmup", "2", "--engine", "onnxruntime",
+                             "--max-slides-per-worker", "3", "--work", tmp_path, "--json").stdout)
+    assert report["slides"] == 6 and report["worker_processes"] == 2
     assert report["rss_mb"]["slope_mb_per_slide"] is not None
 
 

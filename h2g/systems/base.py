@@ -61,6 +61,31 @@ class Pipeline:
         self.scores: dict = {}  # design label -> pooled metrics.ClassScores (label-map systems)
         self._samplers: dict = {}
         self._annotations: dict = {}
+        self._backends: dict[tuple, object] = {}  # (path, mtime) -> KerasBackend: each model file loaded once
+
+    # ------------------------------------------------------------------ models
+    def keras_backend(self, path: Path):
+        """A Keras backend of the model file ``path``, loaded once per pipeline (designs that
+        share a stage's model, and the stages that read it after training, share it; 1-3 s
+        a load).  Keyed by the file's modification time too, so a rewritten file is reloaded."""
+        from h2g.inference.backends import KerasBackend
+
+        path = Path(path)
+        key = (path.resolve(), path.stat().st_mtime_ns if path.is_file() else None)
+        if key not in self._backends:
+            self._backends[key] = KerasBackend(path)
+        return self._backends[key]
+
+    def keep_model(self, path: Path, model) -> None:
+        """Serve ``model``, just saved to ``path``, from memory to whatever reads ``path``
+        through :meth:`keras_backend` next: the weights the file holds, without loading it
+        back.  Not under a strategy: a distributed model's predict gathers every worker's
+        batches."""
+        from h2g.inference.backends import KerasBackend
+
+        if self.strategy is None:
+            path = Path(path)
+            self._backends[(path.resolve(), path.stat().st_mtime_ns)] = KerasBackend(model)
 
     # ------------------------------------------------------------------ runs
     @classmethod

@@ -11,7 +11,8 @@ Run folder (``run_dir``)::
                    written once, when training ends
     state.json     {"epoch", "best_value", "best_epoch", "wait", "stopped"}; written last
     log.csv        one row per epoch (Keras' CSVLogger)
-    curves.png     training and validation curves, redrawn at most every 30 s and at the end
+    curves.png     training and validation curves, drawn every 30 s at most (first 30 s after the
+                   start) and at the end
 
 The per-epoch checkpoints are plain arrays in the model's own variable order (a resumed run
 rebuilds the same model): writing a ``.keras`` file walks every layer's saveables and took
@@ -191,7 +192,7 @@ class _Checkpointer(keras.callbacks.Callback):
         super().__init__()
         self.run_dir, self.state = run_dir, state
         self.monitor, self.mode, self.patience = monitor, mode, patience
-        self._drawn = None  # time.monotonic() of the last drawing
+        self._drawn = 0.0  # time.monotonic() of the last drawing (or of the start of training)
 
     def _improved(self, value: float) -> bool:
         best = self.state["best_value"]
@@ -221,8 +222,11 @@ class _Checkpointer(keras.callbacks.Callback):
             self.model.stop_training = True
         save_variables(self.run_dir / LAST, self.model)
         replace_atomically(self.run_dir / STATE, lambda p: p.write_text(json.dumps(state, indent=2)))
-        if self._drawn is None or time.monotonic() - self._drawn >= CURVES_EVERY_S:
+        if time.monotonic() - self._drawn >= CURVES_EVERY_S:
             self._draw()
+
+    def on_train_begin(self, logs=None):
+        self._drawn = time.monotonic()  # the first drawing 30 s in: a run shorter than that draws once, at the end
 
     def on_train_end(self, logs=None):
         if (self.run_dir / LOG).is_file():

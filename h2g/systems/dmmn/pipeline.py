@@ -148,7 +148,9 @@ class Pipeline(base.Pipeline):
             monitor=monitor, mode=mode, patience=c.dmmn.patience, resume=resumed, seed=c.seed,
             strategy=self.strategy,
         )
-        replace_atomically(stage.dir / "model.keras", models.inference_model(model).save)
+        inference = models.inference_model(model)
+        replace_atomically(stage.dir / "model.keras", inference.save)
+        self.keep_model(stage.dir / "model.keras", inference)
         stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value, "monitor": monitor,
                       "class_weights": weights.tolist()})
         return stage
@@ -164,14 +166,13 @@ class Pipeline(base.Pipeline):
     def segmenter(self, design: Design, model_path: Path):
         """The design's model as deployment runs it (:class:`h2g.inference.segmenter.SlidingSegmenter`)
         with the run's stride and tissue detection."""
-        from h2g.inference.backends import KerasBackend
         from h2g.inference.segmenter import SlidingSegmenter, WindowOptions
 
         c = self.config
         options = WindowOptions(stride=c.dmmn.stride, batch_size=c.dmmn.inference_batch, readers=c.sampler.readers,
                                 tissue_magnification=c.patches.tissue_magnification,
                                 saturation_threshold=c.patches.saturation_threshold)
-        return SlidingSegmenter({"segmentation": KerasBackend(model_path)}, options,
+        return SlidingSegmenter({"segmentation": self.keras_backend(model_path)}, options,
                                 metadata={"segmentation": self.metadata(design)})
 
     def run(self, design: Design) -> dict:

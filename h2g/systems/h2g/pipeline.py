@@ -53,7 +53,6 @@ class Pipeline(base.Pipeline):
     def __post_init__(self):
         super().__post_init__()
         self._samples: dict[tuple, list] = {}
-        self._backends: dict[tuple, object] = {}  # (path, mtime) -> KerasBackend: designs share models
 
     def _slide(self, record):
         return open_slide(record.slide_path, mpp=record.mpp)
@@ -65,22 +64,9 @@ class Pipeline(base.Pipeline):
 
     def segmenter(self, classifier: Path | None = None, refiner: Path | None = None) -> H2GSegmenter:
         """H2G-Net's segmenter over Keras models of this run's stages, with its settings."""
-        backends = {role: self._backend(path) for role, path in (("patch_classifier", classifier),
-                                                                  ("refinement", refiner)) if path is not None}
+        backends = {role: self.keras_backend(path) for role, path in (("patch_classifier", classifier),
+                                                                       ("refinement", refiner)) if path is not None}
         return H2GSegmenter(backends, options_from_config(self.config.to_dict()), metadata=dict.fromkeys(backends))
-
-    def _backend(self, path: Path):
-        """A Keras backend of the model file ``path``, loaded once per pipeline: the five
-        MobileNetV2 designs of ``--design all`` share one classifier, and the heatmap
-        stage and each design's test predictions would otherwise load it again (2-3 s
-        each).  Keyed by the file's modification time too, so a rewritten file is reloaded."""
-        from h2g.inference.backends import KerasBackend
-
-        path = Path(path)
-        key = (path.resolve(), path.stat().st_mtime_ns if path.is_file() else None)
-        if key not in self._backends:
-            self._backends[key] = KerasBackend(path)
-        return self._backends[key]
 
     def _patch_data(self, split: str, batch_size: int, *, training: bool, n_batches=None, augment=None, start_batch=0,
                     shard=None):
@@ -182,6 +168,7 @@ class Pipeline(base.Pipeline):
         best = model if self.strategy is None else keras.models.load_model(result.best_model_path)
         best = losses.unwrap_classifier(best)
         replace_atomically(stage.dir / "classifier.keras", best.save)
+        self.keep_model(stage.dir / "classifier.keras", best)
         val = training.evaluate_classifier(best, self._patch_data("val", c.classifier.batch_size, training=False, n_batches=c.classifier.val_batches))
         stage.finish({"validation": val})
         return stage
@@ -300,7 +287,9 @@ class Pipeline(base.Pipeline):
             strategy=self.strategy,
         )
         # fit restored the best weights
-        replace_atomically(stage.dir / "refiner.keras", models.inference_model(model).save)
+        refiner = models.inference_model(model)
+        replace_atomically(stage.dir / "refiner.keras", refiner.save)
+        self.keep_model(stage.dir / "refiner.keras", refiner)
         stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value})
         return stage
 

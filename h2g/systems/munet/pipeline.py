@@ -223,6 +223,7 @@ class Pipeline(base.Pipeline):
                                       augment=c.munet.base_augment, epochs=c.munet.base_epochs,
                                       learning_rate=c.munet.base_learning_rate, dynamic=False, resumed=resumed)
         replace_atomically(stage.dir / "model.keras", model.save)
+        self.keep_model(stage.dir / "model.keras", model)
         stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value, "class_weights": weights})
         return stage
 
@@ -298,7 +299,9 @@ class Pipeline(base.Pipeline):
         tmp = stage.dir / f".tmp{os.getpid()}.weights.h5"  # Keras wants the .weights.h5 suffix
         model.save_weights(tmp)
         os.replace(tmp, stage.dir / "full.weights.h5")
-        replace_atomically(stage.dir / "model.keras", models.inference_model(model).save)
+        inference = models.inference_model(model)
+        replace_atomically(stage.dir / "model.keras", inference.save)
+        self.keep_model(stage.dir / "model.keras", inference)
         stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value,
                       "class_weights": weights or "dynamic", "threshold": float(c.thresholds[k])})
         return stage
@@ -307,7 +310,6 @@ class Pipeline(base.Pipeline):
     def segment(self, model_path: Path, record: SlideRecord, both: bool):
         """The class-probability raster of one slide by ``model_path``, as deployment runs
         it (:class:`h2g.inference.segmenter.SlidingSegmenter`, one per model)."""
-        from h2g.inference.backends import KerasBackend
         from h2g.inference.segmenter import SlidingSegmenter, WindowOptions
 
         c = self.config
@@ -317,7 +319,7 @@ class Pipeline(base.Pipeline):
             options = WindowOptions(stride=c.munet.stride, batch_size=c.munet.inference_batch,
                                     readers=c.sampler.readers, tissue_magnification=c.patches.tissue_magnification,
                                     saturation_threshold=c.patches.saturation_threshold)
-            self._segmenters[key] = SlidingSegmenter({"segmentation": KerasBackend(model_path)}, options,
+            self._segmenters[key] = SlidingSegmenter({"segmentation": self.keras_backend(model_path)}, options,
                                                      metadata={"segmentation": meta})
         with open_slide(record.slide_path, mpp=record.mpp) as slide:
             return self._segmenters[key].segment(slide).raster
