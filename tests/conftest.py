@@ -116,7 +116,8 @@ def pytest_addoption(parser):
                           "setup included): a ranking that a busy machine distorts less than wall time")
 
 
-_CPU: dict = {}
+_CPU: dict = {}  # node id -> CPU seconds (setup, call and teardown), gathered from the reports
+_PHASE: dict = {}  # node id -> CPU seconds at the start of the running phase
 
 
 def _cpu_now() -> float:
@@ -126,20 +127,49 @@ def _cpu_now() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _PHASE[item.nodeid] = _cpu_now()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    _PHASE[item.nodeid] = _cpu_now()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item, nextitem):
+    _PHASE[item.nodeid] = _cpu_now()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Each phase's CPU seconds travel in its report (``user_properties``), so that under
+    pytest-xdist the controller, which runs no test, can rank them (``--cpu-durations``)."""
+    outcome = yield
+    start = _PHASE.pop(item.nodeid, None)
+    if start is not None:
+        outcome.get_result().user_properties.append(("cpu_seconds", _cpu_now() - start))
+
+
+def pytest_runtest_logreport(report):
+    for key, value in report.user_properties:
+        if key == "cpu_seconds":
+            _CPU[report.nodeid] = _CPU.get(report.nodeid, 0.0) + value
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    """CPU seconds per test (``--cpu-durations``); with ``$H2G_TEST_TIMES`` set, one line per
-    test appended to that file as it finishes (wall s, CPU s, node id), so that a long run
-    can be read while it goes."""
+    """With ``$H2G_TEST_TIMES`` set, one line per test appended to that file as it finishes
+    (wall s, CPU s, node id), so that a long run can be read while it goes."""
     import time
 
     start, wall = _cpu_now(), time.perf_counter()
     yield
-    _CPU[item.nodeid] = _cpu_now() - start
     log = os.environ.get("H2G_TEST_TIMES")
     if log:
         with open(log, "a") as f:
-            f.write(f"{time.perf_counter() - wall:8.1f} {_CPU[item.nodeid]:8.1f} {item.nodeid}\n")
+            f.write(f"{time.perf_counter() - wall:8.1f} {_cpu_now() - start:8.1f} {item.nodeid}\n")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
