@@ -3,6 +3,8 @@ run-folder files), CWCE training through the cluster-guided wrapper, and patch m
 from __future__ import annotations
 
 import json
+import logging
+import math
 import shutil
 
 import keras
@@ -199,6 +201,32 @@ def test_a_run_without_a_finite_validation_loss_has_no_best_model_to_keep(tmp_pa
     assert result.best_epoch is None and result.epochs_completed == 2 and not result.best_model_path.exists()
     with pytest.raises(ModelError, match=r"no epoch of 2 had a finite monitored value"):
         result.require_best()
+
+
+def test_a_run_whose_training_loss_turns_nan_stops_there_and_keeps_the_best_epoch(tmp_path, caplog):
+    """NaN labels from micro-batch 4 on (epoch 3 of 2-batch epochs): the loss is NaN from
+    then on, and so would every later epoch be.  Training stops after epoch 3 with one
+    warning naming the run folder, keeps the best finite epoch (1 or 2), and a resume does
+    not train the poisoned weights further."""
+    def poisoned(start):
+        def batch(i):
+            images, labels = toy_batch(i)
+            return images, labels * tf.where(i >= 4, float("nan"), 1.0)
+        return tf.data.Dataset.counter(start).map(batch)
+
+    common = dict(loss="categorical_crossentropy", run_dir=tmp_path, epochs=6, steps_per_epoch=2,
+                  learning_rate=1e-2, verbose=0)
+    model = tiny_classifier(0)
+    with caplog.at_level(logging.WARNING, logger="h2g"):
+        result = fit(model, poisoned, toy_val(), **common)
+    assert result.diverged_epoch == 3 and result.epochs_completed == 3 and result.stopped_early
+    assert result.best_epoch in (1, 2) and math.isfinite(result.best_value)
+    assert all(np.isfinite(w).all() for w in model.get_weights())  # the best epoch's weights restored
+    assert len(read_log(tmp_path / "log.csv")["epoch"]) == 3
+    warnings = [r.getMessage() for r in caplog.records if "not finite" in r.getMessage()]
+    assert len(warnings) == 1 and str(tmp_path) in warnings[0] and "epoch 3" in warnings[0]
+    again = fit(tiny_classifier(0), poisoned, toy_val(), resume=True, **common)
+    assert again.epochs_completed == 3 and again.diverged_epoch == 3
 
 
 def cluster_guided_toy(dropout=0.3):

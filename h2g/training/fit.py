@@ -9,7 +9,8 @@ Run folder (``run_dir``)::
     best.npz       the same at the best monitored epoch
     best.keras     the model at its best monitored epoch, saved whole (optimizer included),
                    written once, when training ends
-    state.json     {"epoch", "best_value", "best_epoch", "wait", "stopped"}; written last
+    state.json     {"epoch", "best_value", "best_epoch", "wait", "stopped", "diverged_epoch"};
+                   written last
     log.csv        one row per epoch (Keras' CSVLogger)
     curves.png     training and validation curves, drawn every 30 s at most (first 30 s after the
                    start) and at the end
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import time
@@ -67,6 +69,7 @@ from h2g.core.errors import ConfigError, ModelError
 from h2g.training import distribute
 from h2g.training.losses import unwrap_classifier
 
+_log = logging.getLogger("h2g")
 BEST, BEST_ARRAYS, LAST, STATE, LOG, CURVES = (
     "best.keras", "best.npz", "last.npz", "state.json", "log.csv", "curves.png")
 #: after an epoch, curves.png is redrawn only when this many seconds have passed since the last drawing
@@ -84,6 +87,7 @@ class FitResult:
     best_epoch: int | None
     best_value: float | None
     stopped_early: bool
+    diverged_epoch: int | None = None  # the epoch whose training loss was not finite (training stopped there)
 
     @property
     def best_model_path(self) -> Path:
@@ -104,7 +108,7 @@ class FitResult:
 
 
 def _fresh_state() -> dict:
-    return {"epoch": 0, "best_value": None, "best_epoch": None, "wait": 0, "stopped": False}
+    return {"epoch": 0, "best_value": None, "best_epoch": None, "wait": 0, "stopped": False, "diverged_epoch": None}
 
 
 def _variable_groups(model: keras.Model) -> dict[str, list]:
@@ -220,6 +224,14 @@ class _Checkpointer(keras.callbacks.Callback):
         if self.patience is not None and state["wait"] >= self.patience:
             state["stopped"] = True
             self.model.stop_training = True
+        loss = logs.get("loss")
+        if loss is not None and not math.isfinite(float(loss)):  # the weights are no longer numbers
+            state.update(stopped=True, diverged_epoch=epoch + 1)
+            self.model.stop_training = True
+            kept = (f"the best epoch ({state['best_epoch']}) is kept" if state["best_epoch"] is not None
+                    else "no epoch had a finite monitored value")
+            _log.warning("%s: the training loss of epoch %d is not finite (diverged): training stopped, %s; "
+                         "lower the learning rate or check the data", self.run_dir, epoch + 1, kept)
         save_variables(self.run_dir / LAST, self.model)
         replace_atomically(self.run_dir / STATE, lambda p: p.write_text(json.dumps(state, indent=2)))
         if time.monotonic() - self._drawn >= CURVES_EVERY_S:
@@ -289,7 +301,9 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
     micro-batches; see the module docstring for the run folder and data contract.
 
     ``monitor``/``mode`` choose the best epoch (and early stopping with ``patience``
-    epochs without improvement).  ``resume=True`` continues from ``last.npz`` when the
+    epochs without improvement).  An epoch whose training loss is not finite (diverged:
+    its weights are no longer numbers) stops training there with a warning, and the run
+    counts as finished (``FitResult.diverged_epoch``).  ``resume=True`` continues from ``last.npz`` when the
     run folder has one (the same model must be passed, built the same way) and gives the
     same weights as an uninterrupted run; a finished run is not trained further.  With
     ``restore_best`` the model ends with the weights of ``best.keras``, and a run in which
@@ -364,7 +378,8 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
                 load_variables(run_dir / BEST_ARRAYS, model)
     result = FitResult(run_dir=run_dir, history=read_log(run_dir / LOG),
                        epochs_completed=state["epoch"], best_epoch=state["best_epoch"],
-                       best_value=state["best_value"], stopped_early=state["stopped"])
+                       best_value=state["best_value"], stopped_early=state["stopped"],
+                       diverged_epoch=state.get("diverged_epoch"))
     return result.require_best() if restore_best else result
 
 
