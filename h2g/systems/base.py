@@ -36,6 +36,13 @@ log = logging.getLogger("h2g")
 VALIDATION_SEED = 7919
 
 
+def _model_key(path) -> tuple:
+    """A model file's key in :meth:`Pipeline.keras_backend`'s cache: the resolved path and
+    its modification time (None while the file does not exist)."""
+    path = Path(path)
+    return path.resolve(), path.stat().st_mtime_ns if path.is_file() else None
+
+
 @dataclass
 class Pipeline:
     """A system's stages over one manifest, cached under ``out/_cache``."""
@@ -70,22 +77,21 @@ class Pipeline:
         a load).  Keyed by the file's modification time too, so a rewritten file is reloaded."""
         from h2g.inference.backends import KerasBackend
 
-        path = Path(path)
-        key = (path.resolve(), path.stat().st_mtime_ns if path.is_file() else None)
+        key = _model_key(path)
         if key not in self._backends:
             self._backends[key] = KerasBackend(path)
         return self._backends[key]
 
-    def keep_model(self, path: Path, model) -> None:
-        """Serve ``model``, just saved to ``path``, from memory to whatever reads ``path``
-        through :meth:`keras_backend` next: the weights the file holds, without loading it
-        back.  Not under a strategy: a distributed model's predict gathers every worker's
-        batches."""
+    def save_stage_model(self, path: Path, model) -> None:
+        """Save a stage's ``model`` to ``path`` (atomically) and serve it from memory to
+        whatever reads ``path`` through :meth:`keras_backend` next: the weights the file
+        holds, without loading it back.  Not under a strategy: a distributed model's predict
+        gathers every worker's batches, so it is read back from the file."""
         from h2g.inference.backends import KerasBackend
 
+        replace_atomically(path, model.save)
         if self.strategy is None:
-            path = Path(path)
-            self._backends[(path.resolve(), path.stat().st_mtime_ns)] = KerasBackend(model)
+            self._backends[_model_key(path)] = KerasBackend(model)
 
     # ------------------------------------------------------------------ runs
     @classmethod

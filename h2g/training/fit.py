@@ -303,9 +303,10 @@ def fit(model: keras.Model, train_data: Callable[[int], tf.data.Dataset],
     ``monitor``/``mode`` choose the best epoch (and early stopping with ``patience``
     epochs without improvement).  An epoch whose training loss is not finite (diverged:
     its weights are no longer numbers) stops training there with a warning, and the run
-    counts as finished (``FitResult.diverged_epoch``).  ``resume=True`` continues from ``last.npz`` when the
-    run folder has one (the same model must be passed, built the same way) and gives the
-    same weights as an uninterrupted run; a finished run is not trained further.  With
+    counts as finished (``FitResult.diverged_epoch``).  ``resume=True`` continues from
+    ``last.npz`` when the run folder has one (the same model must be passed, built the
+    same way) and gives the same weights as an uninterrupted run; a finished run is not
+    trained further.  With
     ``restore_best`` the model ends with the weights of ``best.keras``, and a run in which
     no epoch had a finite monitored value (a NaN loss throughout) is a :class:`ModelError`
     naming the run folder rather than a model silently left with its last weights; without

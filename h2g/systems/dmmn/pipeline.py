@@ -32,7 +32,6 @@ from typing import ClassVar
 
 import numpy as np
 
-from h2g.core.atomic import replace_atomically
 from h2g.core.errors import ConfigError
 from h2g.core.stages import Stage
 from h2g.data.views import View
@@ -148,9 +147,7 @@ class Pipeline(base.Pipeline):
             monitor=monitor, mode=mode, patience=c.dmmn.patience, resume=resumed, seed=c.seed,
             strategy=self.strategy,
         )
-        inference = models.inference_model(model)
-        replace_atomically(stage.dir / "model.keras", inference.save)
-        self.keep_model(stage.dir / "model.keras", inference)
+        self.save_stage_model(stage.dir / "model.keras", models.inference_model(model))
         stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value, "monitor": monitor,
                       "class_weights": weights.tolist()})
         return stage

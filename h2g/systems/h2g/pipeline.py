@@ -167,8 +167,7 @@ class Pipeline(base.Pipeline):
         # distributed (its predict would gather every worker's batches), so load a plain copy
         best = model if self.strategy is None else keras.models.load_model(result.best_model_path)
         best = losses.unwrap_classifier(best)
-        replace_atomically(stage.dir / "classifier.keras", best.save)
-        self.keep_model(stage.dir / "classifier.keras", best)
+        self.save_stage_model(stage.dir / "classifier.keras", best)
         val = training.evaluate_classifier(best, self._patch_data("val", c.classifier.batch_size, training=False, n_batches=c.classifier.val_batches))
         stage.finish({"validation": val})
         return stage
@@ -287,9 +286,7 @@ class Pipeline(base.Pipeline):
             strategy=self.strategy,
         )
         # fit restored the best weights
-        refiner = models.inference_model(model)
-        replace_atomically(stage.dir / "refiner.keras", refiner.save)
-        self.keep_model(stage.dir / "refiner.keras", refiner)
+        self.save_stage_model(stage.dir / "refiner.keras", models.inference_model(model))
         stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value})
         return stage
 

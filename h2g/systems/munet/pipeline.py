@@ -222,8 +222,7 @@ class Pipeline(base.Pipeline):
         result, weights = self._train(stage, model, self._annotated("train"), "train", both=False,
                                       augment=c.munet.base_augment, epochs=c.munet.base_epochs,
                                       learning_rate=c.munet.base_learning_rate, dynamic=False, resumed=resumed)
-        replace_atomically(stage.dir / "model.keras", model.save)
-        self.keep_model(stage.dir / "model.keras", model)
+        self.save_stage_model(stage.dir / "model.keras", model)
         stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value, "class_weights": weights})
         return stage
 
@@ -299,9 +298,7 @@ class Pipeline(base.Pipeline):
         tmp = stage.dir / f".tmp{os.getpid()}.weights.h5"  # Keras wants the .weights.h5 suffix
         model.save_weights(tmp)
         os.replace(tmp, stage.dir / "full.weights.h5")
-        inference = models.inference_model(model)
-        replace_atomically(stage.dir / "model.keras", inference.save)
-        self.keep_model(stage.dir / "model.keras", inference)
+        self.save_stage_model(stage.dir / "model.keras", models.inference_model(model))
         stage.finish({"best_epoch": result.best_epoch, "best_value": result.best_value,
                       "class_weights": weights or "dynamic", "threshold": float(c.thresholds[k])})
         return stage
