@@ -341,6 +341,24 @@ def test_model_summary_saves_seeded_untrained_models(tmp_path, capsys):
     assert all(np.array_equal(x, y) for x, y in zip(a.get_weights(), b.get_weights()))
 
 
+def test_model_summary_counts_without_weights_what_built_models_hold(capsys):
+    """Without --save the tool counts parameters from shapes alone (no weights
+    initialised); the counts equal those of the same models built with their weights,
+    for a classifier, the refinement U-Net, m-UNet's EfficientNet U-Nets and RAZN's FCN
+    (the tiny stand-ins: the same code paths in seconds)."""
+    from h2g import models
+
+    tool = load_tool()
+    names = ["mobilenetv2", "unet", "munet", "resnet18_fcn"]
+    assert tool.main(["--json", "--tiny", *names]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    for name in names:
+        built = models.build(name, **tool.PAPER_ARGUMENTS.get(name, {}), **tool.TINY[name])
+        assert built.count_params() == sum(int(np.prod(w.shape)) for w in built.get_weights()) > 0
+        assert rows[name]["params"] == built.count_params(), name
+        keras.backend.clear_session()
+
+
 def test_model_summary_save_onto_a_file_exits_2(tmp_path, capsys):
     from h2g.core.cli import run_cli
 
